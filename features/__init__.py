@@ -1,0 +1,1 @@
+"""Stage one of taps: datasets, backbones and their taps, extraction, the HDF5 store."""

@@ -1,0 +1,257 @@
+"""Frozen torchvision classifiers with friendly tap names, weights and preprocessing.
+
+One uniform interface for every torchvision classification model (timm-style):
+:func:`get_backbone` returns a :class:`Backbone` that knows its taps (friendly
+name -> graph node, ordered by depth), their output shapes, its weights enum
+and that enum's preprocessing. Families with well-known layer names (VGG,
+ResNet) get those names; every other model gets ``block<i>`` for the children
+of its ``features`` stack, ``pooled`` (the input of the last Linear layer: the
+standard pre-logits embedding) and ``logits``. Raw graph node names from
+:func:`torchvision.models.feature_extraction.get_graph_node_names` work too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+from torchvision.transforms._presets import ImageClassification
+
+from .errors import TapsError, UsageError
+from .pooling import pooled_dim
+
+DEFAULT_IMAGE_SIZE = 224
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def backbone_names() -> list[str]:
+    """Every torchvision image classification model."""
+    return sorted(models.list_models(module=models))
+
+
+@dataclass(frozen=True)
+class Tap:
+    name: str    # friendly name, or the raw node name when asked for one
+    node: str    # graph node (or module) name for create_feature_extractor
+    shape: tuple[int, ...]  # per-sample output shape at the backbone's input size
+    depth: int   # position of the node in the graph, for sorting shallow -> deep
+
+
+def _meta_model(name: str) -> nn.Module:
+    """The architecture without memory (meta tensors); a few models need real init."""
+    try:
+        with torch.device("meta"):
+            return models.get_model(name, weights=None).eval()
+    except (NotImplementedError, RuntimeError):
+        return models.get_model(name, weights=None).eval()
+
+
+def _friendly_nodes(name: str, model: nn.Module) -> dict[str, str]:
+    """Family-specific friendly names -> node names (unsorted)."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    taps: dict[str, str] = {}
+    if name.startswith("vgg"):
+        pools = [i for i, m in enumerate(model.features) if isinstance(m, nn.MaxPool2d)]
+        taps.update({f"pool{k + 1}": f"features.{i}" for k, i in enumerate(pools)})
+        # fc6/fc7 are taken after their ReLU, as in DeCAF and the VGG paper.
+        taps.update({"fc6": "classifier.1", "fc7": "classifier.4"})
+    elif hasattr(model, "layer4") and hasattr(model, "maxpool"):  # resnet, resnext, wide_resnet
+        taps.update({"stem": "maxpool", **{f"layer{i}": f"layer{i}" for i in range(1, 5)}, "avgpool": "flatten"})
+    else:
+        stack = getattr(model, "features", None)
+        if isinstance(stack, nn.Sequential):
+            for child, _ in stack.named_children():
+                taps[f"block{child}" if child.isdigit() else child] = f"features.{child}"
+        else:
+            skip = {linears[-1].split(".")[0]} if linears else set()
+            taps.update({c: c for c, m in model.named_children() if c not in skip and any(True for _ in m.parameters())})
+    if linears:
+        taps["logits"] = linears[-1]
+    return taps
+
+
+def _last_node(prefix: str, nodes: list[str]) -> int:
+    """Index of the node a module name stands for: itself, or the last node inside it."""
+    if prefix in nodes:
+        return nodes.index(prefix)
+    inside = [i for i, n in enumerate(nodes) if n.startswith(prefix + ".")]
+    if not inside:
+        raise KeyError(prefix)
+    return inside[-1]
+
+
+def _checkpoint_path(member) -> Path:
+    """Where torchvision's weights API caches (and looks for) this enum member's file."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(member.url).name
+
+
+@dataclass(frozen=True)
+class WeightsChoice:
+    """What ``--weights`` resolved to: an enum member, a local file, or random init."""
+
+    enum: object | None      # a torchvision WeightsEnum member
+    path: Path | None        # a local state-dict file
+    spec: str                # the stable id recorded in feature files
+
+    @property
+    def pretrained(self) -> bool:
+        return self.enum is not None or self.path is not None
+
+
+class Backbone:
+    """A torchvision classifier by name, with weights, preprocessing and friendly taps."""
+
+    def __init__(self, name: str, weights: str = "auto", image_size: int | None = None):
+        if name not in backbone_names():
+            raise UsageError(f"unknown backbone {name!r}; run `taps list backbones` for the {len(backbone_names())} valid names")
+        self.name = name
+        self.weights = self._resolve_weights(weights)
+        self.image_size = image_size
+
+    # ------------------------------------------------------------ weights
+    def _resolve_weights(self, spec: str) -> WeightsChoice:
+        if spec is None or spec.lower() in ("none", "random"):
+            return WeightsChoice(None, None, "none")
+        if spec.endswith((".pth", ".pt")) or Path(spec).is_file():
+            path = Path(spec)
+            if not path.is_file():
+                raise UsageError(f"weights file {path} does not exist; pass an existing .pth state dict")
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+            return WeightsChoice(None, path.resolve(), f"file:{path.name}:{digest}")
+        enum_cls = models.get_model_weights(self.name)
+        if spec.lower() == "auto":
+            # torchvision's DEFAULT, unless only another pretrained member is on disk (offline machines).
+            cached = [m for m in enum_cls if _checkpoint_path(m).is_file()]
+            member = enum_cls.DEFAULT if not cached or enum_cls.DEFAULT in cached else cached[0]
+            return WeightsChoice(member, None, str(member))
+        try:
+            member = enum_cls.DEFAULT if spec.upper() == "DEFAULT" else enum_cls[spec.split(".")[-1]]
+        except KeyError:
+            valid = ", ".join(["auto", "DEFAULT", "none", "FILE.pth"] + [m.name for m in enum_cls])
+            raise UsageError(f"unknown weights {spec!r} for {self.name}; valid: {valid}") from None
+        return WeightsChoice(member, None, str(member))
+
+    def _default_enum(self):
+        try:
+            return models.get_model_weights(self.name).DEFAULT
+        except (ValueError, AttributeError):
+            return None
+
+    def build(self) -> nn.Module:
+        """The frozen model in eval mode with its weights loaded (on CPU)."""
+        w = self.weights
+        if w.enum is not None:
+            cached = _checkpoint_path(w.enum)
+            try:
+                model = models.get_model(self.name, weights=w.enum)
+            except Exception as exc:  # network errors come in many types (URLError, OSError, HTTPError...)
+                reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+                raise TapsError(
+                    f"weights {w.spec} are not cached at {cached} and could not be downloaded ({reason}); "
+                    f"pass --weights FILE.pth, copy the file there, or use an offline backbone "
+                    f"(mobilenet_v2, seeded by `make weights`)") from None
+        else:
+            model = models.get_model(self.name, weights=None)
+            if w.path is not None:
+                state = torch.load(w.path, map_location="cpu", weights_only=True)
+                state = state.get("state_dict", state) if isinstance(state, dict) else state
+                try:
+                    model.load_state_dict(state)
+                except RuntimeError as exc:
+                    raise UsageError(f"weights file {w.path} does not fit {self.name} "
+                                     f"({str(exc).splitlines()[0][:120]}); pass a {self.name} state dict") from None
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model.eval()
+
+    # ------------------------------------------------------------ preprocessing
+    def transform(self) -> ImageClassification:
+        """The weights enum's preprocessing, or the same with a square ``image_size``."""
+        enum = self.weights.enum or self._default_enum()
+        preset = enum.transforms() if enum is not None else ImageClassification(crop_size=DEFAULT_IMAGE_SIZE)
+        if self.image_size is None:
+            return preset
+        # An explicit size: resize the shorter side to it and crop the square (no border lost on square inputs).
+        return ImageClassification(crop_size=self.image_size, resize_size=self.image_size, mean=preset.mean,
+                                   std=preset.std, interpolation=preset.interpolation)
+
+    @property
+    def input_size(self) -> int:
+        return int(self.transform().crop_size[0])
+
+    def transform_spec(self) -> str:
+        t = self.transform()
+        return (f"resize={t.resize_size[0]} crop={t.crop_size[0]} interpolation={t.interpolation.value} "
+                f"mean={list(t.mean)} std={list(t.std)}")
+
+    # ------------------------------------------------------------ taps
+    @cached_property
+    def _graph(self) -> tuple[nn.Module, list[str]]:
+        model = _meta_model(self.name)
+        return model, get_graph_node_names(model)[1]
+
+    @cached_property
+    def taps(self) -> dict[str, Tap]:
+        """Friendly taps ordered from shallow to deep, with shapes at this input size."""
+        model, nodes = self._graph
+        friendly = _friendly_nodes(self.name, model)
+        if "logits" in friendly:
+            # The standard embedding feeds the classifier: the node before the last Linear.
+            pre = nodes[_last_node(friendly["logits"], nodes) - 1]
+            if not self.name.startswith("vgg") and "avgpool" not in friendly:
+                friendly = {**friendly, "pooled": pre}
+        known = {t for t, node in friendly.items() if node in nodes or any(n.startswith(node + ".") for n in nodes)}
+        order = sorted(known, key=lambda t: _last_node(friendly[t], nodes))
+        shapes = self._shapes({friendly[t] for t in order})
+        return {t: Tap(t, friendly[t], shapes[friendly[t]], _last_node(friendly[t], nodes)) for t in order}
+
+    @property
+    def default_tap(self) -> str:
+        """The standard embedding: vgg fc7, resnet avgpool, everything else pooled."""
+        for name in ("fc7", "avgpool", "pooled"):
+            if name in self.taps:
+                return name
+        return list(self.taps)[-1]
+
+    def _shapes(self, nodes: set[str]) -> dict[str, tuple[int, ...]]:
+        model, _ = self._graph
+        extractor = create_feature_extractor(model, {n: n for n in nodes})
+        size = self.input_size
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            out = extractor(torch.zeros(1, 3, size, size, device=device))
+        return {n: tuple(v.shape[1:]) for n, v in out.items()}
+
+    def tap(self, name: str) -> Tap:
+        """A friendly tap, or a raw graph node name, resolved with its shape."""
+        if name in self.taps:
+            return self.taps[name]
+        _, nodes = self._graph
+        try:
+            depth = _last_node(name, nodes)
+        except KeyError:
+            raise UsageError(f"unknown tap {name!r} for {self.name}; valid: {', '.join(self.taps)} "
+                             f"(or a node from `taps list nodes {self.name}`)") from None
+        return Tap(name, name, self._shapes({name})[name], depth)
+
+    def resolve_taps(self, names: list[str] | None) -> list[Tap]:
+        """Requested taps (``None``: the standard embedding; ``['all']``: every friendly tap), shallow first."""
+        if not names:
+            names = [self.default_tap]
+        elif names == ["all"]:
+            names = list(self.taps)
+        taps = {t.name: t for t in (self.tap(n) for n in names)}
+        return sorted(taps.values(), key=lambda t: t.depth)
+
+    def node_names(self) -> list[str]:
+        return list(self._graph[1])
+
+    def dim(self, tap: str, pooling: str = "avg") -> int:
+        return pooled_dim(self.tap(tap).shape, pooling)

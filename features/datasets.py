@@ -1,0 +1,338 @@
+"""Dataset names and specs turned into image sets with stable ids, labels and splits.
+
+Every dataset, whatever its origin, becomes an :class:`ImageSet`: N samples with
+an integer label, a class-name list, a stable string id (a relative path or
+``split/index``) and, when the dataset defines one, an official split name per
+sample. Images are decoded lazily, one at a time, so memory stays flat.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import shutil
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .errors import TapsError, UsageError
+
+# PIL's own list plus GIF: odd but decodable formats are converted, not skipped.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's decompression-bomb bound (about 9,459 x 9,459)
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+class BadImage(Exception):
+    """An image that cannot be decoded; the message is the reason recorded in the file."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB (grey, palette, CMYK, alpha, 16-bit, float)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # 16-bit and float images: stretch to 8 bits instead of clipping at 255.
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(arr.astype(np.uint8)).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def open_image(path: Path | str, min_side: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode one image file to RGB, or raise :class:`BadImage` with the reason.
+
+    ``min_side``: JPEGs are decoded at a reduced DCT scale (PIL's draft mode)
+    whose shorter side still is at least this many pixels; the later resize
+    then has less to do and the decode is several times cheaper.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise BadImage(f"too large: {w}x{h} pixels exceeds the bound of {max_pixels}")
+                if min_side and img.format == "JPEG" and min(w, h) > 2 * min_side:
+                    img.draft("RGB", (min_side * w // min(w, h), min_side * h // min(w, h)))
+                img.load()
+                return to_rgb(img)
+    except BadImage:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if Path(path).exists() and Path(path).stat().st_size == 0:
+            reason = "empty file"
+        raise BadImage(reason) from None
+
+
+class ImageSet:
+    """N labelled images with stable ids; subclasses say where pixels come from."""
+
+    def __init__(self, name: str, classes: Sequence[str], labels: Sequence[int], ids: Sequence[str],
+                 splits: Sequence[str] | None = None):
+        self.name = name
+        self.classes = list(classes)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.ids = list(ids)
+        self.splits = None if splits is None else list(splits)
+        if not (len(self.labels) == len(self.ids) and (self.splits is None or len(self.splits) == len(self.ids))):
+            raise ValueError("labels, ids and splits must have one entry per sample")
+        if len(self.ids) == 0:
+            raise UsageError(f"dataset {name!r} has no images; check the path or data root")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image(self, index: int, min_side: int | None = None) -> Image.Image:
+        """The RGB image of sample ``index``; raises :class:`BadImage` if it cannot be decoded."""
+        raise NotImplementedError
+
+    def _content_key(self) -> bytes:
+        """Bytes that change when the pixels may have changed (sizes of files, array hash)."""
+        return b""
+
+    def fingerprint(self) -> str:
+        """Hash of names, labels, ids, splits and content key: equal sets give equal prints."""
+        h = hashlib.sha256()
+        for part in (self.name, "\x00".join(self.classes), "\x00".join(self.ids), "\x00".join(self.splits or [])):
+            h.update(part.encode())
+            h.update(b"\x01")
+        h.update(self.labels.tobytes())
+        h.update(self._content_key())
+        return h.hexdigest()[:16]
+
+
+class FileImageSet(ImageSet):
+    """Images stored as files below a root; ids are paths relative to that root."""
+
+    def __init__(self, name: str, root: Path, paths: Sequence[Path], classes, labels, splits=None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.root = Path(root)
+        self.paths = [Path(p) for p in paths]
+        self.max_pixels = max_pixels
+        ids = [p.relative_to(self.root).as_posix() if p.is_relative_to(self.root) else str(p) for p in self.paths]
+        super().__init__(name, classes, labels, ids, splits)
+
+    def image(self, index: int, min_side: int | None = None) -> Image.Image:
+        return open_image(self.paths[index], min_side, self.max_pixels)
+
+    def _content_key(self) -> bytes:
+        sizes = [p.stat().st_size if p.exists() else -1 for p in self.paths]
+        return np.asarray(sizes, dtype=np.int64).tobytes()
+
+
+class ArrayImageSet(ImageSet):
+    """Images held in a uint8 array (N, H, W) or (N, H, W, 3): digits, Fashion-MNIST."""
+
+    def __init__(self, name: str, pixels: np.ndarray, classes, labels, ids, splits=None):
+        self.pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+        super().__init__(name, classes, labels, ids, splits)
+
+    def image(self, index: int, min_side: int | None = None) -> Image.Image:
+        return to_rgb(Image.fromarray(self.pixels[index]))
+
+    def _content_key(self) -> bytes:
+        return hashlib.sha256(self.pixels.tobytes()).digest()
+
+
+class TorchvisionImageSet(ImageSet):
+    """A torchvision dataset (one object per official split) read through its ``__getitem__``."""
+
+    def __init__(self, name: str, parts: Sequence[tuple[str | None, object]], classes):
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0] + [len(ds) for _, ds in self.parts])
+        labels, ids, splits = [], [], []
+        for split, ds in self.parts:
+            labels.extend(int(t) for t in _targets(ds))
+            ids.extend(f"{split or 'all'}/{i:06d}" for i in range(len(ds)))
+            splits.extend([split] * len(ds))
+        has_split = any(s is not None for s, _ in self.parts)
+        super().__init__(name, classes, labels, ids, splits if has_split else None)
+
+    def image(self, index: int, min_side: int | None = None) -> Image.Image:
+        part = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        try:
+            img, _ = self.parts[part][1][index - self.offsets[part]]
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise BadImage(str(exc).splitlines()[0] or type(exc).__name__) from None
+        return to_rgb(img)
+
+
+def _targets(ds) -> Sequence[int]:
+    """Labels of a torchvision dataset without decoding its images."""
+    for attr in ("targets", "labels", "_labels", "y"):
+        if hasattr(ds, attr):
+            return list(getattr(ds, attr))
+    return [ds[i][1] for i in range(len(ds))]
+
+
+# ---------------------------------------------------------------- builders
+
+def _digits(data_root: Path, download: bool) -> ImageSet:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    pixels = np.clip(bunch.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    ids = [f"digits/{i:04d}" for i in range(len(pixels))]
+    return ArrayImageSet("digits", pixels, [str(c) for c in bunch.target_names], bunch.target, ids)
+
+
+def _fashion_mnist(data_root: Path, download: bool) -> ImageSet:
+    from torchvision.datasets import FashionMNIST
+
+    raw = data_root / "FashionMNIST" / "raw"
+    if DEBIAN_FASHION_MNIST.is_dir() and not (raw / "t10k-labels-idx1-ubyte").exists():
+        # Debian ships the four gzipped idx files; torchvision reads them unpacked.
+        raw.mkdir(parents=True, exist_ok=True)
+        for gz in DEBIAN_FASHION_MNIST.glob("*-ubyte.gz"):
+            with gzip.open(gz, "rb") as src, open(raw / gz.name[:-3], "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    parts = [(split, _torchvision_call(FashionMNIST, "fashion_mnist", data_root, download, train=split == "train"))
+             for split in ("train", "test")]
+    pixels = np.concatenate([ds.data.numpy() for _, ds in parts])
+    labels = np.concatenate([ds.targets.numpy() for _, ds in parts])
+    splits = [s for s, ds in parts for _ in range(len(ds))]
+    ids = [f"{s}/{i:05d}" for s, ds in parts for i in range(len(ds))]
+    return ArrayImageSet("fashion_mnist", pixels, parts[0][1].classes, labels, ids, splits)
+
+
+def _caltech101(data_root: Path, download: bool) -> ImageSet:
+    from torchvision.datasets import Caltech101
+
+    folder = data_root / "caltech101" / "101_ObjectCategories"
+    ds = _torchvision_call(Caltech101, "caltech101", data_root, download and not folder.is_dir())
+    paths = [folder / ds.categories[y] / f"image_{i:04d}.jpg" for i, y in zip(ds.index, ds.y)]
+    return FileImageSet("caltech101", folder, paths, ds.categories, ds.y)
+
+
+def _torchvision_call(cls, name: str, data_root: Path, download: bool, **kwargs):
+    try:
+        return cls(root=str(data_root), download=download, **kwargs)
+    except (RuntimeError, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"dataset {name!r} is not under {data_root} and could not be downloaded ({first}); "
+                         f"put it there or pass --data-root") from None
+
+
+def _torchvision(cls_name: str, split_kwargs: dict[str | None, dict]) -> Callable[[Path, bool], ImageSet]:
+    def build(data_root: Path, download: bool) -> ImageSet:
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, cls_name)
+        name = cls_name.lower()
+        parts = [(split, _torchvision_call(cls, name, data_root, download, **kw)) for split, kw in split_kwargs.items()]
+        ds0 = parts[0][1]
+        classes = getattr(ds0, "classes", None) or [str(i) for i in range(max(_targets(ds0)) + 1)]
+        return TorchvisionImageSet(name, parts, classes)
+
+    return build
+
+
+BUILDERS: dict[str, Callable[[Path, bool], ImageSet]] = {
+    "digits": _digits,
+    "fashion_mnist": _fashion_mnist,
+    "caltech101": _caltech101,
+    "cifar10": _torchvision("CIFAR10", {"train": {"train": True}, "test": {"train": False}}),
+    "cifar100": _torchvision("CIFAR100", {"train": {"train": True}, "test": {"train": False}}),
+    "stl10": _torchvision("STL10", {"train": {"split": "train"}, "test": {"split": "test"}}),
+    "dtd": _torchvision("DTD", {s: {"split": s} for s in ("train", "val", "test")}),
+    "flowers102": _torchvision("Flowers102", {s: {"split": s} for s in ("train", "val", "test")}),
+    "eurosat": _torchvision("EuroSAT", {None: {}}),
+}
+PREFIXES = ("folder:", "csv:")
+
+
+def dataset_names() -> list[str]:
+    return list(BUILDERS) + [p + "PATH" for p in PREFIXES]
+
+
+def folder_dataset(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> FileImageSet:
+    """An ImageFolder tree; ``train/`` with ``val/`` or ``test/`` below it become the official split."""
+    from torchvision.datasets.folder import make_dataset
+
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise UsageError(f"dataset folder {root} does not exist; pass folder:PATH to an ImageFolder tree")
+    split_dirs = [d for d in ("train", "val", "test") if (root / d).is_dir()]
+    if "train" in split_dirs and len(split_dirs) > 1:
+        parts = [(s, root / s) for s in split_dirs]
+    else:
+        parts = [(None, root)]
+    classes = sorted({c.name for _, d in parts for c in d.iterdir() if c.is_dir() and not c.name.startswith(".")})
+    if not classes:
+        raise UsageError(f"dataset folder {root} has no class subfolders; expected {root}/<class>/<image>")
+    index = {c: i for i, c in enumerate(classes)}
+    paths, labels, splits = [], [], []
+    for split, d in parts:
+        local = {c: index[c] for c in classes if (d / c).is_dir()}
+        for path, label in make_dataset(str(d), local, extensions=IMAGE_EXTENSIONS, allow_empty=True):
+            paths.append(Path(path))
+            labels.append(label)
+            splits.append(split)
+    return FileImageSet(f"folder-{root.name}", root, paths, classes, labels, splits if parts[0][0] else None, max_pixels)
+
+
+def csv_dataset(csv_path: Path, image_column: str | None = None, label_column: str | None = None,
+                allow_outside: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> FileImageSet:
+    """A CSV of image path and label; paths are relative to the CSV's folder or an ``images/`` folder beside it."""
+    csv_path = Path(csv_path).resolve()
+    if not csv_path.is_file():
+        raise UsageError(f"CSV file {csv_path} does not exist; pass csv:PATH to a CSV of image path and label")
+    with open(csv_path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise UsageError(f"CSV file {csv_path} has no rows")
+    columns = list(rows[0].keys())
+    image_column = image_column or columns[0]
+    label_column = label_column or (columns[1] if len(columns) > 1 else None)
+    for col in (image_column, label_column):
+        if col not in columns:
+            raise UsageError(f"CSV file {csv_path} has no column {col!r}; columns: {', '.join(columns)}; "
+                             f"set --image-column/--label-column")
+    root = csv_path.parent
+    base = root / "images" if (root / "images").is_dir() and not (root / rows[0][image_column]).exists() else root
+    classes = sorted({r[label_column] for r in rows})
+    index = {c: i for i, c in enumerate(classes)}
+    paths = []
+    for r in rows:
+        p = (base / r[image_column]).resolve()
+        if not allow_outside and not p.is_relative_to(root):
+            raise UsageError(f"CSV row {r[image_column]!r} points outside {root}; pass --allow-outside-root to permit it")
+        paths.append(p)
+    return FileImageSet(f"csv-{csv_path.stem}", root, paths, classes, [index[r[label_column]] for r in rows],
+                        max_pixels=max_pixels)
+
+
+def load_dataset(spec: str, data_root: Path | str = "data", download: bool = True, **options) -> ImageSet:
+    """Resolve a dataset name or ``folder:PATH`` / ``csv:PATH`` spec to an :class:`ImageSet`."""
+    data_root = Path(data_root)
+    if spec.startswith(PREFIXES):
+        kind, path = spec.split(":", 1)
+        if kind == "folder":
+            images = folder_dataset(Path(path), **{k: v for k, v in options.items() if k == "max_pixels"})
+        else:
+            images = csv_dataset(Path(path), **options)
+        images.name = dataset_slug(spec)  # two folders with the same basename never share a feature file
+        return images
+    if spec not in BUILDERS:
+        raise UsageError(f"unknown dataset {spec!r}; valid: {', '.join(dataset_names())}")
+    return BUILDERS[spec](data_root, download)
+
+
+def dataset_slug(spec: str) -> str:
+    """A file-system-safe name for a dataset spec; paths get a short hash so two folders never collide."""
+    if spec.startswith(PREFIXES):
+        kind, path = spec.split(":", 1)
+        resolved = str(Path(path).resolve())
+        return f"{kind}-{Path(resolved).stem}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}"
+    return spec
