@@ -144,6 +144,11 @@ class Backbone:
         except (ValueError, AttributeError):
             return None
 
+    def check_weights(self) -> None:
+        """Fail early (one line) when pretrained weights are neither cached nor downloadable."""
+        if self.weights.enum is not None and not _checkpoint_path(self.weights.enum).is_file():
+            self.build()
+
     def build(self) -> nn.Module:
         """The frozen model in eval mode with its weights loaded (on CPU)."""
         w = self.weights
@@ -158,7 +163,10 @@ class Backbone:
                     f"pass --weights FILE.pth, copy the file there, or use an offline backbone "
                     f"(mobilenet_v2, seeded by `make weights`)") from None
         else:
-            model = models.get_model(self.name, weights=None)
+            # Random init is seeded, so weights=none files are reproducible (and resumable).
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = models.get_model(self.name, weights=None)
             if w.path is not None:
                 state = torch.load(w.path, map_location="cpu", weights_only=True)
                 state = state.get("state_dict", state) if isinstance(state, dict) else state

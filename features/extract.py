@@ -171,6 +171,7 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
               "image_size": backbone.input_size, "dataset": images.name, "dataset_fingerprint": images.fingerprint(),
               "n_samples": len(images), "batch_size": batch_size, "versions": versions()}
     report = ExtractionReport(path=path, device=str(dev), precision=prec)
+    backbone.check_weights()  # a missing checkpoint fails before any file is touched
     try:
         with exclusive_lock(path):
             writer = FeatureWriter(path, header, images.labels, images.classes, images.ids, images.splits, force)

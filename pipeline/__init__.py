@@ -1,0 +1,1 @@
+"""Stage two of taps and the user surface: classifiers, protocols, evaluation, comparison, CLI."""

@@ -1,0 +1,38 @@
+"""The command line: last line is the path, errors are one line with the right exit code."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.cli import main
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_extract_prints_the_feature_file_last(tiny_flat, tmp_path, capsys):
+    code = main(["extract", "--dataset", f"folder:{tiny_flat}", "--backbone", "resnet18", "--weights", "none",
+                 "--image-size", "32", "--taps", "layer1,avgpool", "--workers", "0", "--no-progress",
+                 "--out", str(tmp_path)])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and Path(out[-1]).is_file() and out[-1].endswith("resnet18__none__32px.h5")
+    assert "extracted layer1, avgpool for 30 samples" in out[0]
+
+
+def test_usage_errors_are_one_line_exit_2():
+    for args, needle in ([["extract", "--dataset", "nope"], "unknown dataset 'nope'"],
+                         [["extract", "--backbone", "resnet19"], "unknown backbone"],
+                         [["list", "taps", "resnet18", "--bogus"], "unrecognized arguments"],
+                         [["extract", "--pool", "median"], "unknown pooling 'median'; valid: avg, max, avgmax, pyramid"]):
+        proc = run(*args)
+        assert proc.returncode == 2, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and needle in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_list_taps_shows_dimensions():
+    proc = run("list", "taps", "resnet18")
+    assert proc.returncode == 0
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("layer3"))
+    assert line.split()[2:] == ["256x14x14", "256", "256", "512", "1280"]

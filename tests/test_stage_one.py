@@ -1,0 +1,133 @@
+"""Stage one on tiny synthetic images with randomly initialised nets."""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from features.backbones import Backbone
+from features.datasets import csv_dataset, load_dataset
+from features.errors import TapsError, UsageError
+from features.extract import extract
+from features.pooling import POOLINGS, pool, pooled_dim
+from features.store import FeatureFile
+
+RUN = dict(device="cpu", precision="fp32", workers=0, progress=False, batch_size=4)
+
+
+def resnet(size=32):
+    return Backbone("resnet18", weights="none", image_size=size)
+
+
+def test_friendly_taps_resolve_in_depth_order():
+    bb = resnet()
+    assert list(bb.taps) == ["stem", "layer1", "layer2", "layer3", "layer4", "avgpool", "logits"]
+    assert bb.default_tap == "avgpool" and bb.taps["avgpool"].shape == (512,)
+    vgg = Backbone("vgg16", weights="none")
+    assert vgg.default_tap == "fc7" and vgg.taps["fc6"].shape == (4096,) and vgg.taps["pool5"].node == "features.30"
+    mnv2 = Backbone("mobilenet_v2", weights="none")
+    assert mnv2.taps["pooled"].shape == (1280,) and mnv2.taps["block14"].node == "features.14"
+    # Raw graph node names are taps too.
+    assert bb.tap("layer3.1.relu_1").shape[0] == 256
+
+
+def test_unknown_names_list_valid_choices():
+    with pytest.raises(UsageError, match="valid: stem, layer1"):
+        resnet().tap("layer9")
+    with pytest.raises(UsageError, match="unknown backbone"):
+        Backbone("resnet19")
+    with pytest.raises(UsageError, match="valid: digits"):
+        load_dataset("imagenet22k")
+    with pytest.raises(UsageError, match="valid: auto, DEFAULT"):
+        Backbone("resnet18", weights="IMAGENET9K")
+
+
+@pytest.mark.parametrize("method", POOLINGS)
+def test_pooling_dimensions(method):
+    x = torch.randn(2, 8, 6, 5)
+    assert pool(x, method).shape == (2, pooled_dim((8, 6, 5), method))
+    assert pool(torch.randn(2, 7), method).shape == (2, 7)
+
+
+def test_one_pass_writes_every_tap_with_listed_dims(tiny_folder, tmp_path):
+    images = load_dataset(f"folder:{tiny_folder}")
+    bb = resnet()
+    report = extract(images, bb, ["layer2", "stem", "avgpool", "logits"], pooling="avgmax", out=tmp_path, **RUN)
+    assert report.computed == ["stem@avgmax", "layer2@avgmax", "avgpool", "logits"] and report.images == len(images) == 27
+    f = FeatureFile(report.path)
+    assert f.attrs["complete"] and f.attrs["backbone"] == "resnet18" and f.attrs["weights"] == "none"
+    assert sorted(f.taps) == ["avgpool", "layer2@avgmax", "logits", "stem@avgmax"]
+    assert f.read("layer2", "avgmax").shape == (27, bb.dim("layer2", "avgmax")) == (27, 256)
+    assert f.read("avgpool").shape == (27, 512)
+    assert set(f.split) == {"train", "val"} and f.split.count("val") == 9
+    assert f.classes == ["circle", "square", "stripes"] and f.ids[0] == "train/circle/img_000.jpg"
+    assert np.bincount(f.labels).tolist() == [9, 9, 9]
+
+
+def test_matches_a_direct_forward_pass(tiny_flat, tmp_path):
+    images = load_dataset(f"folder:{tiny_flat}")
+    bb = resnet()
+    report = extract(images, bb, ["logits"], out=tmp_path, **RUN)
+    model, transform = bb.build(), bb.transform()
+    with torch.inference_mode():
+        direct = model(torch.stack([transform(images.image(i)) for i in range(3)])).numpy()
+    np.testing.assert_allclose(FeatureFile(report.path).read("logits")[:3], direct, rtol=1e-4, atol=1e-4)
+
+
+def test_interrupted_run_resumes_to_identical_arrays(tiny_flat, tmp_path):
+    images = load_dataset(f"folder:{tiny_flat}")
+    clean = extract(images, resnet(), ["layer3", "avgpool"], out=tmp_path / "clean", **RUN)
+    part = extract(images, resnet(), ["layer3", "avgpool"], out=tmp_path / "part", limit_batches=3, **RUN)
+    with h5py.File(part.path) as h5:
+        assert h5["taps/avgpool"].attrs["rows_done"] == 12 and not h5.attrs["complete"]
+    resumed = extract(images, resnet(), ["layer3", "avgpool"], out=tmp_path / "part", **RUN)
+    assert resumed.images == 30 - 12
+    a, b = FeatureFile(clean.path), FeatureFile(resumed.path)
+    for tap in ("layer3", "avgpool"):
+        assert np.array_equal(a.read(tap), b.read(tap))
+
+
+def test_rerun_reuses_and_new_taps_are_added(tiny_flat, tmp_path):
+    images = load_dataset(f"folder:{tiny_flat}")
+    first = extract(images, resnet(), ["avgpool"], out=tmp_path, **RUN)
+    again = extract(images, resnet(), ["avgpool"], out=tmp_path, **RUN)
+    assert again.computed == [] and again.reused == ["avgpool"] and again.images == 0
+    before = FeatureFile(first.path).read("avgpool")
+    more = extract(images, resnet(), ["layer1", "avgpool"], out=tmp_path, **RUN)
+    assert more.computed == ["layer1"] and more.reused == ["avgpool"]
+    assert np.array_equal(FeatureFile(more.path).read("avgpool"), before)
+
+
+def test_mismatched_or_foreign_files_are_refused(tiny_flat, tmp_path):
+    images = load_dataset(f"folder:{tiny_flat}")
+    path = tmp_path / "f.h5"
+    extract(images, resnet(32), ["avgpool"], path=path, **RUN)
+    with pytest.raises(TapsError, match="--force"):
+        extract(images, resnet(48), ["avgpool"], path=path, **RUN)
+    bad = tmp_path / "junk.h5"
+    bad.write_bytes(b"not hdf5 at all")
+    with pytest.raises(TapsError, match="not a readable HDF5"):
+        extract(images, resnet(32), ["avgpool"], path=bad, **RUN)
+    report = extract(images, resnet(32), ["avgpool"], path=bad, force=True, **RUN)
+    assert FeatureFile(report.path).attrs["complete"]
+
+
+def test_digits_dataset_is_embedded():
+    digits = load_dataset("digits")
+    assert len(digits) == 1797 and len(digits.classes) == 10
+    assert digits.image(0).mode == "RGB" and digits.image(0).size == (8, 8)
+    assert digits.fingerprint() == load_dataset("digits").fingerprint()
+
+
+def test_csv_dataset_and_root_escape(tmp_path):
+    from tests.conftest import make_images
+
+    make_images(tmp_path / "images", classes=("a", "b"), per_class=2)
+    rows = ["image_names,emergency_or_not"] + [f"{c}/img_{i:03d}.jpg,{int(c == 'a')}" for c in "ab" for i in range(2)]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    ds = csv_dataset(tmp_path / "train.csv")
+    assert len(ds) == 4 and ds.classes == ["0", "1"] and ds.labels.tolist() == [1, 1, 0, 0]
+    assert ds.image(0).size == (40, 40)
+    (tmp_path / "evil.csv").write_text("path,label\n../../etc/passwd,x\n")
+    with pytest.raises(UsageError, match="outside"):
+        csv_dataset(tmp_path / "evil.csv")
