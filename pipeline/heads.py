@@ -1,0 +1,310 @@
+"""Classifiers on cached embeddings, as scikit-learn estimators.
+
+``svm`` and ``logreg`` minimise exactly the objectives of scikit-learn's
+``LinearSVC`` (one-vs-rest squared hinge, L2) and ``LogisticRegression``
+(multinomial cross-entropy, L2, unpenalised intercept), but with full-batch
+L-BFGS in torch: on 3,000 x 1,280 standardized features that is seconds, not
+the minute and a half liblinear needs for one SVM fit, and a warm start makes
+each further grid value cheaper still. ``solver="sklearn"`` runs the reference
+implementations instead. ``linear`` is a small torch head trained with
+mini-batches, weight decay and early stopping.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import Normalizer, StandardScaler
+from sklearn.svm import LinearSVC
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from features.errors import UsageError, choose
+
+CLASSIFIERS = ("svm", "logreg", "softmax", "linear")
+ALIASES = {"softmax": "logreg"}
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class _LBFGSLinear(ClassifierMixin, BaseEstimator):
+    """Shared machinery: L2-regularised linear model fitted by full-batch L-BFGS."""
+
+    def __init__(self, C: float = 1.0, max_iter: int = 500, tol: float = 1e-5, warm_start: bool = False,
+                 solver: str = "torch", device: str = "auto"):
+        self.C = C
+        self.max_iter = max_iter
+        self.tol = tol
+        self.warm_start = warm_start
+        self.solver = solver
+        self.device = device
+
+    # subclasses: per-sample loss summed over the batch, given scores and encoded targets
+    def _loss(self, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _target(self, y_index: np.ndarray, n_out: int, device) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _reference(self):
+        raise NotImplementedError
+
+    def _n_outputs(self, n_classes: int) -> int:
+        raise NotImplementedError
+
+    def fit(self, X, y):
+        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
+        check_classification_targets(y)
+        self.classes_, y_index = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(f"the training data has only one class ({self.classes_[0]!r}); need at least 2 classes")
+        choose("solver", self.solver, ("torch", "sklearn"))
+        if self.C <= 0:
+            raise ValueError(f"C must be positive, not {self.C}")
+        if self.solver == "sklearn":
+            ref = self._reference().fit(X, y_index)
+            coef = ref.coef_.T
+            self.coef_, self.intercept_ = coef.T.astype(np.float64), np.atleast_1d(ref.intercept_).astype(np.float64)
+            self.n_iter_ = int(np.max(ref.n_iter_))
+            return self
+        dev = _device(self.device)
+        Xt = torch.tensor(X, dtype=torch.float32, device=dev)
+        n, d = Xt.shape
+        k = self._n_outputs(len(self.classes_))
+        target = self._target(y_index, k, dev)
+        warm = self.warm_start and getattr(self, "coef_", None) is not None and self.coef_.shape == (k, d)
+        W = torch.tensor(self.coef_.T if warm else np.zeros((d, k)), dtype=torch.float32, device=dev, requires_grad=True)
+        b = torch.tensor(self.intercept_ if warm else np.zeros(k), dtype=torch.float32, device=dev, requires_grad=True)
+        # sum-loss objective divided by n: same minimiser as scikit-learn's, better scaled.
+        reg = 0.5 / (self.C * n)
+        opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=self.max_iter, tolerance_grad=self.tol,
+                                tolerance_change=1e-10, history_size=20, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = self._loss(Xt @ W + b, target) / n + reg * (W * W).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        self.n_iter_ = int(opt.state[opt._params[0]].get("n_iter", 0))
+        self.coef_ = W.detach().T.cpu().double().numpy()
+        self.intercept_ = b.detach().cpu().double().numpy()
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        scores = X @ self.coef_.T + self.intercept_
+        return scores.ravel() if scores.shape[1] == 1 else scores
+
+    def predict(self, X) -> np.ndarray:
+        scores = self.decision_function(X)
+        index = (scores > 0).astype(int) if scores.ndim == 1 else scores.argmax(axis=1)
+        return self.classes_[index]
+
+
+class LinearSVM(_LBFGSLinear):
+    """One-vs-rest linear SVM with squared hinge loss (LinearSVC's default objective)."""
+
+    def _n_outputs(self, n_classes: int) -> int:
+        return 1 if n_classes == 2 else n_classes
+
+    def _target(self, y_index, n_out, device):
+        if n_out == 1:
+            return torch.as_tensor(np.where(y_index == 1, 1.0, -1.0)[:, None], dtype=torch.float32, device=device)
+        t = -np.ones((len(y_index), n_out), np.float32)
+        t[np.arange(len(y_index)), y_index] = 1.0
+        return torch.as_tensor(t, device=device)
+
+    def _loss(self, scores, target):
+        return F.relu(1.0 - target * scores).pow(2).sum()
+
+    def _reference(self):
+        return LinearSVC(C=self.C, max_iter=max(self.max_iter, 1000), tol=1e-4, dual="auto")
+
+
+class SoftmaxRegression(_LBFGSLinear):
+    """Multinomial logistic regression (LogisticRegression's lbfgs objective)."""
+
+    def _n_outputs(self, n_classes: int) -> int:
+        return n_classes
+
+    def _target(self, y_index, n_out, device):
+        return torch.as_tensor(y_index, dtype=torch.long, device=device)
+
+    def _loss(self, scores, target):
+        return F.cross_entropy(scores, target, reduction="sum")
+
+    def _reference(self):
+        return LogisticRegression(C=self.C, max_iter=max(self.max_iter, 1000))
+
+    def decision_function(self, X) -> np.ndarray:
+        scores = super().decision_function(X)
+        return scores[:, 1] - scores[:, 0] if scores.ndim == 2 and scores.shape[1] == 2 else scores
+
+    def predict_proba(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        scores = X @ self.coef_.T + self.intercept_
+        scores -= scores.max(axis=1, keepdims=True)
+        p = np.exp(scores)
+        return p / p.sum(axis=1, keepdims=True)
+
+    def predict(self, X) -> np.ndarray:
+        index = self.predict_proba(X).argmax(axis=1)
+        return self.classes_[index]
+
+
+class TorchLinearHead(ClassifierMixin, BaseEstimator):
+    """A linear (or one-hidden-layer) softmax head trained with AdamW and early stopping."""
+
+    def __init__(self, hidden: int = 0, weight_decay: float = 1e-4, lr: float = 1e-3, max_epochs: int = 200,
+                 batch_size: int = 256, validation_fraction: float = 0.1, patience: int = 10,
+                 device: str = "auto", random_state: int = 0):
+        self.hidden = hidden
+        self.weight_decay = weight_decay
+        self.lr = lr
+        self.max_epochs = max_epochs
+        self.batch_size = batch_size
+        self.validation_fraction = validation_fraction
+        self.patience = patience
+        self.device = device
+        self.random_state = random_state
+
+    def _net(self, d: int, k: int) -> torch.nn.Module:
+        if self.hidden:
+            return torch.nn.Sequential(torch.nn.Linear(d, self.hidden), torch.nn.ReLU(), torch.nn.Linear(self.hidden, k))
+        return torch.nn.Linear(d, k)
+
+    def fit(self, X, y):
+        X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
+        check_classification_targets(y)
+        self.classes_, y_index = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(f"the training data has only one class ({self.classes_[0]!r}); need at least 2 classes")
+        dev = _device(self.device)
+        gen = torch.Generator().manual_seed(self.random_state)
+        idx = np.arange(len(y))
+        tr, va = idx, idx[:0]
+        if self.validation_fraction > 0 and len(y) >= 10:
+            counts = np.bincount(y_index)
+            strat = y_index if counts.min() >= 2 and int(len(y) * self.validation_fraction) >= len(counts) else None
+            tr, va = train_test_split(idx, test_size=self.validation_fraction, random_state=self.random_state,
+                                      stratify=strat)
+        Xt = torch.tensor(X, dtype=torch.float32, device=dev)
+        yt = torch.as_tensor(y_index, dtype=torch.long, device=dev)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.random_state)
+            net = self._net(X.shape[1], len(self.classes_)).to(dev)
+        opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        best, best_state, bad_epochs = np.inf, copy.deepcopy(net.state_dict()), 0
+        tr_t = torch.as_tensor(tr, device=dev)
+        self.n_epochs_ = 0
+        for epoch in range(self.max_epochs):
+            net.train()
+            order = tr_t[torch.randperm(len(tr), generator=gen).to(dev)]
+            for s in range(0, len(order), self.batch_size):
+                batch = order[s:s + self.batch_size]
+                opt.zero_grad()
+                F.cross_entropy(net(Xt[batch]), yt[batch]).backward()
+                opt.step()
+            self.n_epochs_ = epoch + 1
+            if len(va):
+                net.eval()
+                with torch.no_grad():
+                    loss = F.cross_entropy(net(Xt[va]), yt[va]).item()
+                if loss < best - 1e-6:
+                    best, best_state, bad_epochs = loss, copy.deepcopy(net.state_dict()), 0
+                else:
+                    bad_epochs += 1
+                    if bad_epochs >= self.patience:
+                        break
+            else:
+                best_state = net.state_dict()
+        net.load_state_dict(best_state)
+        self.model_ = net.cpu().eval()
+        return self
+
+    def _logits(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
+        with torch.no_grad():
+            return self.model_(torch.as_tensor(X, dtype=torch.float32)).double().numpy()
+
+    def predict_proba(self, X) -> np.ndarray:
+        logits = self._logits(X)
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return p / p.sum(axis=1, keepdims=True)
+
+    def decision_function(self, X) -> np.ndarray:
+        logits = self._logits(X)
+        return logits[:, 1] - logits[:, 0] if logits.shape[1] == 2 else logits
+
+    def predict(self, X) -> np.ndarray:
+        index = self._logits(X).argmax(axis=1)
+        return self.classes_[index]
+
+
+# ------------------------------------------------------------ factory
+
+REGULARIZER = {"svm": "C", "logreg": "C", "linear": "weight_decay"}
+DEFAULT_GRID = {
+    "svm": [10.0 ** e for e in range(-5, 2)],
+    "logreg": [10.0 ** e for e in range(-4, 3)],
+    "linear": [1e-5, 1e-4, 1e-3, 1e-2, 1e-1],
+}
+
+
+def canonical(clf: str) -> str:
+    choose("classifier", clf, CLASSIFIERS)
+    return ALIASES.get(clf, clf)
+
+
+def make_head(clf: str, solver: str = "torch", hidden: int = 0, device: str = "auto") -> BaseEstimator:
+    clf = canonical(clf)
+    if clf == "svm":
+        return LinearSVM(solver=solver, device=device)
+    if clf == "logreg":
+        return SoftmaxRegression(solver=solver, device=device)
+    return TorchLinearHead(hidden=hidden, device=device)
+
+
+def make_preprocess(spec: str) -> list[tuple[str, BaseEstimator]]:
+    """``standard`` (default), ``l2``, ``none``, ``pca:K``, or a comma list applied in order (``l2,standard``)."""
+    steps = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        if part == "standard":
+            steps.append(("standard", StandardScaler()))
+        elif part == "l2":
+            steps.append(("l2", Normalizer()))
+        elif part.startswith("pca:"):
+            try:
+                k = int(part[4:])
+            except ValueError:
+                k = 0
+            if k < 1:
+                raise UsageError(f"bad preprocessing {part!r}: use pca:K with a positive integer K")
+            steps += [("pca_standard", StandardScaler()), ("pca", PCA(n_components=k, random_state=0))]
+        elif part != "none":
+            raise UsageError(f"unknown preprocessing {part!r}; valid: standard, l2, none, pca:K (comma-separated)")
+    return steps
+
+
+def make_classifier(clf: str, preprocess: str = "standard", solver: str = "torch", hidden: int = 0,
+                    device: str = "auto", **params) -> Pipeline:
+    """Preprocessing steps followed by the head, as one Pipeline; ``params`` set on the head."""
+    head = make_head(clf, solver, hidden, device).set_params(**params)
+    return Pipeline(make_preprocess(preprocess) + [("head", head)])
