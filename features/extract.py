@@ -122,10 +122,10 @@ class ExtractionReport:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
-def feature_path(out: Path | str, images: ImageSet, backbone: Backbone) -> Path:
-    """One file per (dataset, backbone, weights, preprocessing)."""
+def feature_path(out: Path | str, dataset_name: str, backbone: Backbone) -> Path:
+    """One file per (dataset, backbone, weights, preprocessing); ``dataset_name`` as from ``dataset_slug``."""
     weights = backbone.weights.spec.split(".")[-1].replace(":", "-")
-    return Path(out) / images.name / f"{backbone.name}__{weights}__{backbone.input_size}px.h5"
+    return Path(out) / dataset_name / f"{backbone.name}__{weights}__{backbone.input_size}px.h5"
 
 
 def build_extractor(backbone: Backbone, taps: list[Tap], device: torch.device, channels_last: bool):
@@ -165,7 +165,7 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
     resolved = backbone.resolve_taps(taps)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
-    path = Path(path) if path else feature_path(out, images, backbone)
+    path = Path(path) if path else feature_path(out, images.name, backbone)
     keys = {t.name: tap_key(t.name, pooling, is_spatial(t.shape)) for t in resolved}
     header = {"backbone": backbone.name, "weights": backbone.weights.spec, "transform": backbone.transform_spec(),
               "image_size": backbone.input_size, "dataset": images.name, "dataset_fingerprint": images.fingerprint(),

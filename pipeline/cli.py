@@ -141,6 +141,92 @@ def cmd_info(args) -> None:
     print(f.path)
 
 
+def _fit_options(args):
+    from .evaluate import FitOptions
+
+    return FitOptions(clf=args.clf, preprocess=args.preprocess, grid=args.grid, folds=args.folds,
+                      solver=args.solver, hidden=args.hidden, device=args.device)
+
+
+def _protocol(args, features):
+    from .protocols import parse_protocol
+
+    return parse_protocol(args.protocol, args.test_per_class, has_split=features.split is not None)
+
+
+def _features_file(args, backbone_name: str | None = None):
+    """The feature file named by --features, or the one `extract` writes for the same settings."""
+    from features.datasets import dataset_slug
+    from features.extract import feature_path
+    from features.store import FeatureFile
+
+    if getattr(args, "features", None):
+        return FeatureFile(args.features)
+    bb = _backbone(args, backbone_name)
+    path = feature_path(args.features_root, dataset_slug(args.dataset), bb)
+    if not path.is_file():
+        raise TapsError(f"no feature file {path}; run `taps extract --dataset {args.dataset} --backbone {bb.name}"
+                        f"{' --image-size %d' % args.image_size if args.image_size else ''}"
+                        f"{' --taps ' + args.tap if getattr(args, 'tap', None) else ''}` first")
+    return FeatureFile(path)
+
+
+def _fmt(metric: dict | None) -> str:
+    if not metric:
+        return "-"
+    return f"{100 * metric['mean']:.1f}±{100 * metric['std']:.1f}"
+
+
+def cmd_fit(args) -> None:
+    from .evaluate import fit_run
+
+    features = _features_file(args)
+    tap = args.tap or _backbone(args, features.attrs["backbone"]).default_tap
+    options = _fit_options(args)
+    run_dir, results, reused = fit_run(features, tap, args.pool, options, _protocol(args, features), args.seeds,
+                                       args.out, args.force)
+    m = results["metrics"]
+    chosen = ", ".join(f"{v:g}" for v in results["chosen"][options.param])
+    print(f"{'reused' if reused else 'fitted'} {options.clf} on {results['features']['tap']} "
+          f"({results['features']['dim']}-D) of {features.path.name}, protocol {results['settings']['protocol']}, "
+          f"{args.seeds} seed(s)")
+    header = f"{'tap':<14}{'dim':>6}  {'clf':<7}{'accuracy':>12}{'mean/class':>12}{'macro F1':>12}{'top-5':>12}  {options.param:<13}{'fit s':>7}"
+    print(header)
+    print(f"{results['features']['tap']:<14}{results['features']['dim']:>6}  {options.clf:<7}{_fmt(m.get('accuracy')):>12}"
+          f"{_fmt(m.get('mean_per_class_accuracy')):>12}{_fmt(m.get('macro_f1')):>12}{_fmt(m.get('top5_accuracy')):>12}  "
+          f"{chosen:<13}{results['fit_seconds']['mean']:>7.1f}")
+    print(run_dir)
+
+
+def cmd_predict(args) -> None:
+    from .predict import predict_images
+
+    preds = predict_images(args.run, args.images, device=args.device, weights=args.weights)
+    for p in preds:
+        if p.error:
+            print(f"{p.image}\tERROR\t{p.error}")
+        else:
+            print(f"{p.image}\t{p.label}\t{p.kind}={p.confidence:.4f}")
+    print(args.run)
+
+
+def _add_fit_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("classifier and protocol")
+    g.add_argument("--clf", default="svm", help="svm, logreg (alias softmax) or linear (default: %(default)s)")
+    g.add_argument("--preprocess", default="standard", help="standard, l2, none, pca:K, or a comma list (default: %(default)s)")
+    g.add_argument("--protocol", default="auto",
+                   help="official, per-class:N, fraction:F or auto (official if the file has a split, else fraction:0.5)")
+    g.add_argument("--test-per-class", type=int, help="cap on test images per class")
+    g.add_argument("--seeds", type=int, default=1, help="repeat over this many seeded splits (default: %(default)s)")
+    g.add_argument("--grid", type=lambda s: [float(v) for v in _csv_list(s)],
+                   help="comma-separated C (svm, logreg) or weight-decay (linear) values; default: a log grid")
+    g.add_argument("--folds", type=int, default=3, help="cross-validation folds for the grid (default: %(default)s)")
+    g.add_argument("--solver", default="torch", help="torch (L-BFGS) or sklearn (LinearSVC/LogisticRegression reference)")
+    g.add_argument("--hidden", type=int, default=0, help="linear: hidden units (0: a plain linear head)")
+    g.add_argument("--out", default=RUNS_ROOT, help="runs root (default: %(default)s)")
+    g.add_argument("--force", action="store_true", help="recompute even if a run with identical settings exists")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="taps", description="Cache frozen-CNN embeddings from layer taps, then fit linear classifiers.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -162,6 +248,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a feature file")
     p.add_argument("file")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("fit", help="fit a classifier on one cached tap and score it")
+    _add_dataset_args(p)
+    _add_backbone_args(p)
+    p.add_argument("--tap", help="tap to fit on (default: the backbone's standard embedding)")
+    p.add_argument("--pool", default="avg", help="pooling the tap was extracted with (default: %(default)s)")
+    p.add_argument("--features", help="a feature file, instead of finding it from the settings")
+    p.add_argument("--features-root", default=FEATURES_ROOT, help="where `extract` wrote (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="device for the torch solvers (default: %(default)s)")
+    _add_fit_args(p)
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("predict", help="classify image files with a run folder's model")
+    p.add_argument("--run", required=True, help="a run folder printed by `taps fit`")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--weights", help="override the recorded weights (needed for runs on a local .pth)")
+    p.set_defaults(func=cmd_predict)
 
     return parser
 
