@@ -48,7 +48,7 @@ def _add_backbone_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     g.add_argument("--image-size", type=int, help="square input size instead of the weights' preprocessing")
 
 
-def _add_extract_args(p: argparse.ArgumentParser) -> None:
+def _add_extract_args(p: argparse.ArgumentParser, out_alias: bool = True) -> None:
     g = p.add_argument_group("extraction")
     g.add_argument("--pool", default="avg", help="pooling of spatial taps: avg, max, avgmax, pyramid (default: %(default)s)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
@@ -57,7 +57,7 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, help="DataLoader worker processes (default: one per core, at most 8)")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory layout")
     g.add_argument("--on-error", default="skip", help="bad images: skip (record and go on) or fail (default: %(default)s)")
-    g.add_argument("--features-root", "--out", dest="features_root", default=FEATURES_ROOT,
+    g.add_argument("--features-root", *(["--out"] if out_alias else []), dest="features_root", default=FEATURES_ROOT,
                    help="folder of feature files (default: %(default)s)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
@@ -210,6 +210,22 @@ def cmd_predict(args) -> None:
     print(args.run)
 
 
+def cmd_compare(args) -> None:
+    from .compare import compare_taps, format_table
+    from .protocols import parse_protocol
+
+    images = _images(args)
+    backbones = [_backbone(args, name) for name in _csv_list(args.backbone)]
+    protocol = parse_protocol(args.protocol, args.test_per_class, has_split=images.splits is not None)
+    extract_options = {"device": args.device, "precision": args.precision, "batch_size": args.batch_size,
+                       "workers": args.workers, "channels_last": args.channels_last, "on_error": args.on_error,
+                       "progress": args.progress}
+    out, rows = compare_taps(images, backbones, args.taps, args.pool, _fit_options(args), protocol, args.seeds,
+                             args.features_root, args.out, extract_options, args.force)
+    print(format_table(rows))
+    print(out)
+
+
 def _add_fit_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("classifier and protocol")
     g.add_argument("--clf", default="svm", help="svm, logreg (alias softmax) or linear (default: %(default)s)")
@@ -259,6 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="device for the torch solvers (default: %(default)s)")
     _add_fit_args(p)
     p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("compare", help="fit the same classifier on many taps (and backbones) with the same splits")
+    _add_dataset_args(p)
+    _add_backbone_args(p, many=True)
+    p.add_argument("--taps", type=_csv_list, default=["all"], help="comma-separated taps, or all (default: all)")
+    _add_extract_args(p, out_alias=False)
+    _add_fit_args(p)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("predict", help="classify image files with a run folder's model")
     p.add_argument("--run", required=True, help="a run folder printed by `taps fit`")

@@ -42,7 +42,7 @@ def _device(name: str) -> torch.device:
 class _LBFGSLinear(ClassifierMixin, BaseEstimator):
     """Shared machinery: L2-regularised linear model fitted by full-batch L-BFGS."""
 
-    def __init__(self, C: float = 1.0, max_iter: int = 500, tol: float = 1e-5, warm_start: bool = False,
+    def __init__(self, C: float = 1.0, max_iter: int = 300, tol: float = 1e-4, warm_start: bool = False,
                  solver: str = "torch", device: str = "auto"):
         self.C = C
         self.max_iter = max_iter
@@ -262,7 +262,7 @@ class TorchLinearHead(ClassifierMixin, BaseEstimator):
 
 REGULARIZER = {"svm": "C", "logreg": "C", "linear": "weight_decay"}
 DEFAULT_GRID = {
-    "svm": [10.0 ** e for e in range(-5, 2)],
+    "svm": [10.0 ** e for e in range(-5, 1)],
     "logreg": [10.0 ** e for e in range(-4, 3)],
     "linear": [1e-5, 1e-4, 1e-3, 1e-2, 1e-1],
 }

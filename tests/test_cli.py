@@ -36,3 +36,19 @@ def test_list_taps_shows_dimensions():
     assert proc.returncode == 0
     line = next(l for l in proc.stdout.splitlines() if l.startswith("layer3"))
     assert line.split()[2:] == ["256x14x14", "256", "256", "512", "1280"]
+
+
+def test_every_subcommand_parses():
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["fit", "--clf", "linear", "--tap", "pooled", "--out", "r"],
+                 ["compare", "--backbone", "resnet18,mobilenet_v2", "--taps", "all", "--out", "r"],
+                 ["predict", "--run", "r", "a.jpg"], ["info", "f.h5"], ["list", "taps", "vgg16"]):
+        assert parser.parse_args(argv).func is not None
+
+
+def test_fit_without_features_names_the_extract_command(tmp_path):
+    proc = run("fit", "--dataset", "digits", "--features-root", str(tmp_path))
+    assert proc.returncode == 1 and "run `taps extract --dataset digits --backbone mobilenet_v2" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -1,0 +1,110 @@
+"""Protocols, fit runs, predict and compare on tiny synthetic data (weights=None nets)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from features.backbones import Backbone
+from features.datasets import load_dataset
+from features.errors import UsageError
+from features.extract import extract
+from features.store import FeatureFile
+from pipeline.compare import compare_taps
+from pipeline.evaluate import FitOptions, fit_run, load_results
+from pipeline.predict import predict_images
+from pipeline.protocols import check_protocol, make_split, parse_protocol
+
+RUN = dict(device="cpu", precision="fp32", workers=0, progress=False, batch_size=8)
+
+
+def test_per_class_splits_are_disjoint_seed_stable_and_counted():
+    labels = np.repeat(np.arange(4), [10, 12, 15, 40])
+    p = parse_protocol("per-class:5", test_per_class=6)
+    train, test = make_split(p, labels, None, seed=3)
+    again, _ = make_split(p, labels, None, seed=3)
+    other, _ = make_split(p, labels, None, seed=4)
+    assert not set(train) & set(test)
+    assert np.bincount(labels[train]).tolist() == [5, 5, 5, 5]
+    assert np.bincount(labels[test]).tolist() == [5, 6, 6, 6]
+    assert np.array_equal(train, again) and not np.array_equal(train, other)
+
+
+def test_fraction_and_official_splits():
+    labels = np.repeat(np.arange(2), 50)
+    train, test = make_split(parse_protocol("fraction:0.3"), labels, None, seed=0)
+    assert len(train) == 30 and len(test) == 70 and not set(train) & set(test)
+    split = ["train"] * 60 + ["val"] * 40
+    train, test = make_split(parse_protocol("official"), labels, split, seed=0)
+    assert train.tolist() == list(range(60)) and test.tolist() == list(range(60, 100))
+
+
+@pytest.mark.parametrize("text", ["per-class:0", "fraction:1.5", "fraction:0", "per-class:x", "holdout"])
+def test_bad_protocols_are_rejected(text):
+    with pytest.raises(UsageError):
+        parse_protocol(text)
+
+
+def test_infeasible_protocols_name_the_class():
+    labels = np.repeat(np.arange(2), [50, 8])
+    with pytest.raises(UsageError, match="'b' has 8"):
+        check_protocol(parse_protocol("per-class:40"), labels, ["a", "b"], None)
+    with pytest.raises(UsageError, match="train split"):
+        check_protocol(parse_protocol("official"), labels, ["a", "b"], None)
+
+
+@pytest.fixture(scope="module")
+def tiny_features(tiny_flat, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fs")
+    images = load_dataset(f"folder:{tiny_flat}")
+    report = extract(images, Backbone("resnet18", weights="none", image_size=32), ["layer1", "layer2", "avgpool"],
+                     out=out, **RUN)
+    return images, FeatureFile(report.path), out
+
+
+@pytest.mark.parametrize("clf", ["svm", "logreg", "linear"])
+def test_fit_run_writes_a_round_tripping_run_and_reuses_it(tiny_features, tmp_path, clf):
+    _, features, _ = tiny_features
+    options = FitOptions(clf=clf, grid=[0.01, 1.0] if clf != "linear" else [1e-4, 1e-2], device="cpu")
+    run_dir, results, reused = fit_run(features, "avgpool", "avg", options, parse_protocol("per-class:5"), 2, tmp_path)
+    assert not reused and (run_dir / "model.joblib").is_file() and (run_dir / "confusion.png").is_file()
+    assert load_results(run_dir) == json.loads(json.dumps(results))
+    for metric in ("accuracy", "mean_per_class_accuracy", "macro_f1"):
+        assert set(results["metrics"][metric]) == {"mean", "std"} and 0 <= results["metrics"][metric]["mean"] <= 1
+    assert [s["seed"] for s in results["per_seed"]] == [0, 1] and results["per_seed"][0]["n_train"] == 15
+    assert results["chosen"][options.param][0] in options.grid
+    again_dir, _, reused = fit_run(features, "avgpool", "avg", options, parse_protocol("per-class:5"), 2, tmp_path)
+    assert reused and again_dir == run_dir
+
+
+def test_predict_returns_training_labels_and_refuses_tampered_models(tiny_features, tiny_flat, tmp_path):
+    _, features, _ = tiny_features
+    options = FitOptions(clf="logreg", grid=[1.0], device="cpu")
+    run_dir, _, _ = fit_run(features, "avgpool", "avg", options, parse_protocol("fraction:0.9"), 1, tmp_path)
+    results = load_results(run_dir)
+    images = sorted(tiny_flat.glob("*/img_00[0-2].jpg"))
+    preds = predict_images(run_dir, [str(p) for p in images], device="cpu")
+    assert [p.label for p in preds] == [p.parent.name for p in images]
+    assert all(0 < p.confidence <= 1 and p.kind == "probability" for p in preds)
+    with open(run_dir / "model.joblib", "ab") as fh:
+        fh.write(b"tampered")
+    from features.errors import TapsError
+    with pytest.raises(TapsError, match="SHA-256"):
+        predict_images(run_dir, [str(images[0])], device="cpu")
+    assert results["model"]["sha256"] != ""
+
+
+def test_compare_gives_one_row_per_tap_with_identical_splits(tiny_features, tmp_path):
+    images, _, out = tiny_features
+    bb = Backbone("resnet18", weights="none", image_size=32)
+    folder, rows = compare_taps(images, [bb], ["stem", "layer1", "layer2", "avgpool"], "avg",
+                                FitOptions(clf="logreg", grid=[0.1, 1.0], device="cpu"), parse_protocol("per-class:5"),
+                                2, out, tmp_path, RUN | {"batch_size": 8}, log=lambda *_: None)
+    assert [r["tap"] for r in rows] == ["stem", "layer1", "layer2", "avgpool"]
+    assert len({tuple(r["split_digests"]) for r in rows}) == 1
+    assert sum(r["best"] for r in rows) == 1
+    assert (folder / "compare.png").stat().st_size > 1000
+    data = json.loads((folder / "compare.json").read_text())
+    assert [r["dim"] for r in data["rows"]] == [64, 64, 128, 512]
+    assert set(data["rows"][0]["metrics"]["mean_per_class_accuracy"]) == {"mean", "std"}
+    assert (folder / "compare.csv").read_text().count("\n") == 5
