@@ -168,6 +168,51 @@ class TorchvisionImageSet(ImageSet):
         return to_rgb(img)
 
 
+class SubsetImageSet(ImageSet):
+    """A seeded random subset of another image set (per official split when it has one)."""
+
+    def __init__(self, base: ImageSet, indices: np.ndarray, name: str):
+        self.base, self.indices = base, np.asarray(indices)
+        super().__init__(name, base.classes, base.labels[self.indices], [base.ids[i] for i in self.indices],
+                         None if base.splits is None else [base.splits[i] for i in self.indices])
+
+    def image(self, index: int, min_side: int | None = None) -> Image.Image:
+        return self.base.image(int(self.indices[index]), min_side)
+
+    def _content_key(self) -> bytes:
+        return self.base._content_key()
+
+
+def parse_subset(spec: str) -> dict[str | None, int]:
+    """``500`` (500 samples) or ``train:5000,test:2000`` (per split)."""
+    try:
+        if ":" not in spec:
+            return {None: int(spec)}
+        return {k: int(v) for k, v in (part.split(":") for part in spec.split(","))}
+    except ValueError:
+        raise UsageError(f"bad --subset {spec!r}; use N or SPLIT:N,SPLIT:N (e.g. train:5000,test:2000)") from None
+
+
+def subset(images: ImageSet, spec: str, seed: int = 0) -> ImageSet:
+    """A seeded random subset: N samples, or N per named split; order is kept."""
+    sizes = parse_subset(spec)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for split, n in sizes.items():
+        if split is None:
+            pool = np.arange(len(images))
+        else:
+            if images.splits is None or split not in images.splits:
+                have = sorted(set(images.splits or [])) or ["none"]
+                raise UsageError(f"--subset names split {split!r}, but {images.name} has splits: {', '.join(have)}")
+            pool = np.flatnonzero(np.asarray(images.splits) == split)
+        if n < 1:
+            raise UsageError(f"--subset sizes must be at least 1, not {n}")
+        chosen.append(rng.choice(pool, size=min(n, len(pool)), replace=False))
+    tag = "-".join(f"{k or 'n'}{v}" for k, v in sizes.items())
+    return SubsetImageSet(images, np.sort(np.concatenate(chosen)), f"{images.name}-{tag}")
+
+
 def _targets(ds) -> Sequence[int]:
     """Labels of a torchvision dataset without decoding its images."""
     for attr in ("targets", "labels", "_labels", "y"):
@@ -313,9 +358,14 @@ def csv_dataset(csv_path: Path, image_column: str | None = None, label_column: s
                         max_pixels=max_pixels)
 
 
-def load_dataset(spec: str, data_root: Path | str = "data", download: bool = True, **options) -> ImageSet:
+def load_dataset(spec: str, data_root: Path | str = "data", download: bool = True, subset_spec: str | None = None,
+                 **options) -> ImageSet:
     """Resolve a dataset name or ``folder:PATH`` / ``csv:PATH`` spec to an :class:`ImageSet`."""
-    data_root = Path(data_root)
+    images = _load(spec, Path(data_root), download, **options)
+    return subset(images, subset_spec) if subset_spec else images
+
+
+def _load(spec: str, data_root: Path, download: bool, **options) -> ImageSet:
     if spec.startswith(PREFIXES):
         kind, path = spec.split(":", 1)
         if kind == "folder":
@@ -329,10 +379,13 @@ def load_dataset(spec: str, data_root: Path | str = "data", download: bool = Tru
     return BUILDERS[spec](data_root, download)
 
 
-def dataset_slug(spec: str) -> str:
+def dataset_slug(spec: str, subset_spec: str | None = None) -> str:
     """A file-system-safe name for a dataset spec; paths get a short hash so two folders never collide."""
+    name = spec
     if spec.startswith(PREFIXES):
         kind, path = spec.split(":", 1)
         resolved = str(Path(path).resolve())
-        return f"{kind}-{Path(resolved).stem}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}"
-    return spec
+        name = f"{kind}-{Path(resolved).stem}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}"
+    if subset_spec:
+        name += "-" + "-".join(f"{k or 'n'}{v}" for k, v in parse_subset(subset_spec).items())
+    return name

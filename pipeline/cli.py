@@ -36,6 +36,7 @@ def _add_dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-column", help="csv: column with image paths (default: the first)")
     g.add_argument("--label-column", help="csv: column with labels (default: the second)")
     g.add_argument("--allow-outside-root", action="store_true", help="csv: allow image paths outside the CSV's folder")
+    g.add_argument("--subset", help="a seeded random subset: N samples, or per split as train:5000,test:2000")
 
 
 def _add_backbone_args(p: argparse.ArgumentParser, many: bool = False) -> None:
@@ -69,7 +70,7 @@ def _images(args):
     if args.dataset.startswith("csv:"):
         options = {"image_column": args.image_column, "label_column": args.label_column,
                    "allow_outside": args.allow_outside_root}
-    return load_dataset(args.dataset, args.data_root, **options)
+    return load_dataset(args.dataset, args.data_root, subset_spec=args.subset, **options)
 
 
 def _backbone(args, name: str | None = None):
@@ -163,9 +164,10 @@ def _features_file(args, backbone_name: str | None = None):
     if getattr(args, "features", None):
         return FeatureFile(args.features)
     bb = _backbone(args, backbone_name)
-    path = feature_path(args.features_root, dataset_slug(args.dataset), bb)
+    path = feature_path(args.features_root, dataset_slug(args.dataset, args.subset), bb)
     if not path.is_file():
         raise TapsError(f"no feature file {path}; run `taps extract --dataset {args.dataset} --backbone {bb.name}"
+                        f"{' --subset ' + args.subset if args.subset else ''}"
                         f"{' --image-size %d' % args.image_size if args.image_size else ''}"
                         f"{' --taps ' + args.tap if getattr(args, 'tap', None) else ''}` first")
     return FeatureFile(path)

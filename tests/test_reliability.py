@@ -1,0 +1,233 @@
+"""Faults: bad images, interruption, corrupt or busy files, bad arguments, untrusted inputs."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from features.backbones import Backbone
+from features.datasets import folder_dataset, load_dataset
+from features.errors import TapsError, UsageError
+from features.extract import extract, resolve_device
+from features.store import FeatureFile, FeatureWriter, exclusive_lock
+from tests.conftest import make_images
+
+RUN = dict(device="cpu", precision="fp32", workers=0, progress=False, batch_size=4)
+
+
+def tiny_resnet():
+    return Backbone("resnet18", weights="none", image_size=32)
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory) -> Path:
+    """A folder dataset with every kind of odd or broken image."""
+    root = tmp_path_factory.mktemp("messy")
+    make_images(root, classes=("good", "odd"), per_class=4)
+    odd = root / "odd"
+    rgb = np.random.default_rng(0).integers(0, 255, (30, 30, 3), dtype=np.uint8)
+    Image.fromarray(rgb).convert("CMYK").save(odd / "cmyk.jpg")
+    Image.fromarray(rgb).convert("P").save(odd / "palette.png")
+    Image.fromarray(np.dstack([rgb, np.full((30, 30), 128, np.uint8)])).save(odd / "rgba.png")
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(odd / "deep16.png")
+    Image.fromarray(rgb[..., 0]).save(odd / "grey.jpg")
+    Image.fromarray(rgb).save(odd / "anim.gif")
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "empty.jpg").write_bytes(b"")
+    whole = (root / "good" / "img_000.jpg").read_bytes()
+    (bad / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    (bad / "notes.jpg").write_text("this is not an image")
+    Image.new("RGB", (1100, 1000)).save(bad / "bomb.png")
+    (bad / "readme.txt").write_text("ignored: not an image extension")
+    return root
+
+
+def test_bad_images_are_skipped_with_reasons_and_odd_ones_converted(messy, tmp_path):
+    images = folder_dataset(messy, max_pixels=1_000_000)
+    assert len(images) == 8 + 6 + 4  # the .txt file is not a sample
+    report = extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, **RUN)
+    assert sorted(report.skipped) == ["bad/bomb.png", "bad/empty.jpg", "bad/notes.jpg", "bad/truncated.jpg"]
+    assert report.skipped["bad/empty.jpg"] == "empty file" and "too large" in report.skipped["bad/bomb.png"]
+    assert "truncated" in report.skipped["bad/truncated.jpg"].lower()
+    f = FeatureFile(report.path)
+    assert f.valid.sum() == 14 and f.errors == report.skipped and f.attrs["complete"]
+    odd = [i for i, sid in enumerate(f.ids) if sid.startswith("odd/")]
+    assert np.abs(f.read("avgpool")[odd]).sum(axis=1).min() > 0
+
+
+def test_on_error_fail_stops_with_the_file_name(messy, tmp_path):
+    images = folder_dataset(messy, max_pixels=1_000_000)
+    with pytest.raises(TapsError, match=r"cannot decode bad/\w+\.\w+"):
+        extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, on_error="fail", **RUN)
+
+
+def _extract_cmd(root: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "pipeline", "extract", "--dataset", f"folder:{root}", "--backbone", "resnet18",
+            "--weights", "none", "--image-size", "64", "--taps", "layer1,logits", "--batch-size", "4",
+            "--workers", "0", "--precision", "fp32", "--device", "cpu", "--no-progress", "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def long_set(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("long")
+    make_images(root, per_class=120, size=24, seed=5)
+    return root
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_extract_resumes_to_identical_arrays(long_set, tmp_path, sig):
+    clean = subprocess.run(_extract_cmd(long_set, tmp_path / "clean"), capture_output=True, text=True, check=True)
+    clean_path = Path(clean.stdout.strip().splitlines()[-1])
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_extract_cmd(long_set, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    target = out / clean_path.parent.name / clean_path.name
+    deadline = time.time() + 120
+    while time.time() < deadline and not (target.exists() and target.stat().st_size > 1_500_000):
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "rerun the same command to resume" in err
+    with h5py.File(target) as h5:
+        done = h5["taps/logits"].attrs["rows_done"]
+        assert 0 < done < 360 and not h5.attrs["complete"], "the kill must land mid-run"
+    resumed = subprocess.run(_extract_cmd(long_set, out), capture_output=True, text=True, check=True)
+    assert "extracted" in resumed.stdout
+    a, b = FeatureFile(clean_path), FeatureFile(target)
+    assert b.attrs["complete"]
+    for tap in ("layer1", "logits"):
+        assert np.array_equal(a.read(tap), b.read(tap))
+
+
+def test_second_writer_is_refused_while_the_first_holds_the_lock(tiny_flat, tmp_path):
+    images = load_dataset(f"folder:{tiny_flat}")
+    path = tmp_path / "busy.h5"
+    with exclusive_lock(path):
+        with pytest.raises(TapsError, match="another taps process is writing"):
+            extract(images, tiny_resnet(), ["avgpool"], path=path, **RUN)
+    assert extract(images, tiny_resnet(), ["avgpool"], path=path, **RUN).computed == ["avgpool"]
+
+
+def test_truncated_feature_file_is_refused(tiny_flat, tmp_path):
+    images = load_dataset(f"folder:{tiny_flat}")
+    report = extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, **RUN)
+    data = report.path.read_bytes()
+    report.path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(TapsError, match="--force"):
+        extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, **RUN)
+    with pytest.raises(TapsError, match="not a readable HDF5"):
+        FeatureFile(report.path)
+
+
+def test_disk_full_keeps_finished_batches(tiny_flat, tmp_path, monkeypatch):
+    images = load_dataset(f"folder:{tiny_flat}")
+    real_write, calls = FeatureWriter.write, []
+
+    def failing_write(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureWriter, "write", failing_write)
+    with pytest.raises(TapsError, match="disk full .* rerun to resume"):
+        extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, **RUN)
+    monkeypatch.setattr(FeatureWriter, "write", real_write)
+    report = extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, **RUN)
+    assert report.images == 30 - 8  # two batches of four survived
+
+
+def test_environment_errors_are_usage_errors(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    with pytest.raises(UsageError, match="does not exist"):
+        load_dataset(f"folder:{tmp_path / 'missing'}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="no class subfolders"):
+        load_dataset(f"folder:{tmp_path / 'empty'}")
+    (tmp_path / "empty" / "cls").mkdir()
+    with pytest.raises(UsageError, match="no images"):
+        load_dataset(f"folder:{tmp_path / 'empty'}")
+
+
+def test_nan_features_and_single_class_training_are_reported(tiny_flat, tmp_path):
+    from pipeline.evaluate import FitOptions, fit_run
+    from pipeline.protocols import parse_protocol
+
+    images = load_dataset(f"folder:{tiny_flat}")
+    report = extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, **RUN)
+    with h5py.File(report.path, "r+") as h5:
+        h5["taps/avgpool"][3, 0] = np.nan
+        h5["taps/avgpool"][7, 1] = np.inf
+    with pytest.raises(TapsError, match="tap avgpool .* 2 rows with NaN or inf"):
+        fit_run(FeatureFile(report.path), "avgpool", "avg", FitOptions(device="cpu"), parse_protocol("per-class:5"), 1,
+                tmp_path / "runs")
+
+
+def test_weights_files_load_with_weights_only(tmp_path):
+    import torch
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"x": Evil()}, path)
+    bb = Backbone("resnet18", weights=str(path))
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+        bb.build()
+
+
+# ---------------------------------------------------------------- the store, property-based
+
+def _rows(start: int, stop: int, dim: int) -> np.ndarray:
+    i = np.arange(start, stop, dtype=np.float32)[:, None]
+    return np.sin(i * np.arange(1, dim + 1, dtype=np.float32))
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 40), batch=st.integers(1, 9),
+       runs=st.lists(st.tuples(st.integers(0, 6), st.booleans()), min_size=0, max_size=6))
+def test_interrupted_writes_always_end_in_the_clean_arrays(tmp_path_factory, n, batch, runs):
+    """Runs of a few batches each, some torn (data written, progress not), then a final run to the end."""
+    path = tmp_path_factory.mktemp("prop") / "f.h5"
+    dim = 3
+    header = {"backbone": "b", "weights": "w", "transform": "t", "dataset": "d", "dataset_fingerprint": "x",
+              "n_samples": n, "batch_size": batch, "image_size": 8}
+
+    def open_writer():
+        w = FeatureWriter(path, header, np.zeros(n, int), ["c"], [str(i) for i in range(n)], None)
+        w.ensure_tap("t", dim, {"tap": "t", "node": "t", "pooling": "none", "precision": "fp32"})
+        return w
+
+    for batches, torn in runs + [(10 ** 6, False)]:
+        w = open_writer()
+        start = w.rows_done("t")
+        for k in range(batches):
+            lo = start + k * batch
+            if lo >= n:
+                break
+            hi = min(lo + batch, n)
+            if torn and k == batches - 1:
+                w.h5["taps/t"][lo:hi] = _rows(lo, hi, dim)  # killed before rows_done moved
+                break
+            w.write(lo, hi, {"t": _rows(lo, hi, dim)}, {})
+        w.finish(["t"])
+        w.close()
+    f = FeatureFile(path)
+    assert f.attrs["complete"]
+    assert np.array_equal(f.read("t"), _rows(0, n, dim))
