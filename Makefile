@@ -48,6 +48,10 @@ fit: install
 compare: install
 	$(CLI) compare $(COMMON) --taps $(or $(TAPS),all) --pool $(POOL) --clf $(CLF) --protocol $(PROTOCOL) --seeds $(SEEDS) $(EXTRA)
 
+BENCH_ARGS ?=
+bench: install
+	$(CLI) bench $(if $(wildcard $(DATA_ROOT)/caltech101),--data-root $(DATA_ROOT)) $(BENCH_ARGS)
+
 test: install
 	$(BIN)/python -m pytest -q
 

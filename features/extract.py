@@ -151,12 +151,13 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
             out: Path | str = "feature_store", path: Path | str | None = None, device: str = "auto",
             precision: str = "auto", batch_size: int = 64, workers: int | None = None,
             channels_last: bool = True, on_error: str = "skip", force: bool = False,
-            progress: bool = True, limit_batches: int | None = None) -> ExtractionReport:
+            progress: bool = True, limit_batches: int | None = None, draft: bool = True) -> ExtractionReport:
     """Extract ``taps`` (default: the backbone's standard embedding) of every image into one HDF5 file.
 
     Reuses complete taps, resumes incomplete ones, and adds new ones to an existing
     file made with the same settings. ``limit_batches`` stops after that many
-    batches (for tests and benchmarks of interruption).
+    batches (for tests and benchmarks of interruption). ``draft`` lets JPEGs decode at a reduced
+    scale that still covers the resize target (PIL draft mode).
     """
     check_pooling(pooling)
     choose("--on-error policy", on_error, ON_ERROR)
@@ -177,7 +178,7 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
             writer = FeatureWriter(path, header, images.labels, images.classes, images.ids, images.splits, force)
             try:
                 _run(writer, images, backbone, resolved, keys, pooling, dev, prec, workers, channels_last,
-                     on_error, progress, limit_batches, report)
+                     on_error, progress, limit_batches, draft, report)
             finally:
                 report.skipped = {images.ids[i]: str(e.decode() if isinstance(e, bytes) else e)
                                   for i, e in enumerate(writer.h5["errors"][:]) if e}
@@ -193,7 +194,7 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
 
 def _run(writer: FeatureWriter, images: ImageSet, backbone: Backbone, taps: list[Tap], keys: dict[str, str],
          pooling: str, dev: torch.device, prec: str, workers: int | None, channels_last: bool, on_error: str,
-         progress: bool, limit_batches: int | None, report: ExtractionReport) -> None:
+         progress: bool, limit_batches: int | None, draft: bool, report: ExtractionReport) -> None:
     attrs = {t.name: {"tap": t.name, "node": t.node, "pooling": pooling if is_spatial(t.shape) else "none",
                       "precision": prec} for t in taps}
     for t in taps:
@@ -208,7 +209,8 @@ def _run(writer: FeatureWriter, images: ImageSet, backbone: Backbone, taps: list
     extractor = build_extractor(backbone, todo, dev, channels_last)
     transform = backbone.transform()
     workers = default_workers() if workers is None else workers
-    loader = DataLoader(_Preprocessed(images, transform, int(transform.resize_size[0]), on_error),
+    min_side = int(transform.resize_size[0]) if draft else None
+    loader = DataLoader(_Preprocessed(images, transform, min_side, on_error),
                         batch_sampler=_Blocks(start, n, bs), collate_fn=_collate, num_workers=workers,
                         pin_memory=dev.type == "cuda", prefetch_factor=4 if workers else None,
                         persistent_workers=False)

@@ -228,6 +228,16 @@ def cmd_compare(args) -> None:
     print(out)
 
 
+def cmd_bench(args) -> None:
+    from .bench import run_bench
+
+    text, _ = run_bench(args.backbone, args.images, args.data_root, args.batch_size, args.taps, args.device,
+                        tuple(args.rss_sizes), args.out, args.features_root, args.reference,
+                        log=lambda msg: print(msg, file=sys.stderr))
+    print(text)
+    print(Path(args.out) / "bench.txt")
+
+
 def _add_fit_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("classifier and protocol")
     g.add_argument("--clf", default="svm", help="svm, logreg (alias softmax) or linear (default: %(default)s)")
@@ -285,6 +295,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract_args(p, out_alias=False)
     _add_fit_args(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("bench", help="measure extraction and fit speed in one run (ratios, peak memory)")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    p.add_argument("--images", type=int, default=256, help="JPEGs to time (default: %(default)s)")
+    p.add_argument("--data-root", help="use Caltech-101 JPEGs from here instead of synthetic ones")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--taps", type=_csv_list, help="the 3 taps of the pipeline pass (default: a third, two thirds, standard)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--rss-sizes", type=int, nargs=2, default=[1000, 8000], help="dataset sizes for peak memory")
+    p.add_argument("--features-root", default=FEATURES_ROOT, help="stage-two timing uses cached Caltech-101 features here")
+    p.add_argument("--reference", action="store_true", help="also time scikit-learn's reference fits (LinearSVC: minutes)")
+    p.add_argument("--out", default="bench_out")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("predict", help="classify image files with a run folder's model")
     p.add_argument("--run", required=True, help="a run folder printed by `taps fit`")

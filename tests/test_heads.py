@@ -10,7 +10,16 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from pipeline.heads import LinearSVM, SoftmaxRegression, TorchLinearHead, make_classifier
 
 
-@parametrize_with_checks([LinearSVM(), SoftmaxRegression(), TorchLinearHead(lr=0.01, max_epochs=100)])
+def _applicable_checks():
+    """scikit-learn's estimator checks, minus the array-API ones (they need SCIPY_ARRAY_API and an array
+    library; stage two only ever passes numpy arrays read from HDF5)."""
+    mark = parametrize_with_checks([LinearSVM(), SoftmaxRegression(), TorchLinearHead(lr=0.01, max_epochs=100)])
+    pairs = [(est, check) for est, check in mark.args[1]
+             if "array_api" not in check.func.__name__]
+    return pytest.mark.parametrize("estimator, check", pairs, ids=mark.kwargs["ids"])
+
+
+@_applicable_checks()
 def test_sklearn_estimator_contract(estimator, check):
     check(estimator)
 

@@ -1,0 +1,267 @@
+"""`taps bench`: extraction and stage-two speed, measured in one run on the same images.
+
+- ceiling: the bare backbone forward on preprocessed tensors already in memory;
+- pipeline: :func:`features.extract.extract` end to end on JPEG files, 3 taps in one pass;
+- seed-style: how the tutorials do it: ``Resize((224, 224))``, fp32, NCHW, a default
+  ``DataLoader`` (no workers), ``torch.no_grad`` and one forward pass per tap;
+- ablations: the pipeline with one optimisation switched off at a time;
+- early tap: ResNet18 ``layer2`` alone against the full pass;
+- peak RSS of the pipeline at two dataset sizes; stage-two fit times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+from torchvision.models.feature_extraction import create_feature_extractor
+
+from features.backbones import Backbone
+from features.datasets import FileImageSet, folder_dataset
+from features.extract import (autocast, build_extractor, default_workers, extract, resolve_device,
+                              resolve_precision)
+
+
+def synthetic_jpegs(folder: Path, n: int, size: tuple[int, int] = (500, 375), seed: int = 0) -> Path:
+    """Photo-like JPEGs (smooth colour fields plus texture), written once and reused."""
+    folder.mkdir(parents=True, exist_ok=True)
+    existing = sorted(folder.glob("*/*.jpg"))
+    if len(existing) >= n:
+        return folder
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for i in range(n):
+        cls = folder / f"class{i % 10}"
+        cls.mkdir(exist_ok=True)
+        a, b, c = rng.uniform(0.005, 0.05, 3)
+        base = np.stack([np.sin(xx * a + i), np.cos(yy * b), np.sin((xx + yy) * c)], -1) * 100 + 128
+        img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(cls / f"img_{i:05d}.jpg", quality=90)
+    return folder
+
+
+def bench_images(n: int, data_root: str | None, work: Path) -> tuple[FileImageSet, str]:
+    caltech = Path(data_root or "") / "caltech101" / "101_ObjectCategories"
+    if data_root and caltech.is_dir():
+        paths = sorted(p for p in caltech.glob("*/*.jpg") if p.parent.name != "BACKGROUND_Google")
+        paths = paths[:: max(1, len(paths) // n)][:n]  # spread over the classes
+        classes = sorted({p.parent.name for p in paths})
+        images = FileImageSet("bench-caltech101", caltech, paths, classes, [classes.index(p.parent.name) for p in paths])
+        return images, f"{len(images)} Caltech-101 JPEGs"
+    return folder_dataset(synthetic_jpegs(work / f"jpegs500x375", n)), f"{n} synthetic 500x375 JPEGs"
+
+
+def _rate(n: int, seconds: float) -> float:
+    return n / seconds if seconds > 0 else float("nan")
+
+
+def ceiling(backbone: Backbone, images, batch_size: int, device, precision: str, nodes: list[str] | None = None) -> float:
+    """Forward-only images/s on tensors already in memory (full model, or truncated at ``nodes``)."""
+    transform = backbone.transform()
+    tensors = torch.stack([transform(images.image(i)) for i in range(len(images))])
+    model = backbone.build()
+    if nodes:
+        model = create_feature_extractor(model, {n: n for n in nodes})
+    model = model.eval().to(device).to(memory_format=torch.channels_last)
+    batches = [tensors[s:s + batch_size].to(device).contiguous(memory_format=torch.channels_last)
+               for s in range(0, len(tensors), batch_size)]
+    with torch.inference_mode(), autocast(device, precision):
+        model(batches[0])  # warm-up: allocator, oneDNN primitive caches
+        t0 = time.perf_counter()
+        for b in batches:
+            model(b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return _rate(len(tensors), time.perf_counter() - t0)
+
+
+class _SeedStyle(Dataset):
+    def __init__(self, images):
+        self.images = images
+        self.t = T.Compose([T.Resize((224, 224)), T.ToTensor(),
+                            T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.t(Image.open(self.images.paths[i]).convert("RGB"))
+
+
+def seed_style(backbone: Backbone, images, taps: list[str], device, batch_size: int) -> float:
+    """The tutorial way: one truncated model per tap, each run over every batch, fp32 NCHW."""
+    model = backbone.build()
+    per_tap = [create_feature_extractor(model, {backbone.tap(t).node: "out"}).eval().to(device) for t in taps]
+    loader = DataLoader(_SeedStyle(images), batch_size=batch_size)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for batch in loader:
+            batch = batch.to(device)
+            for m in per_tap:
+                m(batch)["out"].flatten(1).cpu().numpy()
+    return _rate(len(images), time.perf_counter() - t0)
+
+
+def pipeline_rate(images, backbone: Backbone, taps: list[str], work: Path, **options) -> float:
+    report = extract(images, backbone, taps, path=work / "bench.h5", force=True, progress=False, **options)
+    return report.images_per_second
+
+
+def peak_rss_mb(n: int, work: Path, backbone: str, weights: str) -> float:
+    """Peak RSS (largest process of the run) of `taps extract` over n small JPEGs, in a fresh process."""
+    folder = synthetic_jpegs(work / f"rss{n}", n, size=(80, 80), seed=1)
+    cmd = [sys.executable, "-m", "pipeline", "extract", "--dataset", f"folder:{folder}", "--backbone", backbone,
+           "--weights", weights, "--image-size", "64", "--taps", "all", "--no-progress", "--force",
+           "--out", str(work / f"rss_out{n}")]
+    probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL);"
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def stage_two_times(features_root: str, reference: bool) -> dict:
+    """Grid-searched svm and logreg fits at Caltech-101 scale (real features when cached, else synthetic)."""
+    from sklearn.datasets import make_classification
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    from features.store import FeatureFile
+
+    from .evaluate import FitOptions, fit_selected
+    from .protocols import make_split, parse_protocol
+
+    path = Path(features_root) / "caltech101" / "mobilenet_v2__IMAGENET1K_V1__224px.h5"
+    if path.is_file() and "pooled" in FeatureFile(path).taps:
+        f = FeatureFile(path)
+        X, y = f.read("pooled"), f.labels
+        train, test = make_split(parse_protocol("per-class:30", 50), y, None, 0)
+        source = "Caltech-101 MobileNetV2 pooled, 30/class (seed 0)"
+    else:
+        X, y = make_classification(n_samples=6000, n_features=1280, n_informative=200, n_classes=101,
+                                   n_clusters_per_class=1, random_state=0)
+        X = X.astype(np.float32)
+        train, test = np.arange(3030), np.arange(3030, 6000)
+        source = "synthetic 3,030 x 1,280, 101 classes"
+    out = {"source": source, "train_shape": list(X[train].shape)}
+    for clf in ("svm", "logreg"):
+        t0 = time.perf_counter()
+        model, value, _ = fit_selected(FitOptions(clf=clf), X[train], y[train], 0)
+        seconds = time.perf_counter() - t0
+        acc = balanced_accuracy_score(y[test], model.predict(X[test]))
+        out[clf] = {"seconds": round(seconds, 2), "chosen_C": value, "mean_per_class_accuracy": round(acc, 4)}
+        if reference:
+            scaler = StandardScaler().fit(X[train])
+            ref = (LinearSVC(C=value) if clf == "svm" else LogisticRegression(C=value, max_iter=1000))
+            t0 = time.perf_counter()
+            ref.fit(scaler.transform(X[train]), y[train])
+            out[clf]["sklearn_one_fit_seconds"] = round(time.perf_counter() - t0, 2)
+            out[clf]["sklearn_mean_per_class_accuracy"] = round(
+                balanced_accuracy_score(y[test], ref.predict(scaler.transform(X[test]))), 4)
+    return out
+
+
+def run_bench(backbone: str = "mobilenet_v2", n: int = 256, data_root: str | None = None, batch_size: int = 32,
+              taps: list[str] | None = None, device: str = "auto", rss_sizes: tuple[int, int] = (1000, 8000),
+              out: Path | str = "bench_out", features_root: str = "feature_store", reference: bool = False,
+              log=print) -> tuple[str, dict]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    work.mkdir(exist_ok=True)
+    bb = Backbone(backbone)
+    try:
+        bb.check_weights()
+    except Exception:
+        bb = Backbone(backbone, weights="none")  # speed does not depend on the weights' values
+    names = list(bb.taps)
+    taps = taps or [names[len(names) // 3], names[2 * len(names) // 3], bb.default_tap]
+    dev = resolve_device(device)
+    prec = resolve_precision("auto", dev)
+    images, source = bench_images(n, data_root, work)
+    common = dict(device=device, batch_size=batch_size)
+    r: dict = {"backbone": bb.name, "weights": bb.weights.spec, "images": source, "taps": taps,
+               "batch_size": batch_size, "device": str(dev), "precision": prec, "workers": default_workers(),
+               "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
+    log(f"bench: {bb.name}, {source}, taps {', '.join(taps)}, {dev}, {prec}")
+    r["ceiling"] = ceiling(bb, images, batch_size, dev, prec)
+    log(f"  ceiling {r['ceiling']:.1f} img/s")
+    r["pipeline"] = pipeline_rate(images, bb, taps, work, **common)
+    log(f"  pipeline {r['pipeline']:.1f} img/s")
+    r["seed_style"] = seed_style(bb, images, taps, dev, batch_size)
+    log(f"  seed-style {r['seed_style']:.1f} img/s")
+    r["ablations"] = {}
+    for label, change in (("fp32 instead of " + prec, {"precision": "fp32"}),
+                          ("NCHW instead of channels_last", {"channels_last": False}),
+                          ("no JPEG draft decoding", {"draft": False}),
+                          ("no DataLoader workers", {"workers": 0})):
+        if label.startswith("fp32") and prec == "fp32":
+            continue
+        r["ablations"][label] = pipeline_rate(images, bb, taps, work, **{**common, **change})
+        log(f"  {label}: {r['ablations'][label]:.1f} img/s")
+    rn = Backbone("resnet18")
+    try:
+        rn.check_weights()
+    except Exception:
+        rn = Backbone("resnet18", weights="none")
+    r["early_tap"] = {
+        "forward_layer2": ceiling(rn, images, batch_size, dev, prec, [rn.tap("layer2").node]),
+        "forward_full": ceiling(rn, images, batch_size, dev, prec),
+        "pipeline_layer2": pipeline_rate(images, rn, ["layer2"], work, **common),
+        "pipeline_full": pipeline_rate(images, rn, ["avgpool"], work, **common),
+    }
+    log(f"  resnet18 layer2 vs full: {r['early_tap']}")
+    r["rss_mb"] = {str(k): round(peak_rss_mb(k, work, bb.name, bb.weights.spec.split('.')[-1] if bb.weights.enum else "none"), 1)
+                   for k in rss_sizes}
+    log(f"  peak RSS: {r['rss_mb']}")
+    r["stage_two"] = stage_two_times(features_root, reference)
+    text = format_bench(r)
+    (out / "bench.txt").write_text(text + "\n")
+    (out / "bench.json").write_text(json.dumps(r, indent=2))
+    return text, r
+
+
+def format_bench(r: dict) -> str:
+    et, rss, s2 = r["early_tap"], r["rss_mb"], r["stage_two"]
+    small, large = sorted(rss, key=int)
+    lines = [
+        f"taps bench: {r['backbone']} ({r['weights']}), {r['images']}, batch {r['batch_size']}, {r['device']} "
+        f"{r['precision']}, {r['workers']} workers, {r['cores']} cores, torch {r['torch']}",
+        f"taps: {', '.join(r['taps'])}",
+        "",
+        f"{'measure':<44}{'img/s':>8}  ratio",
+        f"{'ceiling (forward on in-memory tensors)':<44}{r['ceiling']:>8.1f}",
+        f"{'pipeline (taps extract, 3 taps, one pass)':<44}{r['pipeline']:>8.1f}  pipeline/ceiling = {r['pipeline'] / r['ceiling']:.2f}",
+        f"{'seed-style (fp32 NCHW, one pass per tap)':<44}{r['seed_style']:>8.1f}  pipeline/seed-style = {r['pipeline'] / r['seed_style']:.1f}",
+        "pipeline with one optimisation off:",
+    ]
+    for label, rate in r["ablations"].items():
+        lines.append(f"  {label:<42}{rate:>8.1f}  pipeline/this = {r['pipeline'] / rate:.2f}")
+    lines += [
+        f"resnet18 layer2 alone / full pass, time: forward {et['forward_full'] / et['forward_layer2']:.2f}, "
+        f"pipeline {et['pipeline_full'] / et['pipeline_layer2']:.2f}",
+        f"peak RSS of the pipeline: {small} images {rss[small]:.0f} MB, {large} images {rss[large]:.0f} MB "
+        f"(growth {100 * (rss[large] / rss[small] - 1):+.1f}%)",
+        f"stage two on {s2['source']}:",
+    ]
+    for clf in ("svm", "logreg"):
+        s = s2[clf]
+        ref = (f"; sklearn one fit at that C {s['sklearn_one_fit_seconds']:.1f} s, "
+               f"{100 * s['sklearn_mean_per_class_accuracy']:.1f}%") if "sklearn_one_fit_seconds" in s else ""
+        lines.append(f"  {clf:<7} grid search + refit {s['seconds']:.1f} s, C={s['chosen_C']:g}, "
+                     f"mean per-class accuracy {100 * s['mean_per_class_accuracy']:.1f}%{ref}")
+    return "\n".join(lines)
