@@ -179,6 +179,12 @@ class Backbone:
             p.requires_grad_(False)
         return model.eval()
 
+    def spec_args(self) -> tuple[str, str, int | None]:
+        """Constructor arguments that rebuild this backbone in another process."""
+        w = self.weights
+        weights = str(w.path) if w.path else (w.enum.name if w.enum is not None else "none")
+        return self.name, weights, self.image_size
+
     # ------------------------------------------------------------ preprocessing
     def transform(self) -> ImageClassification:
         """The weights enum's preprocessing, or the same with a square ``image_size``."""

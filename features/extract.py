@@ -147,38 +147,64 @@ def forward_taps(extractor, batch: torch.Tensor, taps: list[Tap], pooling: str, 
         return {t.name: pool(out[t.node], pooling).float().cpu().numpy() for t in taps}
 
 
+@dataclass(frozen=True)
+class RunConfig:
+    """How one extraction pass runs (none of it changes the stored values beyond float tolerance)."""
+
+    pooling: str
+    device: torch.device
+    precision: str
+    workers: int
+    channels_last: bool
+    on_error: str
+    draft: bool
+
+
 def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None, pooling: str = "avg",
             out: Path | str = "feature_store", path: Path | str | None = None, device: str = "auto",
             precision: str = "auto", batch_size: int = 64, workers: int | None = None,
             channels_last: bool = True, on_error: str = "skip", force: bool = False,
-            progress: bool = True, limit_batches: int | None = None, draft: bool = True) -> ExtractionReport:
+            progress: bool = True, limit_batches: int | None = None, draft: bool = True,
+            shard: tuple[int, int] | None = None, engine: str = "local", ray_options: dict | None = None
+            ) -> ExtractionReport:
     """Extract ``taps`` (default: the backbone's standard embedding) of every image into one HDF5 file.
 
     Reuses complete taps, resumes incomplete ones, and adds new ones to an existing
     file made with the same settings. ``limit_batches`` stops after that many
-    batches (for tests and benchmarks of interruption). ``draft`` lets JPEGs decode at a reduced
-    scale that still covers the resize target (PIL draft mode).
+    batches (for tests of interruption). ``draft`` lets JPEGs decode at a reduced
+    scale that still covers the resize target (PIL draft mode). ``shard=(i, n)``
+    extracts the i-th of n contiguous slices into its own file (see
+    :mod:`features.shards`). ``engine="ray"`` runs decoding and the backbone on Ray
+    Data (see :mod:`features.ray_engine`); the file is the same.
     """
     check_pooling(pooling)
     choose("--on-error policy", on_error, ON_ERROR)
+    choose("engine", engine, ENGINES)
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, not {batch_size}")
     resolved = backbone.resolve_taps(taps)
     dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
-    path = Path(path) if path else feature_path(out, images.name, backbone)
-    keys = {t.name: tap_key(t.name, pooling, is_spatial(t.shape)) for t in resolved}
+    cfg = RunConfig(pooling, dev, resolve_precision(precision, dev), default_workers() if workers is None else workers,
+                    channels_last, on_error, draft)
     header = {"backbone": backbone.name, "weights": backbone.weights.spec, "transform": backbone.transform_spec(),
               "image_size": backbone.input_size, "dataset": images.name, "dataset_fingerprint": images.fingerprint(),
               "n_samples": len(images), "batch_size": batch_size, "versions": versions()}
-    report = ExtractionReport(path=path, device=str(dev), precision=prec)
+    path = Path(path) if path else feature_path(out, images.name, backbone)
+    if shard is not None:
+        from .shards import shard_images, shard_path
+
+        images, shard_attrs = shard_images(images, *shard)
+        header = {**header, **shard_attrs, "dataset_fingerprint": images.fingerprint(), "n_samples": len(images)}
+        path = shard_path(path, *shard)
+    keys = {t.name: tap_key(t.name, pooling, is_spatial(t.shape)) for t in resolved}
+    report = ExtractionReport(path=path, device=str(dev), precision=cfg.precision)
     backbone.check_weights()  # a missing checkpoint fails before any file is touched
     try:
         with exclusive_lock(path):
             writer = FeatureWriter(path, header, images.labels, images.classes, images.ids, images.splits, force)
             try:
-                _run(writer, images, backbone, resolved, keys, pooling, dev, prec, workers, channels_last,
-                     on_error, progress, limit_batches, draft, report)
+                _run(writer, images, backbone, resolved, keys, cfg, progress, limit_batches, report, engine,
+                     ray_options or {})
             finally:
                 report.skipped = {images.ids[i]: str(e.decode() if isinstance(e, bytes) else e)
                                   for i, e in enumerate(writer.h5["errors"][:]) if e}
@@ -192,13 +218,32 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
     return report
 
 
+ENGINES = ("local", "ray")
+
+
+def local_batches(images: ImageSet, backbone: Backbone, taps: list[Tap], cfg: RunConfig, start: int,
+                  batch_size: int):
+    """Yield (lo, hi, {tap name: pooled rows of the good images}, {index: error}) in sample order."""
+    extractor = build_extractor(backbone, taps, cfg.device, cfg.channels_last)
+    transform = backbone.transform()
+    min_side = int(transform.resize_size[0]) if cfg.draft else None
+    loader = DataLoader(_Preprocessed(images, transform, min_side, cfg.on_error),
+                        batch_sampler=_Blocks(start, len(images), batch_size), collate_fn=_collate,
+                        num_workers=cfg.workers, pin_memory=cfg.device.type == "cuda",
+                        prefetch_factor=4 if cfg.workers else None)
+    for batch, indices, errors in loader:
+        arrays = {} if batch is None else forward_taps(extractor, batch, taps, cfg.pooling, cfg.device,
+                                                       cfg.precision, cfg.channels_last)
+        yield indices[0], indices[-1] + 1, arrays, errors
+
+
 def _run(writer: FeatureWriter, images: ImageSet, backbone: Backbone, taps: list[Tap], keys: dict[str, str],
-         pooling: str, dev: torch.device, prec: str, workers: int | None, channels_last: bool, on_error: str,
-         progress: bool, limit_batches: int | None, draft: bool, report: ExtractionReport) -> None:
-    attrs = {t.name: {"tap": t.name, "node": t.node, "pooling": pooling if is_spatial(t.shape) else "none",
-                      "precision": prec} for t in taps}
+         cfg: RunConfig, progress: bool, limit_batches: int | None, report: ExtractionReport, engine: str,
+         ray_options: dict) -> None:
+    attrs = {t.name: {"tap": t.name, "node": t.node, "pooling": cfg.pooling if is_spatial(t.shape) else "none",
+                      "precision": cfg.precision} for t in taps}
     for t in taps:
-        writer.ensure_tap(keys[t.name], pooled_dim(t.shape, pooling), attrs[t.name])
+        writer.ensure_tap(keys[t.name], pooled_dim(t.shape, cfg.pooling), attrs[t.name])
     todo = [t for t in taps if not writer.tap_done(keys[t.name])]
     report.reused = [keys[t.name] for t in taps if t not in todo]
     if not todo:
@@ -206,32 +251,28 @@ def _run(writer: FeatureWriter, images: ImageSet, backbone: Backbone, taps: list
     n, bs = len(images), writer.batch_size
     start = min(writer.rows_done(keys[t.name]) for t in todo)
     start -= start % bs
-    extractor = build_extractor(backbone, todo, dev, channels_last)
-    transform = backbone.transform()
-    workers = default_workers() if workers is None else workers
-    min_side = int(transform.resize_size[0]) if draft else None
-    loader = DataLoader(_Preprocessed(images, transform, min_side, on_error),
-                        batch_sampler=_Blocks(start, n, bs), collate_fn=_collate, num_workers=workers,
-                        pin_memory=dev.type == "cuda", prefetch_factor=4 if workers else None,
-                        persistent_workers=False)
+    if engine == "ray":
+        from .ray_engine import ray_batches
+
+        batches = ray_batches(images, backbone, todo, cfg, start, bs, **ray_options)
+    else:
+        batches = local_batches(images, backbone, todo, cfg, start, bs)
     bar = tqdm(total=n, initial=start, unit="img", desc=f"{backbone.name} {','.join(t.name for t in todo)}",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    dims = {t.name: pooled_dim(t.shape, pooling) for t in todo}
+    dims = {t.name: pooled_dim(t.shape, cfg.pooling) for t in todo}
     t0 = time.perf_counter()
     try:
-        for b, (batch, indices, errors) in enumerate(loader):
+        for b, (lo, hi, arrays, errors) in enumerate(batches):
             if limit_batches is not None and b >= limit_batches:
                 break
-            if errors and on_error == "fail":
+            if errors and cfg.on_error == "fail":
                 i, reason = next(iter(errors.items()))
                 raise TapsError(f"cannot decode {images.ids[i]} ({reason}); fix or remove it, or use --on-error skip")
-            lo, hi = indices[0], indices[-1] + 1
             rows = {keys[t.name]: np.zeros((hi - lo, dims[t.name]), np.float32) for t in todo}
-            if batch is not None:
-                good = np.array([i - lo for i in indices if i not in errors])
-                for name, arr in forward_taps(extractor, batch, todo, pooling, dev, prec, channels_last).items():
-                    rows[keys[name]][good] = arr
-                report.images += len(good)
+            good = np.array([i - lo for i in range(lo, hi) if i not in errors], dtype=int)
+            for name, arr in arrays.items():
+                rows[keys[name]][good] = arr
+            report.images += len(good)
             writer.write(lo, hi, rows, errors)
             bar.update(hi - lo)
     finally:

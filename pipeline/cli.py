@@ -107,12 +107,24 @@ def cmd_extract(args) -> None:
     from features.extract import extract
 
     images = _images(args)
+    from features.shards import parse_shard
+
+    ray_options = {"address": args.ray_address, "workers": args.workers, "gpus_per_worker": args.gpus_per_worker}
     report = extract(images, _backbone(args), args.taps, pooling=args.pool, out=args.features_root,
                      device=args.device, precision=args.precision, batch_size=args.batch_size,
                      workers=args.workers, channels_last=args.channels_last, on_error=args.on_error,
-                     force=args.force, progress=args.progress)
+                     force=args.force, progress=args.progress, shard=parse_shard(args.shard) if args.shard else None,
+                     engine=args.engine, ray_options=ray_options if args.engine == "ray" else None)
     print(describe_extraction(report, len(images)))
     print(report.path)
+
+
+def cmd_merge(args) -> None:
+    from features.shards import merge_shards
+
+    out = merge_shards([Path(p) for p in args.shards], Path(args.out) if args.out else None, args.force)
+    print(f"merged {len(args.shards)} shards")
+    print(out)
 
 
 def describe_extraction(report, n: int) -> str:
@@ -146,7 +158,7 @@ def _fit_options(args):
     from .evaluate import FitOptions
 
     return FitOptions(clf=args.clf, preprocess=args.preprocess, grid=args.grid, folds=args.folds,
-                      solver=args.solver, hidden=args.hidden, device=args.device)
+                      solver=args.solver, hidden=args.hidden, device=args.device, memory_budget_mb=args.memory_budget)
 
 
 def _protocol(args, features):
@@ -251,6 +263,8 @@ def _add_fit_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--folds", type=int, default=3, help="cross-validation folds for the grid (default: %(default)s)")
     g.add_argument("--solver", default="torch", help="torch (L-BFGS) or sklearn (LinearSVC/LogisticRegression reference)")
     g.add_argument("--hidden", type=int, default=0, help="linear: hidden units (0: a plain linear head)")
+    g.add_argument("--memory-budget", type=float, help="MiB for an in-memory fit (default: half the free RAM); "
+                                                        "above it linear streams from HDF5, svm/logreg refuse")
     g.add_argument("--out", default=RUNS_ROOT, help="runs root (default: %(default)s)")
     g.add_argument("--force", action="store_true", help="recompute even if a run with identical settings exists")
 
@@ -271,7 +285,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--taps", type=_csv_list, help="comma-separated taps, or all (default: the standard embedding)")
     _add_extract_args(p)
     p.add_argument("--force", action="store_true", help="rebuild the feature file from scratch")
+    g = p.add_argument_group("scale-out")
+    g.add_argument("--shard", help="extract the I-th of N contiguous slices into its own file (I/N, 0-based); "
+                                   "combine with `taps merge`")
+    g.add_argument("--engine", default="local", help="local or ray (Ray Data; needs taps[ray]) (default: %(default)s)")
+    g.add_argument("--ray-address", help="ray: cluster address (auto, ray://host:10001); default: a local Ray")
+    g.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray: GPUs per backbone actor")
     p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("merge", help="combine the shard files of one extraction into one feature file")
+    p.add_argument("shards", nargs="+", help="the .shardIofN.h5 files")
+    p.add_argument("--out", help="merged file (default: the shard name without .shardIofN)")
+    p.add_argument("--force", action="store_true", help="replace an existing merged file")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("info", help="describe a feature file")
     p.add_argument("file")

@@ -29,6 +29,7 @@ from features.store import FeatureFile
 
 from .heads import DEFAULT_GRID, REGULARIZER, canonical, make_classifier, make_head, make_preprocess
 from .protocols import Protocol, check_protocol, make_split, split_digest
+from .streaming import fit_linear_streaming, matrix_bytes, predict_streaming
 
 METRICS = ("accuracy", "mean_per_class_accuracy", "macro_f1", "top5_accuracy")
 RESULTS = "results.json"
@@ -46,6 +47,7 @@ class FitOptions:
     solver: str = "torch"
     hidden: int = 0
     device: str = "auto"
+    memory_budget_mb: float | None = None  # above it, linear streams from HDF5 and svm/logreg refuse
 
     def __post_init__(self):
         self.clf = canonical(self.clf)
@@ -62,7 +64,13 @@ class FitOptions:
 
     def as_dict(self) -> dict:
         return {"clf": self.clf, "preprocess": self.preprocess, "grid": self.grid, "folds": self.folds,
-                "solver": self.solver, "hidden": self.hidden, "param": self.param}
+                "solver": self.solver, "hidden": self.hidden, "param": self.param,
+                "memory_budget_mb": self.memory_budget_mb}
+
+    def budget_bytes(self) -> int:
+        from .streaming import available_memory_bytes
+
+        return int(self.memory_budget_mb * 2 ** 20) if self.memory_budget_mb else available_memory_bytes() // 2
 
 
 def load_matrix(features: FeatureFile, tap: str, pooling: str) -> np.ndarray:
@@ -109,12 +117,15 @@ def fit_selected(options: FitOptions, X: np.ndarray, y: np.ndarray, seed: int):
 
 
 def score(model, X: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    pred = model.predict(X)
+    scores = model.decision_function(X) if len(model.classes_) > 5 else None
+    return score_predictions(y, model.predict(X), scores, model.classes_)
+
+
+def score_predictions(y: np.ndarray, pred: np.ndarray, scores: np.ndarray | None, classes) -> dict[str, float]:
     out = {"accuracy": accuracy_score(y, pred), "mean_per_class_accuracy": balanced_accuracy_score(y, pred),
            "macro_f1": f1_score(y, pred, average="macro")}
-    classes = model.classes_
-    if len(classes) > 5 and set(np.unique(y)) <= set(classes):
-        out["top5_accuracy"] = top_k_accuracy_score(y, model.decision_function(X), k=5, labels=classes)
+    if scores is not None and len(classes) > 5 and set(np.unique(y)) <= set(classes):
+        out["top5_accuracy"] = top_k_accuracy_score(y, scores, k=5, labels=classes)
     return {k: float(v) for k, v in out.items()}
 
 
@@ -140,7 +151,18 @@ def evaluate_tap(features: FeatureFile, tap: str, pooling: str, options: FitOpti
     """Fit and score one tap over ``seeds`` seeded splits (seed s uses split seed s)."""
     check_protocol(protocol, features.labels[features.valid], features.classes,
                    None if features.split is None else [s for s, v in zip(features.split, features.valid) if v])
-    X = load_matrix(features, tap, pooling)
+    key = features.tap_key(tap, pooling)
+    dim = int(features.taps[key]["dim"])
+    need, budget = matrix_bytes(int(features.valid.sum()), dim), options.budget_bytes()
+    streaming = need > budget
+    if streaming and options.clf != "linear":
+        raise TapsError(f"tap {key}: an in-memory {options.clf} fit of {int(features.valid.sum())} x {dim} needs about "
+                        f"{need / 2 ** 20:.0f} MiB, over the budget of {budget / 2 ** 20:.0f} MiB; use --clf linear "
+                        f"(streams from the HDF5 file) or raise --memory-budget")
+    if streaming and options.preprocess != "standard":
+        raise TapsError(f"streaming fits (tap {key} is over the memory budget) standardize only; "
+                        f"drop --preprocess {options.preprocess}")
+    X = None if streaming else load_matrix(features, tap, pooling)
     y = features.labels
     per_seed, model0, test0 = [], None, None
     for seed in range(seeds):
@@ -149,17 +171,25 @@ def evaluate_tap(features: FeatureFile, tap: str, pooling: str, options: FitOpti
             raise TapsError(f"the training split of tap {tap} has one class ({len(train)} samples); "
                             f"use a protocol with more classes in training")
         t0 = time.perf_counter()
-        model, value, cv = fit_selected(options, X[train], y[train], seed)
-        seconds = time.perf_counter() - t0
-        metrics = score(model, X[test], y[test])
+        if streaming:
+            model, value, cv = fit_linear_streaming(features.path, key, y, train, options.grid, seed, options.hidden,
+                                                    options.device)
+            seconds = time.perf_counter() - t0
+            pred, scores = predict_streaming(model, features.path, key, test)
+            metrics = score_predictions(y[test], pred, scores if len(model.classes_) > 5 else None, model.classes_)
+        else:
+            model, value, cv = fit_selected(options, X[train], y[train], seed)
+            seconds = time.perf_counter() - t0
+            pred = model.predict(X[test])
+            metrics = score(model, X[test], y[test])
         per_seed.append({"seed": seed, "n_train": int(len(train)), "n_test": int(len(test)),
                          "train_digest": split_digest(features.ids, train), "test_digest": split_digest(features.ids, test),
-                         "chosen": value, "cv_accuracy": None if cv is None else [float(s) for s in cv],
+                         "chosen": value, "selection": "holdout, streaming" if streaming else f"{options.folds}-fold CV",
+                         "cv_accuracy" if not streaming else "holdout_score": None if cv is None else [float(s) for s in cv],
                          "fit_seconds": round(seconds, 3), "metrics": metrics})
         if seed == 0:
-            model0, test0 = model, (y[test], model.predict(X[test]))
-    return TapEvaluation(per_seed, summarize(per_seed), model0, test0, int(X.shape[1]),
-                         [s["fit_seconds"] for s in per_seed])
+            model0, test0 = model, (y[test], pred)
+    return TapEvaluation(per_seed, summarize(per_seed), model0, test0, dim, [s["fit_seconds"] for s in per_seed])
 
 
 def sha256_file(path: Path) -> str:

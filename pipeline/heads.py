@@ -189,6 +189,16 @@ class TorchLinearHead(ClassifierMixin, BaseEstimator):
             return torch.nn.Sequential(torch.nn.Linear(d, self.hidden), torch.nn.ReLU(), torch.nn.Linear(self.hidden, k))
         return torch.nn.Linear(d, k)
 
+    def holdout(self, y_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(train, validation) positions for early stopping: stratified when every class can spare one."""
+        idx = np.arange(len(y_index))
+        if not (self.validation_fraction > 0 and len(y_index) >= 10):
+            return idx, idx[:0]
+        counts = np.bincount(y_index)
+        strat = y_index if counts.min() >= 2 and int(len(idx) * self.validation_fraction) >= len(counts) else None
+        return tuple(train_test_split(idx, test_size=self.validation_fraction, random_state=self.random_state,
+                                      stratify=strat))
+
     def fit(self, X, y):
         X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
         check_classification_targets(y)
@@ -197,45 +207,57 @@ class TorchLinearHead(ClassifierMixin, BaseEstimator):
             raise ValueError(f"the training data has only one class ({self.classes_[0]!r}); need at least 2 classes")
         dev = _device(self.device)
         gen = torch.Generator().manual_seed(self.random_state)
-        idx = np.arange(len(y))
-        tr, va = idx, idx[:0]
-        if self.validation_fraction > 0 and len(y) >= 10:
-            counts = np.bincount(y_index)
-            strat = y_index if counts.min() >= 2 and int(len(y) * self.validation_fraction) >= len(counts) else None
-            tr, va = train_test_split(idx, test_size=self.validation_fraction, random_state=self.random_state,
-                                      stratify=strat)
+        tr, va = self.holdout(y_index)
         Xt = torch.tensor(X, dtype=torch.float32, device=dev)
         yt = torch.as_tensor(y_index, dtype=torch.long, device=dev)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.random_state)
-            net = self._net(X.shape[1], len(self.classes_)).to(dev)
-        opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        best, best_state, bad_epochs = np.inf, copy.deepcopy(net.state_dict()), 0
-        tr_t = torch.as_tensor(tr, device=dev)
-        self.n_epochs_ = 0
-        for epoch in range(self.max_epochs):
-            net.train()
+        tr_t, va_t = torch.as_tensor(tr, device=dev), torch.as_tensor(va, device=dev)
+
+        def epoch():
             order = tr_t[torch.randperm(len(tr), generator=gen).to(dev)]
             for s in range(0, len(order), self.batch_size):
-                batch = order[s:s + self.batch_size]
+                yield Xt[order[s:s + self.batch_size]], yt[order[s:s + self.batch_size]]
+
+        return self.train_batches(X.shape[1], epoch, (lambda: iter([(Xt[va_t], yt[va_t])])) if len(va) else None, dev)
+
+    def train_batches(self, n_features: int, epoch, validation, dev: torch.device):
+        """The training loop over mini-batches from ``epoch()``; early stopping on ``validation()`` batches.
+
+        Shared by in-memory fits and streaming fits from HDF5 (:mod:`pipeline.streaming`);
+        ``classes_`` must be set by the caller.
+        """
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.random_state)
+            net = self._net(n_features, len(self.classes_)).to(dev)
+        opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        best, best_state, bad_epochs = np.inf, copy.deepcopy(net.state_dict()), 0
+        self.n_epochs_, self.validation_loss_ = 0, None
+        for n in range(self.max_epochs):
+            net.train()
+            for xb, yb in epoch():
                 opt.zero_grad()
-                F.cross_entropy(net(Xt[batch]), yt[batch]).backward()
+                F.cross_entropy(net(xb), yb).backward()
                 opt.step()
-            self.n_epochs_ = epoch + 1
-            if len(va):
-                net.eval()
-                with torch.no_grad():
-                    loss = F.cross_entropy(net(Xt[va]), yt[va]).item()
-                if loss < best - 1e-6:
-                    best, best_state, bad_epochs = loss, copy.deepcopy(net.state_dict()), 0
-                else:
-                    bad_epochs += 1
-                    if bad_epochs >= self.patience:
-                        break
-            else:
+            self.n_epochs_ = n + 1
+            if validation is None:
                 best_state = net.state_dict()
+                continue
+            net.eval()
+            with torch.no_grad():
+                total = count = 0.0
+                for xb, yb in validation():
+                    total += F.cross_entropy(net(xb), yb, reduction="sum").item()
+                    count += len(yb)
+            loss = total / max(count, 1)
+            if loss < best - 1e-6:
+                best, best_state, bad_epochs = loss, copy.deepcopy(net.state_dict()), 0
+            else:
+                bad_epochs += 1
+                if bad_epochs >= self.patience:
+                    break
         net.load_state_dict(best_state)
         self.model_ = net.cpu().eval()
+        self.n_features_in_ = n_features
+        self.validation_loss_ = None if validation is None else float(best)
         return self
 
     def _logits(self, X) -> np.ndarray:

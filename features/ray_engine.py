@@ -1,0 +1,99 @@
+"""Ray Data engine for `taps extract --engine ray` (optional extra ``taps[ray]``).
+
+Decoding and preprocessing run as Ray tasks on CPUs; the frozen backbone runs in
+a pool of stateful actors (``map_batches`` with a class: one model load per
+actor, ``num_gpus`` per actor where GPUs exist). Order is preserved, so the
+driver writes the same fixed blocks through the same :class:`FeatureWriter` as
+the local engine: same schema, same sample order, resumable the same way. Ray
+retries failed tasks and restarts dead actors; a rerun skips finished blocks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .backbones import Backbone, Tap
+from .datasets import BadImage, ImageSet
+from .errors import UsageError
+
+
+def _decode(batch: dict, images: ImageSet, transform, min_side: int | None, start: int) -> dict:
+    index = batch["id"].astype(np.int64) + start
+    size = int(transform.crop_size[0])
+    pixels = np.zeros((len(index), 3, size, size), np.float32)
+    errors = np.array([""] * len(index), dtype=object)
+    for row, i in enumerate(index):
+        try:
+            pixels[row] = transform(images.image(int(i), min_side)).numpy()
+        except BadImage as exc:
+            errors[row] = str(exc) or "undecodable image"
+    return {"index": index, "pixels": pixels, "error": errors.astype(str)}
+
+
+class _Embed:
+    """One backbone per actor; forward the good rows of each batch, pool, return float32 rows."""
+
+    def __init__(self, backbone_args: tuple, taps: list[Tap], pooling: str, precision: str, channels_last: bool):
+        import torch
+
+        from .extract import build_extractor
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.precision = precision if not (self.device.type == "cpu" and precision == "fp16") else "fp32"
+        self.taps, self.pooling, self.channels_last = taps, pooling, channels_last
+        name, weights, image_size = backbone_args
+        self.extractor = build_extractor(Backbone(name, weights, image_size), taps, self.device, channels_last)
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        from .extract import forward_taps
+        from .pooling import pooled_dim
+
+        good = batch["error"] == ""
+        out = {"index": batch["index"], "error": batch["error"]}
+        arrays = {}
+        if good.any():
+            arrays = forward_taps(self.extractor, torch.from_numpy(batch["pixels"][good]), self.taps, self.pooling,
+                                  self.device, self.precision, self.channels_last)
+        for t in self.taps:
+            rows = np.zeros((len(good), pooled_dim(t.shape, self.pooling)), np.float32)
+            if good.any():
+                rows[good] = arrays[t.name]
+            out[f"tap:{t.name}"] = rows
+        return out
+
+
+def ray_batches(images: ImageSet, backbone: Backbone, taps: list[Tap], cfg, start: int, batch_size: int,
+                address: str | None = None, workers: int | None = None, gpus_per_worker: float = 0.0):
+    """Yield (lo, hi, {tap: rows of good images}, {index: error}) in sample order, computed on Ray."""
+    try:
+        import ray
+    except ImportError:
+        raise UsageError("--engine ray needs Ray: pip install 'taps[ray]' (or ray[data])") from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+                 logging_level="warning", **({} if address else {"num_cpus": max(cfg.workers, 1)}))
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    transform = backbone.transform()
+    min_side = int(transform.resize_size[0]) if cfg.draft else None
+    n_actors = workers or max(1, int(ray.cluster_resources().get("GPU", 0) // gpus_per_worker) if gpus_per_worker else 1)
+    ds = ray.data.range(len(images) - start, override_num_blocks=max(1, (len(images) - start) // (4 * batch_size)))
+    ds = ds.map_batches(_decode, batch_size=batch_size, batch_format="numpy",
+                        fn_kwargs={"images": images, "transform": transform, "min_side": min_side, "start": start})
+    ds = ds.map_batches(_Embed, batch_size=batch_size, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=n_actors), num_gpus=gpus_per_worker or None,
+                        fn_constructor_args=(backbone.spec_args(), taps, cfg.pooling, cfg.precision, cfg.channels_last))
+    try:
+        for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2):
+            index = batch["index"]
+            good = batch["error"] == ""
+            errors = {int(i): str(e) for i, e in zip(index, batch["error"]) if e}
+            arrays = {t.name: batch[f"tap:{t.name}"][good] for t in taps}
+            yield int(index[0]), int(index[-1]) + 1, arrays, errors
+    finally:
+        if started_here:
+            ray.shutdown()

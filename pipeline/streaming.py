@@ -1,0 +1,132 @@
+"""Stage two beyond memory: train the ``linear`` head by streaming mini-batches from HDF5.
+
+Rows are read one HDF5 chunk at a time (chunk-aligned, contiguous reads) in a
+shuffled chunk order, rows inside a chunk are shuffled, and standardisation
+uses means and variances from one streaming pass. Memory holds one chunk plus
+one mini-batch whatever the matrix size. Weight decay is chosen on the held-out
+part of the training set that early stopping uses (no k-fold CV: each fold
+would be a full streaming pass per grid value).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import h5py
+import numpy as np
+import torch
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+from features.errors import TapsError
+
+from .heads import TorchLinearHead, _device
+
+
+def available_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def matrix_bytes(n_rows: int, dim: int) -> int:
+    """Peak bytes of an in-memory fit: the float32 matrix, its standardized copy and the solver's copy."""
+    return 3 * 4 * n_rows * dim
+
+
+def _chunks(ds: h5py.Dataset) -> list[tuple[int, int]]:
+    rows = ds.chunks[0] if ds.chunks else max(1, (1 << 20) // (4 * ds.shape[1]))
+    return [(lo, min(lo + rows, ds.shape[0])) for lo in range(0, ds.shape[0], rows)]
+
+
+def iter_rows(path, key: str, indices: np.ndarray, shuffle_seed: int | None = None):
+    """Yield (positions into ``indices``, rows) chunk by chunk; chunk order shuffled when a seed is given."""
+    indices = np.asarray(indices)
+    order = np.argsort(indices)
+    sorted_idx = indices[order]
+    with h5py.File(path, "r") as h5:
+        ds = h5["taps"][key]
+        chunks = _chunks(ds)
+        if shuffle_seed is not None:
+            chunks = [chunks[i] for i in np.random.default_rng(shuffle_seed).permutation(len(chunks))]
+        for lo, hi in chunks:
+            a, b = np.searchsorted(sorted_idx, [lo, hi])
+            if a == b:
+                continue
+            block = ds[lo:hi]
+            yield order[a:b], block[sorted_idx[a:b] - lo]
+
+
+def streaming_scaler(path, key: str, indices: np.ndarray) -> StandardScaler:
+    """A fitted StandardScaler from one pass of float64 sums."""
+    n, total, squares = 0, None, None
+    for _, rows in iter_rows(path, key, indices):
+        rows = rows.astype(np.float64)
+        total = rows.sum(0) if total is None else total + rows.sum(0)
+        squares = (rows ** 2).sum(0) if squares is None else squares + (rows ** 2).sum(0)
+        n += len(rows)
+    scaler = StandardScaler()
+    scaler.mean_ = total / n
+    scaler.var_ = np.maximum(squares / n - scaler.mean_ ** 2, 0.0)
+    scaler.scale_ = np.where(scaler.var_ > 0, np.sqrt(scaler.var_), 1.0)
+    scaler.n_features_in_, scaler.n_samples_seen_ = len(total), n
+    return scaler
+
+
+def fit_linear_streaming(path, key: str, labels: np.ndarray, train: np.ndarray, grid: list[float], seed: int,
+                         hidden: int = 0, device: str = "auto"):
+    """Pipeline(StandardScaler, TorchLinearHead) trained from the file; returns (model, chosen weight decay, scores)."""
+    dev = _device(device)
+    classes, y_index = np.unique(labels[train], return_inverse=True)
+    if len(classes) < 2:
+        raise TapsError(f"the training split of tap {key} has one class; use a protocol with more classes")
+    scaler = streaming_scaler(path, key, train)
+    mean, scale = (torch.as_tensor(v, dtype=torch.float32, device=dev) for v in (scaler.mean_, scaler.scale_))
+    best = (np.inf, None, None)
+    scores = []
+    for value in grid:
+        head = TorchLinearHead(hidden=hidden, weight_decay=value, device=device, random_state=seed)
+        head.classes_ = classes
+        fit_pos, val_pos = head.holdout(y_index)
+        epochs = itertools.count()
+
+        def batches(positions, shuffle):
+            rng = np.random.default_rng(seed + next(epochs)) if shuffle else None
+            carry_x, carry_y = [], []
+            for local, rows in iter_rows(path, key, train[positions], None if rng is None else int(rng.integers(1 << 31))):
+                if rng is not None:
+                    perm = rng.permutation(len(local))
+                    local, rows = local[perm], rows[perm]
+                x = (torch.as_tensor(rows, dtype=torch.float32, device=dev) - mean) / scale
+                carry_x.append(x)
+                carry_y.append(torch.as_tensor(y_index[positions][local], dtype=torch.long, device=dev))
+                while sum(len(c) for c in carry_y) >= head.batch_size:
+                    xs, ys = torch.cat(carry_x), torch.cat(carry_y)
+                    yield xs[:head.batch_size], ys[:head.batch_size]
+                    carry_x, carry_y = [xs[head.batch_size:]], [ys[head.batch_size:]]
+            if carry_y and sum(len(c) for c in carry_y):
+                yield torch.cat(carry_x), torch.cat(carry_y)
+
+        head.train_batches(len(scaler.mean_), lambda: batches(fit_pos, True),
+                           (lambda: batches(val_pos, False)) if len(val_pos) else None, dev)
+        loss = head.validation_loss_ if head.validation_loss_ is not None else 0.0
+        scores.append(-loss)
+        if loss < best[0]:
+            best = (loss, value, head)
+    model = Pipeline([("standard", scaler), ("head", best[2])])
+    return model, best[1], scores
+
+
+def predict_streaming(model, path, key: str, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted labels, decision scores) for ``indices``, chunk by chunk, in the order of ``indices``."""
+    preds = np.empty(len(indices), dtype=model.classes_.dtype)
+    scores = None
+    for local, rows in iter_rows(path, key, indices):
+        s = model.decision_function(rows)
+        if scores is None:
+            scores = np.empty((len(indices),) + s.shape[1:], dtype=np.float64)
+        scores[local] = s
+        preds[local] = model.predict(rows)
+    return preds, scores

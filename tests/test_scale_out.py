@@ -1,0 +1,89 @@
+"""Scale-out: Ray engine and shards produce the file a single local run produces."""
+
+import numpy as np
+import pytest
+
+from features.backbones import Backbone
+from features.datasets import load_dataset
+from features.errors import TapsError
+from features.extract import extract
+from features.shards import merge_shards
+from features.store import FeatureFile
+
+RUN = dict(device="cpu", precision="fp32", progress=False, batch_size=8)
+TAPS = ["layer2", "avgpool"]
+
+
+def resnet():
+    return Backbone("resnet18", weights="none", image_size=32)
+
+
+def assert_same_file(a, b):
+    fa, fb = FeatureFile(a), FeatureFile(b)
+    assert fa.ids == fb.ids and np.array_equal(fa.labels, fb.labels) and fa.split == fb.split
+    assert fa.attrs["dataset_fingerprint"] == fb.attrs["dataset_fingerprint"] and fb.attrs["complete"]
+    assert np.array_equal(fa.valid, fb.valid) and fa.errors == fb.errors
+    for tap in TAPS:
+        np.testing.assert_allclose(fa.read(tap), fb.read(tap), rtol=1e-5, atol=1e-5)
+
+
+def test_three_shards_merged_equal_a_single_run(tiny_folder, tmp_path):
+    images = load_dataset(f"folder:{tiny_folder}")
+    single = extract(images, resnet(), TAPS, out=tmp_path / "single", workers=0, **RUN)
+    shards = [extract(images, resnet(), TAPS, out=tmp_path / "sharded", shard=(i, 3), workers=0, **RUN).path
+              for i in range(3)]
+    assert sorted(p.name for p in shards)[0].endswith(".shard0of3.h5")
+    with pytest.raises(TapsError, match="missing"):
+        merge_shards([shards[0], shards[2]])
+    with pytest.raises(TapsError, match="duplicated"):
+        merge_shards([shards[0], shards[0], shards[1], shards[2]])
+    merged = merge_shards(list(reversed(shards)))
+    assert merged.name == single.path.name
+    assert_same_file(single.path, merged)
+    # The merged file is what `fit` looks for, and a rerun of the full extract reuses it.
+    again = extract(images, resnet(), TAPS, out=tmp_path / "sharded", workers=0, **RUN)
+    assert again.path == merged and again.computed == []
+
+
+@pytest.mark.ray
+def test_ray_engine_writes_the_local_engines_file(tiny_folder, tmp_path):
+    pytest.importorskip("ray", reason="Ray is the optional extra taps[ray]")
+    images = load_dataset(f"folder:{tiny_folder}")
+    local = extract(images, resnet(), TAPS, out=tmp_path / "local", workers=0, **RUN)
+    remote = extract(images, resnet(), TAPS, out=tmp_path / "ray", workers=2, engine="ray", **RUN)
+    assert_same_file(local.path, remote.path)
+
+
+def test_streaming_linear_fit_matches_in_memory_fit(tmp_path):
+    from sklearn.datasets import make_classification
+
+    from features.store import FeatureWriter
+    from pipeline.evaluate import FitOptions, fit_run
+    from pipeline.protocols import parse_protocol
+
+    X, y = make_classification(n_samples=3000, n_features=48, n_informative=20, n_classes=6, n_clusters_per_class=1,
+                               flip_y=0.05, random_state=0)
+    path = tmp_path / "big.h5"
+    header = {"backbone": "synthetic", "weights": "none", "transform": "-", "dataset": "synthetic",
+              "dataset_fingerprint": "s", "n_samples": len(y), "batch_size": 500, "image_size": 0}
+    w = FeatureWriter(path, header, y, [f"c{i}" for i in range(6)], [str(i) for i in range(len(y))], None)
+    w.ensure_tap("emb", 48, {"tap": "emb", "node": "emb", "pooling": "none", "precision": "fp32"})
+    w.write(0, len(y), {"emb": X.astype(np.float32)}, {})
+    w.finish(["emb"])
+    w.close()
+    features = FeatureFile(path)
+    protocol = parse_protocol("fraction:0.5")
+    matrix_mib = X.nbytes / 2 ** 20 / 2  # float32: half the float64 size
+    results = {}
+    for budget in (None, matrix_mib / 4):  # the default budget, then a quarter of the matrix
+        options = FitOptions(clf="linear", grid=[1e-4], device="cpu", memory_budget_mb=budget)
+        _, res, _ = fit_run(features, "emb", "avg", options, protocol, 1, tmp_path / "runs")
+        results[budget] = res
+    in_memory, streamed = results.values()
+    assert in_memory["per_seed"][0]["selection"] == "3-fold CV"
+    assert streamed["per_seed"][0]["selection"] == "holdout, streaming"
+    assert in_memory["metrics"]["accuracy"]["mean"] > 0.8
+    assert abs(in_memory["metrics"]["accuracy"]["mean"] - streamed["metrics"]["accuracy"]["mean"]) <= 0.01
+    with pytest.raises(TapsError, match="use --clf linear"):
+        fit_run(features, "emb", "avg", FitOptions(clf="svm", memory_budget_mb=matrix_mib / 4), protocol, 1,
+                tmp_path / "runs")
