@@ -62,7 +62,7 @@ def test_streaming_linear_fit_matches_in_memory_fit(tmp_path):
     from pipeline.protocols import parse_protocol
 
     X, y = make_classification(n_samples=3000, n_features=48, n_informative=20, n_classes=6, n_clusters_per_class=1,
-                               flip_y=0.05, random_state=0)
+                               class_sep=2.0, random_state=0)
     path = tmp_path / "big.h5"
     header = {"backbone": "synthetic", "weights": "none", "transform": "-", "dataset": "synthetic",
               "dataset_fingerprint": "s", "n_samples": len(y), "batch_size": 500, "image_size": 0}
