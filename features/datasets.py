@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import TapsError, UsageError
+from .errors import UsageError
 
 # PIL's own list plus GIF: odd but decodable formats are converted, not skipped.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")

@@ -14,10 +14,8 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from features.backbones import Backbone
 from features.datasets import FileImageSet, folder_dataset
-from features.extract import (autocast, build_extractor, default_workers, extract, resolve_device,
+from features.extract import (autocast, default_workers, extract, resolve_device,
                               resolve_precision)
 
 
@@ -61,7 +59,7 @@ def bench_images(n: int, data_root: str | None, work: Path) -> tuple[FileImageSe
         classes = sorted({p.parent.name for p in paths})
         images = FileImageSet("bench-caltech101", caltech, paths, classes, [classes.index(p.parent.name) for p in paths])
         return images, f"{len(images)} Caltech-101 JPEGs"
-    return folder_dataset(synthetic_jpegs(work / f"jpegs500x375", n)), f"{n} synthetic 500x375 JPEGs"
+    return folder_dataset(synthetic_jpegs(work / "jpegs500x375", n)), f"{n} synthetic 500x375 JPEGs"
 
 
 def _rate(n: int, seconds: float) -> float:

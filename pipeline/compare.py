@@ -12,7 +12,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 
 from features.backbones import Backbone
 from features.datasets import ImageSet

@@ -91,32 +91,38 @@ def fit_linear_streaming(path, key: str, labels: np.ndarray, train: np.ndarray, 
         head.classes_ = classes
         fit_pos, val_pos = head.holdout(y_index)
         epochs = itertools.count()
-
-        def batches(positions, shuffle):
-            rng = np.random.default_rng(seed + next(epochs)) if shuffle else None
-            carry_x, carry_y = [], []
-            for local, rows in iter_rows(path, key, train[positions], None if rng is None else int(rng.integers(1 << 31))):
-                if rng is not None:
-                    perm = rng.permutation(len(local))
-                    local, rows = local[perm], rows[perm]
-                x = (torch.as_tensor(rows, dtype=torch.float32, device=dev) - mean) / scale
-                carry_x.append(x)
-                carry_y.append(torch.as_tensor(y_index[positions][local], dtype=torch.long, device=dev))
-                while sum(len(c) for c in carry_y) >= head.batch_size:
-                    xs, ys = torch.cat(carry_x), torch.cat(carry_y)
-                    yield xs[:head.batch_size], ys[:head.batch_size]
-                    carry_x, carry_y = [xs[head.batch_size:]], [ys[head.batch_size:]]
-            if carry_y and sum(len(c) for c in carry_y):
-                yield torch.cat(carry_x), torch.cat(carry_y)
-
-        head.train_batches(len(scaler.mean_), lambda: batches(fit_pos, True),
-                           (lambda: batches(val_pos, False)) if len(val_pos) else None, dev)
+        stream = dict(path=path, key=key, mean=mean, scale=scale, batch_size=head.batch_size, device=dev)
+        # Default arguments bind this grid value's split and counters (each epoch reshuffles with a new seed).
+        train_epoch = lambda p=fit_pos, e=epochs, s=stream: _minibatches(train[p], y_index[p], seed=seed + next(e), **s)  # noqa: E731
+        validation = (lambda p=val_pos, s=stream: _minibatches(train[p], y_index[p], seed=None, **s)) if len(val_pos) else None  # noqa: E731
+        head.train_batches(len(scaler.mean_), train_epoch, validation, dev)
         loss = head.validation_loss_ if head.validation_loss_ is not None else 0.0
         scores.append(-loss)
         if loss < best[0]:
             best = (loss, value, head)
     model = Pipeline([("standard", scaler), ("head", best[2])])
     return model, best[1], scores
+
+
+def _minibatches(indices: np.ndarray, targets: np.ndarray, path, key: str, mean: torch.Tensor, scale: torch.Tensor,
+                 batch_size: int, device: torch.device, seed: int | None):
+    """Standardized (x, y) mini-batches of the rows ``indices``; shuffled chunks and rows when seeded."""
+    rng = np.random.default_rng(seed) if seed is not None else None
+    carry_x, carry_y, pending = [], [], 0
+    chunk_seed = None if rng is None else int(rng.integers(1 << 31))
+    for local, rows in iter_rows(path, key, indices, chunk_seed):
+        if rng is not None:
+            perm = rng.permutation(len(local))
+            local, rows = local[perm], rows[perm]
+        carry_x.append((torch.as_tensor(rows, dtype=torch.float32, device=device) - mean) / scale)
+        carry_y.append(torch.as_tensor(targets[local], dtype=torch.long, device=device))
+        pending += len(local)
+        while pending >= batch_size:
+            xs, ys = torch.cat(carry_x), torch.cat(carry_y)
+            yield xs[:batch_size], ys[:batch_size]
+            carry_x, carry_y, pending = [xs[batch_size:]], [ys[batch_size:]], pending - batch_size
+    if pending:
+        yield torch.cat(carry_x), torch.cat(carry_y)
 
 
 def predict_streaming(model, path, key: str, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
