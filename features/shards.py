@@ -17,7 +17,7 @@ import numpy as np
 
 from .datasets import ImageSet, SubsetImageSet
 from .errors import TapsError, UsageError
-from .store import IDENTITY, FeatureWriter, exclusive_lock
+from .store import IDENTITY, FeatureWriter, _open_h5, exclusive_lock
 
 SHARD_SUFFIX = re.compile(r"\.shard(\d+)of(\d+)$")
 
@@ -55,7 +55,7 @@ def merge_shards(paths: list[Path], out: Path | None = None, force: bool = False
     """Combine complete shard files into one feature file; refuses gaps, overlaps and mixed settings."""
     if not paths:
         raise UsageError("taps merge needs shard files")
-    files = [h5py.File(p, "r") for p in paths]
+    files = [_open_h5(Path(p), "r") for p in paths]
     try:
         first = files[0].attrs
         for p, f in zip(paths, files):

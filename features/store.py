@@ -54,14 +54,18 @@ def _chunk_rows(n: int, dim: int) -> int:
 
 @contextmanager
 def exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock beside ``path`` so two writers never touch the same file."""
+    """Hold an exclusive lock beside ``path`` so two writers never touch the same file.
+
+    A POSIX record lock, not flock: DataLoader workers forked while it is held do not
+    inherit it, so a killed writer's orphaned workers cannot keep the next run out.
+    """
     lock_path = Path(str(path) + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
             raise TapsError(f"another taps process is writing {path}; wait for it to finish, "
                             f"then rerun (finished batches are kept)") from None
         yield
@@ -70,8 +74,10 @@ def exclusive_lock(path: Path) -> Iterator[None]:
 
 
 def _open_h5(path: Path, mode: str) -> h5py.File:
+    # HDF5's own flock is inherited by forked DataLoader workers and outlives a killed writer;
+    # exclusive_lock() is the writers' lock, and readers refuse incomplete taps anyway.
     try:
-        return h5py.File(path, mode)
+        return h5py.File(path, mode, locking=False)
     except OSError as exc:
         raise TapsError(f"{path} is not a readable HDF5 feature file ({str(exc).splitlines()[0][:100]}); "
                         f"pass --force to rebuild it") from None
@@ -93,7 +99,7 @@ class FeatureWriter:
 
     def _create(self, header, labels, classes, ids, splits) -> h5py.File:
         tmp = self.path.with_suffix(".creating")
-        h5 = h5py.File(tmp, "w")
+        h5 = h5py.File(tmp, "w", locking=False)
         h5.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "complete": False,
                          "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         h5.attrs.update({k: v for k, v in header.items() if v is not None})
@@ -108,7 +114,7 @@ class FeatureWriter:
         h5.create_group("taps")
         h5.close()
         os.replace(tmp, self.path)  # the file appears whole or not at all
-        return h5py.File(self.path, "r+")
+        return _open_h5(self.path, "r+")
 
     def _check(self, header: dict) -> None:
         attrs = self.h5.attrs

@@ -46,7 +46,7 @@ def iter_rows(path, key: str, indices: np.ndarray, shuffle_seed: int | None = No
     indices = np.asarray(indices)
     order = np.argsort(indices)
     sorted_idx = indices[order]
-    with h5py.File(path, "r") as h5:
+    with h5py.File(path, "r", locking=False) as h5:
         ds = h5["taps"][key]
         chunks = _chunks(ds)
         if shuffle_seed is not None:

@@ -19,7 +19,7 @@ from features.backbones import Backbone
 from features.datasets import folder_dataset, load_dataset
 from features.errors import TapsError, UsageError
 from features.extract import extract, resolve_device
-from features.store import FeatureFile, FeatureWriter, exclusive_lock
+from features.store import FeatureFile, FeatureWriter
 from tests.conftest import make_images
 
 RUN = dict(device="cpu", precision="fp32", workers=0, progress=False, batch_size=4)
@@ -75,7 +75,7 @@ def test_on_error_fail_stops_with_the_file_name(messy, tmp_path):
 def _extract_cmd(root: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "pipeline", "extract", "--dataset", f"folder:{root}", "--backbone", "resnet18",
             "--weights", "none", "--image-size", "64", "--taps", "layer1,logits", "--batch-size", "4",
-            "--workers", "0", "--precision", "fp32", "--device", "cpu", "--no-progress", "--out", str(out)]
+            "--workers", "1", "--precision", "fp32", "--device", "cpu", "--no-progress", "--out", str(out)]
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +113,16 @@ def test_killed_extract_resumes_to_identical_arrays(long_set, tmp_path, sig):
 def test_second_writer_is_refused_while_the_first_holds_the_lock(tiny_flat, tmp_path):
     images = load_dataset(f"folder:{tiny_flat}")
     path = tmp_path / "busy.h5"
-    with exclusive_lock(path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from features.store import exclusive_lock\n"
+                               f"with exclusive_lock({str(path)!r}):\n print('locked', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(TapsError, match="another taps process is writing"):
             extract(images, tiny_resnet(), ["avgpool"], path=path, **RUN)
+    finally:
+        holder.kill()
+        holder.wait()
     assert extract(images, tiny_resnet(), ["avgpool"], path=path, **RUN).computed == ["avgpool"]
 
 
