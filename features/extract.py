@@ -109,6 +109,7 @@ class _Blocks(torch.utils.data.Sampler):
 @dataclass
 class ExtractionReport:
     path: Path
+    samples: int = 0                                     # samples in the file (a shard's own count)
     computed: list[str] = field(default_factory=list)   # tap keys computed by this call
     reused: list[str] = field(default_factory=list)     # tap keys already complete
     images: int = 0                                      # images pushed through the network
@@ -197,7 +198,7 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
         header = {**header, **shard_attrs, "dataset_fingerprint": images.fingerprint(), "n_samples": len(images)}
         path = shard_path(path, *shard)
     keys = {t.name: tap_key(t.name, pooling, is_spatial(t.shape)) for t in resolved}
-    report = ExtractionReport(path=path, device=str(dev), precision=cfg.precision)
+    report = ExtractionReport(path=path, samples=len(images), device=str(dev), precision=cfg.precision)
     backbone.check_weights()  # a missing checkpoint fails before any file is touched
     try:
         with exclusive_lock(path):

@@ -10,6 +10,8 @@ retries failed tasks and restarts dead actors; a rerun skips finished blocks.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .backbones import Backbone, Tap
@@ -72,15 +74,19 @@ def ray_batches(images: ImageSet, backbone: Backbone, taps: list[Tap], cfg, star
     except ImportError:
         raise UsageError("--engine ray needs Ray: pip install 'taps[ray]' (or ray[data])") from None
     started_here = not ray.is_initialized()
+    n_actors = max(1, workers or 1)
     if started_here:
+        # A local Ray gets every core, and at least one CPU beyond the actors: the read and
+        # decode tasks need one, or the pipeline waits forever on its resource budget.
         ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
-                 logging_level="warning", **({} if address else {"num_cpus": max(cfg.workers, 1)}))
+                 logging_level="warning", **({} if address else {"num_cpus": max(os.cpu_count() or 1, n_actors + 1)}))
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
     transform = backbone.transform()
     min_side = int(transform.resize_size[0]) if cfg.draft else None
-    n_actors = workers or max(1, int(ray.cluster_resources().get("GPU", 0) // gpus_per_worker) if gpus_per_worker else 1)
+    if not workers and gpus_per_worker:
+        n_actors = max(1, int(ray.cluster_resources().get("GPU", 0) // gpus_per_worker))  # one actor per GPU slot
     ds = ray.data.range(len(images) - start, override_num_blocks=max(1, (len(images) - start) // (4 * batch_size)))
     ds = ds.map_batches(_decode, batch_size=batch_size, batch_format="numpy",
                         fn_kwargs={"images": images, "transform": transform, "min_side": min_side, "start": start})

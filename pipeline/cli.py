@@ -115,7 +115,7 @@ def cmd_extract(args) -> None:
                      workers=args.workers, channels_last=args.channels_last, on_error=args.on_error,
                      force=args.force, progress=args.progress, shard=parse_shard(args.shard) if args.shard else None,
                      engine=args.engine, ray_options=ray_options if args.engine == "ray" else None)
-    print(describe_extraction(report, len(images)))
+    print(describe_extraction(report))
     print(report.path)
 
 
@@ -127,10 +127,10 @@ def cmd_merge(args) -> None:
     print(out)
 
 
-def describe_extraction(report, n: int) -> str:
+def describe_extraction(report) -> str:
     lines = []
     if report.computed:
-        lines.append(f"extracted {', '.join(report.computed)} for {n} samples: {report.images} images in "
+        lines.append(f"extracted {', '.join(report.computed)} for {report.samples} samples: {report.images} images in "
                      f"{report.seconds:.1f} s ({report.images_per_second:.1f} img/s, {report.device}, {report.precision})")
     if report.reused:
         lines.append(f"reused {', '.join(report.reused)} (already complete)")
@@ -324,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="measure extraction and fit speed in one run (ratios, peak memory)")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE)
-    p.add_argument("--images", type=int, default=256, help="JPEGs to time (default: %(default)s)")
+    p.add_argument("--images", type=int, default=1000,
+                   help="JPEGs to time; fewer makes worker start-up weigh more (default: %(default)s)")
     p.add_argument("--data-root", help="use Caltech-101 JPEGs from here instead of synthetic ones")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--taps", type=_csv_list, help="the 3 taps of the pipeline pass (default: a third, two thirds, standard)")
