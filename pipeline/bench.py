@@ -176,7 +176,7 @@ def stage_two_times(features_root: str, reference: bool) -> dict:
 def run_bench(backbone: str = "mobilenet_v2", n: int = 1000, data_root: str | None = None, batch_size: int = 32,
               taps: list[str] | None = None, device: str = "auto", rss_sizes: tuple[int, int] = (1000, 8000),
               out: Path | str = "bench_out", features_root: str = "feature_store", reference: bool = False,
-              log=print) -> tuple[str, dict]:
+              rounds: int = 2, log=print) -> tuple[str, dict]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
@@ -193,36 +193,38 @@ def run_bench(backbone: str = "mobilenet_v2", n: int = 1000, data_root: str | No
     images, source = bench_images(n, data_root, work)
     common = dict(device=device, batch_size=batch_size)
     r: dict = {"backbone": bb.name, "weights": bb.weights.spec, "images": source, "taps": taps,
-               "batch_size": batch_size, "device": str(dev), "precision": prec, "workers": default_workers(),
+               "batch_size": batch_size, "device": str(dev), "precision": prec, "workers": default_workers(), "rounds": rounds,
                "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
-    log(f"bench: {bb.name}, {source}, taps {', '.join(taps)}, {dev}, {prec}")
-    r["ceiling"] = ceiling(bb, images, batch_size, dev, prec)
-    log(f"  ceiling {r['ceiling']:.1f} img/s")
-    r["pipeline"] = pipeline_rate(images, bb, taps, work, **common)
-    log(f"  pipeline {r['pipeline']:.1f} img/s")
-    r["seed_style"] = seed_style(bb, images, taps, dev, batch_size)
-    log(f"  seed-style {r['seed_style']:.1f} img/s")
-    r["ablations"] = {}
-    for label, change in (("fp32 instead of " + prec, {"precision": "fp32"}),
-                          ("NCHW instead of channels_last", {"channels_last": False}),
-                          ("no JPEG draft decoding", {"draft": False}),
-                          ("no DataLoader workers", {"workers": 0})):
-        if label.startswith("fp32") and prec == "fp32":
-            continue
-        r["ablations"][label] = pipeline_rate(images, bb, taps, work, **{**common, **change})
-        log(f"  {label}: {r['ablations'][label]:.1f} img/s")
+    log(f"bench: {bb.name}, {source}, taps {', '.join(taps)}, {dev}, {prec}, best of {rounds} rounds")
+    ablations = [("fp32 instead of " + prec, {"precision": "fp32"}), ("NCHW instead of channels_last", {"channels_last": False}),
+                 ("no JPEG draft decoding", {"draft": False}), ("no DataLoader workers", {"workers": 0})]
+    ablations = [(label, change) for label, change in ablations if not (label.startswith("fp32") and prec == "fp32")]
     rn = Backbone("resnet18")
     try:
         rn.check_weights()
     except Exception:
         rn = Backbone("resnet18", weights="none")
-    r["early_tap"] = {
-        "forward_layer2": ceiling(rn, images, batch_size, dev, prec, [rn.tap("layer2").node]),
-        "forward_full": ceiling(rn, images, batch_size, dev, prec),
-        "pipeline_layer2": pipeline_rate(images, rn, ["layer2"], work, **common),
-        "pipeline_full": pipeline_rate(images, rn, ["avgpool"], work, **common),
+    # Shared machines drift by tens of percent within minutes: every measure runs once per round,
+    # rounds interleave the measures, and the best round of each is kept.
+    best: dict[str, float] = {}
+    measures = {
+        "ceiling": lambda: ceiling(bb, images, batch_size, dev, prec),
+        "pipeline": lambda: pipeline_rate(images, bb, taps, work, **common),
+        **{label: (lambda c=c: pipeline_rate(images, bb, taps, work, **{**common, **c})) for label, c in ablations},
+        "forward_layer2": lambda: ceiling(rn, images, batch_size, dev, prec, [rn.tap("layer2").node]),
+        "forward_full": lambda: ceiling(rn, images, batch_size, dev, prec),
+        "pipeline_layer2": lambda: pipeline_rate(images, rn, ["layer2"], work, **common),
+        "pipeline_full": lambda: pipeline_rate(images, rn, ["avgpool"], work, **common),
     }
-    log(f"  resnet18 layer2 vs full: {r['early_tap']}")
+    for round_ in range(rounds):
+        for name, measure in measures.items():
+            best[name] = max(best.get(name, 0.0), measure())
+            log(f"  round {round_ + 1}: {name} {best[name]:.1f} img/s (best so far)")
+    r["ceiling"], r["pipeline"] = best["ceiling"], best["pipeline"]
+    r["ablations"] = {label: best[label] for label, _ in ablations}
+    r["early_tap"] = {k: best[k] for k in ("forward_layer2", "forward_full", "pipeline_layer2", "pipeline_full")}
+    r["seed_style"] = seed_style(bb, images, taps, dev, batch_size)  # slow: one round
+    log(f"  seed-style {r['seed_style']:.1f} img/s")
     r["rss_mb"] = {str(k): round(peak_rss_mb(k, work, bb.name, bb.weights.spec.split('.')[-1] if bb.weights.enum else "none"), 1)
                    for k in rss_sizes}
     log(f"  peak RSS: {r['rss_mb']}")
@@ -239,7 +241,7 @@ def format_bench(r: dict) -> str:
     lines = [
         f"taps bench: {r['backbone']} ({r['weights']}), {r['images']}, batch {r['batch_size']}, {r['device']} "
         f"{r['precision']}, {r['workers']} workers, {r['cores']} cores, torch {r['torch']}",
-        f"taps: {', '.join(r['taps'])}",
+        f"taps: {', '.join(r['taps'])}; each rate is the best of {r['rounds']} interleaved rounds (seed-style: one)",
         "",
         f"{'measure':<44}{'img/s':>8}  ratio",
         f"{'ceiling (forward on in-memory tensors)':<44}{r['ceiling']:>8.1f}",

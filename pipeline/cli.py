@@ -244,7 +244,7 @@ def cmd_bench(args) -> None:
     from .bench import run_bench
 
     text, _ = run_bench(args.backbone, args.images, args.data_root, args.batch_size, args.taps, args.device,
-                        tuple(args.rss_sizes), args.out, args.features_root, args.reference,
+                        tuple(args.rss_sizes), args.out, args.features_root, args.reference, args.rounds,
                         log=lambda msg: print(msg, file=sys.stderr))
     print(text)
     print(Path(args.out) / "bench.txt")
@@ -333,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rss-sizes", type=int, nargs=2, default=[1000, 8000], help="dataset sizes for peak memory")
     p.add_argument("--features-root", default=FEATURES_ROOT, help="stage-two timing uses cached Caltech-101 features here")
     p.add_argument("--reference", action="store_true", help="also time scikit-learn's reference fits (LinearSVC: minutes)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each rate is its best round (default: %(default)s)")
     p.add_argument("--out", default="bench_out")
     p.set_defaults(func=cmd_bench)
 
