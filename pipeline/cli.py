@@ -105,12 +105,13 @@ def cmd_list(args) -> None:
 
 def cmd_extract(args) -> None:
     from features.extract import extract
-
-    images = _images(args)
     from features.shards import parse_shard
 
+    backbone = _backbone(args)
+    backbone.check_weights()  # before the dataset: a missing checkpoint is the cheaper thing to find out
+    images = _images(args)
     ray_options = {"address": args.ray_address, "workers": args.workers, "gpus_per_worker": args.gpus_per_worker}
-    report = extract(images, _backbone(args), args.taps, pooling=args.pool, out=args.features_root,
+    report = extract(images, backbone, args.taps, pooling=args.pool, out=args.features_root,
                      device=args.device, precision=args.precision, batch_size=args.batch_size,
                      workers=args.workers, channels_last=args.channels_last, on_error=args.on_error,
                      force=args.force, progress=args.progress, shard=parse_shard(args.shard) if args.shard else None,
