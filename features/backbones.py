@@ -87,6 +87,36 @@ def _last_node(prefix: str, nodes: list[str]) -> int:
     return inside[-1]
 
 
+class UInt8Crop:
+    """Resize and centre-crop like ``ImageClassification``, stopping before the float conversion."""
+
+    def __init__(self, preset: ImageClassification):
+        self.resize_size, self.crop_size = list(preset.resize_size), list(preset.crop_size)
+        self.interpolation, self.antialias = preset.interpolation, preset.antialias
+
+    def __call__(self, img) -> torch.Tensor:
+        from torchvision.transforms import functional as F
+
+        img = F.resize(img, self.resize_size, interpolation=self.interpolation, antialias=self.antialias)
+        img = F.center_crop(img, self.crop_size)
+        return img if isinstance(img, torch.Tensor) else F.pil_to_tensor(img)
+
+
+class Normalize(nn.Module):
+    """uint8 batch -> float in [0, 1] -> (x - mean) / std, as ``ImageClassification`` does per image."""
+
+    def __init__(self, model: nn.Module, mean, std):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor):
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255).sub_(self.mean).div_(self.std)
+        return self.model(x)
+
+
 def _checkpoint_path(member) -> Path:
     """Where torchvision's weights API caches (and looks for) this enum member's file."""
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(member.url).name
@@ -195,6 +225,15 @@ class Backbone:
         # An explicit size: resize the shorter side to it and crop the square (no border lost on square inputs).
         return ImageClassification(crop_size=self.image_size, resize_size=self.image_size, mean=preset.mean,
                                    std=preset.std, interpolation=preset.interpolation)
+
+    def pixel_transform(self) -> "UInt8Crop":
+        """The geometric half of :meth:`transform`: PIL image -> resized, cropped uint8 CHW tensor.
+
+        Workers ship uint8 (a quarter of float32's bytes); :class:`Normalize` does the
+        arithmetic half on whole batches on the model's device, with the same ops in the
+        same order as ``ImageClassification``, so the floats are identical.
+        """
+        return UInt8Crop(self.transform())
 
     @property
     def input_size(self) -> int:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.models.feature_extraction import create_feature_extractor
 from tqdm.auto import tqdm
 
-from .backbones import Backbone, Tap
+from .backbones import Backbone, Normalize, Tap
 from .datasets import BadImage, ImageSet
 from .errors import TapsError, UsageError, choose
 from .pooling import check_pooling, is_spatial, pool, pooled_dim
@@ -130,8 +130,11 @@ def feature_path(out: Path | str, dataset_name: str, backbone: Backbone) -> Path
 
 
 def build_extractor(backbone: Backbone, taps: list[Tap], device: torch.device, channels_last: bool):
+    """The pruned feature extractor behind batch normalisation; takes uint8 (or normalised float) batches."""
     model = backbone.build()
-    extractor = create_feature_extractor(model, {t.node: t.node for t in taps}).eval().to(device)
+    preset = backbone.transform()
+    extractor = Normalize(create_feature_extractor(model, {t.node: t.node for t in taps}), preset.mean, preset.std)
+    extractor = extractor.eval().to(device)
     if channels_last:
         extractor = extractor.to(memory_format=torch.channels_last)
     return extractor
@@ -226,7 +229,7 @@ def local_batches(images: ImageSet, backbone: Backbone, taps: list[Tap], cfg: Ru
                   batch_size: int):
     """Yield (lo, hi, {tap name: pooled rows of the good images}, {index: error}) in sample order."""
     extractor = build_extractor(backbone, taps, cfg.device, cfg.channels_last)
-    transform = backbone.transform()
+    transform = backbone.pixel_transform()
     min_side = int(transform.resize_size[0]) if cfg.draft else None
     loader = DataLoader(_Preprocessed(images, transform, min_side, cfg.on_error),
                         batch_sampler=_Blocks(start, len(images), batch_size), collate_fn=_collate,

@@ -22,7 +22,7 @@ from .errors import UsageError
 def _decode(batch: dict, images: ImageSet, transform, min_side: int | None, start: int) -> dict:
     index = batch["id"].astype(np.int64) + start
     size = int(transform.crop_size[0])
-    pixels = np.zeros((len(index), 3, size, size), np.float32)
+    pixels = np.zeros((len(index), 3, size, size), np.uint8)
     errors = np.array([""] * len(index), dtype=object)
     for row, i in enumerate(index):
         try:
@@ -83,7 +83,7 @@ def ray_batches(images: ImageSet, backbone: Backbone, taps: list[Tap], cfg, star
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
-    transform = backbone.transform()
+    transform = backbone.pixel_transform()
     min_side = int(transform.resize_size[0]) if cfg.draft else None
     if not workers and gpus_per_worker:
         n_actors = max(1, int(ray.cluster_resources().get("GPU", 0) // gpus_per_worker))  # one actor per GPU slot

@@ -55,7 +55,7 @@ def predict_images(run_dir: Path | str, images: list[str], device: str = "auto",
     dev = resolve_device(device)
     precision = f.get("precision") or resolve_precision("auto", dev)
     extractor = build_extractor(bb, [tap], dev, channels_last=True)
-    transform = bb.transform()
+    transform = bb.pixel_transform()
     classes = results["classes"]
     out: list[Prediction] = []
     has_proba = hasattr(model, "predict_proba")
