@@ -31,6 +31,7 @@ from .store import FeatureWriter, exclusive_lock, tap_key, versions
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ON_ERROR = ("skip", "fail")
+ENGINES = ("local", "ray")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -221,8 +222,6 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
         raise
     return report
 
-
-ENGINES = ("local", "ray")
 
 
 def local_batches(images: ImageSet, backbone: Backbone, taps: list[Tap], cfg: RunConfig, start: int,

@@ -75,8 +75,8 @@ class _LBFGSLinear(ClassifierMixin, BaseEstimator):
             raise ValueError(f"C must be positive, not {self.C}")
         if self.solver == "sklearn":
             ref = self._reference().fit(X, y_index)
-            coef = ref.coef_.T
-            self.coef_, self.intercept_ = coef.T.astype(np.float64), np.atleast_1d(ref.intercept_).astype(np.float64)
+            self.coef_ = ref.coef_.astype(np.float64)
+            self.intercept_ = np.atleast_1d(ref.intercept_).astype(np.float64)
             self.n_iter_ = int(np.max(ref.n_iter_))
             return self
         dev = _device(self.device)
