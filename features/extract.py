@@ -74,8 +74,8 @@ def default_workers() -> int:
 class _Preprocessed(Dataset):
     """Sample index -> (tensor or None, index, error reason); bad images never raise."""
 
-    def __init__(self, images: ImageSet, transform, min_side: int | None, on_error: str):
-        self.images, self.transform, self.min_side, self.on_error = images, transform, min_side, on_error
+    def __init__(self, images: ImageSet, transform, min_side: int | None):
+        self.images, self.transform, self.min_side = images, transform, min_side
 
     def __len__(self) -> int:
         return len(self.images)
@@ -230,7 +230,7 @@ def local_batches(images: ImageSet, backbone: Backbone, taps: list[Tap], cfg: Ru
     extractor = build_extractor(backbone, taps, cfg.device, cfg.channels_last)
     transform = backbone.pixel_transform()
     min_side = int(transform.resize_size[0]) if cfg.draft else None
-    loader = DataLoader(_Preprocessed(images, transform, min_side, cfg.on_error),
+    loader = DataLoader(_Preprocessed(images, transform, min_side),
                         batch_sampler=_Blocks(start, len(images), batch_size), collate_fn=_collate,
                         num_workers=cfg.workers, pin_memory=cfg.device.type == "cuda",
                         prefetch_factor=4 if cfg.workers else None)
