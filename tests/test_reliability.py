@@ -238,3 +238,15 @@ def test_interrupted_writes_always_end_in_the_clean_arrays(tmp_path_factory, n, 
     f = FeatureFile(path)
     assert f.attrs["complete"]
     assert np.array_equal(f.read("t"), _rows(0, n, dim))
+
+
+def test_unwritable_output_is_a_usage_error(tiny_flat, tmp_path, monkeypatch):
+    """Root ignores file modes, so the refusal is simulated where the writer opens the file."""
+    images = load_dataset(f"folder:{tiny_flat}")
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(FeatureWriter, "__init__", denied)
+    with pytest.raises(UsageError, match="cannot write .* pass --out to a writable folder"):
+        extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, **RUN)
