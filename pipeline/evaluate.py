@@ -25,7 +25,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer
 
 from features.errors import TapsError, UsageError
-from features.store import FeatureFile
+from features.store import FeatureFile, file_sha256
 
 from .heads import DEFAULT_GRID, REGULARIZER, canonical, make_classifier, make_head, make_preprocess
 from .protocols import Protocol, check_protocol, make_split, split_digest
@@ -192,14 +192,6 @@ def evaluate_tap(features: FeatureFile, tap: str, pooling: str, options: FitOpti
     return TapEvaluation(per_seed, summarize(per_seed), model0, test0, dim, [s["fit_seconds"] for s in per_seed])
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def run_settings(features: FeatureFile, tap: str, pooling: str, options: FitOptions, protocol: Protocol,
                  seeds: int) -> dict:
     return {"features": str(features.path.resolve()), "features_fingerprint": features.fingerprint(),
@@ -228,7 +220,7 @@ def load_model(run_dir: Path, results: dict):
     path = Path(run_dir) / results["model"]["file"]
     if not path.is_file():
         raise TapsError(f"model file {path} is missing; rerun `taps fit --force`")
-    digest = sha256_file(path)
+    digest = file_sha256(path)
     if digest != results["model"]["sha256"]:
         raise TapsError(f"model file {path} does not match the SHA-256 in its {RESULTS}; refusing to load it "
                         f"(rerun `taps fit --force` if you changed it yourself)")
@@ -245,7 +237,7 @@ def fit_run(features: FeatureFile, tap: str, pooling: str, options: FitOptions, 
     if not force and (run_dir / RESULTS).is_file():
         try:
             results = load_results(run_dir)
-            if results.get("settings") == settings and sha256_file(run_dir / MODEL) == results["model"]["sha256"]:
+            if results.get("settings") == settings and file_sha256(run_dir / MODEL) == results["model"]["sha256"]:
                 return run_dir, results, True
         except (TapsError, OSError, KeyError):
             pass  # unreadable or stale: recompute
@@ -270,7 +262,7 @@ def fit_run(features: FeatureFile, tap: str, pooling: str, options: FitOptions, 
         "grid": {options.param: options.grid},
         "fit_seconds": {"mean": float(np.mean(ev.fit_seconds)), "total": float(np.sum(ev.fit_seconds))},
         "metrics": ev.metrics,
-        "model": {"file": MODEL, "sha256": sha256_file(model_path), "seed": 0},
+        "model": {"file": MODEL, "sha256": file_sha256(model_path), "seed": 0},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     _write_per_class(run_dir / "per_class.csv", report, features.classes)
