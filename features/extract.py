@@ -9,29 +9,32 @@ resumes at the first unfinished block and computes identical values.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.models.feature_extraction import create_feature_extractor
 from tqdm.auto import tqdm
 
-from .backbones import Backbone, Normalize, Tap
+from .backbones import Backbone, Tap
 from .datasets import BadImage, ImageSet
 from .errors import TapsError, UsageError, choose
-from .pooling import check_pooling, is_spatial, pool, pooled_dim
+from .forward import Forward, build_extractor, compiled, resolve_compile
+from .pooling import check_pooling, is_spatial, pooled_dim
+from .runtime import keep_freed_memory
 from .store import FeatureWriter, exclusive_lock, tap_key, versions
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ON_ERROR = ("skip", "fail")
 ENGINES = ("local", "ray")
+LOADERS = ("auto", "inline", "workers")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -61,10 +64,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+def resolve_loader(loader: str, device: torch.device) -> str:
+    """``auto``: inline on the CPU (no core is free to decode ahead), worker processes otherwise."""
+    return loader if loader != "auto" else ("inline" if device.type == "cpu" else "workers")
 
 
 def default_workers() -> int:
@@ -72,7 +74,7 @@ def default_workers() -> int:
 
 
 class _Preprocessed(Dataset):
-    """Sample index -> (tensor or None, index, error reason); bad images never raise."""
+    """Sample index -> (HWC uint8 array or None, index, error reason); bad images never raise."""
 
     def __init__(self, images: ImageSet, transform, min_side: int | None):
         self.images, self.transform, self.min_side = images, transform, min_side
@@ -88,8 +90,9 @@ class _Preprocessed(Dataset):
 
 
 def _collate(items):
+    """-> (NHWC uint8 tensor of the good images or None, indices, {index: error})."""
     good = [x for x, _, _ in items if x is not None]
-    batch = torch.stack(good) if good else None
+    batch = torch.from_numpy(np.stack(good)) if good else None
     return batch, [i for _, i, _ in items], {i: e for _, i, e in items if e}
 
 
@@ -118,6 +121,7 @@ class ExtractionReport:
     skipped: dict[str, str] = field(default_factory=dict)  # sample id -> reason (whole file)
     device: str = ""
     precision: str = ""
+    compile_seconds: float = 0.0                         # torch.compile, before ``seconds`` starts
 
     @property
     def images_per_second(self) -> float:
@@ -128,28 +132,6 @@ def feature_path(out: Path | str, dataset_name: str, backbone: Backbone) -> Path
     """One file per (dataset, backbone, weights, preprocessing); ``dataset_name`` as from ``dataset_slug``."""
     weights = backbone.weights.spec.split(".")[-1].replace(":", "-")
     return Path(out) / dataset_name / f"{backbone.name}__{weights}__{backbone.input_size}px.h5"
-
-
-def build_extractor(backbone: Backbone, taps: list[Tap], device: torch.device, channels_last: bool):
-    """The pruned feature extractor behind batch normalisation; takes uint8 (or normalised float) batches."""
-    model = backbone.build()
-    preset = backbone.transform()
-    extractor = Normalize(create_feature_extractor(model, {t.node: t.node for t in taps}), preset.mean, preset.std)
-    extractor = extractor.eval().to(device)
-    if channels_last:
-        extractor = extractor.to(memory_format=torch.channels_last)
-    return extractor
-
-
-def forward_taps(extractor, batch: torch.Tensor, taps: list[Tap], pooling: str, device: torch.device,
-                 precision: str, channels_last: bool) -> dict[str, np.ndarray]:
-    """One forward pass -> pooled float32 arrays keyed by tap name."""
-    batch = batch.to(device, non_blocking=True)
-    if channels_last:
-        batch = batch.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), autocast(device, precision):
-        out = extractor(batch)
-        return {t.name: pool(out[t.node], pooling).float().cpu().numpy() for t in taps}
 
 
 @dataclass(frozen=True)
@@ -163,6 +145,8 @@ class RunConfig:
     channels_last: bool
     on_error: str
     draft: bool
+    loader: str = "inline"   # inline | workers, resolved from auto
+    compile: str = "off"     # auto | on | off
 
 
 def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None, pooling: str = "avg",
@@ -170,8 +154,8 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
             precision: str = "auto", batch_size: int = 64, workers: int | None = None,
             channels_last: bool = True, on_error: str = "skip", force: bool = False,
             progress: bool = True, limit_batches: int | None = None, draft: bool = True,
-            shard: tuple[int, int] | None = None, engine: str = "local", ray_options: dict | None = None
-            ) -> ExtractionReport:
+            shard: tuple[int, int] | None = None, engine: str = "local", ray_options: dict | None = None,
+            loader: str = "auto", compile: str = "auto") -> ExtractionReport:
     """Extract ``taps`` (default: the backbone's standard embedding) of every image into one HDF5 file.
 
     Reuses complete taps, resumes incomplete ones, and adds new ones to an existing
@@ -181,6 +165,13 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
     extracts the i-th of n contiguous slices into its own file (see
     :mod:`features.shards`). ``engine="ray"`` runs decoding and the backbone on Ray
     Data (see :mod:`features.ray_engine`); the file is the same.
+
+    ``loader``: ``inline`` decodes each batch on ``workers`` threads between forward
+    passes, so decoding never competes with the forward for the CPU's cores (the CPU
+    default); ``workers`` decodes ahead in DataLoader processes while an accelerator
+    computes (the default on CUDA/MPS). ``compile``: ``torch.compile`` the extractor
+    (``auto``: when enough images are left to repay the compile time, see
+    :data:`features.forward.COMPILE_MIN_IMAGES`).
     """
     check_pooling(pooling)
     choose("--on-error policy", on_error, ON_ERROR)
@@ -189,8 +180,11 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
         raise UsageError(f"--batch-size must be at least 1, not {batch_size}")
     resolved = backbone.resolve_taps(taps)
     dev = resolve_device(device)
+    choose("--loader", loader, LOADERS)
+    if workers is not None and workers < 0:
+        raise UsageError(f"--workers must be 0 or more, not {workers}")
     cfg = RunConfig(pooling, dev, resolve_precision(precision, dev), default_workers() if workers is None else workers,
-                    channels_last, on_error, draft)
+                    channels_last, on_error, draft, resolve_loader(loader, dev), compile)
     header = {"backbone": backbone.name, "weights": backbone.weights.spec, "transform": backbone.transform_spec(),
               "image_size": backbone.input_size, "dataset": images.name, "dataset_fingerprint": images.fingerprint(),
               "n_samples": len(images), "batch_size": batch_size, "versions": versions()}
@@ -205,7 +199,7 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
     report = ExtractionReport(path=path, samples=len(images), device=str(dev), precision=cfg.precision)
     backbone.check_weights()  # a missing checkpoint fails before any file is touched
     try:
-        with exclusive_lock(path):
+        with exclusive_lock(path), keep_freed_memory():
             writer = FeatureWriter(path, header, images.labels, images.classes, images.ids, images.splits, force)
             try:
                 _run(writer, images, backbone, resolved, keys, cfg, progress, limit_batches, report, engine,
@@ -224,19 +218,60 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
 
 
 
-def local_batches(images: ImageSet, backbone: Backbone, taps: list[Tap], cfg: RunConfig, start: int,
-                  batch_size: int):
+def prepare_forward(backbone: Backbone, taps: list[Tap], cfg: RunConfig, images_left: int, batch_size: int) -> Forward:
+    """The extractor ready to run; compiled (and timed) when ``cfg.compile`` asks for it.
+
+    Compiling runs one blank batch, so the compile time is reported on its own and
+    the extraction rate is the steady state. A failing compile falls back to eager.
+    Compiled graphs get NCHW input: Inductor picks its own layouts, and the bench
+    measured channels_last input slower there, while it is much faster eagerly.
+    """
+    eager = Forward(build_extractor(backbone, taps, cfg.device, cfg.channels_last, cfg.pooling), cfg.device,
+                    cfg.precision, cfg.channels_last)
+    if not resolve_compile(cfg.compile, cfg.device, images_left):
+        return eager
+    t0 = time.perf_counter()
+    try:
+        fast = Forward(compiled(eager.module.to(memory_format=torch.contiguous_format)), cfg.device, cfg.precision,
+                       channels_last=False, pad_to=batch_size)
+        size = backbone.input_size
+        fast(torch.zeros((batch_size, size, size, 3), dtype=torch.uint8))
+    except Exception as exc:  # Inductor fails in many ways (toolchain, headers, unsupported ops)
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        warnings.warn(f"torch.compile failed ({reason}); extracting without it", stacklevel=2)
+        eager.module.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+        return eager
+    fast.compile_seconds = time.perf_counter() - t0
+    return fast
+
+
+def _inline_loader(dataset: _Preprocessed, blocks: _Blocks, threads: int):
+    """Decode each block on ``threads`` threads (PIL releases the GIL), in the caller's turn.
+
+    On a CPU the forward pass already keeps every core busy; decoding alongside it
+    only makes the forward's threads wait for a preempted peer. Decoding between
+    forward passes, on all cores, costs exactly its own time divided by the cores.
+    """
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="taps-decode") if threads > 1 else None
+    try:
+        for block in blocks:
+            yield _collate(list(pool.map(dataset.__getitem__, block)) if pool else [dataset[i] for i in block])
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def local_batches(images: ImageSet, forward: Forward, transform, cfg: RunConfig, start: int, batch_size: int):
     """Yield (lo, hi, {tap name: pooled rows of the good images}, {index: error}) in sample order."""
-    extractor = build_extractor(backbone, taps, cfg.device, cfg.channels_last)
-    transform = backbone.pixel_transform()
     min_side = int(transform.resize_size[0]) if cfg.draft else None
-    loader = DataLoader(_Preprocessed(images, transform, min_side),
-                        batch_sampler=_Blocks(start, len(images), batch_size), collate_fn=_collate,
-                        num_workers=cfg.workers, pin_memory=cfg.device.type == "cuda",
-                        prefetch_factor=4 if cfg.workers else None)
+    dataset, blocks = _Preprocessed(images, transform, min_side), _Blocks(start, len(images), batch_size)
+    if cfg.loader == "inline":
+        loader = _inline_loader(dataset, blocks, cfg.workers)
+    else:
+        loader = DataLoader(dataset, batch_sampler=blocks, collate_fn=_collate, num_workers=cfg.workers,
+                            pin_memory=cfg.device.type == "cuda", prefetch_factor=4 if cfg.workers else None)
     for batch, indices, errors in loader:
-        arrays = {} if batch is None else forward_taps(extractor, batch, taps, cfg.pooling, cfg.device,
-                                                       cfg.precision, cfg.channels_last)
+        arrays = {} if batch is None else forward(batch)
         yield indices[0], indices[-1] + 1, arrays, errors
 
 
@@ -259,7 +294,9 @@ def _run(writer: FeatureWriter, images: ImageSet, backbone: Backbone, taps: list
 
         batches = ray_batches(images, backbone, todo, cfg, start, bs, **ray_options)
     else:
-        batches = local_batches(images, backbone, todo, cfg, start, bs)
+        forward = prepare_forward(backbone, todo, cfg, n - start, bs)
+        report.compile_seconds = forward.compile_seconds
+        batches = local_batches(images, forward, backbone.pixel_transform(), cfg, start, bs)
     bar = tqdm(total=n, initial=start, unit="img", desc=f"{backbone.name} {','.join(t.name for t in todo)}",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     dims = {t.name: pooled_dim(t.shape, cfg.pooling) for t in todo}

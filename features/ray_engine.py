@@ -22,11 +22,11 @@ from .errors import UsageError
 def _decode(batch: dict, images: ImageSet, transform, min_side: int | None, start: int) -> dict:
     index = batch["id"].astype(np.int64) + start
     size = int(transform.crop_size[0])
-    pixels = np.zeros((len(index), 3, size, size), np.uint8)
+    pixels = np.zeros((len(index), size, size, 3), np.uint8)  # NHWC, as the local loaders
     errors = np.array([""] * len(index), dtype=object)
     for row, i in enumerate(index):
         try:
-            pixels[row] = transform(images.image(int(i), min_side)).numpy()
+            pixels[row] = transform(images.image(int(i), min_side))
         except BadImage as exc:
             errors[row] = str(exc) or "undecodable image"
     return {"index": index, "pixels": pixels, "error": errors.astype(str)}
@@ -38,26 +38,27 @@ class _Embed:
     def __init__(self, backbone_args: tuple, taps: list[Tap], pooling: str, precision: str, channels_last: bool):
         import torch
 
-        from .extract import build_extractor
+        from .forward import build_extractor
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.precision = precision if not (self.device.type == "cpu" and precision == "fp16") else "fp32"
         self.taps, self.pooling, self.channels_last = taps, pooling, channels_last
         name, weights, image_size = backbone_args
-        self.extractor = build_extractor(Backbone(name, weights, image_size), taps, self.device, channels_last)
+        self.extractor = build_extractor(Backbone(name, weights, image_size), taps, self.device, channels_last,
+                                         pooling)
 
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        from .extract import forward_taps
+        from .forward import forward_taps
         from .pooling import pooled_dim
 
         good = batch["error"] == ""
         out = {"index": batch["index"], "error": batch["error"]}
         arrays = {}
         if good.any():
-            arrays = forward_taps(self.extractor, torch.from_numpy(batch["pixels"][good]), self.taps, self.pooling,
-                                  self.device, self.precision, self.channels_last)
+            arrays = forward_taps(self.extractor, torch.from_numpy(batch["pixels"][good]), self.device,
+                                  self.precision, self.channels_last)
         for t in self.taps:
             rows = np.zeros((len(good), pooled_dim(t.shape, self.pooling)), np.float32)
             if good.any():

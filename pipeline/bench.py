@@ -28,8 +28,8 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from features.backbones import Backbone
 from features.datasets import FileImageSet, folder_dataset
-from features.extract import (build_extractor, default_workers, extract, forward_taps, resolve_device,
-                              resolve_precision)
+from features.extract import RunConfig, default_workers, extract, prepare_forward, resolve_device, resolve_precision
+from features.runtime import keep_freed_memory
 
 
 def synthetic_jpegs(folder: Path, n: int, size: tuple[int, int] = (500, 375), seed: int = 0) -> Path:
@@ -66,20 +66,23 @@ def _rate(n: int, seconds: float) -> float:
     return n / seconds if seconds > 0 else float("nan")
 
 
-def ceiling(backbone: Backbone, images, batch_size: int, device, precision: str, taps: list[str]) -> float:
-    """Forward-only images/s: the pipeline's own extractor (same taps, pooling, precision, layout)
-    on preprocessed uint8 batches already in memory, so only loading and writing are missing."""
+def ceiling(backbone: Backbone, images, batch_size: int, device, precision: str, taps: list[str],
+            compile: str = "on") -> float:
+    """Forward-only images/s: the pipeline's own extractor (same taps, pooling, precision, layout,
+    compilation) on preprocessed uint8 batches already in memory: only loading and writing are missing."""
     crop = backbone.pixel_transform()
-    pixels = torch.stack([crop(images.image(i)) for i in range(len(images))])
+    pixels = torch.from_numpy(np.stack([crop(images.image(i)) for i in range(len(images))]))
     resolved = backbone.resolve_taps(taps)
-    extractor = build_extractor(backbone, resolved, device, channels_last=True)
-    forward_taps(extractor, pixels[:batch_size], resolved, "avg", device, precision, True)  # warm-up
-    t0 = time.perf_counter()
-    for s in range(0, len(pixels), batch_size):
-        forward_taps(extractor, pixels[s:s + batch_size], resolved, "avg", device, precision, True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return _rate(len(pixels), time.perf_counter() - t0)
+    cfg = RunConfig("avg", device, precision, default_workers(), True, "skip", True, "inline", compile)
+    forward = prepare_forward(backbone, resolved, cfg, len(pixels), batch_size)
+    with keep_freed_memory():  # as extract() runs
+        forward(pixels[:batch_size])  # warm-up
+        t0 = time.perf_counter()
+        for s in range(0, len(pixels), batch_size):
+            forward(pixels[s:s + batch_size])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return _rate(len(pixels), time.perf_counter() - t0)
 
 
 class _SeedStyle(Dataset):
@@ -109,17 +112,21 @@ def seed_style(backbone: Backbone, images, taps: list[str], device, batch_size: 
     return _rate(len(images), time.perf_counter() - t0)
 
 
-def pipeline_rate(images, backbone: Backbone, taps: list[str], work: Path, **options) -> float:
+def pipeline_rate(images, backbone: Backbone, taps: list[str], work: Path, compile_times: list | None = None,
+                  **options) -> float:
+    """Steady-state images/s of `taps extract`; the compile time (if any) goes to ``compile_times``."""
     report = extract(images, backbone, taps, path=work / "bench.h5", force=True, progress=False, **options)
+    if compile_times is not None and report.compile_seconds:
+        compile_times.append(report.compile_seconds)
     return report.images_per_second
 
 
-def peak_rss_mb(n: int, work: Path, backbone: str, weights: str) -> float:
+def peak_rss_mb(n: int, work: Path, backbone: str, weights: str, compile: str) -> float:
     """Peak RSS (largest process of the run) of `taps extract` over n small JPEGs, in a fresh process."""
     folder = synthetic_jpegs(work / f"rss{n}", n, size=(80, 80), seed=1)
     cmd = [sys.executable, "-m", "pipeline", "extract", "--dataset", f"folder:{folder}", "--backbone", backbone,
            "--weights", weights, "--image-size", "64", "--taps", "all", "--no-progress", "--force",
-           "--out", str(work / f"rss_out{n}")]
+           "--compile", compile, "--out", str(work / f"rss_out{n}")]
     probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL);"
              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
     out = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True, check=True)
@@ -172,7 +179,7 @@ def stage_two_times(features_root: str, reference: bool) -> dict:
 def run_bench(backbone: str = "mobilenet_v2", n: int = 1000, data_root: str | None = None, batch_size: int = 32,
               taps: list[str] | None = None, device: str = "auto", rss_sizes: tuple[int, int] = (1000, 8000),
               out: Path | str = "bench_out", features_root: str = "feature_store", reference: bool = False,
-              rounds: int = 2, log=print) -> tuple[str, dict]:
+              rounds: int = 2, compile: str = "on", log=print) -> tuple[str, dict]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
@@ -187,41 +194,57 @@ def run_bench(backbone: str = "mobilenet_v2", n: int = 1000, data_root: str | No
     dev = resolve_device(device)
     prec = resolve_precision("auto", dev)
     images, source = bench_images(n, data_root, work)
-    common = dict(device=device, batch_size=batch_size)
+    compile_times: list[float] = []
+    common = dict(device=device, batch_size=batch_size, compile=compile)
     r: dict = {"backbone": bb.name, "weights": bb.weights.spec, "images": source, "taps": taps,
                "batch_size": batch_size, "device": str(dev), "precision": prec, "workers": default_workers(), "rounds": rounds,
-               "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
-    log(f"bench: {bb.name}, {source}, taps {', '.join(taps)}, {dev}, {prec}, best of {rounds} rounds")
+               "compile": compile, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
+    log(f"bench: {bb.name}, {source}, taps {', '.join(taps)}, {dev}, {prec}, {rounds} rounds")
     ablations = [("fp32 instead of " + prec, {"precision": "fp32"}), ("NCHW instead of channels_last", {"channels_last": False}),
-                 ("no JPEG draft decoding", {"draft": False}), ("no DataLoader workers", {"workers": 0})]
-    ablations = [(label, change) for label, change in ablations if not (label.startswith("fp32") and prec == "fp32")]
+                 ("no JPEG draft decoding", {"draft": False}), ("one decode thread", {"workers": 0}),
+                 ("DataLoader processes decoding alongside", {"loader": "workers"}),
+                 ("eager instead of torch.compile", {"compile": "off"})]
+    ablations = [(label, change) for label, change in ablations
+                 if not (label.startswith("fp32") and prec == "fp32") and not (label.startswith("eager") and compile == "off")]
     rn = Backbone("resnet18")
     try:
         rn.check_weights()
     except Exception:
         rn = Backbone("resnet18", weights="none")
-    # Shared machines drift by tens of percent within minutes: every measure runs once per round,
-    # rounds interleave the measures, and the best round of each is kept.
-    best: dict[str, float] = {}
+    # Shared machines drift by tens of percent within minutes: rounds interleave the measures,
+    # each ratio is taken inside a round (between measures minutes apart at most) and the
+    # median over rounds is reported, as are the median rates.
+    runs: dict[str, list[float]] = {}
     measures = {
-        "ceiling": lambda: ceiling(bb, images, batch_size, dev, prec, taps),
-        "pipeline": lambda: pipeline_rate(images, bb, taps, work, **common),
+        "ceiling": lambda: ceiling(bb, images, batch_size, dev, prec, taps, compile),
+        "pipeline": lambda: pipeline_rate(images, bb, taps, work, compile_times, **common),
         **{label: (lambda c=c: pipeline_rate(images, bb, taps, work, **{**common, **c})) for label, c in ablations},
-        "forward_layer2": lambda: ceiling(rn, images, batch_size, dev, prec, ["layer2"]),
-        "forward_full": lambda: ceiling(rn, images, batch_size, dev, prec, ["avgpool"]),
+        "forward_layer2": lambda: ceiling(rn, images, batch_size, dev, prec, ["layer2"], compile),
+        "forward_full": lambda: ceiling(rn, images, batch_size, dev, prec, ["avgpool"], compile),
         "pipeline_layer2": lambda: pipeline_rate(images, rn, ["layer2"], work, **common),
         "pipeline_full": lambda: pipeline_rate(images, rn, ["avgpool"], work, **common),
     }
     for round_ in range(rounds):
         for name, measure in measures.items():
-            best[name] = max(best.get(name, 0.0), measure())
-            log(f"  round {round_ + 1}: {name} {best[name]:.1f} img/s (best so far)")
-    r["ceiling"], r["pipeline"] = best["ceiling"], best["pipeline"]
-    r["ablations"] = {label: best[label] for label, _ in ablations}
-    r["early_tap"] = {k: best[k] for k in ("forward_layer2", "forward_full", "pipeline_layer2", "pipeline_full")}
+            runs.setdefault(name, []).append(measure())
+            log(f"  round {round_ + 1}: {name} {runs[name][-1]:.1f} img/s")
+
+    def ratio(a: str, b: str) -> float:  # median over rounds of a/b measured in the same round
+        return float(np.median([x / y for x, y in zip(runs[a], runs[b])]))
+
+    med = {name: float(np.median(v)) for name, v in runs.items()}
+    r["rates_per_round"] = runs
+    r["ceiling"], r["pipeline"] = med["ceiling"], med["pipeline"]
+    r["compile_seconds"] = [round(c, 1) for c in compile_times]
+    r["ablations"] = {label: {"rate": med[label], "pipeline/this": ratio("pipeline", label)} for label, _ in ablations}
+    r["early_tap"] = {**{k: med[k] for k in ("forward_layer2", "forward_full", "pipeline_layer2", "pipeline_full")},
+                      "forward_time_ratio": ratio("forward_full", "forward_layer2"),
+                      "pipeline_time_ratio": ratio("pipeline_full", "pipeline_layer2")}
+    r["pipeline/ceiling"] = ratio("pipeline", "ceiling")
     r["seed_style"] = seed_style(bb, images, taps, dev, batch_size)  # slow: one round
     log(f"  seed-style {r['seed_style']:.1f} img/s")
-    r["rss_mb"] = {str(k): round(peak_rss_mb(k, work, bb.name, bb.weights.spec.split('.')[-1] if bb.weights.enum else "none"), 1)
+    r["rss_mb"] = {str(k): round(peak_rss_mb(k, work, bb.name, bb.weights.spec.split('.')[-1] if bb.weights.enum else "none",
+                                                compile), 1)
                    for k in rss_sizes}
     log(f"  peak RSS: {r['rss_mb']}")
     r["stage_two"] = stage_two_times(features_root, reference)
@@ -236,8 +259,11 @@ def format_bench(r: dict) -> str:
     small, large = sorted(rss, key=int)
     lines = [
         f"taps bench: {r['backbone']} ({r['weights']}), {r['images']}, batch {r['batch_size']}, {r['device']} "
-        f"{r['precision']}, {r['workers']} workers, {r['cores']} cores, torch {r['torch']}",
-        f"taps: {', '.join(r['taps'])}; each rate is the best of {r['rounds']} interleaved rounds (seed-style: one)",
+        f"{r['precision']}, {r['workers']} decode threads, {r['cores']} cores, torch {r['torch']}, "
+        f"torch.compile {r['compile']}" + (f" ({max(r['compile_seconds']):.0f} s at most per run, not in the rates)"
+                                           if r.get("compile_seconds") else ""),
+        f"taps: {', '.join(r['taps'])}; rates: median of {r['rounds']} interleaved rounds (seed-style: one); "
+        "ratios: median of the ratios within each round",
         "",
         f"{'measure':<44}{'img/s':>8}  ratio",
         f"{'ceiling (same forward, batches in memory)':<44}{r['ceiling']:>8.1f}",
@@ -245,11 +271,11 @@ def format_bench(r: dict) -> str:
         f"{'seed-style (fp32 NCHW, one pass per tap)':<44}{r['seed_style']:>8.1f}  pipeline/seed-style = {r['pipeline'] / r['seed_style']:.1f}",
         "pipeline with one optimisation off:",
     ]
-    for label, rate in r["ablations"].items():
-        lines.append(f"  {label:<42}{rate:>8.1f}  pipeline/this = {r['pipeline'] / rate:.2f}")
+    for label, a in r["ablations"].items():
+        lines.append(f"  {label:<42}{a['rate']:>8.1f}  pipeline/this = {a['pipeline/this']:.2f}")
     lines += [
-        f"resnet18 layer2 alone / full pass, time: forward {et['forward_full'] / et['forward_layer2']:.2f}, "
-        f"pipeline {et['pipeline_full'] / et['pipeline_layer2']:.2f}",
+        f"resnet18 layer2 alone / full pass, time: forward {et['forward_time_ratio']:.2f}, "
+        f"pipeline {et['pipeline_time_ratio']:.2f}",
         f"peak RSS of the pipeline: {small} images {rss[small]:.0f} MB, {large} images {rss[large]:.0f} MB "
         f"(growth {100 * (rss[large] / rss[small] - 1):+.1f}%)",
         f"stage two on {s2['source']}:",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from features.errors import TapsError
@@ -55,7 +56,15 @@ def _add_extract_args(p: argparse.ArgumentParser, out_alias: bool = True) -> Non
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
     g.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 autocast (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
-    g.add_argument("--workers", type=int, help="DataLoader worker processes (default: one per core, at most 8)")
+    g.add_argument("--workers", type=int,
+                   help="decode threads (inline loader) or DataLoader processes (workers loader); default: one per "
+                        "core, at most 8")
+    g.add_argument("--loader", default="auto",
+                   help="inline: decode each batch on all cores between forward passes; workers: decode ahead in "
+                        "DataLoader processes; auto: inline on CPU, workers on CUDA/MPS (default: %(default)s)")
+    g.add_argument("--compile", default="auto",
+                   help="torch.compile the extractor: on, off, or auto (on when enough images are left to repay "
+                        "the compile time) (default: %(default)s)")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory layout")
     g.add_argument("--on-error", default="skip", help="bad images: skip (record and go on) or fail (default: %(default)s)")
     g.add_argument("--features-root", *(["--out"] if out_alias else []), dest="features_root", default=FEATURES_ROOT,
@@ -115,7 +124,8 @@ def cmd_extract(args) -> None:
                      device=args.device, precision=args.precision, batch_size=args.batch_size,
                      workers=args.workers, channels_last=args.channels_last, on_error=args.on_error,
                      force=args.force, progress=args.progress, shard=parse_shard(args.shard) if args.shard else None,
-                     engine=args.engine, ray_options=ray_options if args.engine == "ray" else None)
+                     engine=args.engine, ray_options=ray_options if args.engine == "ray" else None,
+                     loader=args.loader, compile=args.compile)
     print(describe_extraction(report))
     print(report.path)
 
@@ -132,7 +142,8 @@ def describe_extraction(report) -> str:
     lines = []
     if report.computed:
         lines.append(f"extracted {', '.join(report.computed)} for {report.samples} samples: {report.images} images in "
-                     f"{report.seconds:.1f} s ({report.images_per_second:.1f} img/s, {report.device}, {report.precision})")
+                     f"{report.seconds:.1f} s ({report.images_per_second:.1f} img/s, {report.device}, {report.precision})"
+                     + (f" after {report.compile_seconds:.1f} s of torch.compile" if report.compile_seconds else ""))
     if report.reused:
         lines.append(f"reused {', '.join(report.reused)} (already complete)")
     if report.skipped:
@@ -234,7 +245,7 @@ def cmd_compare(args) -> None:
     protocol = parse_protocol(args.protocol, args.test_per_class, has_split=images.splits is not None)
     extract_options = {"device": args.device, "precision": args.precision, "batch_size": args.batch_size,
                        "workers": args.workers, "channels_last": args.channels_last, "on_error": args.on_error,
-                       "progress": args.progress}
+                       "progress": args.progress, "loader": args.loader, "compile": args.compile}
     out, rows = compare_taps(images, backbones, args.taps, args.pool, _fit_options(args), protocol, args.seeds,
                              args.features_root, args.out, extract_options, args.force)
     print(format_table(rows))
@@ -246,7 +257,7 @@ def cmd_bench(args) -> None:
 
     text, _ = run_bench(args.backbone, args.images, args.data_root, args.batch_size, args.taps, args.device,
                         tuple(args.rss_sizes), args.out, args.features_root, args.reference, args.rounds,
-                        log=lambda msg: print(msg, file=sys.stderr))
+                        args.compile, log=lambda msg: print(msg, file=sys.stderr))
     print(text)
     print(Path(args.out) / "bench.txt")
 
@@ -334,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rss-sizes", type=int, nargs=2, default=[1000, 8000], help="dataset sizes for peak memory")
     p.add_argument("--features-root", default=FEATURES_ROOT, help="stage-two timing uses cached Caltech-101 features here")
     p.add_argument("--reference", action="store_true", help="also time scikit-learn's reference fits (LinearSVC: minutes)")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each rate is its best round (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; rates and ratios are medians over rounds (default: %(default)s)")
+    p.add_argument("--compile", default="on", help="torch.compile in the pipeline and the ceiling: on or off (default: %(default)s)")
     p.add_argument("--out", default="bench_out")
     p.set_defaults(func=cmd_bench)
 
@@ -350,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    one_line = lambda message, category, *_, **__: f"taps {args.command}: warning: {message}\n"  # noqa: E731
+    previous, warnings.formatwarning = warnings.formatwarning, one_line
     try:
         args.func(args)
     except TapsError as exc:
@@ -359,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"taps {args.command}: interrupted; finished work is saved, rerun the same command to resume",
               file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = previous
     return 0
 
 

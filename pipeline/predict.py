@@ -16,7 +16,8 @@ import torch
 from features.backbones import Backbone, Tap
 from features.datasets import BadImage, open_image
 from features.errors import TapsError
-from features.extract import build_extractor, forward_taps, resolve_device, resolve_precision
+from features.extract import resolve_device, resolve_precision
+from features.forward import build_extractor, forward_taps
 
 from .evaluate import load_model, load_results
 
@@ -54,7 +55,7 @@ def predict_images(run_dir: Path | str, images: list[str], device: str = "auto",
     pooling = f["pooling"] if f["pooling"] != "none" else "avg"
     dev = resolve_device(device)
     precision = f.get("precision") or resolve_precision("auto", dev)
-    extractor = build_extractor(bb, [tap], dev, channels_last=True)
+    extractor = build_extractor(bb, [tap], dev, channels_last=True, pooling=pooling)
     transform = bb.pixel_transform()
     classes = results["classes"]
     out: list[Prediction] = []
@@ -70,7 +71,7 @@ def predict_images(run_dir: Path | str, images: list[str], device: str = "auto",
                 out.append(Prediction(path, None, None, "", str(exc) or "cannot read"))
         if not tensors:
             continue
-        X = forward_taps(extractor, torch.stack(tensors), [tap], pooling, dev, precision, True)[tap.name]
+        X = forward_taps(extractor, torch.from_numpy(np.stack(tensors)), dev, precision)[tap.name]
         scores = model.predict_proba(X) if has_proba else model.decision_function(X)
         if scores.ndim == 1:  # binary decision function: score of the positive class
             scores = np.stack([-scores, scores], axis=1)

@@ -1,0 +1,137 @@
+"""Every speed-up of stage one keeps the values: box resizing, BatchNorm folding, pooling in
+the graph, inline decoding, torch.compile (with its fallback) and batch padding."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
+from torchvision.transforms import functional as F
+
+from features import forward
+from features.backbones import Backbone
+from features.datasets import load_dataset
+from features.errors import UsageError
+from features.extract import extract, resolve_loader
+from features.forward import build_extractor, forward_taps, resolve_compile
+from features.pooling import pool
+from features.store import FeatureFile
+
+RUN = dict(device="cpu", precision="fp32", progress=False, batch_size=4)
+
+
+def photo(w: int, h: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    smooth = np.stack([np.sin(xx / 7.0 + seed), np.cos(yy / 5.0), np.sin((xx + yy) / 11.0)], -1) * 90 + 128
+    return Image.fromarray(np.clip(smooth + rng.normal(0, 20, smooth.shape), 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("size", [(300, 240), (240, 300), (500, 375), (256, 256), (180, 90), (1023, 257), (224, 600)])
+def test_box_resize_matches_resize_then_crop(size):
+    crop = Backbone("mobilenet_v2", weights="none").pixel_transform()
+    img = photo(*size, seed=sum(size))
+    fast = crop(img).astype(int)
+    reference = np.asarray(F.center_crop(F.resize(img, crop.resize_size, antialias=True), crop.crop_size)).astype(int)
+    assert fast.shape == reference.shape == (224, 224, 3)
+    diff = np.abs(fast - reference)
+    # Only 8-bit rounding between PIL's two passes differs; a misplaced box would shift
+    # the noisy pattern and differ by tens of grey levels almost everywhere.
+    assert diff.max() <= 2 and diff.mean() < 0.5
+
+
+def test_box_resize_falls_back_where_the_crop_would_pad():
+    crop = Backbone("resnet18", weights="none", image_size=64).pixel_transform()
+    crop.resize_size = [32]  # a crop larger than the resized image: F.center_crop pads
+    out = crop(photo(50, 40, 1))
+    assert out.shape == (64, 64, 3) and out[0].max() == 0  # the padded border
+
+
+@pytest.mark.parametrize("name,taps", [("resnet18", ["stem", "layer2", "avgpool"]),
+                                       ("mobilenet_v2", ["block3", "block14", "pooled"])])
+def test_folded_extractor_matches_the_plain_graph(name, taps):
+    bb = Backbone(name, weights="none", image_size=64)
+    resolved = bb.resolve_taps(taps)
+    with torch.random.fork_rng():  # non-trivial BatchNorm statistics, so folding has work to do
+        torch.manual_seed(1)
+        model = bb.build()
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.weight.data.uniform_(0.5, 1.5)
+    bb.build = lambda: copy.deepcopy(model).eval()  # folding works in place
+    ext = build_extractor(bb, resolved, torch.device("cpu"), channels_last=False, pooling="avgmax")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in ext.modules())
+    pixels = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)
+    got = forward_taps(ext, pixels, torch.device("cpu"), "fp32", channels_last=False)
+    plain = create_feature_extractor(model, {t.node: t.node for t in resolved})
+    preset = bb.transform()
+    x = F.normalize(pixels.permute(0, 3, 1, 2).float() / 255, preset.mean, preset.std)
+    with torch.inference_mode():
+        want = {t.name: pool(v, "avgmax").numpy() for t, v in zip(resolved, plain(x).values())}
+    for t in resolved:
+        np.testing.assert_allclose(got[t.name], want[t.name], rtol=1e-4, atol=1e-5)
+
+
+def test_padding_a_short_batch_keeps_its_rows():
+    bb = Backbone("resnet18", weights="none", image_size=32)
+    ext = build_extractor(bb, bb.resolve_taps(["layer1", "avgpool"]), torch.device("cpu"))
+    pixels = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    a = forward_taps(ext, pixels, torch.device("cpu"), "fp32")
+    b = forward_taps(ext, pixels, torch.device("cpu"), "fp32", pad_to=8)
+    assert b["avgpool"].shape == (3, 512)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_inline_threads_and_worker_processes_write_identical_files(tiny_flat, tmp_path):
+    images = load_dataset(f"folder:{tiny_flat}")
+    bb = Backbone("resnet18", weights="none", image_size=32)
+    runs = [extract(images, bb, ["layer2", "avgpool"], out=tmp_path / name, loader=loader, workers=workers,
+                    compile="off", **RUN)
+            for name, loader, workers in [("serial", "inline", 0), ("threads", "inline", 2), ("procs", "workers", 2)]]
+    files = [FeatureFile(r.path) for r in runs]
+    for tap in ("layer2", "avgpool"):
+        assert all(np.array_equal(files[0].read(tap), f.read(tap)) for f in files[1:])
+
+
+def test_compiled_extraction_matches_eager_and_reports_its_compile_time(tiny_flat, tmp_path):
+    if forward.can_compile(torch.device("cpu")):
+        pytest.fail(f"this machine should be able to compile: {forward.can_compile(torch.device('cpu'))}")
+    images = load_dataset(f"folder:{tiny_flat}")  # 30 images in batches of 4: the last one is short
+    bb = Backbone("resnet18", weights="none", image_size=32)
+    eager = extract(images, bb, ["layer2", "avgpool"], out=tmp_path / "eager", compile="off", **RUN)
+    fast = extract(images, bb, ["layer2", "avgpool"], out=tmp_path / "compiled", compile="on", **RUN)
+    assert eager.compile_seconds == 0 and fast.compile_seconds > 0
+    for tap in ("layer2", "avgpool"):
+        np.testing.assert_allclose(FeatureFile(fast.path).read(tap), FeatureFile(eager.path).read(tap),
+                                   rtol=1e-3, atol=1e-4)
+
+
+def test_a_failing_compile_falls_back_to_eager_with_a_warning(tiny_flat, tmp_path, monkeypatch):
+    def broken(extractor):
+        raise RuntimeError("C++ compile error: cannot find Python.h\nlong log ...")
+
+    monkeypatch.setattr("features.extract.compiled", broken)
+    images = load_dataset(f"folder:{tiny_flat}")
+    bb = Backbone("resnet18", weights="none", image_size=32)
+    with pytest.warns(UserWarning, match=r"torch.compile failed \(C\+\+ compile error: cannot find Python.h\)"):
+        report = extract(images, bb, ["avgpool"], out=tmp_path, compile="on", **RUN)
+    assert report.compile_seconds == 0 and report.images == 30 and FeatureFile(report.path).attrs["complete"]
+
+
+def test_compile_and_loader_choices(monkeypatch):
+    cpu = torch.device("cpu")
+    assert not resolve_compile("auto", cpu, forward.COMPILE_MIN_IMAGES - 1)
+    assert resolve_compile("auto", cpu, forward.COMPILE_MIN_IMAGES)
+    assert not resolve_compile("off", cpu, 10**6)
+    assert not resolve_compile("auto", torch.device("mps"), 10**6)
+    monkeypatch.setattr("shutil.which", lambda name: None)  # no C++ compiler: never compile on the CPU
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        assert not resolve_compile("on", cpu, 10)
+    with pytest.raises(UsageError, match="valid: auto, on, off"):
+        resolve_compile("fast", cpu, 10)
+    assert resolve_loader("auto", cpu) == "inline" and resolve_loader("auto", torch.device("cuda")) == "workers"
+    assert resolve_loader("workers", cpu) == "workers"
