@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from . import jpeg
 from .backbones import Backbone, Tap
 from .datasets import BadImage, ImageSet
 from .errors import TapsError, UsageError, choose
@@ -35,6 +36,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ON_ERROR = ("skip", "fail")
 ENGINES = ("local", "ray")
 LOADERS = ("auto", "inline", "workers")
+DECODERS = ("auto", "pil", "torchvision")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -147,6 +149,7 @@ class RunConfig:
     draft: bool
     loader: str = "inline"   # inline | workers, resolved from auto
     compile: str = "off"     # auto | on | off
+    decode: str = "pil"      # pil | torchvision, resolved from auto
 
 
 def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None, pooling: str = "avg",
@@ -155,7 +158,7 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
             channels_last: bool = True, on_error: str = "skip", force: bool = False,
             progress: bool = True, limit_batches: int | None = None, draft: bool = True,
             shard: tuple[int, int] | None = None, engine: str = "local", ray_options: dict | None = None,
-            loader: str = "auto", compile: str = "auto") -> ExtractionReport:
+            loader: str = "auto", compile: str = "auto", decode: str = "auto") -> ExtractionReport:
     """Extract ``taps`` (default: the backbone's standard embedding) of every image into one HDF5 file.
 
     Reuses complete taps, resumes incomplete ones, and adds new ones to an existing
@@ -171,7 +174,9 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
     default); ``workers`` decodes ahead in DataLoader processes while an accelerator
     computes (the default on CUDA/MPS). ``compile``: ``torch.compile`` the extractor
     (``auto``: when enough images are left to repay the compile time, see
-    :data:`features.forward.COMPILE_MIN_IMAGES`).
+    :data:`features.forward.COMPILE_MIN_IMAGES`). ``decode``: ``pil`` (draft mode, box
+    resize) or ``torchvision`` (``decode_jpeg`` and tensor resizing on the model's device,
+    nvJPEG on CUDA; see :mod:`features.jpeg`); ``auto`` picks torchvision on CUDA.
     """
     check_pooling(pooling)
     choose("--on-error policy", on_error, ON_ERROR)
@@ -181,10 +186,12 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
     resolved = backbone.resolve_taps(taps)
     dev = resolve_device(device)
     choose("--loader", loader, LOADERS)
+    choose("--decode", decode, DECODERS)
     if workers is not None and workers < 0:
         raise UsageError(f"--workers must be 0 or more, not {workers}")
     cfg = RunConfig(pooling, dev, resolve_precision(precision, dev), default_workers() if workers is None else workers,
-                    channels_last, on_error, draft, resolve_loader(loader, dev), compile)
+                    channels_last, on_error, draft, resolve_loader(loader, dev), compile,
+                    decode if decode != "auto" else ("torchvision" if dev.type == "cuda" else "pil"))
     header = {"backbone": backbone.name, "weights": backbone.weights.spec, "transform": backbone.transform_spec(),
               "image_size": backbone.input_size, "dataset": images.name, "dataset_fingerprint": images.fingerprint(),
               "n_samples": len(images), "batch_size": batch_size, "versions": versions()}
@@ -245,7 +252,7 @@ def prepare_forward(backbone: Backbone, taps: list[Tap], cfg: RunConfig, images_
     return fast
 
 
-def _inline_loader(dataset: _Preprocessed, blocks: _Blocks, threads: int):
+def _inline_loader(dataset: Dataset, blocks: _Blocks, threads: int, collate=_collate):
     """Decode each block on ``threads`` threads (PIL releases the GIL), in the caller's turn.
 
     On a CPU the forward pass already keeps every core busy; decoding alongside it
@@ -255,7 +262,7 @@ def _inline_loader(dataset: _Preprocessed, blocks: _Blocks, threads: int):
     pool = ThreadPoolExecutor(threads, thread_name_prefix="taps-decode") if threads > 1 else None
     try:
         for block in blocks:
-            yield _collate(list(pool.map(dataset.__getitem__, block)) if pool else [dataset[i] for i in block])
+            yield collate(list(pool.map(dataset.__getitem__, block)) if pool else [dataset[i] for i in block])
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -264,13 +271,18 @@ def _inline_loader(dataset: _Preprocessed, blocks: _Blocks, threads: int):
 def local_batches(images: ImageSet, forward: Forward, transform, cfg: RunConfig, start: int, batch_size: int):
     """Yield (lo, hi, {tap name: pooled rows of the good images}, {index: error}) in sample order."""
     min_side = int(transform.resize_size[0]) if cfg.draft else None
-    dataset, blocks = _Preprocessed(images, transform, min_side), _Blocks(start, len(images), batch_size)
+    encoded = cfg.decode == "torchvision" and jpeg.supports(images)
+    dataset = jpeg.EncodedImages(images, transform, min_side) if encoded else _Preprocessed(images, transform, min_side)
+    collate, blocks = jpeg.collate_encoded if encoded else _collate, _Blocks(start, len(images), batch_size)
     if cfg.loader == "inline":
-        loader = _inline_loader(dataset, blocks, cfg.workers)
+        loader = _inline_loader(dataset, blocks, cfg.workers, collate)
     else:
-        loader = DataLoader(dataset, batch_sampler=blocks, collate_fn=_collate, num_workers=cfg.workers,
+        loader = DataLoader(dataset, batch_sampler=blocks, collate_fn=collate, num_workers=cfg.workers,
                             pin_memory=cfg.device.type == "cuda", prefetch_factor=4 if cfg.workers else None)
     for batch, indices, errors in loader:
+        if encoded:  # loaders read bytes; decoding happens here, on the device, for the whole batch
+            batch, more = jpeg.decode_batch(batch, dataset, cfg.device)
+            errors = {**errors, **more}
         arrays = {} if batch is None else forward(batch)
         yield indices[0], indices[-1] + 1, arrays, errors
 

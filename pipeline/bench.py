@@ -203,6 +203,7 @@ def run_bench(backbone: str = "mobilenet_v2", n: int = 1000, data_root: str | No
     ablations = [("fp32 instead of " + prec, {"precision": "fp32"}), ("NCHW instead of channels_last", {"channels_last": False}),
                  ("no JPEG draft decoding", {"draft": False}), ("one decode thread", {"workers": 0}),
                  ("DataLoader processes decoding alongside", {"loader": "workers"}),
+                 ("torchvision decode_jpeg + tensor resize", {"decode": "torchvision"}),
                  ("eager instead of torch.compile", {"compile": "off"})]
     ablations = [(label, change) for label, change in ablations
                  if not (label.startswith("fp32") and prec == "fp32") and not (label.startswith("eager") and compile == "off")]
@@ -219,6 +220,7 @@ def run_bench(backbone: str = "mobilenet_v2", n: int = 1000, data_root: str | No
         "ceiling": lambda: ceiling(bb, images, batch_size, dev, prec, taps, compile),
         "pipeline": lambda: pipeline_rate(images, bb, taps, work, compile_times, **common),
         **{label: (lambda c=c: pipeline_rate(images, bb, taps, work, **{**common, **c})) for label, c in ablations},
+        **({"ceiling_eager": lambda: ceiling(bb, images, batch_size, dev, prec, taps, "off")} if compile != "off" else {}),
         "forward_layer2": lambda: ceiling(rn, images, batch_size, dev, prec, ["layer2"], compile),
         "forward_full": lambda: ceiling(rn, images, batch_size, dev, prec, ["avgpool"], compile),
         "pipeline_layer2": lambda: pipeline_rate(images, rn, ["layer2"], work, **common),
@@ -241,6 +243,9 @@ def run_bench(backbone: str = "mobilenet_v2", n: int = 1000, data_root: str | No
                       "forward_time_ratio": ratio("forward_full", "forward_layer2"),
                       "pipeline_time_ratio": ratio("pipeline_full", "pipeline_layer2")}
     r["pipeline/ceiling"] = ratio("pipeline", "ceiling")
+    if "ceiling_eager" in runs:  # the same data path behind the slower eager forward
+        r["eager"] = {"ceiling": med["ceiling_eager"], "pipeline": med["eager instead of torch.compile"],
+                      "pipeline/ceiling": ratio("eager instead of torch.compile", "ceiling_eager")}
     r["seed_style"] = seed_style(bb, images, taps, dev, batch_size)  # slow: one round
     log(f"  seed-style {r['seed_style']:.1f} img/s")
     r["rss_mb"] = {str(k): round(peak_rss_mb(k, work, bb.name, bb.weights.spec.split('.')[-1] if bb.weights.enum else "none",
@@ -273,6 +278,10 @@ def format_bench(r: dict) -> str:
     ]
     for label, a in r["ablations"].items():
         lines.append(f"  {label:<42}{a['rate']:>8.1f}  pipeline/this = {a['pipeline/this']:.2f}")
+    if "eager" in r:
+        e = r["eager"]
+        lines.append(f"{'ceiling without torch.compile':<44}{e['ceiling']:>8.1f}  eager pipeline/eager ceiling = "
+                     f"{e['pipeline/ceiling']:.2f}")
     lines += [
         f"resnet18 layer2 alone / full pass, time: forward {et['forward_time_ratio']:.2f}, "
         f"pipeline {et['pipeline_time_ratio']:.2f}",

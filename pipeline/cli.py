@@ -65,6 +65,9 @@ def _add_extract_args(p: argparse.ArgumentParser, out_alias: bool = True) -> Non
     g.add_argument("--compile", default="auto",
                    help="torch.compile the extractor: on, off, or auto (on when enough images are left to repay "
                         "the compile time) (default: %(default)s)")
+    g.add_argument("--decode", default="auto",
+                   help="pil (draft-mode JPEG decoding, box resize) or torchvision (decode_jpeg and resizing on the "
+                        "model's device: nvJPEG on CUDA); auto: torchvision on CUDA, else pil (default: %(default)s)")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory layout")
     g.add_argument("--on-error", default="skip", help="bad images: skip (record and go on) or fail (default: %(default)s)")
     g.add_argument("--features-root", *(["--out"] if out_alias else []), dest="features_root", default=FEATURES_ROOT,
@@ -125,7 +128,7 @@ def cmd_extract(args) -> None:
                      workers=args.workers, channels_last=args.channels_last, on_error=args.on_error,
                      force=args.force, progress=args.progress, shard=parse_shard(args.shard) if args.shard else None,
                      engine=args.engine, ray_options=ray_options if args.engine == "ray" else None,
-                     loader=args.loader, compile=args.compile)
+                     loader=args.loader, compile=args.compile, decode=args.decode)
     print(describe_extraction(report))
     print(report.path)
 
@@ -245,7 +248,8 @@ def cmd_compare(args) -> None:
     protocol = parse_protocol(args.protocol, args.test_per_class, has_split=images.splits is not None)
     extract_options = {"device": args.device, "precision": args.precision, "batch_size": args.batch_size,
                        "workers": args.workers, "channels_last": args.channels_last, "on_error": args.on_error,
-                       "progress": args.progress, "loader": args.loader, "compile": args.compile}
+                       "progress": args.progress, "loader": args.loader, "compile": args.compile,
+                       "decode": args.decode}
     out, rows = compare_taps(images, backbones, args.taps, args.pool, _fit_options(args), protocol, args.seeds,
                              args.features_root, args.out, extract_options, args.force)
     print(format_table(rows))
