@@ -1,0 +1,24 @@
+"""`taps bench` end to end at toy size: every row is measured, written and formatted."""
+
+import json
+
+import pytest
+
+from pipeline.bench import run_bench
+
+
+@pytest.mark.slow
+def test_bench_measures_every_row_in_one_run(tmp_path):
+    text, r = run_bench("mobilenet_v2", n=8, batch_size=4, rss_sizes=(8, 16), out=tmp_path / "bench",
+                        features_root=str(tmp_path / "no_features"), rounds=1, compile="off", log=lambda _: None)
+    assert r["images"] == "8 synthetic 500x375 JPEGs" and r["weights"] != ""
+    rates = [r["ceiling"], r["pipeline"], r["seed_style"], *(a["rate"] for a in r["ablations"].values()),
+             *(v for k, v in r["early_tap"].items() if not k.endswith("ratio"))]
+    assert all(rate > 0 for rate in rates)
+    assert 0 < r["pipeline/ceiling"] and r["early_tap"]["forward_time_ratio"] > 0
+    assert "NCHW instead of channels_last" in r["ablations"] and "eager" not in r  # compile off: no eager rows
+    assert set(r["rss_mb"]) == {"8", "16"} and all(v > 100 for v in r["rss_mb"].values())
+    assert r["stage_two"]["source"].startswith("synthetic") and r["stage_two"]["svm"]["seconds"] > 0
+    saved = (tmp_path / "bench" / "bench.txt").read_text()
+    assert saved.strip() == text and "pipeline/ceiling = " in text and "pipeline/seed-style = " in text
+    assert json.loads((tmp_path / "bench" / "bench.json").read_text())["pipeline"] == r["pipeline"]
