@@ -179,7 +179,7 @@ def stage_two_times(features_root: str, reference: bool) -> dict:
 def run_bench(backbone: str = "mobilenet_v2", n: int = 1000, data_root: str | None = None, batch_size: int = 32,
               taps: list[str] | None = None, device: str = "auto", rss_sizes: tuple[int, int] = (1000, 8000),
               out: Path | str = "bench_out", features_root: str = "feature_store", reference: bool = False,
-              rounds: int = 2, compile: str = "on", log=print) -> tuple[str, dict]:
+              rounds: int = 3, compile: str = "on", log=print) -> tuple[str, dict]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"

@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rss-sizes", type=int, nargs=2, default=[1000, 8000], help="dataset sizes for peak memory")
     p.add_argument("--features-root", default=FEATURES_ROOT, help="stage-two timing uses cached Caltech-101 features here")
     p.add_argument("--reference", action="store_true", help="also time scikit-learn's reference fits (LinearSVC: minutes)")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; rates and ratios are medians over rounds (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; rates and ratios are medians over rounds (default: %(default)s)")
     p.add_argument("--compile", default="on", help="torch.compile in the pipeline and the ceiling: on or off (default: %(default)s)")
     p.add_argument("--out", default="bench_out")
     p.set_defaults(func=cmd_bench)
