@@ -25,6 +25,10 @@ from .errors import UsageError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's decompression-bomb bound (about 9,459 x 9,459)
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+# open_image bounds every image's pixel count itself, before decoding. PIL's warning for
+# the same thing is silenced once here: catch_warnings() per image is not thread-safe,
+# and images decode on several threads.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class BadImage(Exception):
@@ -56,19 +60,17 @@ def open_image(path: Path | str, min_side: int | None = None, max_pixels: int = 
     then has less to do and the decode is several times cheaper.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                w, h = img.size
-                if w * h > max_pixels:
-                    raise BadImage(f"too large: {w}x{h} pixels exceeds the bound of {max_pixels}")
-                if min_side and img.format == "JPEG" and min(w, h) > 2 * min_side:
-                    img.draft("RGB", (min_side * w // min(w, h), min_side * h // min(w, h)))
-                img.load()
-                return to_rgb(img)
+        with Image.open(path) as img:
+            w, h = img.size  # checked before decoding; PIL's own warning is silenced above
+            if w * h > max_pixels:
+                raise BadImage(f"too large: {w}x{h} pixels exceeds the bound of {max_pixels}")
+            if min_side and img.format == "JPEG" and min(w, h) > 2 * min_side:
+                img.draft("RGB", (min_side * w // min(w, h), min_side * h // min(w, h)))
+            img.load()
+            return to_rgb(img)
     except BadImage:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if Path(path).exists() and Path(path).stat().st_size == 0:
             reason = "empty file"

@@ -39,7 +39,10 @@ class _Embed:
         import torch
 
         from .forward import build_extractor
+        from .runtime import keep_freed_memory
 
+        self._memory = keep_freed_memory()  # for the actor's lifetime, as extract() does for a local run
+        self._memory.__enter__()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.precision = precision if not (self.device.type == "cpu" and precision == "fp16") else "fp32"
         self.taps, self.pooling, self.channels_last = taps, pooling, channels_last
