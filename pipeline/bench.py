@@ -218,9 +218,9 @@ def run_bench(backbone: str = "mobilenet_v2", n: int = 1000, data_root: str | No
         rn.check_weights()
     except Exception:
         rn = Backbone("resnet18", weights="none")
-    # Shared machines drift by tens of percent within minutes: rounds interleave the measures,
-    # each ratio is taken inside a round (between measures minutes apart at most) and the
-    # median over rounds is reported, as are the median rates.
+    # Shared machines drift by tens of percent within minutes: rounds interleave the measures
+    # (in rotated order), each ratio is taken inside a round (between measures minutes apart
+    # at most) and the median over rounds is reported, as are the median rates.
     runs: dict[str, list[float]] = {}
     measures = {
         "ceiling": lambda: ceiling(bb, images, batch_size, dev, prec, taps, compile),
@@ -232,9 +232,13 @@ def run_bench(backbone: str = "mobilenet_v2", n: int = 1000, data_root: str | No
         "pipeline_layer2": lambda: pipeline_rate(images, rn, ["layer2"], work, **common),
         "pipeline_full": lambda: pipeline_rate(images, rn, ["avgpool"], work, **common),
     }
+    names = list(measures)
     for round_ in range(rounds):
-        for name, measure in measures.items():
-            runs.setdefault(name, []).append(measure())
+        # Each round starts at another measure: what ran just before (a big compile, the
+        # ceiling's 150 MB of pixels) must not always precede the same measure.
+        shift = round_ * len(names) // rounds
+        for name in names[shift:] + names[:shift]:
+            runs.setdefault(name, []).append(measures[name]())
             log(f"  round {round_ + 1}: {name} {runs[name][-1]:.1f} img/s")
 
     def ratio(a: str, b: str) -> float:  # median over rounds of a/b measured in the same round
