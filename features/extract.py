@@ -173,7 +173,7 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
     passes, so decoding never competes with the forward for the CPU's cores (the CPU
     default); ``workers`` decodes ahead in DataLoader processes while an accelerator
     computes (the default on CUDA/MPS). ``compile``: ``torch.compile`` the extractor
-    (``auto``: when enough images are left to repay the compile time, see
+    (``auto``: when the dataset is large enough to repay the compile time, see
     :data:`features.forward.COMPILE_MIN_IMAGES`). ``decode``: ``pil`` (draft mode, box
     resize) or ``torchvision`` (``decode_jpeg`` and tensor resizing on the model's device,
     nvJPEG on CUDA; see :mod:`features.jpeg`); ``auto`` picks torchvision on CUDA.
@@ -225,7 +225,7 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
 
 
 
-def prepare_forward(backbone: Backbone, taps: list[Tap], cfg: RunConfig, images_left: int, batch_size: int) -> Forward:
+def prepare_forward(backbone: Backbone, taps: list[Tap], cfg: RunConfig, n_images: int, batch_size: int) -> Forward:
     """The extractor ready to run; compiled (and timed) when ``cfg.compile`` asks for it.
 
     Compiling runs one blank batch, so the compile time is reported on its own and
@@ -235,7 +235,7 @@ def prepare_forward(backbone: Backbone, taps: list[Tap], cfg: RunConfig, images_
     """
     eager = Forward(build_extractor(backbone, taps, cfg.device, cfg.channels_last, cfg.pooling), cfg.device,
                     cfg.precision, cfg.channels_last)
-    if not resolve_compile(cfg.compile, cfg.device, images_left):
+    if not resolve_compile(cfg.compile, cfg.device, n_images):
         return eager
     t0 = time.perf_counter()
     try:
@@ -306,7 +306,8 @@ def _run(writer: FeatureWriter, images: ImageSet, backbone: Backbone, taps: list
 
         batches = ray_batches(images, backbone, todo, cfg, start, bs, **ray_options)
     else:
-        forward = prepare_forward(backbone, todo, cfg, n - start, bs)
+        # By dataset size, not images left: a resumed run must compute the way it started.
+        forward = prepare_forward(backbone, todo, cfg, n, bs)
         report.compile_seconds = forward.compile_seconds
         batches = local_batches(images, forward, backbone.pixel_transform(), cfg, start, bs)
     bar = tqdm(total=n, initial=start, unit="img", desc=f"{backbone.name} {','.join(t.name for t in todo)}",

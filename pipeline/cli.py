@@ -63,7 +63,7 @@ def _add_extract_args(p: argparse.ArgumentParser, out_alias: bool = True) -> Non
                    help="inline: decode each batch on all cores between forward passes; workers: decode ahead in "
                         "DataLoader processes; auto: inline on CPU, workers on CUDA/MPS (default: %(default)s)")
     g.add_argument("--compile", default="auto",
-                   help="torch.compile the extractor: on, off, or auto (on when enough images are left to repay "
+                   help="torch.compile the extractor: on, off, or auto (on for datasets large enough to repay "
                         "the compile time) (default: %(default)s)")
     g.add_argument("--decode", default="auto",
                    help="pil (draft-mode JPEG decoding, box resize) or torchvision (decode_jpeg and resizing on the "
