@@ -12,7 +12,6 @@ standard pre-logits embedding) and ``logits``. Raw graph node names from
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -23,10 +22,12 @@ from PIL import Image
 from torch import nn
 from torchvision import models
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+from torchvision.transforms import functional as F
 from torchvision.transforms._presets import ImageClassification
 
 from .errors import TapsError, UsageError
 from .pooling import pooled_dim
+from .store import file_sha256
 
 DEFAULT_IMAGE_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -104,13 +105,12 @@ class UInt8Crop:
     def __init__(self, preset: ImageClassification):
         self.resize_size, self.crop_size = list(preset.resize_size), list(preset.crop_size)
         self.interpolation, self.antialias = preset.interpolation, preset.antialias
+        self.crop_hw = self.crop_size if len(self.crop_size) == 2 else self.crop_size * 2
 
     def __call__(self, img) -> np.ndarray:
-        from torchvision.transforms import functional as F
-
         box = self._box(img.size) if isinstance(img, Image.Image) else None
         if box is not None:
-            ch, cw = self.crop_size if len(self.crop_size) == 2 else self.crop_size * 2
+            ch, cw = self.crop_hw
             return np.asarray(img.resize((cw, ch), F.pil_modes_mapping[self.interpolation], box=box))
         img = F.resize(img, self.resize_size, interpolation=self.interpolation, antialias=self.antialias)
         img = F.center_crop(img, self.crop_size)
@@ -125,7 +125,7 @@ class UInt8Crop:
         short, long = min(w, h), max(w, h)
         new_short, new_long = self.resize_size[0], int(self.resize_size[0] * long / short)  # as F.resize
         rw, rh = (new_short, new_long) if w <= h else (new_long, new_short)
-        ch, cw = self.crop_size if len(self.crop_size) == 2 else self.crop_size * 2
+        ch, cw = self.crop_hw
         if cw > rw or ch > rh:  # F.center_crop would pad
             return None
         top, left = int(round((rh - ch) / 2.0)), int(round((rw - cw) / 2.0))  # as F.center_crop
@@ -169,7 +169,7 @@ class Backbone:
             path = Path(spec)
             if not path.is_file():
                 raise UsageError(f"weights file {path} does not exist; pass an existing .pth state dict")
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+            digest = file_sha256(path)[:16]
             return WeightsChoice(None, path.resolve(), f"file:{path.name}:{digest}")
         enum_cls = models.get_model_weights(self.name)
         if spec.lower() == "auto":

@@ -138,7 +138,8 @@ def feature_path(out: Path | str, dataset_name: str, backbone: Backbone) -> Path
 
 @dataclass(frozen=True)
 class RunConfig:
-    """How one extraction pass runs (none of it changes the stored values beyond float tolerance)."""
+    """How one extraction pass runs: none of it changes what is computed, only how fast (values may
+    differ at the rounding level: precision, compile, and a grey level or two with decode=torchvision)."""
 
     pooling: str
     device: torch.device

@@ -8,7 +8,6 @@ and a rerun reuses finished rows (skip-existing, as in CLIP_benchmark).
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from features.extract import extract
 from features.pooling import is_spatial
 from features.store import FeatureFile
 
-from .evaluate import FitOptions, fit_run
+from .evaluate import FitOptions, fit_run, settings_digest
 from .protocols import Protocol
 
 COLUMNS = ("backbone", "tap", "depth", "node", "dim", "pooling", "accuracy_mean", "accuracy_std",
@@ -59,7 +58,7 @@ def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | 
         max(mine, key=lambda r: r["mean_per_class_accuracy_mean"])["best"] = True
     settings = {"dataset": images.name, "backbones": [b.name for b in backbones], "taps": taps, "pooling": pooling,
                 "protocol": str(protocol), "seeds": seeds, **options.as_dict()}
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    digest = settings_digest(settings)
     out = Path(runs_root) / images.name / f"compare__{'+'.join(b.name for b in backbones)}__{options.clf}__{digest}"
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "compare.csv", "w", newline="") as fh:

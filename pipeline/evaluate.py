@@ -199,9 +199,13 @@ def run_settings(features: FeatureFile, tap: str, pooling: str, options: FitOpti
             **options.as_dict()}
 
 
+def settings_digest(settings: dict) -> str:
+    """Short stable id of a settings dict: equal settings, equal folder names."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def run_dir_for(runs_root: Path, features: FeatureFile, settings: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-    name = f"{features.attrs['backbone']}__{settings['tap']}__{settings['clf']}__{digest}"
+    name = f"{features.attrs['backbone']}__{settings['tap']}__{settings['clf']}__{settings_digest(settings)}"
     return Path(runs_root) / str(features.attrs["dataset"]) / name
 
 
