@@ -24,6 +24,7 @@ from torchvision import models
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 from torchvision.transforms import functional as F
 from torchvision.transforms._presets import ImageClassification
+from torchvision.transforms.v2 import functional as F2
 
 from .errors import TapsError, UsageError
 from .pooling import pooled_dim
@@ -108,14 +109,25 @@ class UInt8Crop:
         self.crop_hw = self.crop_size if len(self.crop_size) == 2 else self.crop_size * 2
 
     def __call__(self, img) -> np.ndarray:
-        box = self._box(img.size) if isinstance(img, Image.Image) else None
+        """PIL image or CHW uint8 tensor -> HWC uint8 array."""
+        if not isinstance(img, Image.Image):
+            return self.tensor(img).cpu().numpy()
+        box = self._box(img.size)
         if box is not None:
             ch, cw = self.crop_hw
             return np.asarray(img.resize((cw, ch), F.pil_modes_mapping[self.interpolation], box=box))
-        img = F.resize(img, self.resize_size, interpolation=self.interpolation, antialias=self.antialias)
-        img = F.center_crop(img, self.crop_size)
-        return F.pil_to_tensor(img).permute(1, 2, 0).numpy() if isinstance(img, Image.Image) \
-            else img.permute(1, 2, 0).numpy()
+        img = F.center_crop(F.resize(img, self.resize_size, interpolation=self.interpolation,
+                                     antialias=self.antialias), self.crop_size)
+        return F.pil_to_tensor(img).permute(1, 2, 0).numpy()
+
+    def tensor(self, img: torch.Tensor) -> torch.Tensor:
+        """CHW uint8 tensor (any device) -> HWC uint8 tensor, with the preset's tensor ops.
+
+        torchvision's v2 kernels resize uint8 natively on the CPU (vectorised, channels-last
+        when the CHW tensor views HWC memory) where v1 converts to float and back.
+        """
+        img = F2.resize(img, self.resize_size, interpolation=self.interpolation, antialias=self.antialias)
+        return F2.center_crop(img, self.crop_size).permute(1, 2, 0)
 
     def _box(self, size: tuple[int, int]) -> tuple[float, float, float, float] | None:
         """The source rectangle behind the centre crop, or None when the shortcut does not apply."""

@@ -80,6 +80,8 @@ def open_image(path: Path | str, min_side: int | None = None, max_pixels: int = 
 class ImageSet:
     """N labelled images with stable ids; subclasses say where pixels come from."""
 
+    max_pixels: int | None = None  # the decode bound of file-backed sets
+
     def __init__(self, name: str, classes: Sequence[str], labels: Sequence[int], ids: Sequence[str],
                  splits: Sequence[str] | None = None):
         self.name = name
@@ -98,6 +100,10 @@ class ImageSet:
     def image(self, index: int, min_side: int | None = None) -> Image.Image:
         """The RGB image of sample ``index``; raises :class:`BadImage` if it cannot be decoded."""
         raise NotImplementedError
+
+    def source_file(self, index: int) -> Path | None:
+        """The file sample ``index`` decodes from, for decoders that read files themselves."""
+        return None
 
     def _content_key(self) -> bytes:
         """Bytes that change when the pixels may have changed (sizes of files, array hash)."""
@@ -127,6 +133,9 @@ class FileImageSet(ImageSet):
 
     def image(self, index: int, min_side: int | None = None) -> Image.Image:
         return open_image(self.paths[index], min_side, self.max_pixels)
+
+    def source_file(self, index: int) -> Path:
+        return self.paths[index]
 
     def _content_key(self) -> bytes:
         sizes = [p.stat().st_size if p.exists() else -1 for p in self.paths]
@@ -175,11 +184,15 @@ class SubsetImageSet(ImageSet):
 
     def __init__(self, base: ImageSet, indices: np.ndarray, name: str):
         self.base, self.indices = base, np.asarray(indices)
+        self.max_pixels = base.max_pixels
         super().__init__(name, base.classes, base.labels[self.indices], [base.ids[i] for i in self.indices],
                          None if base.splits is None else [base.splits[i] for i in self.indices])
 
     def image(self, index: int, min_side: int | None = None) -> Image.Image:
         return self.base.image(int(self.indices[index]), min_side)
+
+    def source_file(self, index: int) -> Path | None:
+        return self.base.source_file(int(self.indices[index]))
 
     def _content_key(self) -> bytes:
         return self.base._content_key()

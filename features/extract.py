@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import jpeg
+from .turbojpeg import sample_pixels
 from .backbones import Backbone, Tap
 from .datasets import BadImage, ImageSet
 from .errors import TapsError, UsageError, choose
@@ -36,7 +37,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ON_ERROR = ("skip", "fail")
 ENGINES = ("local", "ray")
 LOADERS = ("auto", "inline", "workers")
-DECODERS = ("auto", "pil", "torchvision")
+DECODERS = ("auto", "simplejpeg", "pil", "torchvision")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -78,15 +79,15 @@ def default_workers() -> int:
 class _Preprocessed(Dataset):
     """Sample index -> (HWC uint8 array or None, index, error reason); bad images never raise."""
 
-    def __init__(self, images: ImageSet, transform, min_side: int | None):
-        self.images, self.transform, self.min_side = images, transform, min_side
+    def __init__(self, images: ImageSet, transform, min_side: int | None, decode: str):
+        self.images, self.transform, self.min_side, self.decode = images, transform, min_side, decode
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int):
         try:
-            return self.transform(self.images.image(index, self.min_side)), index, ""
+            return sample_pixels(self.images, index, self.transform, self.min_side, self.decode), index, ""
         except BadImage as exc:
             return None, index, str(exc) or "undecodable image"
 
@@ -139,7 +140,7 @@ def feature_path(out: Path | str, dataset_name: str, backbone: Backbone) -> Path
 @dataclass(frozen=True)
 class RunConfig:
     """How one extraction pass runs: none of it changes what is computed, only how fast (values may
-    differ at the rounding level: precision, compile, and a grey level or two with decode=torchvision)."""
+    differ at the rounding level: precision, compile, and a grey level or two between decoders)."""
 
     pooling: str
     device: torch.device
@@ -150,7 +151,7 @@ class RunConfig:
     draft: bool
     loader: str = "inline"   # inline | workers, resolved from auto
     compile: str = "off"     # auto | on | off
-    decode: str = "pil"      # pil | torchvision, resolved from auto
+    decode: str = "simplejpeg"  # simplejpeg | pil | torchvision, resolved from auto
 
 
 def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None, pooling: str = "avg",
@@ -175,9 +176,11 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
     default); ``workers`` decodes ahead in DataLoader processes while an accelerator
     computes (the default on CUDA/MPS). ``compile``: ``torch.compile`` the extractor
     (``auto``: when the dataset is large enough to repay the compile time, see
-    :data:`features.forward.COMPILE_MIN_IMAGES`). ``decode``: ``pil`` (draft mode, box
-    resize) or ``torchvision`` (``decode_jpeg`` and tensor resizing on the model's device,
-    nvJPEG on CUDA; see :mod:`features.jpeg`); ``auto`` picks torchvision on CUDA.
+    :data:`features.forward.COMPILE_MIN_IMAGES`). ``decode``: ``simplejpeg`` (libjpeg-turbo
+    and torch's uint8 resize in the loader; see :mod:`features.turbojpeg`), ``pil`` (draft
+    mode, box resize) or ``torchvision`` (``decode_jpeg`` and tensor resizing on the model's
+    device, nvJPEG on CUDA; see :mod:`features.jpeg`); ``auto`` picks torchvision on CUDA,
+    else simplejpeg.
     """
     check_pooling(pooling)
     choose("--on-error policy", on_error, ON_ERROR)
@@ -192,7 +195,7 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
         raise UsageError(f"--workers must be 0 or more, not {workers}")
     cfg = RunConfig(pooling, dev, resolve_precision(precision, dev), default_workers() if workers is None else workers,
                     channels_last, on_error, draft, resolve_loader(loader, dev), compile,
-                    decode if decode != "auto" else ("torchvision" if dev.type == "cuda" else "pil"))
+                    decode if decode != "auto" else ("torchvision" if dev.type == "cuda" else "simplejpeg"))
     header = {"backbone": backbone.name, "weights": backbone.weights.spec, "transform": backbone.transform_spec(),
               "image_size": backbone.input_size, "dataset": images.name, "dataset_fingerprint": images.fingerprint(),
               "n_samples": len(images), "batch_size": batch_size, "versions": versions()}
@@ -273,7 +276,8 @@ def local_batches(images: ImageSet, forward: Forward, transform, cfg: RunConfig,
     """Yield (lo, hi, {tap name: pooled rows of the good images}, {index: error}) in sample order."""
     min_side = int(transform.resize_size[0]) if cfg.draft else None
     encoded = cfg.decode == "torchvision" and jpeg.supports(images)
-    dataset = jpeg.EncodedImages(images, transform, min_side) if encoded else _Preprocessed(images, transform, min_side)
+    dataset = (jpeg.EncodedImages(images, transform, min_side) if encoded
+               else _Preprocessed(images, transform, min_side, cfg.decode))
     collate, blocks = jpeg.collate_encoded if encoded else _collate, _Blocks(start, len(images), batch_size)
     if cfg.loader == "inline":
         loader = _inline_loader(dataset, blocks, cfg.workers, collate)

@@ -21,11 +21,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_jpeg as _decode_jpeg
-from torchvision.transforms import functional as F
 
 from .datasets import BadImage, ImageSet
-
-JPEG_MAGIC = b"\xff\xd8\xff"
+from .turbojpeg import JPEG_MAGIC
 
 
 def decode_jpeg(data, **kwargs):
@@ -36,7 +34,7 @@ def decode_jpeg(data, **kwargs):
 
 def supports(images: ImageSet) -> bool:
     """Only file-backed image sets have bytes to hand to ``decode_jpeg``."""
-    return hasattr(images, "paths")
+    return images.source_file(0) is not None
 
 
 class EncodedImages(Dataset):
@@ -44,14 +42,14 @@ class EncodedImages(Dataset):
 
     def __init__(self, images: ImageSet, transform, min_side: int | None):
         self.images, self.transform, self.min_side = images, transform, min_side
-        self.max_pixels = getattr(images, "max_pixels", None)
+        self.max_pixels = images.max_pixels
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int):
         try:
-            data = self.images.paths[index].read_bytes()
+            data = self.images.source_file(index).read_bytes()
             if data[:3] == JPEG_MAGIC:
                 w, h = Image.open(io.BytesIO(data)).size  # header only: bound the decode before it happens
                 if self.max_pixels is None or w * h <= self.max_pixels:
@@ -69,12 +67,6 @@ class EncodedImages(Dataset):
 
 def collate_encoded(items):
     return items, [i for _, i, _ in items], {i: e for _, i, e in items if e}
-
-
-def _resize_crop(img: torch.Tensor, transform) -> torch.Tensor:
-    """CHW uint8 -> HWC uint8, as the preset resizes and crops a tensor."""
-    img = F.resize(img, transform.resize_size, interpolation=transform.interpolation, antialias=True)
-    return F.center_crop(img, transform.crop_size).permute(1, 2, 0)
 
 
 def decode_batch(items, dataset: EncodedImages, device: torch.device) -> tuple[torch.Tensor | None, dict[int, str]]:
@@ -97,7 +89,7 @@ def decode_batch(items, dataset: EncodedImages, device: torch.device) -> tuple[t
         if x is None:
             continue
         if i in decoded:
-            rows.append(_resize_crop(decoded[i], dataset.transform))
+            rows.append(dataset.transform.tensor(decoded[i]))
             continue
         try:  # not a JPEG, or one decode_jpeg rejects
             pixels = x[1] if x[0] == "pixels" else dataset.pil(i)

@@ -17,16 +17,17 @@ import numpy as np
 from .backbones import Backbone, Tap
 from .datasets import BadImage, ImageSet
 from .errors import UsageError
+from .turbojpeg import sample_pixels
 
 
-def _decode(batch: dict, images: ImageSet, transform, min_side: int | None, start: int) -> dict:
+def _decode(batch: dict, images: ImageSet, transform, min_side: int | None, start: int, decode: str) -> dict:
     index = batch["id"].astype(np.int64) + start
     size = int(transform.crop_size[0])
     pixels = np.zeros((len(index), size, size, 3), np.uint8)  # NHWC, as the local loaders
     errors = np.array([""] * len(index), dtype=object)
     for row, i in enumerate(index):
         try:
-            pixels[row] = transform(images.image(int(i), min_side))
+            pixels[row] = sample_pixels(images, int(i), transform, min_side, decode)
         except BadImage as exc:
             errors[row] = str(exc) or "undecodable image"
     return {"index": index, "pixels": pixels, "error": errors.astype(str)}
@@ -93,7 +94,8 @@ def ray_batches(images: ImageSet, backbone: Backbone, taps: list[Tap], cfg, star
         n_actors = max(1, int(ray.cluster_resources().get("GPU", 0) // gpus_per_worker))  # one actor per GPU slot
     ds = ray.data.range(len(images) - start, override_num_blocks=max(1, (len(images) - start) // (4 * batch_size)))
     ds = ds.map_batches(_decode, batch_size=batch_size, batch_format="numpy",
-                        fn_kwargs={"images": images, "transform": transform, "min_side": min_side, "start": start})
+                        fn_kwargs={"images": images, "transform": transform, "min_side": min_side, "start": start,
+                                   "decode": cfg.decode})
     ds = ds.map_batches(_Embed, batch_size=batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=n_actors), num_gpus=gpus_per_worker or None,
                         fn_constructor_args=(backbone.spec_args(), taps, cfg.pooling, cfg.precision, cfg.channels_last))

@@ -207,6 +207,7 @@ def run_bench(backbone: str = "mobilenet_v2", n: int = 1000, data_root: str | No
                  ("no JPEG draft decoding", {"draft": False}, "pipeline"),
                  ("one decode thread", {"workers": 0}, "pipeline"),
                  ("DataLoader processes decoding alongside", {"loader": "workers"}, "pipeline"),
+                 ("PIL decode + box resize (not simplejpeg)", {"decode": "pil"}, "pipeline"),
                  ("torchvision decode_jpeg + tensor resize", {"decode": "torchvision"}, "pipeline"),
                  (eager, {"compile": "off"}, "pipeline"),
                  ("eager, NCHW instead of channels_last", {"compile": "off", "channels_last": False}, eager)]

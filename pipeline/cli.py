@@ -66,8 +66,10 @@ def _add_extract_args(p: argparse.ArgumentParser, out_alias: bool = True) -> Non
                    help="torch.compile the extractor: on, off, or auto (on for datasets large enough to repay "
                         "the compile time) (default: %(default)s)")
     g.add_argument("--decode", default="auto",
-                   help="pil (draft-mode JPEG decoding, box resize) or torchvision (decode_jpeg and resizing on the "
-                        "model's device: nvJPEG on CUDA); auto: torchvision on CUDA, else pil (default: %(default)s)")
+                   help="simplejpeg (libjpeg-turbo, then torch's uint8 resize, on the decode threads), pil "
+                        "(draft-mode JPEG decoding, box resize) or torchvision (decode_jpeg and resizing on the "
+                        "model's device: nvJPEG on CUDA); auto: torchvision on CUDA, else simplejpeg "
+                        "(default: %(default)s)")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory layout")
     g.add_argument("--on-error", default="skip", help="bad images: skip (record and go on) or fail (default: %(default)s)")
     g.add_argument("--features-root", *(["--out"] if out_alias else []), dest="features_root", default=FEATURES_ROOT,

@@ -137,8 +137,9 @@ def test_compile_and_loader_choices(monkeypatch):
     assert resolve_loader("workers", cpu) == "workers"
 
 
-def test_torchvision_decoding_matches_pil_and_keeps_the_error_handling(tmp_path):
-    """decode_jpeg + tensor resizing (the CUDA default, here on the CPU) against PIL's path."""
+def test_other_decoders_match_pil_and_keep_the_error_handling(tmp_path):
+    """simplejpeg (the CPU default) and decode_jpeg + tensor resizing (the CUDA default, here
+    on the CPU) against PIL's path."""
     from tests.conftest import make_images
 
     make_images(tmp_path / "data", per_class=4, size=90)
@@ -147,13 +148,15 @@ def test_torchvision_decoding_matches_pil_and_keeps_the_error_handling(tmp_path)
     images = load_dataset(f"folder:{tmp_path / 'data'}")
     bb = Backbone("resnet18", weights="none", image_size=64)
     runs = {d: extract(images, bb, ["layer1", "avgpool"], out=tmp_path / d, decode=d, compile="off", **RUN)
-            for d in ("pil", "torchvision")}
-    assert runs["pil"].skipped == runs["torchvision"].skipped and list(runs["pil"].skipped) == ["square/broken.jpg"]
-    for tap in ("layer1", "avgpool"):
-        a, b = FeatureFile(runs["pil"].path).read(tap), FeatureFile(runs["torchvision"].path).read(tap)
-        assert a.shape == b.shape == (len(images), bb.dim(tap))
-        # Same images, a different resampling kernel: features agree closely, not bit for bit.
-        assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+            for d in ("pil", "torchvision", "simplejpeg")}
+    assert list(runs["pil"].skipped) == ["square/broken.jpg"]
+    for other in ("torchvision", "simplejpeg"):
+        assert runs[other].skipped == runs["pil"].skipped
+        for tap in ("layer1", "avgpool"):
+            a, b = FeatureFile(runs["pil"].path).read(tap), FeatureFile(runs[other].path).read(tap)
+            assert a.shape == b.shape == (len(images), bb.dim(tap))
+            # Same images, a different resampling kernel: features agree closely, not bit for bit.
+            assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
 
 
 FAULTS_PROBE = """

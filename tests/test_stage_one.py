@@ -65,13 +65,29 @@ def test_one_pass_writes_every_tap_with_listed_dims(tiny_folder, tmp_path):
 
 
 def test_matches_a_direct_forward_pass(tiny_flat, tmp_path):
+    """PIL decoding: the file holds what the model gives on the preset's PIL path."""
+    images = load_dataset(f"folder:{tiny_flat}")
+    bb = resnet()
+    report = extract(images, bb, ["logits"], out=tmp_path, decode="pil", **RUN)
+    model, transform = bb.build(), bb.transform()
+    with torch.inference_mode():
+        direct = model(torch.stack([transform(images.image(i)) for i in range(3)])).numpy()
+    np.testing.assert_allclose(FeatureFile(report.path).read("logits")[:3], direct, rtol=1e-4, atol=1e-4)
+
+
+def test_default_decoder_matches_the_presets_tensor_path(tiny_flat, tmp_path):
+    """simplejpeg (the CPU default) against the preset on decoded uint8 tensors: the loader
+    rounds its resized pixels to uint8, so logits agree to that rounding."""
+    from torchvision.transforms.functional import pil_to_tensor
+
     images = load_dataset(f"folder:{tiny_flat}")
     bb = resnet()
     report = extract(images, bb, ["logits"], out=tmp_path, **RUN)
     model, transform = bb.build(), bb.transform()
     with torch.inference_mode():
-        direct = model(torch.stack([transform(images.image(i)) for i in range(3)])).numpy()
-    np.testing.assert_allclose(FeatureFile(report.path).read("logits")[:3], direct, rtol=1e-4, atol=1e-4)
+        direct = model(torch.stack([transform(pil_to_tensor(images.image(i))) for i in range(3)])).numpy()
+    got = FeatureFile(report.path).read("logits")[:3]
+    assert np.abs(got - direct).max() < 0.01 * np.abs(direct).max()
 
 
 def test_interrupted_run_resumes_to_identical_arrays(tiny_flat, tmp_path):
