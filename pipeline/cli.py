@@ -12,6 +12,9 @@ import warnings
 from pathlib import Path
 
 from features.errors import TapsError
+from features.runtime import limit_openmp_spinning
+
+limit_openmp_spinning()  # libgomp reads it when torch loads it, so before anything imports torch
 
 DEFAULT_DATASET = "digits"
 DEFAULT_BACKBONE = "mobilenet_v2"

@@ -191,3 +191,21 @@ def test_freed_batches_are_reused_not_faulted_in_again():
     default, kept, restored = json.loads(out.stdout)
     assert min(default) > 10_000 and min(restored) > 10_000  # glibc default: every batch faulted in anew
     assert max(kept[-3:]) < 1_000  # kept: once the heap has settled, batches reuse freed memory
+
+
+SPIN_PROBE = "import os, sys; import pipeline.cli; print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
+
+
+@pytest.mark.parametrize("env,expected", [({}, "2000 False"), ({"GOMP_SPINCOUNT": "123"}, "123 False"),
+                                          ({"OMP_WAIT_POLICY": "PASSIVE"}, "None False")])
+def test_cli_shortens_openmp_spinning_before_torch_loads(env, expected):
+    """The setting only works if libgomp has not loaded yet: importing the CLI must not import torch.
+    A user's own GOMP_SPINCOUNT or OMP_WAIT_POLICY wins."""
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", SPIN_PROBE], env={**base, **env}, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == expected
