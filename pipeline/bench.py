@@ -284,7 +284,7 @@ def format_bench(r: dict) -> str:
         "",
         f"{'measure':<44}{'img/s':>8}  ratio",
         f"{'ceiling (same forward, batches in memory)':<44}{r['ceiling']:>8.1f}",
-        f"{'pipeline (taps extract, 3 taps, one pass)':<44}{r['pipeline']:>8.1f}  pipeline/ceiling = {r['pipeline'] / r['ceiling']:.2f}",
+        f"{'pipeline (taps extract, 3 taps, one pass)':<44}{r['pipeline']:>8.1f}  pipeline/ceiling = {r['pipeline/ceiling']:.2f}",
         f"{'seed-style (fp32 NCHW, one pass per tap)':<44}{r['seed_style']:>8.1f}  pipeline/seed-style = {r['pipeline'] / r['seed_style']:.1f}",
         "pipeline with one optimisation off:",
     ]
