@@ -72,6 +72,17 @@ def resolve_loader(loader: str, device: torch.device) -> str:
     return loader if loader != "auto" else ("inline" if device.type == "cpu" else "workers")
 
 
+def resolve_decode(decode: str, device: torch.device, engine: str) -> str:
+    """``auto``: torchvision (nvJPEG) on CUDA in the local engine, else simplejpeg (Ray decodes in CPU tasks)."""
+    choose("--decode", decode, DECODERS)
+    if decode == "torchvision" and engine == "ray":
+        raise UsageError("--decode torchvision decodes on the model's device in the local engine; "
+                         "with --engine ray use --decode simplejpeg or pil")
+    if decode != "auto":
+        return decode
+    return "torchvision" if device.type == "cuda" and engine == "local" else "simplejpeg"
+
+
 def default_workers() -> int:
     return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
 
@@ -190,12 +201,11 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
     resolved = backbone.resolve_taps(taps)
     dev = resolve_device(device)
     choose("--loader", loader, LOADERS)
-    choose("--decode", decode, DECODERS)
     if workers is not None and workers < 0:
         raise UsageError(f"--workers must be 0 or more, not {workers}")
     cfg = RunConfig(pooling, dev, resolve_precision(precision, dev), default_workers() if workers is None else workers,
                     channels_last, on_error, draft, resolve_loader(loader, dev), compile,
-                    decode if decode != "auto" else ("torchvision" if dev.type == "cuda" else "simplejpeg"))
+                    resolve_decode(decode, dev, engine))
     header = {"backbone": backbone.name, "weights": backbone.weights.spec, "transform": backbone.transform_spec(),
               "image_size": backbone.input_size, "dataset": images.name, "dataset_fingerprint": images.fingerprint(),
               "n_samples": len(images), "batch_size": batch_size, "versions": versions()}
@@ -296,7 +306,7 @@ def _run(writer: FeatureWriter, images: ImageSet, backbone: Backbone, taps: list
          cfg: RunConfig, progress: bool, limit_batches: int | None, report: ExtractionReport, engine: str,
          ray_options: dict) -> None:
     attrs = {t.name: {"tap": t.name, "node": t.node, "pooling": cfg.pooling if is_spatial(t.shape) else "none",
-                      "precision": cfg.precision} for t in taps}
+                      "precision": cfg.precision, "decode": cfg.decode} for t in taps}
     for t in taps:
         writer.ensure_tap(keys[t.name], pooled_dim(t.shape, cfg.pooling), attrs[t.name])
     todo = [t for t in taps if not writer.tap_done(keys[t.name])]

@@ -138,9 +138,12 @@ class FeatureWriter:
         if key in taps:
             ds = taps[key]
             for name, value in attrs.items():
-                if not ds.attrs["complete"] and str(ds.attrs.get(name)) != str(value):
-                    raise TapsError(f"tap {key} in {self.path} was started with {name}={ds.attrs.get(name)}, "
-                                    f"not {value}; rerun with {name} {ds.attrs.get(name)} or pass --force")
+                # Files from before a setting was recorded resume without that check.
+                if not ds.attrs["complete"] and name in ds.attrs and str(ds.attrs[name]) != str(value):
+                    flag = {"precision": "--precision", "decode": "--decode"}.get(name)
+                    rerun = f"rerun with {flag} {ds.attrs[name]} or pass --force" if flag else "pass --force"
+                    raise TapsError(f"tap {key} in {self.path} was started with {name}={ds.attrs[name]}, "
+                                    f"not {value}; {rerun}")
             return
         ds = taps.create_dataset(key, shape=(n, dim), dtype=np.float32, chunks=(_chunk_rows(n, dim), dim),
                                  fillvalue=0.0)
@@ -242,8 +245,9 @@ def _plain(attrs) -> dict:
 
 def versions() -> str:
     import PIL
+    import simplejpeg
     import torch
     import torchvision
 
     return json.dumps({"torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": np.__version__,
-                       "h5py": h5py.__version__, "pillow": PIL.__version__})
+                       "h5py": h5py.__version__, "pillow": PIL.__version__, "simplejpeg": simplejpeg.__version__})

@@ -271,6 +271,14 @@ def run_bench(backbone: str = "mobilenet_v2", n: int = 1000, data_root: str | No
     return text, r
 
 
+def _per_round(r: dict, a: str, b: str) -> str:
+    """The ratio a/b in each round, for the headline ratios: how far the machine drifted."""
+    rounds = r.get("rates_per_round", {})
+    if a not in rounds or b not in rounds:
+        return ""
+    return " (rounds: " + ", ".join(f"{x / y:.2f}" for x, y in zip(rounds[a], rounds[b])) + ")"
+
+
 def format_bench(r: dict) -> str:
     et, rss, s2 = r["early_tap"], r["rss_mb"], r["stage_two"]
     small, large = sorted(rss, key=int)
@@ -284,7 +292,8 @@ def format_bench(r: dict) -> str:
         "",
         f"{'measure':<44}{'img/s':>8}  ratio",
         f"{'ceiling (same forward, batches in memory)':<44}{r['ceiling']:>8.1f}",
-        f"{'pipeline (taps extract, 3 taps, one pass)':<44}{r['pipeline']:>8.1f}  pipeline/ceiling = {r['pipeline/ceiling']:.2f}",
+        f"{'pipeline (taps extract, 3 taps, one pass)':<44}{r['pipeline']:>8.1f}  pipeline/ceiling = {r['pipeline/ceiling']:.2f}"
+        + _per_round(r, "pipeline", "ceiling"),
         f"{'seed-style (fp32 NCHW, one pass per tap)':<44}{r['seed_style']:>8.1f}  pipeline/seed-style = {r['pipeline'] / r['seed_style']:.1f}",
         "pipeline with one optimisation off:",
     ]
@@ -296,8 +305,9 @@ def format_bench(r: dict) -> str:
         lines.append(f"{'ceiling without torch.compile':<44}{e['ceiling']:>8.1f}  eager pipeline/eager ceiling = "
                      f"{e['pipeline/ceiling']:.2f}")
     lines += [
-        f"resnet18 layer2 alone / full pass, time: forward {et['forward_time_ratio']:.2f}, "
-        f"pipeline {et['pipeline_time_ratio']:.2f}",
+        f"resnet18 layer2 alone / full pass, time: forward {et['forward_time_ratio']:.2f}"
+        + _per_round(r, "forward_full", "forward_layer2") + f", pipeline {et['pipeline_time_ratio']:.2f}"
+        + _per_round(r, "pipeline_full", "pipeline_layer2"),
         f"peak RSS of the pipeline: {small} images {rss[small]:.0f} MB, {large} images {rss[large]:.0f} MB "
         f"(growth {100 * (rss[large] / rss[small] - 1):+.1f}%)",
         f"stage two on {s2['source']}:",

@@ -169,7 +169,8 @@ def cmd_info(args) -> None:
     print(f"classes: {len(f.classes)}; splits: {sorted(set(f.split)) if f.split else 'none'}; "
           f"skipped images: {len(f.errors)}")
     for key, a in f.taps.items():
-        print(f"tap {key}: node={a['node']} pooling={a['pooling']} dim={a['dim']} precision={a['precision']} "
+        decode = f" decode={a['decode']}" if "decode" in a else ""  # recorded since the simplejpeg decoder
+        print(f"tap {key}: node={a['node']} pooling={a['pooling']} dim={a['dim']} precision={a['precision']}{decode} "
               f"rows={a['rows_done']}/{len(f.labels)} complete={a['complete']}")
     print(f.path)
 

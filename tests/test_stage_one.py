@@ -90,6 +90,19 @@ def test_default_decoder_matches_the_presets_tensor_path(tiny_flat, tmp_path):
     assert np.abs(got - direct).max() < 0.01 * np.abs(direct).max()
 
 
+def test_a_run_resumes_only_with_the_decoder_it_started_with(tiny_flat, tmp_path):
+    """Decoders differ at the rounding level: one tap's rows all come from one of them."""
+    images = load_dataset(f"folder:{tiny_flat}")
+    part = extract(images, resnet(), ["avgpool"], out=tmp_path, limit_batches=2, decode="pil", **RUN)
+    with h5py.File(part.path) as h5:
+        assert h5["taps/avgpool"].attrs["decode"] == "pil"
+    with pytest.raises(TapsError, match="started with decode=pil, not simplejpeg; rerun with --decode pil"):
+        extract(images, resnet(), ["avgpool"], out=tmp_path, **RUN)
+    assert extract(images, resnet(), ["avgpool"], out=tmp_path, decode="pil", **RUN).images == 30 - 8
+    with pytest.raises(UsageError, match="with --engine ray use --decode simplejpeg or pil"):
+        extract(images, resnet(), ["avgpool"], out=tmp_path / "ray", engine="ray", decode="torchvision", **RUN)
+
+
 def test_interrupted_run_resumes_to_identical_arrays(tiny_flat, tmp_path):
     images = load_dataset(f"folder:{tiny_flat}")
     clean = extract(images, resnet(), ["layer3", "avgpool"], out=tmp_path / "clean", **RUN)
