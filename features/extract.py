@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import jpeg
-from .turbojpeg import sample_pixels
 from .backbones import Backbone, Tap
 from .datasets import BadImage, ImageSet
 from .errors import TapsError, UsageError, choose
@@ -31,6 +30,7 @@ from .forward import Forward, build_extractor, compiled, resolve_compile
 from .pooling import check_pooling, is_spatial, pooled_dim
 from .runtime import keep_freed_memory
 from .store import FeatureWriter, exclusive_lock, tap_key, versions
+from .turbojpeg import sample_pixels
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
