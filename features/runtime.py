@@ -24,7 +24,6 @@ import ctypes
 import ctypes.util
 import os
 import platform
-import sys
 from contextlib import contextmanager
 
 OPENMP_SPIN_COUNT = "2000"
@@ -32,11 +31,11 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4          # mallopt parameters from <malloc
 DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536
 
 
-def limit_openmp_spinning() -> bool:
-    """Shorten libgomp's idle spinning unless the user set it; True if it can still take effect."""
+def limit_openmp_spinning() -> None:
+    """Shorten libgomp's idle spinning unless the user set it. Takes effect only if torch
+    (which loads libgomp) is not imported yet."""
     if "OMP_WAIT_POLICY" not in os.environ:  # an explicit wait policy implies its own spin count
         os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT)
-    return "torch" not in sys.modules
 
 
 def _glibc():
