@@ -267,7 +267,8 @@ def prepare_forward(backbone: Backbone, taps: list[Tap], cfg: RunConfig, n_image
 
 
 def _inline_loader(dataset: Dataset, blocks: _Blocks, threads: int, collate=_collate):
-    """Decode each block on ``threads`` threads (PIL releases the GIL), in the caller's turn.
+    """Decode each block on ``threads`` threads, in the caller's turn (PIL releases the GIL;
+    simplejpeg scales across threads the same here).
 
     On a CPU the forward pass already keeps every core busy; decoding alongside it
     only makes the forward's threads wait for a preempted peer. Decoding between

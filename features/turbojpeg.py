@@ -25,7 +25,7 @@ import numpy as np
 import simplejpeg
 import torch
 
-from .datasets import ImageSet
+from .datasets import DEFAULT_MAX_PIXELS, ImageSet, open_image
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -60,14 +60,19 @@ def decode_crop(path: Path, transform, min_side: int | None, max_pixels: int | N
     return transform(torch.from_numpy(pixels).permute(2, 0, 1))
 
 
-def sample_pixels(images: ImageSet, index: int, transform, min_side: int | None, decode: str) -> np.ndarray:
-    """HWC uint8 pixels of sample ``index`` by the chosen CPU decoder (``simplejpeg`` or ``pil``).
+def file_pixels(path: Path | str, transform, min_side: int | None, decode: str,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """HWC uint8 pixels of an image file by the chosen CPU decoder (``simplejpeg`` or ``pil``).
 
     Raises :class:`features.datasets.BadImage` when the image cannot be decoded.
     """
-    path = images.source_file(index) if decode == "simplejpeg" else None
-    if path is not None:
-        pixels = decode_crop(path, transform, min_side, images.max_pixels)
-        if pixels is not None:
-            return pixels
-    return transform(images.image(index, min_side))
+    pixels = decode_crop(Path(path), transform, min_side, max_pixels) if decode == "simplejpeg" else None
+    return pixels if pixels is not None else transform(open_image(path, min_side, max_pixels))
+
+
+def sample_pixels(images: ImageSet, index: int, transform, min_side: int | None, decode: str) -> np.ndarray:
+    """HWC uint8 pixels of sample ``index``: :func:`file_pixels` for file-backed sets."""
+    path = images.source_file(index)
+    if path is None:
+        return transform(images.image(index, min_side))
+    return file_pixels(path, transform, min_side, decode, images.max_pixels)

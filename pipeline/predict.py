@@ -14,10 +14,11 @@ import numpy as np
 import torch
 
 from features.backbones import Backbone, Tap
-from features.datasets import BadImage, open_image
+from features.datasets import BadImage
 from features.errors import TapsError
 from features.extract import resolve_device, resolve_precision
 from features.forward import build_extractor, forward_taps
+from features.turbojpeg import file_pixels
 
 from .evaluate import load_model, load_results
 
@@ -57,6 +58,7 @@ def predict_images(run_dir: Path | str, images: list[str], device: str = "auto",
     precision = f.get("precision") or resolve_precision("auto", dev)
     extractor = build_extractor(bb, [tap], dev, channels_last=True, pooling=pooling)
     transform = bb.pixel_transform()
+    decode = f.get("decode", "pil")  # decode as the training features were; runs before the attr were PIL
     classes = results["classes"]
     out: list[Prediction] = []
     has_proba = hasattr(model, "predict_proba")
@@ -65,7 +67,7 @@ def predict_images(run_dir: Path | str, images: list[str], device: str = "auto",
         tensors, good = [], []
         for path in chunk:
             try:
-                tensors.append(transform(open_image(path, int(transform.resize_size[0]))))
+                tensors.append(file_pixels(path, transform, int(transform.resize_size[0]), decode))
                 good.append(path)
             except (BadImage, FileNotFoundError) as exc:
                 out.append(Prediction(path, None, None, "", str(exc) or "cannot read"))
