@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -72,10 +71,31 @@ def test_on_error_fail_stops_with_the_file_name(messy, tmp_path):
         extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, on_error="fail", **RUN)
 
 
-def _extract_cmd(root: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "pipeline", "extract", "--dataset", f"folder:{root}", "--backbone", "resnet18",
-            "--weights", "none", "--image-size", "64", "--taps", "layer1,logits", "--batch-size", "4",
-            "--workers", "1", "--precision", "fp32", "--device", "cpu", "--no-progress", "--out", str(out)]
+_EXTRACT_ARGS = ["extract", "--backbone", "resnet18", "--weights", "none", "--image-size", "64", "--taps",
+                 "layer1,logits", "--batch-size", "4", "--workers", "1", "--precision", "fp32", "--device", "cpu",
+                 "--no-progress"]
+
+# Runs the real CLI, but each batch write pauses and the 10th announces itself on stderr, so the test can
+# signal the process mid-run however fast this machine extracts.
+_SLOWED_CLI = """
+import sys, time
+from features.store import FeatureWriter
+from pipeline.cli import main
+write, calls = FeatureWriter.write, []
+def slow_write(self, *args, **kwargs):
+    write(self, *args, **kwargs)
+    calls.append(1)
+    if len(calls) == 10:
+        print("ten batches written", file=sys.stderr, flush=True)
+    time.sleep(0.05)
+FeatureWriter.write = slow_write
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _extract_cmd(root: Path, out: Path, slowed: bool = False) -> list[str]:
+    launcher = ["-c", _SLOWED_CLI] if slowed else ["-m", "pipeline"]
+    return [sys.executable, *launcher, *_EXTRACT_ARGS, "--dataset", f"folder:{root}", "--out", str(out)]
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +110,13 @@ def test_killed_extract_resumes_to_identical_arrays(long_set, tmp_path, sig):
     clean = subprocess.run(_extract_cmd(long_set, tmp_path / "clean"), capture_output=True, text=True, check=True)
     clean_path = Path(clean.stdout.strip().splitlines()[-1])
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_extract_cmd(long_set, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_extract_cmd(long_set, out, slowed=True), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     target = out / clean_path.parent.name / clean_path.name
-    deadline = time.time() + 120
-    while time.time() < deadline and not (target.exists() and target.stat().st_size > 1_500_000):
-        time.sleep(0.02)
+    before = []
+    while (line := proc.stderr.readline()) and line != "ten batches written\n":
+        before.append(line)
+    assert line, f"extract ended before ten batches were written: {''.join(before)}"
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     if sig == signal.SIGINT:
