@@ -1,6 +1,7 @@
 """`taps bench`: extraction and stage-two speed, measured in one run on the same images.
 
-- ceiling: the same extractor's forward on preprocessed uint8 batches already in memory;
+- ceiling: the same extractor's forward on preprocessed uint8 batches already in memory,
+  laid out over the cores as the pipeline runs it (one-thread replicas on a CPU);
 - pipeline: :func:`features.extract.extract` end to end on JPEG files, 3 taps in one pass;
 - seed-style: how the tutorials do it: ``Resize((224, 224))``, fp32, NCHW, a default
   ``DataLoader`` (no workers), ``torch.no_grad`` and one forward pass per tap;
@@ -28,7 +29,17 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from features.backbones import Backbone
 from features.datasets import FileImageSet, folder_dataset
-from features.extract import RunConfig, default_workers, extract, prepare_forward, resolve_device, resolve_precision
+from features.extract import (
+    REPLICAS_MIN_IMAGES,
+    RunConfig,
+    default_workers,
+    extract,
+    prepare_forward,
+    resolve_device,
+    resolve_loader,
+    resolve_precision,
+)
+from features.replicas import ReplicaPool
 from features.runtime import keep_freed_memory
 
 
@@ -67,13 +78,17 @@ def _rate(n: int, seconds: float) -> float:
 
 
 def ceiling(backbone: Backbone, images, batch_size: int, device, precision: str, taps: list[str],
-            compile: str = "on") -> float:
+            compile: str = "on", loader: str = "inline") -> float:
     """Forward-only images/s: the pipeline's own extractor (same taps, pooling, precision, layout,
-    compilation) on preprocessed uint8 batches already in memory: only loading and writing are missing."""
+    compilation, processes and threads) on preprocessed uint8 batches already in memory: only
+    loading and writing are missing. With ``loader="replicas"`` every replica runs its share at once."""
+    resolved = backbone.resolve_taps(taps)
+    cfg = RunConfig("avg", device, precision, default_workers(), True, "skip", True, loader, compile)
+    if loader == "replicas":
+        with ReplicaPool(images, backbone, resolved, cfg, batch_size) as pool:
+            return pool.forward_rate(0, len(images))
     crop = backbone.pixel_transform()
     pixels = torch.from_numpy(np.stack([crop(images.image(i)) for i in range(len(images))]))
-    resolved = backbone.resolve_taps(taps)
-    cfg = RunConfig("avg", device, precision, default_workers(), True, "skip", True, "inline", compile)
     forward = prepare_forward(backbone, resolved, cfg, len(pixels), batch_size)
     with keep_freed_memory():  # as extract() runs
         forward(pixels[:batch_size])  # warm-up
@@ -121,12 +136,12 @@ def pipeline_rate(images, backbone: Backbone, taps: list[str], work: Path, compi
     return report.images_per_second
 
 
-def peak_rss_mb(n: int, work: Path, backbone: str, weights: str, compile: str) -> float:
+def peak_rss_mb(n: int, work: Path, backbone: str, weights: str, compile: str, loader: str) -> float:
     """Peak RSS (largest process of the run) of `taps extract` over n small JPEGs, in a fresh process."""
     folder = synthetic_jpegs(work / f"rss{n}", n, size=(80, 80), seed=1)
     cmd = [sys.executable, "-m", "pipeline", "extract", "--dataset", f"folder:{folder}", "--backbone", backbone,
            "--weights", weights, "--image-size", "64", "--taps", "all", "--no-progress", "--force",
-           "--compile", compile, "--out", str(work / f"rss_out{n}")]
+           "--compile", compile, "--loader", loader, "--out", str(work / f"rss_out{n}")]
     probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL);"
              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
     out = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True, check=True)
@@ -195,17 +210,21 @@ def run_bench(backbone: str = "mobilenet_v2", n: int = 1000, data_root: str | No
     prec = resolve_precision("auto", dev)
     images, source = bench_images(n, data_root, work)
     compile_times: list[float] = []
-    common = dict(device=device, batch_size=batch_size, compile=compile)
+    loader = resolve_loader("auto", dev, max(n, REPLICAS_MIN_IMAGES))  # what a large run uses here
+    common = dict(device=device, batch_size=batch_size, compile=compile, loader=loader)
     r: dict = {"backbone": bb.name, "weights": bb.weights.spec, "images": source, "taps": taps,
-               "batch_size": batch_size, "device": str(dev), "precision": prec, "workers": default_workers(), "rounds": rounds,
+               "batch_size": batch_size, "device": str(dev), "precision": prec, "loader": loader,
+               "workers": default_workers(), "rounds": rounds,
                "compile": compile, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
     log(f"bench: {bb.name}, {source}, taps {', '.join(taps)}, {dev}, {prec}, {rounds} rounds")
     # (label, change, the measure it is compared with). Under torch.compile the input layout is
     # Inductor's choice, so channels_last is measured where it acts: in the eager pass.
     eager = "eager instead of torch.compile"
+    loaders = ([("inline loader: one process, all cores", {"loader": "inline"}, "pipeline")]
+               if loader == "replicas" else [("one decode thread", {"workers": 0}, "pipeline")])
     ablations = [("fp32 instead of " + prec, {"precision": "fp32"}, "pipeline"),
                  ("no JPEG draft decoding", {"draft": False}, "pipeline"),
-                 ("one decode thread", {"workers": 0}, "pipeline"),
+                 *loaders,
                  ("DataLoader processes decoding alongside", {"loader": "workers"}, "pipeline"),
                  ("PIL decode + box resize (not simplejpeg)", {"decode": "pil"}, "pipeline"),
                  ("torchvision decode_jpeg + tensor resize", {"decode": "torchvision"}, "pipeline"),
@@ -224,12 +243,13 @@ def run_bench(backbone: str = "mobilenet_v2", n: int = 1000, data_root: str | No
     # at most) and the median over rounds is reported, as are the median rates.
     runs: dict[str, list[float]] = {}
     measures = {
-        "ceiling": lambda: ceiling(bb, images, batch_size, dev, prec, taps, compile),
+        "ceiling": lambda: ceiling(bb, images, batch_size, dev, prec, taps, compile, loader),
         "pipeline": lambda: pipeline_rate(images, bb, taps, work, compile_times, **common),
         **{label: (lambda c=c: pipeline_rate(images, bb, taps, work, **{**common, **c})) for label, c, _ in ablations},
-        **({"ceiling_eager": lambda: ceiling(bb, images, batch_size, dev, prec, taps, "off")} if compile != "off" else {}),
-        "forward_layer2": lambda: ceiling(rn, images, batch_size, dev, prec, ["layer2"], compile),
-        "forward_full": lambda: ceiling(rn, images, batch_size, dev, prec, ["avgpool"], compile),
+        **({"ceiling_eager": lambda: ceiling(bb, images, batch_size, dev, prec, taps, "off", loader)}
+           if compile != "off" else {}),
+        "forward_layer2": lambda: ceiling(rn, images, batch_size, dev, prec, ["layer2"], compile, loader),
+        "forward_full": lambda: ceiling(rn, images, batch_size, dev, prec, ["avgpool"], compile, loader),
         "pipeline_layer2": lambda: pipeline_rate(images, rn, ["layer2"], work, **common),
         "pipeline_full": lambda: pipeline_rate(images, rn, ["avgpool"], work, **common),
     }
@@ -261,7 +281,7 @@ def run_bench(backbone: str = "mobilenet_v2", n: int = 1000, data_root: str | No
     r["seed_style"] = seed_style(bb, images, taps, dev, batch_size)  # slow: one round
     log(f"  seed-style {r['seed_style']:.1f} img/s")
     r["rss_mb"] = {str(k): round(peak_rss_mb(k, work, bb.name, bb.weights.spec.split('.')[-1] if bb.weights.enum else "none",
-                                                compile), 1)
+                                                compile, loader), 1)
                    for k in rss_sizes}
     log(f"  peak RSS: {r['rss_mb']}")
     r["stage_two"] = stage_two_times(features_root, reference)
@@ -284,7 +304,8 @@ def format_bench(r: dict) -> str:
     small, large = sorted(rss, key=int)
     lines = [
         f"taps bench: {r['backbone']} ({r['weights']}), {r['images']}, batch {r['batch_size']}, {r['device']} "
-        f"{r['precision']}, {r['workers']} decode threads, {r['cores']} cores, torch {r['torch']}, "
+        f"{r['precision']}, " + (f"{r['workers']} one-thread replicas" if r.get("loader") == "replicas" else
+                                 f"{r['workers']} decode threads") + f", {r['cores']} cores, torch {r['torch']}, "
         f"torch.compile {r['compile']}" + (f" ({max(r['compile_seconds']):.0f} s at most per run, not in the rates)"
                                            if r.get("compile_seconds") else ""),
         f"taps: {', '.join(r['taps'])}; rates: median of {r['rounds']} interleaved rounds (seed-style: one); "

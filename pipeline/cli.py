@@ -60,11 +60,13 @@ def _add_extract_args(p: argparse.ArgumentParser, out_alias: bool = True) -> Non
     g.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 autocast (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
     g.add_argument("--workers", type=int,
-                   help="decode threads (inline loader) or DataLoader processes (workers loader); default: one per "
-                        "core, at most 8")
+                   help="decode threads (inline loader), DataLoader processes (workers loader) or model replicas "
+                        "(replicas loader); default: one per core, at most 8")
     g.add_argument("--loader", default="auto",
-                   help="inline: decode each batch on all cores between forward passes; workers: decode ahead in "
-                        "DataLoader processes; auto: inline on CPU, workers on CUDA/MPS (default: %(default)s)")
+                   help="replicas: one single-threaded model per CPU core, each decoding its own batches; inline: "
+                        "one model on all cores, decoding each batch between forward passes; workers: decode ahead "
+                        "in DataLoader processes; auto: replicas on CPUs for datasets of 20,000+ images, else inline; "
+                        "workers on CUDA/MPS (default: %(default)s)")
     g.add_argument("--compile", default="auto",
                    help="torch.compile the extractor: on, off, or auto (on for datasets large enough to repay "
                         "the compile time) (default: %(default)s)")
@@ -146,12 +148,19 @@ def cmd_merge(args) -> None:
     print(out)
 
 
+def _ready_after(report) -> str:
+    compiled = f"{report.compile_seconds:.1f} s of torch.compile" if report.compile_seconds else ""
+    if report.startup_seconds > report.compile_seconds + 0.05:  # replicas: processes started as well
+        return f" after {report.startup_seconds:.1f} s of start-up" + (f" ({compiled})" if compiled else "")
+    return f" after {compiled}" if compiled else ""
+
+
 def describe_extraction(report) -> str:
     lines = []
     if report.computed:
         lines.append(f"extracted {', '.join(report.computed)} for {report.samples} samples: {report.images} images in "
                      f"{report.seconds:.1f} s ({report.images_per_second:.1f} img/s, {report.device}, {report.precision})"
-                     + (f" after {report.compile_seconds:.1f} s of torch.compile" if report.compile_seconds else ""))
+                     + _ready_after(report))
     if report.reused:
         lines.append(f"reused {', '.join(report.reused)} (already complete)")
     if report.skipped:

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from features.extract import default_workers
 from pipeline.bench import run_bench
 
 
@@ -17,6 +18,8 @@ def test_bench_measures_every_row_in_one_run(tmp_path):
     assert all(rate > 0 for rate in rates)
     assert 0 < r["pipeline/ceiling"] and r["early_tap"]["forward_time_ratio"] > 0
     assert "NCHW instead of channels_last" in r["ablations"] and "eager" not in r  # compile off: no eager rows
+    assert r["loader"] == ("replicas" if default_workers() >= 2 else "inline")  # as `auto` for a large run
+    assert ("inline loader: one process, all cores" in r["ablations"]) == (r["loader"] == "replicas")
     assert set(r["rss_mb"]) == {"8", "16"} and all(v > 100 for v in r["rss_mb"].values())
     assert r["stage_two"]["source"].startswith("synthetic") and r["stage_two"]["svm"]["seconds"] > 0
     saved = (tmp_path / "bench" / "bench.txt").read_text()

@@ -1,5 +1,5 @@
 """Every speed-up of stage one keeps the values: box resizing, BatchNorm folding, pooling in
-the graph, inline decoding, torch.compile (with its fallback) and batch padding."""
+the graph, inline decoding, model replicas, torch.compile (with its fallback) and batch padding."""
 
 import copy
 
@@ -15,7 +15,7 @@ from features import forward
 from features.backbones import Backbone
 from features.datasets import load_dataset
 from features.errors import UsageError
-from features.extract import extract, resolve_loader
+from features.extract import REPLICAS_MIN_IMAGES, extract, resolve_loader
 from features.forward import build_extractor, forward_taps, resolve_compile
 from features.pooling import pool
 from features.store import FeatureFile
@@ -97,6 +97,22 @@ def test_inline_threads_and_worker_processes_write_identical_files(tiny_flat, tm
         assert all(np.array_equal(files[0].read(tap), f.read(tap)) for f in files[1:])
 
 
+def test_replicas_write_the_inline_values_and_resume_to_identical_rows(tiny_flat, tmp_path):
+    images = load_dataset(f"folder:{tiny_flat}")  # 30 images in blocks of 4
+    bb = Backbone("resnet18", weights="none", image_size=32)
+    taps, run = ["layer2", "avgpool"], dict(compile="off", **RUN)
+    inline = extract(images, bb, taps, out=tmp_path / "inline", loader="inline", workers=0, **run)
+    whole = extract(images, bb, taps, out=tmp_path / "whole", loader="replicas", workers=2, **run)
+    part = extract(images, bb, taps, out=tmp_path / "resumed", loader="replicas", workers=2, limit_batches=3, **run)
+    assert part.images == 12 and not FeatureFile(part.path).attrs["complete"]
+    resumed = extract(images, bb, taps, out=tmp_path / "resumed", loader="replicas", workers=2, **run)
+    assert resumed.images == 18 and whole.images == 30 and whole.startup_seconds > 0
+    for tap in taps:
+        np.testing.assert_allclose(FeatureFile(whole.path).read(tap), FeatureFile(inline.path).read(tap),
+                                   rtol=1e-5, atol=1e-6)
+        assert np.array_equal(FeatureFile(whole.path).read(tap), FeatureFile(resumed.path).read(tap))
+
+
 def test_compiled_extraction_matches_eager_and_reports_its_compile_time(tiny_flat, tmp_path):
     if forward.can_compile(torch.device("cpu")):
         pytest.fail(f"this machine should be able to compile: {forward.can_compile(torch.device('cpu'))}")
@@ -133,8 +149,14 @@ def test_compile_and_loader_choices(monkeypatch):
         assert not resolve_compile("on", cpu, 10)
     with pytest.raises(UsageError, match="valid: auto, on, off"):
         resolve_compile("fast", cpu, 10)
-    assert resolve_loader("auto", cpu) == "inline" and resolve_loader("auto", torch.device("cuda")) == "workers"
-    assert resolve_loader("workers", cpu) == "workers"
+    assert resolve_loader("auto", torch.device("cuda"), 10**6) == "workers"
+    assert resolve_loader("workers", cpu, 10) == "workers"
+    assert resolve_loader("auto", cpu, REPLICAS_MIN_IMAGES - 1) == "inline"
+    for cores, expected in [(2, "replicas"), (1, "inline")]:  # one core: nothing to run in parallel
+        monkeypatch.setattr("features.extract.default_workers", lambda cores=cores: cores)
+        assert resolve_loader("auto", cpu, REPLICAS_MIN_IMAGES) == expected
+    with pytest.raises(UsageError, match="--loader replicas runs one model per CPU core, not on cuda"):
+        resolve_loader("replicas", torch.device("cuda"), 10)
 
 
 def test_other_decoders_match_pil_and_keep_the_error_handling(tmp_path):

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -52,10 +53,11 @@ def messy(tmp_path_factory) -> Path:
     return root
 
 
-def test_bad_images_are_skipped_with_reasons_and_odd_ones_converted(messy, tmp_path):
+@pytest.mark.parametrize("loader", [{}, {"loader": "replicas", "workers": 2}], ids=["inline", "replicas"])
+def test_bad_images_are_skipped_with_reasons_and_odd_ones_converted(messy, tmp_path, loader):
     images = folder_dataset(messy, max_pixels=1_000_000)
     assert len(images) == 8 + 6 + 4  # the .txt file is not a sample
-    report = extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, **RUN)
+    report = extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, **{**RUN, **loader})
     assert sorted(report.skipped) == ["bad/bomb.png", "bad/empty.jpg", "bad/notes.jpg", "bad/truncated.jpg"]
     assert report.skipped["bad/empty.jpg"] == "empty file" and "too large" in report.skipped["bad/bomb.png"]
     assert "truncated" in report.skipped["bad/truncated.jpg"].lower()
@@ -72,7 +74,7 @@ def test_on_error_fail_stops_with_the_file_name(messy, tmp_path):
 
 
 _EXTRACT_ARGS = ["extract", "--backbone", "resnet18", "--weights", "none", "--image-size", "64", "--taps",
-                 "layer1,logits", "--batch-size", "4", "--workers", "1", "--precision", "fp32", "--device", "cpu",
+                 "layer1,logits", "--batch-size", "4", "--workers", "2", "--precision", "fp32", "--device", "cpu",
                  "--no-progress"]
 
 # Runs the real CLI, but each batch write pauses and the 10th announces itself on stderr, so the test can
@@ -93,9 +95,27 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _extract_cmd(root: Path, out: Path, slowed: bool = False) -> list[str]:
+def _extract_cmd(root: Path, out: Path, loader: str, slowed: bool = False) -> list[str]:
     launcher = ["-c", _SLOWED_CLI] if slowed else ["-m", "pipeline"]
-    return [sys.executable, *launcher, *_EXTRACT_ARGS, "--dataset", f"folder:{root}", "--out", str(out)]
+    return [sys.executable, *launcher, *_EXTRACT_ARGS, "--loader", loader, "--dataset", f"folder:{root}",
+            "--out", str(out)]
+
+
+def _children(pid: int) -> set[int]:
+    """Processes whose parent is ``pid`` (Linux /proc)."""
+    kids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            kids.add(int(stat.parent.name))
+    return kids
+
+
+def _alive(pids: set[int]) -> set[int]:
+    return {p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text()[-80:]}
 
 
 @pytest.fixture(scope="module")
@@ -105,27 +125,37 @@ def long_set(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_killed_extract_resumes_to_identical_arrays(long_set, tmp_path, sig):
-    clean = subprocess.run(_extract_cmd(long_set, tmp_path / "clean"), capture_output=True, text=True, check=True)
+@pytest.mark.parametrize(("sig", "loader"), [(signal.SIGKILL, "inline"), (signal.SIGINT, "inline"),
+                                             (signal.SIGKILL, "replicas"), (signal.SIGINT, "replicas")])
+def test_killed_extract_resumes_to_identical_arrays(long_set, tmp_path, sig, loader):
+    clean = subprocess.run(_extract_cmd(long_set, tmp_path / "clean", loader), capture_output=True, text=True,
+                           check=True)
     clean_path = Path(clean.stdout.strip().splitlines()[-1])
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_extract_cmd(long_set, out, slowed=True), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_extract_cmd(long_set, out, loader, slowed=True), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     target = out / clean_path.parent.name / clean_path.name
     before = []
     while (line := proc.stderr.readline()) and line != "ten batches written\n":
         before.append(line)
     assert line, f"extract ended before ten batches were written: {''.join(before)}"
+    helpers = _children(proc.pid)
+    assert len(helpers) >= (2 if loader == "replicas" else 0)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     if sig == signal.SIGINT:
         assert proc.returncode == 130 and "rerun the same command to resume" in err
+        assert "Traceback" not in err  # the replicas ignore Ctrl-C: the parent stops them
+    for _ in range(100):  # replicas notice a killed parent within a second
+        if not _alive(helpers):
+            break
+        time.sleep(0.1)
+    assert not _alive(helpers), "no process of the run may outlive it"
     with h5py.File(target) as h5:
         done = h5["taps/logits"].attrs["rows_done"]
         assert 0 < done < 360 and not h5.attrs["complete"], "the kill must land mid-run"
-    resumed = subprocess.run(_extract_cmd(long_set, out), capture_output=True, text=True, check=True)
-    assert "extracted" in resumed.stdout
+    resumed = subprocess.run(_extract_cmd(long_set, out, loader), capture_output=True, text=True, check=True)
+    assert "extracted" in resumed.stdout and ("s of start-up" in resumed.stdout) == (loader == "replicas")
     a, b = FeatureFile(clean_path), FeatureFile(target)
     assert b.attrs["complete"]
     for tap in ("layer1", "logits"):
