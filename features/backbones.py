@@ -125,8 +125,13 @@ class UInt8Crop:
 
         torchvision's v2 kernels resize uint8 natively on the CPU (vectorised, channels-last
         when the CHW tensor views HWC memory) where v1 converts to float and back.
+        Antialiasing only widens the filter when shrinking: an enlarged image (most of
+        Caltech-101) gets the same pixels without it, 1.5x faster.
         """
-        img = F2.resize(img, self.resize_size, interpolation=self.interpolation, antialias=self.antialias)
+        h, w = img.shape[-2:]
+        rs = self.resize_size
+        shrinks = min(h, w) > rs[0] if len(rs) == 1 else (h > rs[0] or w > rs[1])
+        img = F2.resize(img, rs, interpolation=self.interpolation, antialias=self.antialias and shrinks)
         return F2.center_crop(img, self.crop_size).permute(1, 2, 0)
 
     def _box(self, size: tuple[int, int]) -> tuple[float, float, float, float] | None:

@@ -43,6 +43,20 @@ def test_box_resize_matches_resize_then_crop(size):
     assert diff.max() <= 2 and diff.mean() < 0.5
 
 
+@pytest.mark.parametrize("size", [(300, 240), (100, 80), (256, 300), (255, 1000), (500, 375), (257, 257)])
+def test_tensor_resize_skips_antialiasing_only_where_it_changes_nothing(size):
+    """Enlarging: the same pixels as the preset's antialiased resize; shrinking: antialiased."""
+    from torchvision.transforms.v2 import functional as F2
+
+    crop = Backbone("mobilenet_v2", weights="none").pixel_transform()
+    img = F.pil_to_tensor(photo(*size, seed=sum(size)))
+    preset = F2.center_crop(F2.resize(img, crop.resize_size, antialias=True), crop.crop_size).permute(1, 2, 0)
+    assert torch.equal(crop.tensor(img), preset)
+    if min(size) > crop.resize_size[0]:  # where antialiasing matters, dropping it would show
+        plain = F2.center_crop(F2.resize(img, crop.resize_size, antialias=False), crop.crop_size).permute(1, 2, 0)
+        assert not torch.equal(plain, preset)
+
+
 def test_box_resize_falls_back_where_the_crop_would_pad():
     crop = Backbone("resnet18", weights="none", image_size=64).pixel_transform()
     crop.resize_size = [32]  # a crop larger than the resized image: F.center_crop pads
