@@ -27,7 +27,9 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from typing import Self
 
 import torch
@@ -103,11 +105,41 @@ def _timed_forward(blocks: list[tuple[int, int]]) -> tuple[int, float]:
     return sum(len(b) for b in batches), time.perf_counter() - t0
 
 
+@contextmanager
+def _ctrl_c_as_flag():
+    """While waiting on replicas, Ctrl-C only sets the flag it yields; callers raise KeyboardInterrupt
+    where it is safe. Python's own handler would raise it wherever the idle main thread happens to be,
+    and inside a weakref or GC callback it is printed and dropped: the run would go on."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _result(future: Future, interrupted: threading.Event, timeout: float | None = None):
+    """``future.result()``, raising KeyboardInterrupt within a fraction of a second of Ctrl-C."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        try:
+            return future.result(timeout=0.2)
+        except FutureTimeout:
+            if deadline is not None and time.monotonic() > deadline:
+                raise
+
+
 class ReplicaPool:
     """``replicas`` spawned processes, each with its own extractor; a context manager.
 
-    Replicas ignore SIGINT and exit when the parent dies, so an interrupted run leaves
-    no strays; leaving the ``with`` block (normally or not) stops them at once.
+    Replicas ignore SIGINT (a terminal sends it to the whole process group) and exit when
+    the parent dies, so an interrupted run leaves no strays; leaving the ``with`` block
+    (normally or not) stops them at once.
     """
 
     def __init__(self, images: ImageSet, backbone: Backbone, taps: list[Tap], cfg, batch_size: int,
@@ -123,8 +155,9 @@ class ReplicaPool:
         self.n = len(images)
         t0 = time.perf_counter()
         try:
-            ready = [self._executor.submit(_ready) for _ in range(self.replicas)]
-            self.compile_seconds = max(f.result(timeout=STARTUP_TIMEOUT_SECONDS) for f in ready)
+            with _ctrl_c_as_flag() as interrupted:
+                ready = [self._executor.submit(_ready) for _ in range(self.replicas)]
+                self.compile_seconds = max(_result(f, interrupted, STARTUP_TIMEOUT_SECONDS) for f in ready)
         except BaseException:
             self.close()
             raise
@@ -135,12 +168,13 @@ class ReplicaPool:
         blocks = iter(range(start, self.n, self.batch_size))
         pending: deque[Future] = deque()
         try:
-            while True:
-                while len(pending) < 2 * self.replicas and (lo := next(blocks, None)) is not None:
-                    pending.append(self._executor.submit(_embed, lo, min(lo + self.batch_size, self.n)))
-                if not pending:
-                    return
-                yield pending.popleft().result()
+            with _ctrl_c_as_flag() as interrupted:
+                while True:
+                    while len(pending) < 2 * self.replicas and (lo := next(blocks, None)) is not None:
+                        pending.append(self._executor.submit(_embed, lo, min(lo + self.batch_size, self.n)))
+                    if not pending:
+                        return
+                    yield _result(pending.popleft(), interrupted)
         except BrokenProcessPool:
             raise TapsError("a replica process died (out of memory?); finished batches are kept: rerun to resume, "
                             "or use --loader inline") from None

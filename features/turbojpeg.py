@@ -1,7 +1,7 @@
 """JPEG files straight to cropped pixels: libjpeg-turbo (through simplejpeg), then torch's resize.
 
 The CPU default (``--decode simplejpeg``). Per Caltech-101 image it takes about half the
-core time of PIL's decode + box resize (0.37 against 0.69 ms), and two decode threads
+core time of PIL's decode + box resize (0.36 against 0.69 ms), and two decode threads
 speed it up as much as they do PIL's decoder (1.3x on this machine's two vCPUs):
 
 - ``simplejpeg.decode_jpeg`` calls the same libjpeg-turbo as PIL, with the same

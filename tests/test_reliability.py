@@ -132,8 +132,11 @@ def test_killed_extract_resumes_to_identical_arrays(long_set, tmp_path, sig, loa
                            check=True)
     clean_path = Path(clean.stdout.strip().splitlines()[-1])
     out = tmp_path / "killed"
+    # Its own process group, as a terminal's; SIGINT's default disposition even if this test
+    # runs where it is ignored (a background job).
     proc = subprocess.Popen(_extract_cmd(long_set, out, loader, slowed=True), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     target = out / clean_path.parent.name / clean_path.name
     before = []
     while (line := proc.stderr.readline()) and line != "ten batches written\n":
@@ -141,7 +144,10 @@ def test_killed_extract_resumes_to_identical_arrays(long_set, tmp_path, sig, loa
     assert line, f"extract ended before ten batches were written: {''.join(before)}"
     helpers = _children(proc.pid)
     assert len(helpers) >= (2 if loader == "replicas" else 0)
-    proc.send_signal(sig)
+    if sig == signal.SIGINT:  # Ctrl-C reaches the whole group
+        os.killpg(proc.pid, sig)
+    else:  # kill -9 (or the OOM killer) hits the main process alone: its replicas must notice
+        proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     if sig == signal.SIGINT:
         assert proc.returncode == 130 and "rerun the same command to resume" in err
