@@ -198,10 +198,13 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
     :mod:`features.shards`). ``engine="ray"`` runs decoding and the backbone on Ray
     Data (see :mod:`features.ray_engine`); the file is the same.
 
-    ``loader``: ``inline`` decodes each batch on ``workers`` threads between forward
-    passes, so decoding never competes with the forward for the CPU's cores (the CPU
-    default); ``workers`` decodes ahead in DataLoader processes while an accelerator
-    computes (the default on CUDA/MPS). ``compile``: ``torch.compile`` the extractor
+    ``loader``: ``replicas`` runs ``workers`` processes, each with its own single-threaded
+    model, decoding and embedding whole blocks (see :mod:`features.replicas`; the CPU
+    default from :data:`REPLICAS_MIN_IMAGES` images); ``inline`` runs one model on all
+    cores and decodes each batch on ``workers`` threads between forward passes, so
+    decoding never competes with the forward for the cores (the CPU default below that);
+    ``workers`` decodes ahead in DataLoader processes while an accelerator computes
+    (the default on CUDA/MPS). ``compile``: ``torch.compile`` the extractor
     (``auto``: when the dataset is large enough to repay the compile time, see
     :data:`features.forward.COMPILE_MIN_IMAGES`). ``decode``: ``simplejpeg`` (libjpeg-turbo
     and torch's uint8 resize in the loader; see :mod:`features.turbojpeg`), ``pil`` (draft
