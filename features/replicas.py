@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import signal
 import threading
 import time
@@ -36,7 +37,7 @@ import torch
 
 from .backbones import Backbone, Tap
 from .datasets import ImageSet
-from .errors import TapsError
+from .errors import TapsError, UsageError
 from .runtime import keep_freed_memory
 
 # A replica imports torch, builds its extractor and compiles it: minutes on a slow machine
@@ -155,8 +156,12 @@ class ReplicaPool:
         self.n = len(images)
         t0 = time.perf_counter()
         try:
-            with _ctrl_c_as_flag() as interrupted:
+            try:  # submitting spawns the processes, which pickles the dataset for them
                 ready = [self._executor.submit(_ready) for _ in range(self.replicas)]
+            except (pickle.PicklingError, AttributeError, TypeError) as exc:
+                raise UsageError(f"this dataset cannot be sent to replica processes ({exc}); "
+                                 "use --loader inline") from None
+            with _ctrl_c_as_flag() as interrupted:
                 self.compile_seconds = max(_result(f, interrupted, STARTUP_TIMEOUT_SECONDS) for f in ready)
         except BaseException:
             self.close()

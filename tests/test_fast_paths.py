@@ -127,6 +127,14 @@ def test_replicas_write_the_inline_values_and_resume_to_identical_rows(tiny_flat
         assert np.array_equal(FeatureFile(whole.path).read(tap), FeatureFile(resumed.path).read(tap))
 
 
+def test_a_dataset_replicas_cannot_receive_is_a_usage_error(tiny_flat, tmp_path):
+    images = load_dataset(f"folder:{tiny_flat}")
+    images.reader = lambda path: path  # a local function does not pickle
+    with pytest.raises(UsageError, match="cannot be sent to replica processes .* use --loader inline"):
+        extract(images, Backbone("resnet18", weights="none", image_size=32), ["avgpool"], out=tmp_path,
+                loader="replicas", workers=2, compile="off", **RUN)
+
+
 def test_compiled_extraction_matches_eager_and_reports_its_compile_time(tiny_flat, tmp_path):
     if forward.can_compile(torch.device("cpu")):
         pytest.fail(f"this machine should be able to compile: {forward.can_compile(torch.device('cpu'))}")
