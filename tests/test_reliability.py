@@ -168,6 +168,22 @@ def test_killed_extract_resumes_to_identical_arrays(long_set, tmp_path, sig, loa
         assert np.array_equal(a.read(tap), b.read(tap))
 
 
+def test_a_dead_replica_stops_the_run_in_one_line_and_the_rerun_resumes(long_set, tmp_path):
+    proc = subprocess.Popen(_extract_cmd(long_set, tmp_path, "replicas", slowed=True), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    while (line := proc.stderr.readline()) and line != "ten batches written\n":
+        pass
+    replicas = [p for p in _children(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+    assert len(replicas) == 2
+    os.kill(replicas[0], signal.SIGKILL)  # as the OOM killer would
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "a replica process died" in err and "Traceback" not in err
+    resumed = subprocess.run(_extract_cmd(long_set, tmp_path, "replicas"), capture_output=True, text=True, check=True)
+    done = int(resumed.stdout.split(": ")[1].split(" images")[0])
+    assert 0 < done < 360  # only what the first run had not written
+    assert FeatureFile(resumed.stdout.strip().splitlines()[-1]).attrs["complete"]
+
+
 def test_second_writer_is_refused_while_the_first_holds_the_lock(tiny_flat, tmp_path):
     images = load_dataset(f"folder:{tiny_flat}")
     path = tmp_path / "busy.h5"
