@@ -112,7 +112,8 @@ def _ctrl_c_as_flag():
     where it is safe. Python's own handler would raise it wherever the idle main thread happens to be,
     and inside a weakref or GC callback it is printed and dropped: the run would go on."""
     flag = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):  # ignored, or the caller's own
         yield flag
         return
     previous = signal.signal(signal.SIGINT, lambda *_: flag.set())

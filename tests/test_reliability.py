@@ -80,7 +80,8 @@ _EXTRACT_ARGS = ["extract", "--backbone", "resnet18", "--weights", "none", "--im
 # Runs the real CLI, but each batch write pauses and the 10th announces itself on stderr, so the test can
 # signal the process mid-run however fast this machine extracts.
 _SLOWED_CLI = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started where SIGINT is ignored
 from features.store import FeatureWriter
 from pipeline.cli import main
 write, calls = FeatureWriter.write, []
@@ -132,11 +133,9 @@ def test_killed_extract_resumes_to_identical_arrays(long_set, tmp_path, sig, loa
                            check=True)
     clean_path = Path(clean.stdout.strip().splitlines()[-1])
     out = tmp_path / "killed"
-    # Its own process group, as a terminal's; SIGINT's default disposition even if this test
-    # runs where it is ignored (a background job).
+    # Its own process group, as a terminal's.
     proc = subprocess.Popen(_extract_cmd(long_set, out, loader, slowed=True), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     target = out / clean_path.parent.name / clean_path.name
     before = []
     while (line := proc.stderr.readline()) and line != "ten batches written\n":
