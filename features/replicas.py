@@ -31,7 +31,6 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from typing import Self
 
 import torch
 
@@ -201,7 +200,7 @@ class ReplicaPool:
         for proc in list((getattr(self._executor, "_processes", None) or {}).values()):
             proc.join(timeout=10)
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> ReplicaPool:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
 
     def __exit__(self, *exc) -> None:
