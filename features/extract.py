@@ -316,6 +316,10 @@ class BlockSource:
             return cls(jpeg.EncodedImages(images, transform, min_side), jpeg.collate_encoded, True)
         return cls(_Preprocessed(images, transform, min_side, cfg.decode), _collate, False)
 
+    def load(self, lo: int, hi: int):
+        """Samples [lo, hi) decoded and collated, on the calling thread."""
+        return self.collate([self.dataset[i] for i in range(lo, hi)])
+
     def embed(self, collated, forward: Forward) -> tuple[int, int, dict[str, np.ndarray], dict[int, str]]:
         """A collated block -> (lo, hi, {tap name: pooled rows of the good images}, {index: error})."""
         batch, indices, errors = collated

@@ -86,16 +86,15 @@ def _ready() -> float:
 
 
 def _embed(lo: int, hi: int):
-    source = _checked()["source"]
-    return source.embed(source.collate([source.dataset[i] for i in range(lo, hi)]), _replica["forward"])
+    state = _checked()
+    return state["source"].embed(state["source"].load(lo, hi), state["forward"])
 
 
 def _timed_forward(blocks: list[tuple[int, int]]) -> tuple[int, float]:
     """Decode ``blocks`` untimed, wait for the other replicas, then time the forward passes alone."""
     state = _checked()
     source, forward = state["source"], state["forward"]
-    batches = [source.collate([source.dataset[i] for i in range(lo, hi)])[0] for lo, hi in blocks]
-    batches = [b for b in batches if b is not None]
+    batches = [b for b in (source.load(lo, hi)[0] for lo, hi in blocks) if b is not None]
     if batches:  # warm-up: the first pass after a pause allocates, later ones reuse
         forward(batches[0])
     state["barrier"].wait()
