@@ -89,8 +89,8 @@ def ceiling(backbone: Backbone, images, batch_size: int, device, precision: str,
             return pool.forward_rate(0, len(images))
     crop = backbone.pixel_transform()
     pixels = torch.from_numpy(np.stack([crop(images.image(i)) for i in range(len(images))]))
-    forward = prepare_forward(backbone, resolved, cfg, len(pixels), batch_size)
     with keep_freed_memory():  # as extract() runs
+        forward = prepare_forward(backbone, resolved, cfg, len(pixels), batch_size)
         forward(pixels[:batch_size])  # warm-up
         t0 = time.perf_counter()
         for s in range(0, len(pixels), batch_size):
