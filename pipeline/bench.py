@@ -253,20 +253,35 @@ def run_bench(backbone: str = "mobilenet_v2", n: int = 1000, data_root: str | No
         "pipeline_layer2": lambda: pipeline_rate(images, rn, ["layer2"], work, **common),
         "pipeline_full": lambda: pipeline_rate(images, rn, ["avgpool"], work, **common),
     }
-    names = list(measures)
+    # The headline ratios' measures run as one unit, the reference on both sides of the other
+    # (A B A) and taken as the mean of its two rates: a drift within the unit cancels.
+    brackets = {"ceiling": "pipeline", "forward_full": "forward_layer2", "pipeline_full": "pipeline_layer2"}
+    names = [name for name in measures if name not in brackets.values()]
+    samples: dict[str, list[list[float]]] = {}
+
+    def measure(name: str, round_: int) -> float:
+        rate = measures[name]()
+        log(f"  round {round_ + 1}: {name} {rate:.1f} img/s")
+        return rate
+
     for round_ in range(rounds):
         # Each round starts at another measure: what ran just before (a big compile, the
         # ceiling's 150 MB of pixels) must not always precede the same measure.
         shift = round_ * len(names) // rounds
         for name in names[shift:] + names[:shift]:
-            runs.setdefault(name, []).append(measures[name]())
-            log(f"  round {round_ + 1}: {name} {runs[name][-1]:.1f} img/s")
+            if name not in brackets:
+                runs.setdefault(name, []).append(measure(name, round_))
+                continue
+            before, inner, after = measure(name, round_), measure(brackets[name], round_), measure(name, round_)
+            samples.setdefault(name, []).append([before, after])
+            runs.setdefault(name, []).append((before + after) / 2)
+            runs.setdefault(brackets[name], []).append(inner)
 
     def ratio(a: str, b: str) -> float:  # median over rounds of a/b measured in the same round
         return float(np.median([x / y for x, y in zip(runs[a], runs[b])]))
 
     med = {name: float(np.median(v)) for name, v in runs.items()}
-    r["rates_per_round"] = runs
+    r["rates_per_round"], r["bracketing_rates"] = runs, samples
     r["ceiling"], r["pipeline"] = med["ceiling"], med["pipeline"]
     r["compile_seconds"] = [round(c, 1) for c in compile_times]
     r["ablations"] = {label: {"rate": med[label], "versus": base, "ratio": ratio(base, label)}
@@ -309,7 +324,8 @@ def format_bench(r: dict) -> str:
         f"torch.compile {r['compile']}" + (f" ({max(r['compile_seconds']):.0f} s at most per run, not in the rates)"
                                            if r.get("compile_seconds") else ""),
         f"taps: {', '.join(r['taps'])}; rates: median of {r['rounds']} interleaved rounds (seed-style: one); "
-        "ratios: median of the ratios within each round",
+        "ratios: median of the ratios within each round, where the ceiling and the full passes run "
+        "before and after the measure they are compared with",
         "",
         f"{'measure':<44}{'img/s':>8}  ratio",
         f"{'ceiling (same forward, batches in memory)':<44}{r['ceiling']:>8.1f}",

@@ -17,6 +17,10 @@ def test_bench_measures_every_row_in_one_run(tmp_path):
              *(v for k, v in r["early_tap"].items() if not k.endswith("ratio"))]
     assert all(rate > 0 for rate in rates)
     assert 0 < r["pipeline/ceiling"] and r["early_tap"]["forward_time_ratio"] > 0
+    # the headline references run before and after what they are compared with; their rate is the mean
+    assert set(r["bracketing_rates"]) == {"ceiling", "forward_full", "pipeline_full"}
+    (before, after), = r["bracketing_rates"]["ceiling"]
+    assert r["ceiling"] == pytest.approx((before + after) / 2) and len(r["rates_per_round"]["pipeline"]) == 1
     assert "NCHW instead of channels_last" in r["ablations"] and "eager" not in r  # compile off: no eager rows
     assert r["loader"] == ("replicas" if default_workers() >= 2 else "inline")  # as `auto` for a large run
     assert ("inline loader: one process, all cores" in r["ablations"]) == (r["loader"] == "replicas")
