@@ -116,7 +116,16 @@ def _children(pid: int) -> set[int]:
 
 
 def _alive(pids: set[int]) -> set[int]:
-    return {p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text()[-80:]}
+    """Those of ``pids`` still running (not gone, not zombies)."""
+    alive = set()
+    for p in pids:
+        try:  # a process may exit between any two reads of /proc
+            state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(p)
+    return alive
 
 
 @pytest.fixture(scope="module")
