@@ -10,6 +10,7 @@ resumes at the first unfinished block and computes identical values.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import time
@@ -30,7 +31,7 @@ from .errors import TapsError, UsageError, choose
 from .forward import Forward, build_extractor, compiled, resolve_compile
 from .pooling import check_pooling, is_spatial, pooled_dim
 from .runtime import keep_freed_memory
-from .store import FeatureWriter, exclusive_lock, tap_key, versions
+from .store import FeatureWriter, exclusive_lock, feature_file_name, tap_key, versions
 from .turbojpeg import sample_pixels
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -160,8 +161,16 @@ class ExtractionReport:
 
 def feature_path(out: Path | str, dataset_name: str, backbone: Backbone) -> Path:
     """One file per (dataset, backbone, weights, preprocessing); ``dataset_name`` as from ``dataset_slug``."""
-    weights = backbone.weights.spec.split(".")[-1].replace(":", "-")
-    return Path(out) / dataset_name / f"{backbone.name}__{weights}__{backbone.input_size}px.h5"
+    name = feature_file_name(backbone.name, backbone.weights.spec, backbone.input_size, backbone.transform_spec())
+    return Path(out) / dataset_name / name
+
+
+def feature_header(images: ImageSet, backbone: Backbone, batch_size: int) -> dict:
+    """The root attributes that say what a feature file was made from (see :mod:`features.store`)."""
+    return {"backbone": backbone.name, "weights": backbone.weights.spec, "weights_sha256": backbone.weights.sha256,
+            "transform": backbone.transform_spec(), "image_size": backbone.input_size, "dataset": images.name,
+            "dataset_fingerprint": images.fingerprint(), "n_samples": len(images), "batch_size": batch_size,
+            "versions": versions()}
 
 
 @dataclass(frozen=True)
@@ -224,9 +233,7 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
     cfg = RunConfig(pooling, dev, resolve_precision(precision, dev), default_workers() if workers is None else workers,
                     channels_last, on_error, draft, resolve_loader(loader, dev, len(images)), compile,
                     resolve_decode(decode, dev, engine))
-    header = {"backbone": backbone.name, "weights": backbone.weights.spec, "transform": backbone.transform_spec(),
-              "image_size": backbone.input_size, "dataset": images.name, "dataset_fingerprint": images.fingerprint(),
-              "n_samples": len(images), "batch_size": batch_size, "versions": versions()}
+    header = feature_header(images, backbone, batch_size)
     path = Path(path) if path else feature_path(out, images.name, backbone)
     if shard is not None:
         from .shards import shard_images, shard_path
@@ -244,14 +251,14 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
                 _run(writer, images, backbone, resolved, keys, cfg, progress, limit_batches, report, engine,
                      ray_options or {})
             finally:
-                report.skipped = {images.ids[i]: str(e.decode() if isinstance(e, bytes) else e)
-                                  for i, e in enumerate(writer.h5["errors"][:]) if e}
+                report.skipped = {images.ids[i]: reason for i, reason in writer.skipped().items()}
                 writer.close()
     except PermissionError as exc:
         raise UsageError(f"cannot write {path} ({exc.strerror}); pass --out to a writable folder") from None
     except OSError as exc:
-        if exc.errno == 28:  # ENOSPC: finished batches are on disk, the rest resumes later
-            raise TapsError(f"disk full while writing {path}; free space and rerun to resume") from None
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # finished blocks are on disk, the rest resumes later
+            raise TapsError(f"disk full while writing {path}; free space and rerun the same command "
+                            f"(finished blocks are kept, the rest is recomputed)") from None
         raise
     return report
 
@@ -276,7 +283,7 @@ def prepare_forward(backbone: Backbone, taps: list[Tap], cfg: RunConfig, n_image
         size = backbone.input_size
         fast(torch.zeros((batch_size, size, size, 3), dtype=torch.uint8))
     except Exception as exc:  # Inductor fails in many ways (toolchain, headers, unsupported ops)
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         warnings.warn(f"torch.compile failed ({reason}); extracting without it", stacklevel=2)
         eager.module.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
         return eager
@@ -348,8 +355,10 @@ def _run(writer: FeatureWriter, images: ImageSet, backbone: Backbone, taps: list
          ray_options: dict) -> None:
     attrs = {t.name: {"tap": t.name, "node": t.node, "pooling": cfg.pooling if is_spatial(t.shape) else "none",
                       "precision": cfg.precision, "decode": cfg.decode} for t in taps}
-    for t in taps:
-        writer.ensure_tap(keys[t.name], pooled_dim(t.shape, cfg.pooling), attrs[t.name])
+    writer.ensure_taps({keys[t.name]: (pooled_dim(t.shape, cfg.pooling), attrs[t.name]) for t in taps})
+    for key, rows in writer.recovered.items():
+        warnings.warn(f"{rows} rows of tap {key} in {writer.path} were not on disk intact (a full disk or a crash "
+                      f"while writing); recomputing them", stacklevel=2)
     todo = [t for t in taps if not writer.tap_done(keys[t.name])]
     report.reused = [keys[t.name] for t in taps if t not in todo]
     if not todo:

@@ -16,7 +16,7 @@ import numpy as np
 
 from .datasets import ImageSet, SubsetImageSet
 from .errors import TapsError, UsageError
-from .store import IDENTITY, FeatureWriter, _open_h5, exclusive_lock
+from .store import IDENTITY, FeatureFile, FeatureWriter, exclusive_lock
 
 SHARD_SUFFIX = re.compile(r"\.shard(\d+)of(\d+)$")
 
@@ -51,71 +51,86 @@ def shard_path(path: Path, index: int, shards: int) -> Path:
 
 
 def merge_shards(paths: list[Path], out: Path | None = None, force: bool = False) -> Path:
-    """Combine complete shard files into one feature file; refuses gaps, overlaps and mixed settings."""
+    """Combine complete shard files into one feature file; refuses gaps, overlaps and mixed settings.
+
+    Every root and tap attribute of the shards is kept (the decoder and precision a tap was
+    computed with included), and the rows are rewritten in whole blocks of the merged file,
+    so its block checksums are those a single run would have written.
+    """
     if not paths:
         raise UsageError("taps merge needs shard files")
-    files = [_open_h5(Path(p), "r") for p in paths]
-    try:
-        first = files[0].attrs
-        for p, f in zip(paths, files):
-            if "shard" not in f.attrs:
-                raise UsageError(f"{p} is not a shard file (made without --shard)")
-            for key in [k for k in IDENTITY if k not in ("dataset_fingerprint", "n_samples")] + [
-                    "full_dataset_fingerprint", "full_n_samples", "batch_size"]:
-                if str(f.attrs[key]) != str(first[key]):
-                    raise TapsError(f"{p} has {key}={f.attrs[key]}, but {paths[0]} has {first[key]}; "
-                                    f"merge shards of one extraction only")
-            if sorted(f["taps"]) != sorted(files[0]["taps"]):
-                raise TapsError(f"{p} has taps {sorted(f['taps'])}, but {paths[0]} has {sorted(files[0]['taps'])}")
-            incomplete = [k for k, ds in f["taps"].items() if not ds.attrs["complete"]]
-            if incomplete:
-                raise TapsError(f"{p} is incomplete (taps {', '.join(incomplete)}); rerun its extract to finish it")
-        order = sorted(range(len(files)), key=lambda i: int(files[i].attrs["shard_start"]))
-        n_total = int(first["full_n_samples"])
-        expected = 0
-        for i in order:
-            start, size = int(files[i].attrs["shard_start"]), int(files[i].attrs["n_samples"])
-            if start != expected:
-                what = "missing" if start > expected else "duplicated"
-                raise TapsError(f"samples {min(start, expected)}..{max(start, expected) - 1} are {what} "
-                                f"(at {paths[i]}); pass every shard exactly once")
-            expected = start + size
-        if expected != n_total:
-            raise TapsError(f"samples {expected}..{n_total - 1} are missing; pass every shard exactly once")
-        out = Path(out) if out else paths[0].with_name(SHARD_SUFFIX.sub("", paths[0].stem) + paths[0].suffix)
-        header = {k: first[k] for k in first if k not in ("shard", "shard_start", "full_n_samples",
-                                                            "full_dataset_fingerprint", "complete", "created",
-                                                            "format", "format_version")}
-        header.update(dataset_fingerprint=first["full_dataset_fingerprint"], n_samples=n_total)
+    for p in paths:
+        if not Path(p).is_file():
+            raise UsageError(f"shard file {p} does not exist; pass the .shardIofN.h5 files `taps extract --shard` wrote")
+    files = [FeatureFile(p) for p in paths]
+    first = files[0].attrs
+    for p, f in zip(paths, files):
+        if "shard" not in f.attrs:
+            raise UsageError(f"{p} is not a shard file (made without --shard)")
+        for key in [k for k in IDENTITY if k not in ("dataset_fingerprint", "n_samples")] + [
+                "full_dataset_fingerprint", "full_n_samples", "batch_size"]:
+            if str(f.attrs.get(key)) != str(first.get(key)):
+                raise TapsError(f"{p} has {key}={f.attrs.get(key)}, but {paths[0]} has {first.get(key)}; "
+                                f"merge shards of one extraction only")
+        if sorted(f.taps) != sorted(files[0].taps):
+            raise TapsError(f"{p} has taps {sorted(f.taps)}, but {paths[0]} has {sorted(files[0].taps)}")
+        incomplete = [k for k, a in f.taps.items() if not a["complete"]]
+        if incomplete:
+            raise TapsError(f"{p} is incomplete (taps {', '.join(incomplete)}); rerun its extract to finish it")
+    order = sorted(range(len(files)), key=lambda i: int(files[i].attrs["shard_start"]))
+    n_total = int(first["full_n_samples"])
+    expected = 0
+    for i in order:
+        start, size = int(files[i].attrs["shard_start"]), int(files[i].attrs["n_samples"])
+        if start != expected:
+            what = "missing" if start > expected else "duplicated"
+            raise TapsError(f"samples {min(start, expected)}..{max(start, expected) - 1} are {what} "
+                            f"(at {paths[i]}); pass every shard exactly once")
+        expected = start + size
+    if expected != n_total:
+        raise TapsError(f"samples {expected}..{n_total - 1} are missing; pass every shard exactly once")
+    out = Path(out) if out else paths[0].with_name(SHARD_SUFFIX.sub("", paths[0].stem) + paths[0].suffix)
+    header = {k: v for k, v in first.items() if k not in SHARD_ONLY}
+    header.update(dataset_fingerprint=first["full_dataset_fingerprint"], n_samples=n_total)
+    shards = [files[i] for i in order]
+    splits = [s for f in shards for s in f.split] if shards[0].split is not None else None
+    errors = {}
+    for f in shards:
+        errors.update({int(f.attrs["shard_start"]) + j: f.errors[f.ids[j]] for j in np.flatnonzero(~f.valid)})
+    with exclusive_lock(out):
+        writer = FeatureWriter(out, header, np.concatenate([f.labels for f in shards]), shards[0].classes,
+                               [i for f in shards for i in f.ids], splits, force)
+        try:
+            if writer.h5.attrs.get("complete"):
+                return out
+            taps = shards[0].taps
+            writer.ensure_taps({key: (int(a["dim"]), {k: v for k, v in a.items() if k not in TAP_PROGRESS})
+                                for key, a in taps.items()})
+            for key in taps:
+                _write_blocks(writer, key, shards, errors)
+            writer.finish(list(taps))
+        finally:
+            writer.close()
+    return out
 
-        def concat(name):
-            parts = [files[i][name][:] for i in order]
-            return np.concatenate(parts) if parts else None
 
-        decode = lambda a: [v.decode() if isinstance(v, bytes) else v for v in a]  # noqa: E731
-        splits = decode(concat("split")) if "split" in files[0] else None
-        with exclusive_lock(out):
-            writer = FeatureWriter(out, header, concat("labels"), decode(files[0]["classes"][:]),
-                                   decode(concat("ids")), splits, force)
-            try:
-                if writer.h5.attrs.get("complete"):
-                    return out
-                valid, errors = concat("valid"), decode(concat("errors"))
-                bad = {i: e for i, e in enumerate(errors) if not valid[i]}
-                keys = list(files[0]["taps"])
-                for key in keys:
-                    ds = files[0]["taps"][key]
-                    writer.ensure_tap(key, int(ds.attrs["dim"]),
-                                      {k: ds.attrs[k] for k in ("tap", "node", "pooling", "precision")})
-                for i in order:  # one shard at a time: memory stays at one slice
-                    start = int(files[i].attrs["shard_start"])
-                    stop = start + int(files[i].attrs["n_samples"])
-                    writer.write(start, stop, {k: files[i]["taps"][k][:] for k in keys},
-                                 {j: e for j, e in bad.items() if start <= j < stop})
-                writer.finish(keys)
-            finally:
-                writer.close()
-        return out
-    finally:
-        for f in files:
-            f.close()
+# Attributes of a shard (or of a tap's progress) that the merged file sets for itself.
+SHARD_ONLY = ("shard", "shard_start", "full_n_samples", "full_dataset_fingerprint", "complete", "created",
+              "format", "format_version")
+TAP_PROGRESS = ("dim", "rows_done", "complete")
+
+
+def _write_blocks(writer: FeatureWriter, key: str, shards: list[FeatureFile], errors: dict[int, str]) -> None:
+    """Copy one tap of the ordered shards into ``writer`` in whole blocks; memory holds one shard's rows."""
+    bs, n = writer.batch_size, writer.n_samples
+    carry, lo = None, 0  # rows not yet written, starting at sample ``lo`` (a block boundary)
+    for f in shards:
+        rows = f.matrix(key)
+        carry = rows if carry is None else np.concatenate([carry, rows])
+        end = lo + len(carry)
+        whole = end if end == n else lo + (len(carry) // bs) * bs
+        for start in range(lo, whole, bs):
+            stop = min(start + bs, whole)
+            writer.write(start, stop, {key: carry[start - lo:stop - lo]},
+                         {j: e for j, e in errors.items() if start <= j < stop})
+        carry, lo = carry[whole - lo:], whole

@@ -1,10 +1,10 @@
 """The HDF5 feature file: the only contract between stage one and stage two.
 
-Schema (format_version 1)::
+Schema (format_version 2)::
 
-    /                 attrs: format, format_version, backbone, weights, transform, image_size,
-                             dataset, dataset_fingerprint, n_samples, batch_size, created,
-                             versions (JSON), complete
+    /                 attrs: format, format_version, backbone, weights, weights_sha256 (local files),
+                             transform, image_size, dataset, dataset_fingerprint, n_samples,
+                             batch_size, created, versions (JSON), complete
     /labels           int64 (N,)
     /classes          str   (C,)
     /ids              str   (N,)   stable sample ids (relative paths or split/index)
@@ -12,21 +12,34 @@ Schema (format_version 1)::
     /valid            bool  (N,)   False for images that could not be decoded
     /errors           str   (N,)   '' or why the image was skipped
     /taps/<key>       float32 (N, D), chunked along N
-                      attrs: tap, node, pooling, dim, precision, rows_done, complete
+                      attrs: tap, node, pooling, dim, precision, decode, rows_done, complete
+    /blocks/<key>     uint32 (ceil(N / batch_size),)  CRC-32 of each written block of the tap
+                      (its rows, then the block's /valid and /errors entries)
 
 ``<key>`` is the tap name, with ``@<pooling>`` appended for a spatial tap pooled
 other than by the default average (``layer3@avgmax``). Rows are written in
-fixed batches of ``batch_size`` in sample order, and ``rows_done`` advances only
-after a batch is on disk, so an interrupted run resumes at a batch boundary and
-recomputes exactly the batches it would have computed anyway.
+fixed blocks of ``batch_size`` in sample order. A block counts as done only
+once its data is flushed to the file *and then* ``rows_done`` has advanced and
+been flushed again, so an interrupted run resumes at a block boundary and
+recomputes exactly the blocks it would have computed anyway.
+
+Each block's checksum is checked whenever a tap is read and whenever an
+extraction opens the file again: a block whose data never reached the disk
+(a failed flush on a full disk, a crash inside the file system, a copy cut
+short) is refused by readers and recomputed by the next ``taps extract``.
+Version-1 files (no ``/blocks``) are read and resumed without that check.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import re
+import shutil
+import zlib
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,7 +51,8 @@ import numpy as np
 from .errors import TapsError
 
 FORMAT = "taps-features"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 # Settings that define a feature file: if any differs, the file is a different one.
 IDENTITY = ("backbone", "weights", "transform", "dataset", "dataset_fingerprint", "n_samples")
 STR = h5py.string_dtype()
@@ -48,9 +62,92 @@ def tap_key(tap: str, pooling: str, spatial: bool) -> str:
     return f"{tap}@{pooling}" if spatial and pooling != "avg" else tap
 
 
+def short_digest(text: str) -> str:
+    """Eight hex digits of SHA-256: enough to tell settings apart in a file or folder name."""
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def feature_file_name(backbone: str, weights_spec: str, input_size: int, transform_spec: str) -> str:
+    """The file name of one (backbone, weights, preprocessing): every setting that changes the features.
+
+    The weights part is the enum member (``IMAGENET1K_V1``), ``none``, or ``file-<stem>-<digest>``
+    for a local file; the preprocessing part is the input size and a digest of the whole
+    transform (resize, crop, interpolation, mean, std), so ``--image-size 224`` (resize 224) and
+    the weights' preset (resize 256, crop 224) never share a file.
+    """
+    if weights_spec.startswith("file:"):
+        _, name, digest = weights_spec.split(":", 2)
+        weights = f"file-{Path(name).stem}-{digest[:8]}"
+    else:
+        weights = weights_spec.split(".")[-1]
+    weights = re.sub(r"[^A-Za-z0-9_.-]", "_", weights)
+    return f"{backbone}__{weights}__{input_size}px-{short_digest(transform_spec)}.h5"
+
+
 def _chunk_rows(n: int, dim: int) -> int:
     # About 1 MiB per chunk: large enough for fast sequential reads, small enough to append per batch.
     return max(1, min(n, (1 << 20) // (4 * max(dim, 1))))
+
+
+def block_checksum(rows: np.ndarray, valid: np.ndarray, errors) -> int:
+    """CRC-32 of one block: its float32 rows, then its /valid flags and its /errors texts (bytes)."""
+    crc = zlib.crc32(np.ascontiguousarray(rows, dtype=np.float32))
+    crc = zlib.crc32(np.ascontiguousarray(valid, dtype=bool), crc)
+    return zlib.crc32(b"\x00".join(e if isinstance(e, bytes) else e.encode() for e in errors), crc)
+
+
+def first_bad_row(rows: np.ndarray, valid: np.ndarray, errors, sums: np.ndarray, start: int,
+                  batch_size: int) -> int | None:
+    """The first row of the first block in ``rows`` (sample rows from ``start``, a block boundary)
+    whose checksum differs from ``sums`` (indexed by block number), or None when all match."""
+    for lo in range(0, len(rows), batch_size):
+        hi = min(lo + batch_size, len(rows))
+        block = (start + lo) // batch_size
+        if block_checksum(rows[lo:hi], valid[lo:hi], errors[lo:hi]) != int(sums[block]):
+            return start + lo
+    return None
+
+
+def _verify_tap(h5: h5py.File, key: str) -> int | None:
+    """First row of a written block of ``key`` whose data is not what was written, or None.
+
+    Reads the written rows in slabs of about 64 MiB. Version-1 taps have no checksums.
+    """
+    if "blocks" not in h5 or key not in h5["blocks"]:
+        return None
+    ds, sums, bs = h5["taps"][key], h5["blocks"][key][:], int(h5.attrs["batch_size"])
+    done = int(ds.attrs["rows_done"])
+    step = bs * max(1, (64 << 20) // (4 * max(ds.shape[1], 1) * bs))
+    for lo in range(0, done, step):
+        hi = min(lo + step, done)
+        bad = first_bad_row(ds[lo:hi], h5["valid"][lo:hi], h5["errors"][lo:hi], sums, lo, bs)
+        if bad is not None:
+            return bad
+    return None
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)  # HDF5 reports the OS error inside a RuntimeError's text
+    return "errno = 28" in text or "No space left" in text or "quota exceeded" in text.lower()
+
+
+def _reason(exc: BaseException) -> str:
+    """The OS's words for a failed write: HDF5 wraps them (over several lines) in its own text."""
+    text = str(exc).strip()
+    found = re.search(r"error message = '([^']*)'", text)
+    if found:
+        return found.group(1)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def check_free_space(folder: Path, needed: int, what: str) -> None:
+    """Refuse (before any work) to start writing ``needed`` bytes where fewer are free."""
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise TapsError(f"not enough disk space for {what}: about {needed / 2 ** 20:.1f} MiB needed, "
+                        f"{free / 2 ** 20:.1f} MiB free in {folder}; free space or pass --out to another disk")
 
 
 @contextmanager
@@ -74,27 +171,68 @@ def exclusive_lock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _open_h5(path: Path, mode: str) -> h5py.File:
+# HDF5 records the file's size in its superblock; a file cut short after that (a full disk while
+# the file grew) is refused on open with this message.
+_TRUNCATED = re.compile(r"truncated file: eof = (\d+).*stored_eof = (\d+)", re.S)
+
+
+def open_h5(path: Path, mode: str = "r") -> h5py.File:
+    """Open a feature (or shard) file; a damaged or foreign file is one line naming the fix."""
     # HDF5's own flock is inherited by forked DataLoader workers and outlives a killed writer;
     # exclusive_lock() is the writers' lock, and readers refuse incomplete taps anyway.
     try:
         return h5py.File(path, mode, locking=False)
     except OSError as exc:
-        raise TapsError(f"{path} is not a readable HDF5 feature file ({str(exc).splitlines()[0][:100]}); "
-                        f"pass --force to rebuild it") from None
+        if _TRUNCATED.search(str(exc)):
+            raise TapsError(f"{path} was cut short while it was written (a full disk or a crash); rerun the same "
+                            f"`taps extract` command to repair it (finished blocks are kept)") from None
+        raise TapsError(f"{path} is not a readable HDF5 feature file ({_reason(exc)}); rebuild it with the "
+                        f"same `taps extract` command plus --force") from None
+
+
+def _pad_truncated(path: Path) -> bool:
+    """Make a cut-short file openable again: zeros up to the size its superblock records.
+
+    The OS refused HDF5's last writes, which had already counted the new size; what is missing
+    are those writes, and every tap block among them fails its checksum once the file opens, so
+    the writer recomputes it. Returns False when the file was not cut short.
+    """
+    try:
+        h5py.File(path, "r", locking=False).close()
+        return False
+    except OSError as exc:
+        found = _TRUNCATED.search(str(exc))
+        if not found:
+            return False
+        os.truncate(path, int(found.group(2)))
+        return True
 
 
 class FeatureWriter:
-    """Creates, checks and appends to one feature file (use under :func:`exclusive_lock`)."""
+    """Creates, checks and appends to one feature file (use under :func:`exclusive_lock`).
+
+    After a failed write the writer is spent: it closes the file without letting HDF5
+    write anything more to it (see :meth:`_abandon`) and raises one :class:`TapsError`.
+    """
 
     def __init__(self, path: Path, header: dict, labels, classes, ids, splits, force: bool = False):
         self.path = Path(path)
+        self.failed = False
+        self.recovered: dict[str, int] = {}  # tap key -> rows found damaged on open, to be recomputed
+        # Datasets stay open while the writer lives: HDF5 writes a dataset's cached chunks when its
+        # last handle closes, and a write that fails there (a full disk) cannot be caught or undone.
+        self._open: dict[str, h5py.Dataset] = {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if force and self.path.exists():
             self.path.unlink()
         if self.path.exists():
-            self.h5 = _open_h5(self.path, "r+")
+            repaired = _pad_truncated(self.path)
+            self.h5 = open_h5(self.path, "r+")
             self._check(header)
+            if repaired:  # any tap may have lost blocks, not only the ones this run asks for
+                for key in list(self.h5["taps"]):
+                    self._recover(key)
+                self._flush()
         else:
             self.h5 = self._create(header, labels, classes, ids, splits)
 
@@ -113,43 +251,83 @@ class FeatureWriter:
         h5.create_dataset("valid", data=np.ones(n, dtype=bool))
         h5.create_dataset("errors", shape=(n,), dtype=STR)
         h5.create_group("taps")
+        h5.create_group("blocks")
         h5.close()
         os.replace(tmp, self.path)  # the file appears whole or not at all
-        return _open_h5(self.path, "r+")
+        return open_h5(self.path, "r+")
 
     def _check(self, header: dict) -> None:
         attrs = self.h5.attrs
         if attrs.get("format") != FORMAT:
             raise TapsError(f"{self.path} is not a taps feature file; pass --force to replace it or --out elsewhere")
+        if int(attrs.get("format_version", 1)) not in READABLE_VERSIONS:
+            raise TapsError(f"{self.path} has format_version {attrs.get('format_version')}, newer than this taps "
+                            f"reads; upgrade taps, or pass --force to rebuild it")
         for key in IDENTITY:
             old, new = attrs.get(key), header.get(key)
             if new is not None and str(old) != str(new):
-                raise TapsError(f"{self.path} was written with {key}={old!s:.60}, not {new!s:.60}; "
-                                f"pass --force to rebuild it or --out to write elsewhere")
+                raise TapsError(f"{self.path} {describe_change(key, old, new)}; pass --force to rebuild it "
+                                f"or --out to write elsewhere")
 
     @property
     def batch_size(self) -> int:
         return int(self.h5.attrs["batch_size"])
 
+    @property
+    def n_samples(self) -> int:
+        return int(self.h5.attrs["n_samples"])
+
+    def ensure_taps(self, specs: dict[str, tuple[int, dict]]) -> None:
+        """Create each ``/taps/<key>`` (``{key: (dim, attrs)}``) that is missing, after checking that
+        the disk has room for them; refuse to resume one made with other settings; check the
+        written blocks of the existing ones, so that a block that never reached the disk is
+        recomputed (its rows are counted in :attr:`recovered`)."""
+        taps, n = self.h5["taps"], self.n_samples
+        new = {k: v for k, v in specs.items() if k not in taps}
+        check_free_space(self.path.parent, sum(4 * n * dim for dim, _ in new.values()), f"the new taps of {self.path}")
+        for key, (dim, attrs) in specs.items():
+            if key in taps:
+                self._check_tap(key, attrs)
+                self._recover(key)
+                continue
+            ds = taps.create_dataset(key, shape=(n, dim), dtype=np.float32, chunks=(_chunk_rows(n, dim), dim),
+                                     fillvalue=0.0)
+            ds.attrs.update({**attrs, "dim": dim, "rows_done": 0, "complete": False})
+            blocks = self.h5.require_group("blocks")
+            blocks.create_dataset(key, shape=(-(-n // self.batch_size),), dtype=np.uint32, fillvalue=0)
+            self.h5.attrs["complete"] = False
+        self._flush()
+
     def ensure_tap(self, key: str, dim: int, attrs: dict) -> None:
-        """Create ``/taps/<key>`` if missing; refuse to resume one made with other settings."""
-        taps = self.h5["taps"]
-        n = int(self.h5.attrs["n_samples"])
-        if key in taps:
-            ds = taps[key]
-            for name, value in attrs.items():
-                # Files from before a setting was recorded resume without that check.
-                if not ds.attrs["complete"] and name in ds.attrs and str(ds.attrs[name]) != str(value):
-                    flag = {"precision": "--precision", "decode": "--decode"}.get(name)
-                    rerun = f"rerun with {flag} {ds.attrs[name]} or pass --force" if flag else "pass --force"
-                    raise TapsError(f"tap {key} in {self.path} was started with {name}={ds.attrs[name]}, "
-                                    f"not {value}; {rerun}")
+        self.ensure_taps({key: (dim, attrs)})
+
+    def _dataset(self, name: str) -> h5py.Dataset:
+        if name not in self._open:
+            self._open[name] = self.h5[name]
+        return self._open[name]
+
+    def _check_tap(self, key: str, attrs: dict) -> None:
+        ds = self.h5["taps"][key]
+        for name, value in attrs.items():
+            # Files from before a setting was recorded resume without that check.
+            if not ds.attrs["complete"] and name in ds.attrs and str(ds.attrs[name]) != str(value):
+                flag = {"precision": "--precision", "decode": "--decode"}.get(name)
+                rerun = f"rerun with {flag} {ds.attrs[name]} or pass --force" if flag else "pass --force"
+                raise TapsError(f"tap {key} in {self.path} was started with {name}={ds.attrs[name]}, "
+                                f"not {value}; {rerun}")
+
+    def _recover(self, key: str) -> None:
+        try:
+            bad = _verify_tap(self.h5, key)
+        except (OSError, KeyError, RuntimeError, ValueError) as exc:  # HDF5's own structures are damaged
+            raise TapsError(f"{self.path} is damaged beyond repair ({_reason(exc)}); rebuild it with the same "
+                            f"`taps extract` command plus --force") from None
+        if bad is None:
             return
-        ds = taps.create_dataset(key, shape=(n, dim), dtype=np.float32, chunks=(_chunk_rows(n, dim), dim),
-                                 fillvalue=0.0)
-        ds.attrs.update({**attrs, "dim": dim, "rows_done": 0, "complete": False})
+        ds = self.h5["taps"][key]
+        self.recovered[key] = int(ds.attrs["rows_done"]) - bad
+        ds.attrs.update({"rows_done": bad, "complete": False})
         self.h5.attrs["complete"] = False
-        self.h5.flush()
 
     def tap_done(self, key: str) -> bool:
         return key in self.h5["taps"] and bool(self.h5["taps"][key].attrs["complete"])
@@ -158,26 +336,98 @@ class FeatureWriter:
         return int(self.h5["taps"][key].attrs["rows_done"])
 
     def write(self, start: int, stop: int, arrays: dict[str, np.ndarray], errors: dict[int, str]) -> None:
-        """Write rows [start, stop) of each tap, mark bad rows, then advance ``rows_done`` and flush."""
+        """Write rows [start, stop) of each tap with the block's valid flags, errors and checksums; flush;
+        only then advance each tap's ``rows_done`` and flush again. ``start`` is a block boundary and
+        ``stop`` one too, or the end of the file; ``errors`` maps sample index -> reason."""
+        bs = self.batch_size
+        if start % bs or (stop % bs and stop != self.n_samples) or stop <= start:
+            raise ValueError(f"rows [{start}, {stop}) are not whole blocks of {bs}")
+        if self.failed:
+            raise TapsError(f"{self.path} was abandoned after a failed write; rerun the same command")
+        valid, reasons = np.ones(stop - start, dtype=bool), [""] * (stop - start)
         for index, reason in errors.items():
-            self.h5["valid"][index] = False
-            self.h5["errors"][index] = reason
-        for key, rows in arrays.items():
-            ds = self.h5["taps"][key]
-            ds[start:stop] = rows
-            ds.attrs["rows_done"] = stop
-        self.h5.flush()
+            valid[index - start], reasons[index - start] = False, reason
+        encoded = [r.encode() for r in reasons]
+        try:
+            self._dataset("valid")[start:stop] = valid
+            self._dataset("errors")[start:stop] = reasons
+            for key, rows in arrays.items():
+                self._dataset(f"taps/{key}")[start:stop] = rows
+                if f"blocks/{key}" in self.h5:
+                    sums = [block_checksum(rows[lo:lo + bs], valid[lo:lo + bs], encoded[lo:lo + bs])
+                            for lo in range(0, stop - start, bs)]
+                    self._dataset(f"blocks/{key}")[start // bs:start // bs + len(sums)] = sums
+            self.h5.flush()  # the block's data is in the file ...
+            for key in arrays:
+                self._dataset(f"taps/{key}").attrs["rows_done"] = stop
+            self.h5.flush()  # ... before its progress marker says it is
+        except (OSError, RuntimeError) as exc:
+            raise self._abandon(exc) from None
+
+    def _flush(self) -> None:
+        try:
+            self.h5.flush()
+        except (OSError, RuntimeError) as exc:
+            raise self._abandon(exc) from None
+
+    def _abandon(self, exc: BaseException) -> TapsError:
+        """Close the file after a failed write, sending HDF5's last writes nowhere; the error to raise.
+
+        HDF5 retries its dirty cache at close (and again at interpreter exit, where a full disk
+        crashed the process). Those late writes could put a progress marker on disk without
+        the data it counts, so the file descriptor is pointed at /dev/null first: the file on
+        disk keeps what the successful flushes wrote, and any block that a failed flush left
+        half-written fails its checksum when the file is opened again.
+        """
+        self.failed = True
+        try:
+            fd = self.h5.id.get_vfd_handle()
+            sink = os.open(os.devnull, os.O_RDWR)
+            os.dup2(sink, fd)
+            os.close(sink)
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass  # another HDF5 driver: closing below may fail too, which is caught
+        try:
+            self._open.clear()
+            self.h5.close()
+        except (OSError, RuntimeError):
+            pass
+        if _is_disk_full(exc):
+            return TapsError(f"disk full while writing {self.path}; free space and rerun the same command "
+                             f"(finished blocks are kept, the rest is recomputed)")
+        return TapsError(f"could not write {self.path} ({_reason(exc)}); rerun the same command "
+                         f"(finished blocks are kept, the rest is recomputed)")
+
+    def skipped(self) -> dict[int, str]:
+        """Sample index -> why it was skipped, over the whole file (empty once the writer failed)."""
+        if self.failed:
+            return {}
+        errors = self.h5["errors"][:]
+        return {i: (e.decode() if isinstance(e, bytes) else str(e)) for i, e in enumerate(errors) if e}
 
     def finish(self, keys: list[str]) -> None:
-        n = int(self.h5.attrs["n_samples"])
+        if self.failed:
+            return
+        n = self.n_samples
         for key in keys:
             ds = self.h5["taps"][key]
             ds.attrs["complete"] = int(ds.attrs["rows_done"]) >= n
         self.h5.attrs["complete"] = all(bool(ds.attrs["complete"]) for ds in self.h5["taps"].values())
-        self.h5.flush()
+        self._flush()
 
     def close(self) -> None:
-        self.h5.close()
+        if not self.failed:
+            self._open.clear()
+            self.h5.close()
+
+
+def describe_change(key: str, old, new) -> str:
+    """'was made from another dataset ...': one clause saying what changed, values never cut."""
+    if key == "dataset_fingerprint":
+        return f"was made from other contents of the dataset (fingerprint {old}, now {new}: images added, removed or changed)"
+    if key == "n_samples":
+        return f"was made from {old} samples, the dataset now has {new}"
+    return f"was made with {key} {old}, not {new}"
 
 
 class FeatureFile:
@@ -185,11 +435,16 @@ class FeatureFile:
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise TapsError(f"{self.path} is a folder; pass a feature file (.h5) inside it")
         if not self.path.is_file():
             raise TapsError(f"feature file {self.path} does not exist; run `taps extract` first")
-        with _open_h5(self.path, "r") as h5:
+        with open_h5(self.path, "r") as h5:
             if h5.attrs.get("format") != FORMAT:
                 raise TapsError(f"{self.path} is not a taps feature file; run `taps extract` to make one")
+            if int(h5.attrs.get("format_version", 1)) not in READABLE_VERSIONS:
+                raise TapsError(f"{self.path} has format_version {h5.attrs.get('format_version')}, newer than "
+                                f"this taps reads; upgrade taps")
             self.attrs = _plain(h5.attrs)
             self.labels = h5["labels"][:]
             self.classes = [c.decode() if isinstance(c, bytes) else c for c in h5["classes"][:]]
@@ -197,10 +452,11 @@ class FeatureFile:
             self.split = ([s.decode() if isinstance(s, bytes) else s for s in h5["split"][:]]
                           if "split" in h5 else None)
             self.valid = h5["valid"][:]
-            errors = h5["errors"][:]
+            self._raw_errors = h5["errors"][:]
             self.errors = {self.ids[i]: (e.decode() if isinstance(e, bytes) else e)
-                           for i, e in enumerate(errors) if e}
+                           for i, e in enumerate(self._raw_errors) if e}
             self.taps = {k: _plain(ds.attrs) for k, ds in h5["taps"].items()}
+            self._sums = {k: ds[:] for k, ds in h5["blocks"].items()} if "blocks" in h5 else {}
 
     def tap_key(self, tap: str, pooling: str = "avg") -> str:
         """The dataset key of a tap; raises naming what exists when it is not in the file."""
@@ -213,20 +469,54 @@ class FeatureFile:
 
     def read(self, tap: str, pooling: str = "avg") -> np.ndarray:
         """The (N, D) float32 matrix of one tap; refuses a tap that is not completely written."""
-        key = self.tap_key(tap, pooling)
+        return self.matrix(self.tap_key(tap, pooling))
+
+    def matrix(self, key: str) -> np.ndarray:
+        """The (N, D) float32 matrix stored under ``/taps/<key>``, checked block by block."""
         if not self.taps[key]["complete"]:
             raise TapsError(f"tap {key} in {self.path} is incomplete ({self.taps[key]['rows_done']} of "
                             f"{len(self.labels)} rows); rerun the same `taps extract` command to finish it")
-        with _open_h5(self.path, "r") as h5:
-            return h5["taps"][key][:]
+        with open_h5(self.path, "r") as h5:
+            X = h5["taps"][key][:]
+        if key in self._sums:
+            bs = int(self.attrs["batch_size"])
+            bad = first_bad_row(X, self.valid, self._raw_errors, self._sums[key], 0, bs)
+            if bad is not None:
+                raise self._damaged(key, bad)
+        return X
+
+    def verify(self, key: str) -> None:
+        """Check every block of ``/taps/<key>`` against its checksum without holding the matrix
+        (for stage two's streaming path); raises naming the rows and the fix."""
+        with open_h5(self.path, "r") as h5:
+            bad = _verify_tap(h5, key)
+        if bad is not None:
+            raise self._damaged(key, bad)
+
+    def _damaged(self, key: str, row: int) -> TapsError:
+        last = min(row + int(self.attrs["batch_size"]), len(self.labels)) - 1
+        return TapsError(f"tap {key} in {self.path}: rows {row}-{last} are not what was written (checksum "
+                         f"mismatch: a full disk or a crash while writing); rerun the same `taps extract` "
+                         f"command to recompute them")
 
     def fingerprint(self) -> str:
         """Identifies the file's content: dataset fingerprint, settings and creation time."""
         return f"{self.attrs['dataset_fingerprint']}:{self.attrs['backbone']}:{self.attrs['created']}"
 
     def settings(self) -> dict:
-        keys = ("backbone", "weights", "transform", "image_size", "dataset", "dataset_fingerprint")
+        keys = ("backbone", "weights", "weights_sha256", "transform", "image_size", "dataset", "dataset_fingerprint")
         return {k: self.attrs.get(k) for k in keys}
+
+    def check_made_from(self, expected: dict, fix: str) -> None:
+        """Refuse a file made from other data or settings than ``expected`` (attribute -> value),
+        in one line that says what changed and ``fix``."""
+        for key in ("dataset_fingerprint", "n_samples", "backbone", "weights", "transform"):
+            if key in expected and str(self.attrs.get(key)) != str(expected[key]):
+                change = (describe_change("n_samples", self.attrs.get("n_samples"), expected["n_samples"])
+                          if key == "dataset_fingerprint" and "n_samples" in expected
+                          and int(self.attrs.get("n_samples", -1)) != int(expected["n_samples"])
+                          else describe_change(key, self.attrs.get(key), expected[key]))
+                raise TapsError(f"{self.path} {change}; {fix}")
 
 
 def file_sha256(path: Path | str) -> str:

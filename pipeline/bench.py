@@ -34,6 +34,7 @@ from features.extract import (
     RunConfig,
     default_workers,
     extract,
+    feature_path,
     prepare_forward,
     resolve_device,
     resolve_loader,
@@ -161,7 +162,7 @@ def stage_two_times(features_root: str, reference: bool) -> dict:
     from .evaluate import FitOptions, fit_selected
     from .protocols import make_split, parse_protocol
 
-    path = Path(features_root) / "caltech101" / "mobilenet_v2__IMAGENET1K_V1__224px.h5"
+    path = feature_path(features_root, "caltech101", Backbone("mobilenet_v2", weights="IMAGENET1K_V1"))
     if path.is_file() and "pooled" in FeatureFile(path).taps:
         f = FeatureFile(path)
         X, y = f.read("pooled"), f.labels

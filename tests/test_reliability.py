@@ -2,6 +2,7 @@
 
 import errno
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -208,33 +209,117 @@ def test_second_writer_is_refused_while_the_first_holds_the_lock(tiny_flat, tmp_
     assert extract(images, tiny_resnet(), ["avgpool"], path=path, **RUN).computed == ["avgpool"]
 
 
-def test_truncated_feature_file_is_refused(tiny_flat, tmp_path):
+def test_a_cut_short_file_is_refused_by_readers_and_repaired_by_extract(tiny_flat, tmp_path):
     images = load_dataset(f"folder:{tiny_flat}")
     report = extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, **RUN)
+    clean = FeatureFile(report.path).read("avgpool")
     data = report.path.read_bytes()
     report.path.write_bytes(data[: len(data) // 3])
-    with pytest.raises(TapsError, match="--force"):
+    with pytest.raises(TapsError, match="was cut short while it was written .* rerun the same `taps extract` "
+                                        "command to repair it"):
+        FeatureFile(report.path)
+    with pytest.warns(UserWarning, match="rows of tap avgpool .* were not on disk intact"):
+        again = extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, **RUN)
+    assert again.computed == ["avgpool"] and np.array_equal(FeatureFile(report.path).read("avgpool"), clean)
+    report.path.write_bytes(b"not an HDF5 file at all" * 100)
+    with pytest.raises(TapsError, match="not a readable HDF5 feature file .* plus --force"):
         extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, **RUN)
     with pytest.raises(TapsError, match="not a readable HDF5"):
         FeatureFile(report.path)
 
 
-def test_disk_full_keeps_finished_batches(tiny_flat, tmp_path, monkeypatch):
+def _file_size_limit(limit: int):
+    """For a child process: writes past ``limit`` bytes fail with EFBIG, as on a full disk (not root-only)."""
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_write_that_fails_mid_run_is_one_line_and_the_rerun_recomputes_what_did_not_reach_the_disk(
+        long_set, tmp_path):
+    """A real failed flush (the OS refuses the write), not a mocked one: HDF5's dirty cache must not
+    reach the disk later (at close or exit, where it crashed the interpreter) and put a progress
+    marker there without its data."""
+    clean = subprocess.run(_extract_cmd(long_set, tmp_path / "clean", "inline"), capture_output=True, text=True,
+                           check=True)
+    clean_path = Path(clean.stdout.strip().splitlines()[-1])
+    out = tmp_path / "full"
+    target = out / clean_path.parent.name / clean_path.name
+    # The logits tap is two HDF5 chunks of about 1 MB: the second one no longer fits.
+    limit = clean_path.stat().st_size - 500_000
+    failed = subprocess.run(_extract_cmd(long_set, out, "inline"), capture_output=True, text=True,
+                            preexec_fn=_file_size_limit(limit))
+    assert failed.returncode == 1, failed.stderr
+    assert failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr
+    assert f"could not write {target} (File too large); rerun the same command" in failed.stderr
+    with pytest.raises(TapsError, match="was cut short while it was written .* rerun the same `taps extract` command "
+                                        "to repair it"):
+        FeatureFile(target)  # HDF5 had counted the bytes the OS refused
+    resumed = subprocess.run(_extract_cmd(long_set, out, "inline"), capture_output=True, text=True, check=True)
+    recomputed = int(resumed.stdout.split("for 360 samples: ")[1].split(" images")[0])
+    assert 0 < recomputed < 360  # the blocks that reached the disk were kept
+    a, b = FeatureFile(clean_path), FeatureFile(target)
+    assert b.attrs["complete"] and np.array_equal(a.valid, b.valid)
+    for tap in ("layer1", "logits"):
+        assert np.array_equal(a.read(tap), b.read(tap))
+
+
+def test_disk_full_is_one_line_and_resume_equals_an_uninterrupted_run(tiny_flat, tmp_path, monkeypatch):
+    """ENOSPC at the third block's flush, with every later flush failing too until space is freed."""
     images = load_dataset(f"folder:{tiny_flat}")
-    real_write, calls = FeatureWriter.write, []
+    clean = FeatureFile(extract(images, tiny_resnet(), ["layer1", "avgpool"], out=tmp_path / "clean", **RUN).path)
+    real_flush, calls, full = h5py.File.flush, [], [True]
 
-    def failing_write(self, *args, **kwargs):
+    def flush(self):
         calls.append(1)
-        if len(calls) == 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(self, *args, **kwargs)
+        if full[0] and len(calls) >= 6:  # the creation and ensure flushes, then two per block
+            raise RuntimeError("Unable to synchronously flush file (file write failed: time = Tue Dec  1 19:12:10 "
+                               "2026\n, errno = 28, error message = 'No space left on device')")
+        return real_flush(self)
 
-    monkeypatch.setattr(FeatureWriter, "write", failing_write)
-    with pytest.raises(TapsError, match="disk full .* rerun to resume"):
-        extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, **RUN)
-    monkeypatch.setattr(FeatureWriter, "write", real_write)
+    monkeypatch.setattr(h5py.File, "flush", flush)
+    with pytest.raises(TapsError, match=r"^disk full while writing .*; free space and rerun the same command"):
+        extract(images, tiny_resnet(), ["layer1", "avgpool"], out=tmp_path / "full", **RUN)
+    full[0] = False
+    report = extract(images, tiny_resnet(), ["layer1", "avgpool"], out=tmp_path / "full", **RUN)
+    resumed = FeatureFile(report.path)
+    assert report.images >= 30 - 8 and resumed.attrs["complete"]
+    for tap in ("layer1", "avgpool"):
+        X = resumed.read(tap)
+        assert np.array_equal(X, clean.read(tap))
+        assert np.abs(X[resumed.valid]).sum(axis=1).min() > 0  # no zero row is marked valid
+
+
+def test_a_block_whose_data_did_not_reach_the_disk_is_refused_then_recomputed(tiny_flat, tmp_path):
+    images = load_dataset(f"folder:{tiny_flat}")
     report = extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, **RUN)
-    assert report.images == 30 - 8  # two batches of four survived
+    clean = FeatureFile(report.path).read("avgpool")
+    with h5py.File(report.path, "r+") as h5:  # as a lost write leaves it: the marker says done, the data is fill
+        h5["taps/avgpool"][8:12] = 0.0
+    with pytest.raises(TapsError, match=r"tap avgpool in .*: rows 8-11 are not what was written .* rerun the same "
+                                        r"`taps extract` command to recompute them"):
+        FeatureFile(report.path).read("avgpool")
+    fit = subprocess.run([sys.executable, "-m", "pipeline", "fit", "--features", str(report.path), "--tap", "avgpool",
+                          "--protocol", "per-class:5", "--out", str(tmp_path / "runs")], capture_output=True, text=True)
+    assert fit.returncode == 1 and "rows 8-11 are not what was written" in fit.stderr
+    assert fit.stderr.count("\n") == 1 and not (tmp_path / "runs").exists()
+    with pytest.warns(UserWarning, match="22 rows of tap avgpool .* were not on disk intact"):
+        again = extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, **RUN)
+    assert again.computed == ["avgpool"] and again.images == 30 - 8
+    assert np.array_equal(FeatureFile(report.path).read("avgpool"), clean)
+
+
+def test_a_disk_too_small_for_the_new_taps_is_refused_before_any_work(tiny_flat, tmp_path, monkeypatch):
+    import shutil
+
+    images = load_dataset(f"folder:{tiny_flat}")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 9, 10 ** 9 - 1000, 1000))
+    with pytest.raises(TapsError, match=r"not enough disk space for the new taps of .*: about 0\.1 MiB needed, "
+                                        r"0\.0 MiB free in .*; free space or pass --out to another disk"):
+        extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, **RUN)
+    with h5py.File(next(tmp_path.rglob("*.h5"))) as h5:
+        assert list(h5["taps"]) == []  # nothing was computed or allocated
 
 
 def test_environment_errors_are_usage_errors(tmp_path, monkeypatch):
@@ -259,9 +344,13 @@ def test_nan_features_and_single_class_training_are_reported(tiny_flat, tmp_path
 
     images = load_dataset(f"folder:{tiny_flat}")
     report = extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, **RUN)
-    with h5py.File(report.path, "r+") as h5:
-        h5["taps/avgpool"][3, 0] = np.nan
-        h5["taps/avgpool"][7, 1] = np.inf
+    X = FeatureFile(report.path).read("avgpool")
+    X[3, 0], X[7, 1] = np.nan, np.inf
+    writer = FeatureWriter(report.path, {}, None, None, None, None)  # rewritten through the store, checksums too
+    for lo in range(0, 30, 4):
+        writer.write(lo, min(lo + 4, 30), {"avgpool": X[lo:lo + 4]}, {})
+    writer.finish(["avgpool"])
+    writer.close()
     with pytest.raises(TapsError, match="tap avgpool .* 2 rows with NaN or inf"):
         fit_run(FeatureFile(report.path), "avgpool", "avg", FitOptions(device="cpu"), parse_protocol("per-class:5"), 1,
                 tmp_path / "runs")
