@@ -162,6 +162,7 @@ class WeightsChoice:
     enum: object | None      # a torchvision WeightsEnum member
     path: Path | None        # a local state-dict file
     spec: str                # the stable id recorded in feature files
+    sha256: str | None = None  # the local file's full SHA-256, recorded beside the spec
 
     @property
     def pretrained(self) -> bool:
@@ -186,8 +187,8 @@ class Backbone:
             path = Path(spec)
             if not path.is_file():
                 raise UsageError(f"weights file {path} does not exist; pass an existing .pth state dict")
-            digest = file_sha256(path)[:16]
-            return WeightsChoice(None, path.resolve(), f"file:{path.name}:{digest}")
+            digest = file_sha256(path)
+            return WeightsChoice(None, path.resolve(), f"file:{path.name}:{digest[:16]}", digest)
         enum_cls = models.get_model_weights(self.name)
         if spec.lower() == "auto":
             # torchvision's DEFAULT, unless only another pretrained member is on disk (offline machines).
@@ -220,7 +221,7 @@ class Backbone:
             try:
                 model = models.get_model(self.name, weights=w.enum)
             except Exception as exc:  # network errors come in many types (URLError, OSError, HTTPError...)
-                reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise TapsError(
                     f"weights {w.spec} are not cached at {cached} and could not be downloaded ({reason}); "
                     f"pass --weights FILE.pth, copy the file there, or use an offline backbone "
@@ -237,7 +238,7 @@ class Backbone:
                     model.load_state_dict(state)
                 except RuntimeError as exc:
                     raise UsageError(f"weights file {w.path} does not fit {self.name} "
-                                     f"({str(exc).splitlines()[0][:120]}); pass a {self.name} state dict") from None
+                                     f"({str(exc).splitlines()[0]}); pass a {self.name} state dict") from None
         for p in model.parameters():
             p.requires_grad_(False)
         return model.eval()

@@ -11,14 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from features.backbones import Backbone, Tap
-from features.datasets import BadImage
-from features.errors import TapsError
-from features.extract import resolve_device, resolve_precision
-from features.forward import build_extractor, forward_taps
-from features.turbojpeg import file_pixels
+from features.datasets import FileImageSet
+from features.errors import TapsError, UsageError
+from features.extract import BlockSource, RunConfig, resolve_device, resolve_precision
+from features.forward import Forward, build_extractor
+from features.store import file_sha256
 
 from .evaluate import load_model, load_results
 
@@ -32,15 +31,42 @@ class Prediction:
     error: str = ""
 
 
+def weights_for(features: dict, weights: str | None) -> str:
+    """The ``--weights`` value that rebuilds a run's backbone.
+
+    A run on a local weights file needs that file again: ``weights`` must name it, and its
+    SHA-256 must be the one recorded at extraction. A run on torchvision weights takes them
+    from the record; a ``weights`` that names other weights is refused.
+    """
+    spec = features["weights"]
+    if spec.startswith("file:"):
+        _, name, digest = spec.split(":", 2)
+        want = features.get("weights_sha256") or digest  # runs before the full digest was kept: 16 hex digits
+        if not weights:
+            raise UsageError(f"this run's features came from the local weights file {name} (SHA-256 {want[:16]}...); "
+                             f"pass --weights PATH to that file")
+        path = Path(weights)
+        if not path.is_file():
+            raise UsageError(f"weights file {path} does not exist; pass --weights PATH to {name}, the file this "
+                             f"run's features came from")
+        have = file_sha256(path)
+        if not have.startswith(want):
+            raise TapsError(f"weights file {path} (SHA-256 {have[:16]}...) is not the file this run's features came "
+                            f"from ({name}, SHA-256 {want[:16]}...); pass that file")
+        return str(path)
+    recorded = spec if spec == "none" else spec.split(".")[-1]
+    if weights and Backbone(features["backbone"], weights=weights).weights.spec != spec:
+        raise UsageError(f"this run's features came from weights {spec}, not {weights}; drop --weights")
+    return recorded
+
+
 def backbone_for(results: dict, weights: str | None = None) -> Backbone:
     """Rebuild the backbone and preprocessing recorded in a run."""
     f = results["features"]
-    spec = weights or f["weights"]
-    if spec.startswith("file:"):
-        raise TapsError(f"this run used a local weights file ({spec}); pass --weights FILE.pth to predict")
-    bb = Backbone(f["backbone"], weights=spec.split(".")[-1])
+    spec = weights_for(f, weights)
+    bb = Backbone(f["backbone"], weights=spec)
     if bb.transform_spec() != f["transform"]:
-        bb = Backbone(f["backbone"], weights=spec.split(".")[-1], image_size=int(f["image_size"]))
+        bb = Backbone(f["backbone"], weights=spec, image_size=int(f["image_size"]))
     if bb.transform_spec() != f["transform"]:
         raise TapsError(f"cannot rebuild the preprocessing of this run ({f['transform']})")
     return bb
@@ -48,6 +74,9 @@ def backbone_for(results: dict, weights: str | None = None) -> Backbone:
 
 def predict_images(run_dir: Path | str, images: list[str], device: str = "auto", batch_size: int = 32,
                    weights: str | None = None) -> list[Prediction]:
+    """Classify image files with a run's model, through the chain that made its training features:
+    the same backbone, weights, preprocessing, decoder, tap, pooling and precision, and the
+    extraction's own decode-and-embed code (:class:`features.extract.BlockSource`)."""
     results = load_results(Path(run_dir))
     model = load_model(Path(run_dir), results)
     bb = backbone_for(results, weights)
@@ -56,30 +85,27 @@ def predict_images(run_dir: Path | str, images: list[str], device: str = "auto",
     pooling = f["pooling"] if f["pooling"] != "none" else "avg"
     dev = resolve_device(device)
     precision = f.get("precision") or resolve_precision("auto", dev)
-    extractor = build_extractor(bb, [tap], dev, channels_last=True, pooling=pooling)
-    transform = bb.pixel_transform()
-    decode = f.get("decode", "pil")  # decode as the training features were; runs before the attr were PIL
+    decode = f.get("decode", "pil")  # runs from before the decoder was recorded decoded with PIL
+    cfg = RunConfig(pooling, dev, precision, workers=0, channels_last=True, on_error="skip", draft=True,
+                    loader="inline", compile="off", decode=decode)
+    forward = Forward(build_extractor(bb, [tap], dev, channels_last=True, pooling=pooling), dev, precision)
+    files = FileImageSet("predict", Path("/"), [Path(p).absolute() for p in images], ["?"], np.zeros(len(images)))
+    source = BlockSource.of(files, bb.pixel_transform(), cfg)
     classes = results["classes"]
     out: list[Prediction] = []
     has_proba = hasattr(model, "predict_proba")
     for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        tensors, good = [], []
-        for path in chunk:
-            try:
-                tensors.append(file_pixels(path, transform, int(transform.resize_size[0]), decode))
-                good.append(path)
-            except (BadImage, FileNotFoundError) as exc:
-                out.append(Prediction(path, None, None, "", str(exc) or "cannot read"))
-        if not tensors:
+        lo, hi, arrays, errors = source.embed(source.load(start, min(start + batch_size, len(images))), forward)
+        out += [Prediction(images[i], None, None, "", errors[i]) for i in sorted(errors)]
+        if tap.name not in arrays:
             continue
-        X = forward_taps(extractor, torch.from_numpy(np.stack(tensors)), dev, precision)[tap.name]
+        X = arrays[tap.name]
         scores = model.predict_proba(X) if has_proba else model.decision_function(X)
         if scores.ndim == 1:  # binary decision function: score of the positive class
             scores = np.stack([-scores, scores], axis=1)
-        for path, row in zip(good, scores):
+        for i, row in zip([i for i in range(lo, hi) if i not in errors], scores):
             best = int(np.argmax(row))
             label = classes[int(model.classes_[best])]
-            out.append(Prediction(path, label, float(row[best]), "probability" if has_proba else "score"))
+            out.append(Prediction(images[i], label, float(row[best]), "probability" if has_proba else "score"))
     order = {p: i for i, p in enumerate(images)}
     return sorted(out, key=lambda p: order[p.image])
