@@ -88,10 +88,35 @@ def _preprocessor(spec: str):
     return Pipeline(steps) if steps else FunctionTransformer()
 
 
-def cv_scores(options: FitOptions, X: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray | None:
-    """Mean CV accuracy for each grid value (ascending); warm starts carry each fold along the grid."""
+def cv_folds(options: FitOptions, y: np.ndarray) -> int:
+    """The folds that selection will really use on training labels ``y``: ``--folds``, or fewer when the
+    smallest class has fewer training images; 1 when the grid has one value (nothing to select).
+
+    Stratified k-fold needs k images of every class. Fewer than 2 makes selection impossible: that
+    is refused (one line) rather than silently falling back to a grid value nobody chose.
+    """
+    if len(options.grid) == 1:
+        return 1
     counts = np.bincount(np.unique(y, return_inverse=True)[1])
     folds = min(options.folds, int(counts.min()))
+    if folds < 2:
+        raise TapsError(f"choosing {options.param} by cross-validation needs at least 2 training images in every "
+                        f"class, but the smallest class has {int(counts.min())}; use a protocol with more training "
+                        f"images per class, or pass a single --grid value to fit without selection")
+    return folds
+
+
+def describe_selection(options: FitOptions, folds: int) -> str:
+    """How the regularisation was chosen, as recorded in results.json and printed."""
+    if folds == 1:
+        return f"fixed {options.param}={options.grid[0]:g} (one grid value, no selection)"
+    if folds < options.folds:
+        return f"{folds}-fold CV (asked for {options.folds}; the smallest class has {folds} training images)"
+    return f"{folds}-fold CV"
+
+
+def cv_scores(options: FitOptions, X: np.ndarray, y: np.ndarray, seed: int, folds: int) -> np.ndarray | None:
+    """Mean CV accuracy for each grid value (ascending); warm starts carry each fold along the grid."""
     if folds < 2:
         return None
     scores = np.zeros(len(options.grid))
@@ -108,9 +133,12 @@ def cv_scores(options: FitOptions, X: np.ndarray, y: np.ndarray, seed: int) -> n
 
 
 def fit_selected(options: FitOptions, X: np.ndarray, y: np.ndarray, seed: int):
-    """CV over the grid on the training data only, then refit on all of it; returns (model, value, scores)."""
-    scores = cv_scores(options, X, y, seed)
-    value = options.grid[int(np.argmax(scores))] if scores is not None else options.grid[len(options.grid) // 2]
+    """CV over the grid on the training data only, then refit on all of it; returns (model, value, scores).
+
+    Raises :class:`TapsError` when the training data cannot be cross-validated (see :func:`cv_folds`).
+    """
+    scores = cv_scores(options, X, y, seed, cv_folds(options, y))
+    value = options.grid[int(np.argmax(scores))] if scores is not None else options.grid[0]
     model = make_classifier(options.clf, options.preprocess, options.solver, options.hidden, options.device,
                             **{options.param: value})
     return model.fit(X, y), value, scores
@@ -162,14 +190,19 @@ def evaluate_tap(features: FeatureFile, tap: str, pooling: str, options: FitOpti
     if streaming and options.preprocess != "standard":
         raise TapsError(f"streaming fits (tap {key} is over the memory budget) standardize only; "
                         f"drop --preprocess {options.preprocess}")
+    if streaming:
+        features.verify(key)
     X = None if streaming else load_matrix(features, tap, pooling)
     y = features.labels
-    per_seed, model0, test0 = [], None, None
-    for seed in range(seeds):
-        train, test = make_split(protocol, y, features.split, seed, features.valid)
+    splits = [make_split(protocol, y, features.split, seed, features.valid) for seed in range(seeds)]
+    folds = []  # checked for every seed before the first fit
+    for train, _ in splits:
         if len(np.unique(y[train])) < 2:
             raise TapsError(f"the training split of tap {tap} has one class ({len(train)} samples); "
                             f"use a protocol with more classes in training")
+        folds.append(None if streaming else cv_folds(options, y[train]))
+    per_seed, model0, test0 = [], None, None
+    for seed, (train, test) in enumerate(splits):
         t0 = time.perf_counter()
         if streaming:
             model, value, cv = fit_linear_streaming(features.path, key, y, train, options.grid, seed, options.hidden,
@@ -184,7 +217,8 @@ def evaluate_tap(features: FeatureFile, tap: str, pooling: str, options: FitOpti
             metrics = score(model, X[test], y[test])
         per_seed.append({"seed": seed, "n_train": int(len(train)), "n_test": int(len(test)),
                          "train_digest": split_digest(features.ids, train), "test_digest": split_digest(features.ids, test),
-                         "chosen": value, "selection": "holdout, streaming" if streaming else f"{options.folds}-fold CV",
+                         "chosen": value, "cv_folds": folds[seed],
+                         "selection": "holdout, streaming" if streaming else describe_selection(options, folds[seed]),
                          "cv_accuracy" if not streaming else "holdout_score": None if cv is None else [float(s) for s in cv],
                          "fit_seconds": round(seconds, 3), "metrics": metrics})
         if seed == 0:

@@ -80,7 +80,7 @@ def test_streaming_linear_fit_matches_in_memory_fit(tmp_path):
         _, res, _ = fit_run(features, "emb", "avg", options, protocol, 1, tmp_path / "runs")
         results[budget] = res
     in_memory, streamed = results.values()
-    assert in_memory["per_seed"][0]["selection"] == "3-fold CV"
+    assert in_memory["per_seed"][0]["selection"] == "fixed weight_decay=0.0001 (one grid value, no selection)"
     assert streamed["per_seed"][0]["selection"] == "holdout, streaming"
     assert in_memory["metrics"]["accuracy"]["mean"] > 0.8
     assert abs(in_memory["metrics"]["accuracy"]["mean"] - streamed["metrics"]["accuracy"]["mean"]) <= 0.01
