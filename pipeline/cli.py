@@ -7,6 +7,7 @@ the last line a successful command prints is the path of what it made.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -197,22 +198,52 @@ def _protocol(args, features):
     return parse_protocol(args.protocol, args.test_per_class, has_split=features.split is not None)
 
 
+def extract_command(args, backbone: str | None = None) -> str:
+    """The `taps extract` command that writes the feature file these arguments name."""
+    parts = ["taps", "extract", "--dataset", args.dataset]
+    optional = [("--data-root", args.data_root, "data"), ("--subset", args.subset, None),
+                ("--image-column", getattr(args, "image_column", None), None),
+                ("--label-column", getattr(args, "label_column", None), None),
+                ("--backbone", backbone or args.backbone, None), ("--weights", args.weights, "auto"),
+                ("--image-size", args.image_size, None), ("--taps", getattr(args, "tap", None), None),
+                ("--pool", getattr(args, "pool", "avg"), "avg"), ("--features-root", args.features_root, FEATURES_ROOT)]
+    for flag, value, default in optional:
+        if value is not None and value != default:
+            parts += [flag, str(value)]
+    if getattr(args, "allow_outside_root", False):
+        parts.append("--allow-outside-root")
+    return shlex.join(parts)
+
+
 def _features_file(args, backbone_name: str | None = None):
-    """The feature file named by --features, or the one `extract` writes for the same settings."""
+    """The feature file named by --features, or the one `extract` writes for the same settings, after
+    checking that it was made from this dataset's current contents and the asked-for preprocessing."""
     from features.datasets import dataset_slug
     from features.extract import feature_path
     from features.store import FeatureFile
 
-    if getattr(args, "features", None):
-        return FeatureFile(args.features)
+    if getattr(args, "features", None):  # the user's own file: taken as it is, but not with other preprocessing
+        features = FeatureFile(args.features)
+        if args.image_size:
+            bb = _backbone(args, features.attrs["backbone"])
+            features.check_made_from({"transform": bb.transform_spec()}, "drop --image-size, or pass the file "
+                                     "extracted with it")
+        return features
     bb = _backbone(args, backbone_name)
     path = feature_path(args.features_root, dataset_slug(args.dataset, args.subset), bb)
+    command = extract_command(args, bb.name)
     if not path.is_file():
-        raise TapsError(f"no feature file {path}; run `taps extract --dataset {args.dataset} --backbone {bb.name}"
-                        f"{' --subset ' + args.subset if args.subset else ''}"
-                        f"{' --image-size %d' % args.image_size if args.image_size else ''}"
-                        f"{' --taps ' + args.tap if getattr(args, 'tap', None) else ''}` first")
-    return FeatureFile(path)
+        raise TapsError(f"no feature file {path}; run `{command}` first")
+    features = FeatureFile(path)
+    try:
+        images = _images(args)
+    except TapsError as exc:
+        raise TapsError(f"{exc} (fit checks that {path} still matches the dataset; pass --features {path} "
+                        f"to fit on the file as it is)") from None
+    features.check_made_from({"dataset_fingerprint": images.fingerprint(), "n_samples": len(images),
+                              "weights": bb.weights.spec, "transform": bb.transform_spec()},
+                             f"rebuild it with `{command} --force`")
+    return features
 
 
 def _fmt(metric: dict | None) -> str:
@@ -231,9 +262,10 @@ def cmd_fit(args) -> None:
                                        args.out, args.force)
     m = results["metrics"]
     chosen = ", ".join(f"{v:g}" for v in results["chosen"][options.param])
+    selection = "; ".join(dict.fromkeys(s["selection"] for s in results["per_seed"]))
     print(f"{'reused' if reused else 'fitted'} {options.clf} on {results['features']['tap']} "
           f"({results['features']['dim']}-D) of {features.path.name}, protocol {results['settings']['protocol']}, "
-          f"{args.seeds} seed(s)")
+          f"{args.seeds} seed(s), {options.param} by {selection}")
     header = f"{'tap':<14}{'dim':>6}  {'clf':<7}{'accuracy':>12}{'mean/class':>12}{'macro F1':>12}{'top-5':>12}  {options.param:<13}{'fit s':>7}"
     print(header)
     print(f"{results['features']['tap']:<14}{results['features']['dim']:>6}  {options.clf:<7}{_fmt(m.get('accuracy')):>12}"

@@ -32,6 +32,7 @@ def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | 
                  log=print) -> tuple[Path, list[dict]]:
     """Extract what is missing, fit every tap with the same seeded splits, write the comparison folder."""
     rows: list[dict] = []
+    made_from: list[dict] = []  # per backbone: what its features were made from
     for bb in backbones:
         resolved = bb.resolve_taps(taps)
         report = extract(images, bb, [t.name for t in resolved], pooling=pooling, out=features_root,
@@ -39,6 +40,10 @@ def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | 
         if report.computed:
             log(f"extracted {', '.join(report.computed)} with {bb.name} ({report.images_per_second:.1f} img/s)")
         features = FeatureFile(report.path)
+        made_from.append({**features.settings(), "features_fingerprint": features.fingerprint(),
+                          "precision": sorted({features.taps[k]["precision"] for k in report.computed + report.reused}),
+                          "decode": sorted({str(features.taps[k].get("decode", "pil"))
+                                            for k in report.computed + report.reused})})
         for position, tap in enumerate(resolved):
             run_dir, results, reused = fit_run(features, tap.name, pooling, options, protocol, seeds, runs_root, force)
             m = results["metrics"]
@@ -56,7 +61,10 @@ def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | 
     for name in {r["backbone"] for r in rows}:
         mine = [r for r in rows if r["backbone"] == name]
         max(mine, key=lambda r: r["mean_per_class_accuracy_mean"])["best"] = True
-    settings = {"dataset": images.name, "backbones": [b.name for b in backbones], "taps": taps, "pooling": pooling,
+    # Every setting that changes a result is in the folder's digest: the dataset's contents, each
+    # backbone's weights and preprocessing and the feature files themselves, then the fit settings.
+    settings = {"dataset": images.name, "dataset_fingerprint": images.fingerprint(),
+                "backbones": [b.name for b in backbones], "features": made_from, "taps": taps, "pooling": pooling,
                 "protocol": str(protocol), "seeds": seeds, **options.as_dict()}
     digest = settings_digest(settings)
     out = Path(runs_root) / images.name / f"compare__{'+'.join(b.name for b in backbones)}__{options.clf}__{digest}"
