@@ -260,7 +260,7 @@ class Backbone:
         return ImageClassification(crop_size=self.image_size, resize_size=self.image_size, mean=preset.mean,
                                    std=preset.std, interpolation=preset.interpolation)
 
-    def pixel_transform(self) -> "UInt8Crop":
+    def pixel_transform(self) -> UInt8Crop:
         """The geometric half of :meth:`transform`: PIL image -> resized, cropped HWC uint8 array.
 
         Loaders move uint8 (a quarter of float32's bytes);

@@ -13,8 +13,8 @@ import gzip
 import hashlib
 import shutil
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -271,7 +271,7 @@ def _caltech101(data_root: Path, download: bool) -> ImageSet:
 
     folder = data_root / "caltech101" / "101_ObjectCategories"
     ds = _torchvision_call(Caltech101, "caltech101", data_root, download and not folder.is_dir())
-    paths = [folder / ds.categories[y] / f"image_{i:04d}.jpg" for i, y in zip(ds.index, ds.y)]
+    paths = [folder / ds.categories[y] / f"image_{i:04d}.jpg" for i, y in zip(ds.index, ds.y, strict=True)]
     return FileImageSet("caltech101", folder, paths, ds.categories, ds.y)
 
 

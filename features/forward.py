@@ -64,7 +64,7 @@ def fold_sequential_batchnorm(model: nn.Module, keep: set[str]) -> nn.Module:
         if not isinstance(seq, nn.Sequential):
             continue
         names = list(seq._modules)
-        for a, b in zip(names, names[1:]):
+        for a, b in zip(names, names[1:], strict=False):
             conv, bn = seq._modules[a], seq._modules[b]
             if (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats
                     and f"{prefix}.{a}".lstrip(".") not in keep):

@@ -77,7 +77,7 @@ def decode_batch(items, dataset: EncodedImages, device: torch.device) -> tuple[t
     if jpegs:
         try:
             images = decode_jpeg([b for _, b in jpegs], device=device)
-            decoded = dict(zip([i for i, _ in jpegs], images))
+            decoded = dict(zip([i for i, _ in jpegs], images, strict=True))
         except RuntimeError:  # one bad file fails the whole call: decode one by one to find it
             for i, data in jpegs:
                 try:

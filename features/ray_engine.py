@@ -103,7 +103,7 @@ def ray_batches(images: ImageSet, backbone: Backbone, taps: list[Tap], cfg, star
         for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2):
             index = batch["index"]
             good = batch["error"] == ""
-            errors = {int(i): str(e) for i, e in zip(index, batch["error"]) if e}
+            errors = {int(i): str(e) for i, e in zip(index, batch["error"], strict=True) if e}
             arrays = {t.name: batch[f"tap:{t.name}"][good] for t in taps}
             yield int(index[0]), int(index[-1]) + 1, arrays, errors
     finally:

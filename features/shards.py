@@ -63,8 +63,38 @@ def merge_shards(paths: list[Path], out: Path | None = None, force: bool = False
         if not Path(p).is_file():
             raise UsageError(f"shard file {p} does not exist; pass the .shardIofN.h5 files `taps extract --shard` wrote")
     files = [FeatureFile(p) for p in paths]
+    _check_same_extraction(paths, files)
+    order = _check_coverage(paths, files)
+    out = Path(out) if out else paths[0].with_name(SHARD_SUFFIX.sub("", paths[0].stem) + paths[0].suffix)
     first = files[0].attrs
-    for p, f in zip(paths, files):
+    header = {k: v for k, v in first.items() if k not in SHARD_ONLY}
+    header.update(dataset_fingerprint=first["full_dataset_fingerprint"], n_samples=int(first["full_n_samples"]))
+    shards = [files[i] for i in order]
+    splits = [s for f in shards for s in f.split] if shards[0].split is not None else None
+    errors = {}
+    for f in shards:
+        errors.update({int(f.attrs["shard_start"]) + j: f.errors[f.ids[j]] for j in np.flatnonzero(~f.valid)})
+    with exclusive_lock(out):
+        writer = FeatureWriter(out, header, np.concatenate([f.labels for f in shards]), shards[0].classes,
+                               [i for f in shards for i in f.ids], splits, force)
+        try:
+            if writer.complete:
+                return out
+            taps = shards[0].taps
+            writer.ensure_taps({key: (int(a["dim"]), {k: v for k, v in a.items() if k not in TAP_PROGRESS})
+                                for key, a in taps.items()})
+            for key in taps:
+                _write_blocks(writer, key, shards, errors)
+            writer.finish(list(taps))
+        finally:
+            writer.close()
+    return out
+
+
+def _check_same_extraction(paths: list[Path], files: list[FeatureFile]) -> None:
+    """Every file is a complete shard of one extraction: same settings, same taps."""
+    first = files[0].attrs
+    for p, f in zip(paths, files, strict=True):
         if "shard" not in f.attrs:
             raise UsageError(f"{p} is not a shard file (made without --shard)")
         for key in [k for k in IDENTITY if k not in ("dataset_fingerprint", "n_samples")] + [
@@ -77,8 +107,11 @@ def merge_shards(paths: list[Path], out: Path | None = None, force: bool = False
         incomplete = [k for k, a in f.taps.items() if not a["complete"]]
         if incomplete:
             raise TapsError(f"{p} is incomplete (taps {', '.join(incomplete)}); rerun its extract to finish it")
+
+
+def _check_coverage(paths: list[Path], files: list[FeatureFile]) -> list[int]:
+    """The files' order by their first sample; refuses gaps and overlaps, naming the samples."""
     order = sorted(range(len(files)), key=lambda i: int(files[i].attrs["shard_start"]))
-    n_total = int(first["full_n_samples"])
     expected = 0
     for i in order:
         start, size = int(files[i].attrs["shard_start"]), int(files[i].attrs["n_samples"])
@@ -87,31 +120,10 @@ def merge_shards(paths: list[Path], out: Path | None = None, force: bool = False
             raise TapsError(f"samples {min(start, expected)}..{max(start, expected) - 1} are {what} "
                             f"(at {paths[i]}); pass every shard exactly once")
         expected = start + size
+    n_total = int(files[0].attrs["full_n_samples"])
     if expected != n_total:
         raise TapsError(f"samples {expected}..{n_total - 1} are missing; pass every shard exactly once")
-    out = Path(out) if out else paths[0].with_name(SHARD_SUFFIX.sub("", paths[0].stem) + paths[0].suffix)
-    header = {k: v for k, v in first.items() if k not in SHARD_ONLY}
-    header.update(dataset_fingerprint=first["full_dataset_fingerprint"], n_samples=n_total)
-    shards = [files[i] for i in order]
-    splits = [s for f in shards for s in f.split] if shards[0].split is not None else None
-    errors = {}
-    for f in shards:
-        errors.update({int(f.attrs["shard_start"]) + j: f.errors[f.ids[j]] for j in np.flatnonzero(~f.valid)})
-    with exclusive_lock(out):
-        writer = FeatureWriter(out, header, np.concatenate([f.labels for f in shards]), shards[0].classes,
-                               [i for f in shards for i in f.ids], splits, force)
-        try:
-            if writer.h5.attrs.get("complete"):
-                return out
-            taps = shards[0].taps
-            writer.ensure_taps({key: (int(a["dim"]), {k: v for k, v in a.items() if k not in TAP_PROGRESS})
-                                for key, a in taps.items()})
-            for key in taps:
-                _write_blocks(writer, key, shards, errors)
-            writer.finish(list(taps))
-        finally:
-            writer.close()
-    return out
+    return order
 
 
 # Attributes of a shard (or of a tap's progress) that the merged file sets for itself.

@@ -40,10 +40,10 @@ import os
 import re
 import shutil
 import zlib
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
@@ -276,6 +276,11 @@ class FeatureWriter:
     @property
     def n_samples(self) -> int:
         return int(self.h5.attrs["n_samples"])
+
+    @property
+    def complete(self) -> bool:
+        """Every tap of the file has every row."""
+        return bool(self.h5.attrs.get("complete"))
 
     def ensure_taps(self, specs: dict[str, tuple[int, dict]]) -> None:
         """Create each ``/taps/<key>`` (``{key: (dim, attrs)}``) that is missing, after checking that

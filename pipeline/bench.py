@@ -279,7 +279,7 @@ def run_bench(backbone: str = "mobilenet_v2", n: int = 1000, data_root: str | No
             runs.setdefault(brackets[name], []).append(inner)
 
     def ratio(a: str, b: str) -> float:  # median over rounds of a/b measured in the same round
-        return float(np.median([x / y for x, y in zip(runs[a], runs[b])]))
+        return float(np.median([x / y for x, y in zip(runs[a], runs[b], strict=True)]))
 
     med = {name: float(np.median(v)) for name, v in runs.items()}
     r["rates_per_round"], r["bracketing_rates"] = runs, samples
@@ -312,7 +312,7 @@ def _per_round(r: dict, a: str, b: str) -> str:
     rounds = r.get("rates_per_round", {})
     if a not in rounds or b not in rounds:
         return ""
-    return " (rounds: " + ", ".join(f"{x / y:.2f}" for x, y in zip(rounds[a], rounds[b])) + ")"
+    return " (rounds: " + ", ".join(f"{x / y:.2f}" for x, y in zip(rounds[a], rounds[b], strict=True)) + ")"
 
 
 def format_bench(r: dict) -> str:

@@ -332,16 +332,15 @@ def _add_fit_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--force", action="store_true", help="recompute even if a run with identical settings exists")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="taps", description="Cache frozen-CNN embeddings from layer taps, then fit linear classifiers.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
+def _add_list_command(sub) -> None:
     p = sub.add_parser("list", help="list backbones, datasets, a backbone's taps or its raw graph nodes")
     p.add_argument("what", choices=["backbones", "datasets", "taps", "nodes"])
     p.add_argument("backbone", nargs="?")
     p.add_argument("--image-size", type=int)
     p.set_defaults(func=cmd_list)
 
+
+def _add_extract_command(sub) -> None:
     p = sub.add_parser("extract", help="run a frozen backbone over a dataset and cache tap embeddings to HDF5")
     _add_dataset_args(p)
     _add_backbone_args(p)
@@ -356,16 +355,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray: GPUs per backbone actor")
     p.set_defaults(func=cmd_extract)
 
+
+def _add_merge_command(sub) -> None:
     p = sub.add_parser("merge", help="combine the shard files of one extraction into one feature file")
     p.add_argument("shards", nargs="+", help="the .shardIofN.h5 files")
     p.add_argument("--out", help="merged file (default: the shard name without .shardIofN)")
     p.add_argument("--force", action="store_true", help="replace an existing merged file")
     p.set_defaults(func=cmd_merge)
 
+
+def _add_info_command(sub) -> None:
     p = sub.add_parser("info", help="describe a feature file")
     p.add_argument("file")
     p.set_defaults(func=cmd_info)
 
+
+def _add_fit_command(sub) -> None:
     p = sub.add_parser("fit", help="fit a classifier on one cached tap and score it")
     _add_dataset_args(p)
     _add_backbone_args(p)
@@ -377,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit_args(p)
     p.set_defaults(func=cmd_fit)
 
+
+def _add_compare_command(sub) -> None:
     p = sub.add_parser("compare", help="fit the same classifier on many taps (and backbones) with the same splits")
     _add_dataset_args(p)
     _add_backbone_args(p, many=True)
@@ -385,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit_args(p)
     p.set_defaults(func=cmd_compare)
 
+
+def _add_bench_command(sub) -> None:
     p = sub.add_parser("bench", help="measure extraction and fit speed in one run (ratios, peak memory)")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE)
     p.add_argument("--images", type=int, default=1000,
@@ -401,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench_out")
     p.set_defaults(func=cmd_bench)
 
+
+def _add_predict_command(sub) -> None:
     p = sub.add_parser("predict", help="classify image files with a run folder's model")
     p.add_argument("--run", required=True, help="a run folder printed by `taps fit`")
     p.add_argument("images", nargs="+", help="image files")
@@ -408,6 +419,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="override the recorded weights (needed for runs on a local .pth)")
     p.set_defaults(func=cmd_predict)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="taps", description="Cache frozen-CNN embeddings from layer taps, then fit linear classifiers.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_list_command(sub)
+    _add_extract_command(sub)
+    _add_merge_command(sub)
+    _add_info_command(sub)
+    _add_fit_command(sub)
+    _add_compare_command(sub)
+    _add_bench_command(sub)
+    _add_predict_command(sub)
     return parser
 
 

@@ -11,7 +11,6 @@ import csv
 import json
 from pathlib import Path
 
-
 from features.backbones import Backbone
 from features.datasets import ImageSet
 from features.extract import extract

@@ -18,8 +18,14 @@ from pathlib import Path
 
 import joblib
 import numpy as np
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, classification_report, confusion_matrix,
-                             f1_score, top_k_accuracy_score)
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    classification_report,
+    confusion_matrix,
+    f1_score,
+    top_k_accuracy_score,
+)
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer
@@ -178,7 +184,7 @@ def evaluate_tap(features: FeatureFile, tap: str, pooling: str, options: FitOpti
                  seeds: int) -> TapEvaluation:
     """Fit and score one tap over ``seeds`` seeded splits (seed s uses split seed s)."""
     check_protocol(protocol, features.labels[features.valid], features.classes,
-                   None if features.split is None else [s for s, v in zip(features.split, features.valid) if v])
+                   None if features.split is None else [s for s, v in zip(features.split, features.valid, strict=True) if v])
     key = features.tap_key(tap, pooling)
     dim = int(features.taps[key]["dim"])
     need, budget = matrix_bytes(int(features.valid.sum()), dim), options.budget_bytes()

@@ -103,7 +103,7 @@ def predict_images(run_dir: Path | str, images: list[str], device: str = "auto",
         scores = model.predict_proba(X) if has_proba else model.decision_function(X)
         if scores.ndim == 1:  # binary decision function: score of the positive class
             scores = np.stack([-scores, scores], axis=1)
-        for i, row in zip([i for i in range(lo, hi) if i not in errors], scores):
+        for i, row in zip([i for i in range(lo, hi) if i not in errors], scores, strict=True):
             best = int(np.argmax(row))
             label = classes[int(model.classes_[best])]
             out.append(Prediction(images[i], label, float(row[best]), "probability" if has_proba else "score"))

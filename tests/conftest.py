@@ -7,7 +7,28 @@ import pytest
 from PIL import Image
 
 
-def make_images(root: Path, classes=("circle", "square", "stripes"), per_class=6, size=40, seed=0, fmt="jpg"):
+def _photo(w: int, h: int, seed: int) -> Image.Image:
+    """A smooth, photo-like RGB image with noise (JPEG-friendly, unlike pure noise)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    smooth = np.stack([np.sin(xx / 7.0 + seed), np.cos(yy / 5.0), np.sin((xx + yy) / 11.0)], -1) * 90 + 128
+    return Image.fromarray(np.clip(smooth + rng.normal(0, 20, smooth.shape), 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="session")
+def photo():
+    """``photo(w, h, seed)`` -> a photo-like PIL image."""
+    return _photo
+
+
+@pytest.fixture(scope="session")
+def image_folder():
+    """``image_folder(root, classes=..., per_class=6, size=40, seed=0, fmt="jpg")`` writes an
+    ImageFolder tree of class-dependent patterns and returns the paths."""
+    return _make_images
+
+
+def _make_images(root: Path, classes=("circle", "square", "stripes"), per_class=6, size=40, seed=0, fmt="jpg"):
     """Class-dependent patterns plus noise, so a linear classifier can separate them."""
     rng = np.random.default_rng(seed)
     paths = []
@@ -31,8 +52,8 @@ def make_images(root: Path, classes=("circle", "square", "stripes"), per_class=6
 def tiny_folder(tmp_path_factory) -> Path:
     """folder: dataset with an official split (train/ and val/), 3 classes."""
     root = tmp_path_factory.mktemp("tiny")
-    make_images(root / "train", per_class=6, seed=1)
-    make_images(root / "val", per_class=3, seed=2)
+    _make_images(root / "train", per_class=6, seed=1)
+    _make_images(root / "val", per_class=3, seed=2)
     return root
 
 
@@ -40,5 +61,5 @@ def tiny_folder(tmp_path_factory) -> Path:
 def tiny_flat(tmp_path_factory) -> Path:
     """folder: dataset without a split, 3 classes x 10 images."""
     root = tmp_path_factory.mktemp("flat")
-    make_images(root, per_class=10, seed=3)
+    _make_images(root, per_class=10, seed=3)
     return root

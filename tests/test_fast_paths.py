@@ -23,15 +23,8 @@ from features.store import FeatureFile
 RUN = dict(device="cpu", precision="fp32", progress=False, batch_size=4)
 
 
-def photo(w: int, h: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    smooth = np.stack([np.sin(xx / 7.0 + seed), np.cos(yy / 5.0), np.sin((xx + yy) / 11.0)], -1) * 90 + 128
-    return Image.fromarray(np.clip(smooth + rng.normal(0, 20, smooth.shape), 0, 255).astype(np.uint8))
-
-
 @pytest.mark.parametrize("size", [(300, 240), (240, 300), (500, 375), (256, 256), (180, 90), (1023, 257), (224, 600)])
-def test_box_resize_matches_resize_then_crop(size):
+def test_box_resize_matches_resize_then_crop(size, photo):
     crop = Backbone("mobilenet_v2", weights="none").pixel_transform()
     img = photo(*size, seed=sum(size))
     fast = crop(img).astype(int)
@@ -44,7 +37,7 @@ def test_box_resize_matches_resize_then_crop(size):
 
 
 @pytest.mark.parametrize("size", [(300, 240), (100, 80), (256, 300), (255, 1000), (500, 375), (257, 257)])
-def test_tensor_resize_skips_antialiasing_only_where_it_changes_nothing(size):
+def test_tensor_resize_skips_antialiasing_only_where_it_changes_nothing(size, photo):
     """Enlarging: the same pixels as the preset's antialiased resize; shrinking: antialiased."""
     from torchvision.transforms.v2 import functional as F2
 
@@ -57,7 +50,7 @@ def test_tensor_resize_skips_antialiasing_only_where_it_changes_nothing(size):
         assert not torch.equal(plain, preset)
 
 
-def test_box_resize_falls_back_where_the_crop_would_pad():
+def test_box_resize_falls_back_where_the_crop_would_pad(photo):
     crop = Backbone("resnet18", weights="none", image_size=64).pixel_transform()
     crop.resize_size = [32]  # a crop larger than the resized image: F.center_crop pads
     out = crop(photo(50, 40, 1))
@@ -84,7 +77,7 @@ def test_folded_extractor_matches_the_plain_graph(name, taps):
     preset = bb.transform()
     x = F.normalize(pixels.permute(0, 3, 1, 2).float() / 255, preset.mean, preset.std)
     with torch.inference_mode():
-        want = {t.name: pool(v, "avgmax").numpy() for t, v in zip(resolved, plain(x).values())}
+        want = {t.name: pool(v, "avgmax").numpy() for t, v in zip(resolved, plain(x).values(), strict=True)}
     for t in resolved:
         np.testing.assert_allclose(got[t.name], want[t.name], rtol=1e-4, atol=1e-5)
 
@@ -181,12 +174,10 @@ def test_compile_and_loader_choices(monkeypatch):
         resolve_loader("replicas", torch.device("cuda"), 10)
 
 
-def test_other_decoders_match_pil_and_keep_the_error_handling(tmp_path):
+def test_other_decoders_match_pil_and_keep_the_error_handling(tmp_path, image_folder):
     """simplejpeg (the CPU default) and decode_jpeg + tensor resizing (the CUDA default, here
     on the CPU) against PIL's path."""
-    from tests.conftest import make_images
-
-    make_images(tmp_path / "data", per_class=4, size=90)
+    image_folder(tmp_path / "data", per_class=4, size=90)
     Image.fromarray(np.full((70, 50, 3), 120, np.uint8)).save(tmp_path / "data" / "circle" / "flat.png")
     (tmp_path / "data" / "square" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 40)
     images = load_dataset(f"folder:{tmp_path / 'data'}")

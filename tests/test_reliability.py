@@ -21,7 +21,6 @@ from features.datasets import folder_dataset, load_dataset
 from features.errors import TapsError, UsageError
 from features.extract import extract, resolve_device
 from features.store import FeatureFile, FeatureWriter
-from tests.conftest import make_images
 
 RUN = dict(device="cpu", precision="fp32", workers=0, progress=False, batch_size=4)
 
@@ -31,16 +30,16 @@ def tiny_resnet():
 
 
 @pytest.fixture(scope="module")
-def messy(tmp_path_factory) -> Path:
+def messy(tmp_path_factory, image_folder) -> Path:
     """A folder dataset with every kind of odd or broken image."""
     root = tmp_path_factory.mktemp("messy")
-    make_images(root, classes=("good", "odd"), per_class=4)
+    image_folder(root, classes=("good", "odd"), per_class=4)
     odd = root / "odd"
     rgb = np.random.default_rng(0).integers(0, 255, (30, 30, 3), dtype=np.uint8)
     Image.fromarray(rgb).convert("CMYK").save(odd / "cmyk.jpg")
     Image.fromarray(rgb).convert("P").save(odd / "palette.png")
     Image.fromarray(np.dstack([rgb, np.full((30, 30), 128, np.uint8)])).save(odd / "rgba.png")
-    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(odd / "deep16.png")
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(odd / "deep16.png")
     Image.fromarray(rgb[..., 0]).save(odd / "grey.jpg")
     Image.fromarray(rgb).save(odd / "anim.gif")
     bad = root / "bad"
@@ -130,9 +129,9 @@ def _alive(pids: set[int]) -> set[int]:
 
 
 @pytest.fixture(scope="module")
-def long_set(tmp_path_factory) -> Path:
+def long_set(tmp_path_factory, image_folder) -> Path:
     root = tmp_path_factory.mktemp("long")
-    make_images(root, per_class=120, size=24, seed=5)
+    image_folder(root, per_class=120, size=24, seed=5)
     return root
 
 

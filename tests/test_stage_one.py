@@ -148,10 +148,8 @@ def test_digits_dataset_is_embedded():
     assert digits.fingerprint() == load_dataset("digits").fingerprint()
 
 
-def test_csv_dataset_and_root_escape(tmp_path):
-    from tests.conftest import make_images
-
-    make_images(tmp_path / "images", classes=("a", "b"), per_class=2)
+def test_csv_dataset_and_root_escape(tmp_path, image_folder):
+    image_folder(tmp_path / "images", classes=("a", "b"), per_class=2)
     rows = ["image_names,emergency_or_not"] + [f"{c}/img_{i:03d}.jpg,{int(c == 'a')}" for c in "ab" for i in range(2)]
     (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
     ds = csv_dataset(tmp_path / "train.csv")

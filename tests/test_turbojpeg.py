@@ -10,7 +10,6 @@ from PIL import Image
 from features.backbones import Backbone
 from features.datasets import BadImage, FileImageSet, open_image
 from features.turbojpeg import decode_crop, draft_scale, sample_pixels
-from tests.test_fast_paths import photo
 
 CROP = Backbone("mobilenet_v2", weights="none").pixel_transform()
 MIN_SIDE = CROP.resize_size[0]
@@ -28,7 +27,7 @@ def save(img: Image.Image, path, **options):
     ((3900, 3800), {"progressive": True}),              # draft 1/8, progressive
     ((401, 333), {"subsampling": 1, "quality": 60}),    # odd sizes, 4:2:2
 ])
-def test_decoded_pixels_equal_pils_at_the_same_draft_scale(tmp_path, size, options):
+def test_decoded_pixels_equal_pils_at_the_same_draft_scale(tmp_path, size, options, photo):
     path = save(photo(*size, seed=size[0]), tmp_path / "x.jpg", **options)
     pil = np.asarray(open_image(path, MIN_SIDE))
     scale = draft_scale(*size, MIN_SIDE)
@@ -40,7 +39,7 @@ def test_decoded_pixels_equal_pils_at_the_same_draft_scale(tmp_path, size, optio
 
 
 @pytest.mark.parametrize("size", [(300, 240), (240, 300), (1100, 700), (232, 232), (180, 90)])
-def test_crops_match_the_pil_path_to_a_grey_level_or_two(tmp_path, size):
+def test_crops_match_the_pil_path_to_a_grey_level_or_two(tmp_path, size, photo):
     path = save(photo(*size, seed=3), tmp_path / "x.jpg", quality=92)
     fast = decode_crop(path, CROP, MIN_SIDE, None)
     reference = CROP(open_image(path, MIN_SIDE))
@@ -49,14 +48,14 @@ def test_crops_match_the_pil_path_to_a_grey_level_or_two(tmp_path, size):
     assert diff.max() <= 3 and diff.mean() < 0.5
 
 
-def test_grey_jpegs_become_rgb_like_pils(tmp_path):
+def test_grey_jpegs_become_rgb_like_pils(tmp_path, photo):
     path = save(photo(260, 240, seed=4).convert("L"), tmp_path / "grey.jpg")
     fast = decode_crop(path, CROP, MIN_SIDE, None)
     assert fast is not None and np.array_equal(fast[..., 0], fast[..., 2])
     assert np.abs(fast.astype(int) - CROP(open_image(path, MIN_SIDE)).astype(int)).max() <= 3
 
 
-def test_odd_files_go_back_to_pil_with_its_reasons(tmp_path):
+def test_odd_files_go_back_to_pil_with_its_reasons(tmp_path, photo):
     img = photo(120, 100, seed=5)
     files = {
         "png": save(img, tmp_path / "a.png"),
@@ -86,7 +85,7 @@ def test_odd_files_go_back_to_pil_with_its_reasons(tmp_path):
             assert np.array_equal(outcomes[0], outcomes[1]), name  # the very same PIL path
 
 
-def test_tensor_resize_is_the_presets_tensor_path():
+def test_tensor_resize_is_the_presets_tensor_path(photo):
     """UInt8Crop.tensor is ImageClassification's resize and crop on a uint8 tensor, HWC out."""
     bb = Backbone("mobilenet_v2", weights="none")
     chw = torch.from_numpy(np.array(photo(310, 250, seed=6))).permute(2, 0, 1)
