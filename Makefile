@@ -20,7 +20,7 @@ EXTRA     ?=
 COMMON := --dataset $(DATASET) --data-root $(DATA_ROOT) --backbone $(BACKBONE) --weights $(WEIGHTS) \
           $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE))
 
-.PHONY: install weights demo extract fit compare bench test clean
+.PHONY: install weights demo extract fit compare bench test lint clean
 
 install: $(VENV)/.installed weights
 
@@ -54,6 +54,12 @@ bench: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# ruff (pyflakes, import order, bugbear, pyupgrade, size limits) and the import-linter
+# contracts of the architecture (pyproject.toml); CI runs it before the tests.
+lint: $(VENV)/.installed
+	$(BIN)/ruff check features pipeline tests
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf feature_store runs

@@ -12,6 +12,8 @@ standard pre-logits embedding) and ``logits``. Raw graph node names from
 
 from __future__ import annotations
 
+import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -57,28 +59,61 @@ def _meta_model(name: str) -> nn.Module:
         return models.get_model(name, weights=None).eval()
 
 
-def _friendly_nodes(name: str, model: nn.Module) -> dict[str, str]:
-    """Family-specific friendly names -> node names (unsorted)."""
+@dataclass(frozen=True)
+class TapScheme:
+    """A backbone family's friendly taps, declared once (as timm's ``FeatureInfo`` declares a
+    model's features): which models it covers, each friendly tap's graph node, and the
+    standard embedding. ``pooled`` (the input of the last Linear layer) and ``logits`` (that
+    layer) are added for every family that has a Linear head, unless the family names its own."""
+
+    name: str
+    covers: Callable[[str, nn.Module], bool]
+    nodes: Callable[[nn.Module], dict[str, str]]   # friendly name -> node, any order
+    standard: str                                  # the standard embedding
+    adds_pooled: bool = True
+
+
+TAP_SCHEMES: list[TapScheme] = []  # tried in order: the last registered first, the catch-all last
+
+
+def register_tap_scheme(scheme: TapScheme) -> TapScheme:
+    """Register a family's scheme (as torchvision's ``register_model``); it is tried before
+    every scheme registered earlier, so the more specific a family, the later it registers."""
+    TAP_SCHEMES.insert(0, scheme)
+    return scheme
+
+
+def tap_scheme(name: str, model: nn.Module) -> TapScheme:
+    """The first registered scheme that covers this model."""
+    return next(s for s in TAP_SCHEMES if s.covers(name, model))
+
+
+def _vgg_nodes(model: nn.Module) -> dict[str, str]:
+    pools = [i for i, m in enumerate(model.features) if isinstance(m, nn.MaxPool2d)]
+    # fc6/fc7 are taken after their ReLU, as in DeCAF and the VGG paper.
+    return {**{f"pool{k + 1}": f"features.{i}" for k, i in enumerate(pools)}, "fc6": "classifier.1", "fc7": "classifier.4"}
+
+
+def _features_stack_nodes(model: nn.Module) -> dict[str, str]:
+    return {f"block{c}" if c.isdigit() else c: f"features.{c}" for c, _ in model.features.named_children()}
+
+
+def _children_nodes(model: nn.Module) -> dict[str, str]:
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    taps: dict[str, str] = {}
-    if name.startswith("vgg"):
-        pools = [i for i, m in enumerate(model.features) if isinstance(m, nn.MaxPool2d)]
-        taps.update({f"pool{k + 1}": f"features.{i}" for k, i in enumerate(pools)})
-        # fc6/fc7 are taken after their ReLU, as in DeCAF and the VGG paper.
-        taps.update({"fc6": "classifier.1", "fc7": "classifier.4"})
-    elif hasattr(model, "layer4") and hasattr(model, "maxpool"):  # resnet, resnext, wide_resnet
-        taps.update({"stem": "maxpool", **{f"layer{i}": f"layer{i}" for i in range(1, 5)}, "avgpool": "flatten"})
-    else:
-        stack = getattr(model, "features", None)
-        if isinstance(stack, nn.Sequential):
-            for child, _ in stack.named_children():
-                taps[f"block{child}" if child.isdigit() else child] = f"features.{child}"
-        else:
-            skip = {linears[-1].split(".")[0]} if linears else set()
-            taps.update({c: c for c, m in model.named_children() if c not in skip and any(True for _ in m.parameters())})
-    if linears:
-        taps["logits"] = linears[-1]
-    return taps
+    head = {linears[-1].split(".")[0]} if linears else set()
+    return {c: c for c, m in model.named_children() if c not in head and any(True for _ in m.parameters())}
+
+
+register_tap_scheme(TapScheme("generic", lambda name, model: True, _children_nodes, "pooled"))
+register_tap_scheme(TapScheme(  # MobileNet, EfficientNet, ConvNeXt, DenseNet, ...
+    "features-stack", lambda name, model: isinstance(getattr(model, "features", None), nn.Sequential),
+    _features_stack_nodes, "pooled"))
+register_tap_scheme(TapScheme("vgg", lambda name, model: name.startswith("vgg"), _vgg_nodes, "fc7",
+                              adds_pooled=False))
+register_tap_scheme(TapScheme(  # resnet, resnext, wide_resnet
+    "resnet", lambda name, model: hasattr(model, "layer4") and hasattr(model, "maxpool"),
+    lambda model: {"stem": "maxpool", **{f"layer{i}": f"layer{i}" for i in range(1, 5)}, "avgpool": "flatten"},
+    "avgpool", adds_pooled=False))
 
 
 def _last_node(prefix: str, nodes: list[str]) -> int:
@@ -232,7 +267,12 @@ class Backbone:
                 torch.manual_seed(0)
                 model = models.get_model(self.name, weights=None)
             if w.path is not None:
-                state = torch.load(w.path, map_location="cpu", weights_only=True)
+                try:
+                    state = torch.load(w.path, map_location="cpu", weights_only=True)
+                except pickle.UnpicklingError as exc:
+                    raise UsageError(f"weights file {w.path} holds more than tensors ({str(exc).splitlines()[0]}); "
+                                     f"it is loaded with weights_only=True, which refuses code: pass a plain "
+                                     f"state dict") from None
                 state = state.get("state_dict", state) if isinstance(state, dict) else state
                 try:
                     model.load_state_dict(state)
@@ -285,15 +325,19 @@ class Backbone:
         return model, get_graph_node_names(model)[1]
 
     @cached_property
+    def scheme(self) -> TapScheme:
+        return tap_scheme(self.name, self._graph[0])
+
+    @cached_property
     def taps(self) -> dict[str, Tap]:
         """Friendly taps ordered from shallow to deep, with shapes at this input size."""
         model, nodes = self._graph
-        friendly = _friendly_nodes(self.name, model)
-        if "logits" in friendly:
-            # The standard embedding feeds the classifier: the node before the last Linear.
-            pre = nodes[_last_node(friendly["logits"], nodes) - 1]
-            if not self.name.startswith("vgg") and "avgpool" not in friendly:
-                friendly = {**friendly, "pooled": pre}
+        friendly = dict(self.scheme.nodes(model))
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        if linears:
+            friendly["logits"] = linears[-1]
+            if self.scheme.adds_pooled:  # the standard embedding feeds the classifier: the node before it
+                friendly["pooled"] = nodes[_last_node(linears[-1], nodes) - 1]
         known = {t for t, node in friendly.items() if node in nodes or any(n.startswith(node + ".") for n in nodes)}
         order = sorted(known, key=lambda t: _last_node(friendly[t], nodes))
         shapes = self._shapes({friendly[t] for t in order})
@@ -301,11 +345,8 @@ class Backbone:
 
     @property
     def default_tap(self) -> str:
-        """The standard embedding: vgg fc7, resnet avgpool, everything else pooled."""
-        for name in ("fc7", "avgpool", "pooled"):
-            if name in self.taps:
-                return name
-        return list(self.taps)[-1]
+        """The standard embedding its family declares (vgg fc7, resnet avgpool, others pooled)."""
+        return self.scheme.standard if self.scheme.standard in self.taps else list(self.taps)[-1]
 
     def _shapes(self, nodes: set[str]) -> dict[str, tuple[int, ...]]:
         model, _ = self._graph

@@ -76,7 +76,7 @@ def merge_shards(paths: list[Path], out: Path | None = None, force: bool = False
         errors.update({int(f.attrs["shard_start"]) + j: f.errors[f.ids[j]] for j in np.flatnonzero(~f.valid)})
     with exclusive_lock(out):
         writer = FeatureWriter(out, header, np.concatenate([f.labels for f in shards]), shards[0].classes,
-                               [i for f in shards for i in f.ids], splits, force)
+                               [i for f in shards for i in f.ids], splits, force=force)
         try:
             if writer.complete:
                 return out

@@ -215,7 +215,7 @@ class FeatureWriter:
     write anything more to it (see :meth:`_abandon`) and raises one :class:`TapsError`.
     """
 
-    def __init__(self, path: Path, header: dict, labels, classes, ids, splits, force: bool = False):
+    def __init__(self, path: Path, header: dict, labels, classes, ids, splits, *, force: bool = False):
         self.path = Path(path)
         self.failed = False
         self.recovered: dict[str, int] = {}  # tap key -> rows found damaged on open, to be recomputed
@@ -489,6 +489,24 @@ class FeatureFile:
             if bad is not None:
                 raise self._damaged(key, bad)
         return X
+
+    def iter_rows(self, key: str, indices: np.ndarray, shuffle_seed: int | None = None):
+        """Yield (positions into ``indices``, their rows of ``/taps/<key>``) one HDF5 chunk at a time:
+        contiguous, chunk-aligned reads, so memory holds one chunk whatever the matrix size. The chunk
+        order is shuffled when a seed is given (streaming SGD); rows keep their order within a chunk."""
+        indices = np.asarray(indices)
+        order = np.argsort(indices)
+        sorted_idx = indices[order]
+        with open_h5(self.path, "r") as h5:
+            ds = h5["taps"][key]
+            step = ds.chunks[0] if ds.chunks else _chunk_rows(ds.shape[0], ds.shape[1])
+            chunks = [(lo, min(lo + step, ds.shape[0])) for lo in range(0, ds.shape[0], step)]
+            if shuffle_seed is not None:
+                chunks = [chunks[i] for i in np.random.default_rng(shuffle_seed).permutation(len(chunks))]
+            for lo, hi in chunks:
+                a, b = np.searchsorted(sorted_idx, [lo, hi])
+                if a < b:
+                    yield order[a:b], ds[lo:hi][sorted_idx[a:b] - lo]
 
     def verify(self, key: str) -> None:
         """Check every block of ``/taps/<key>`` against its checksum without holding the matrix

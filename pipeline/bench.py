@@ -7,17 +7,20 @@
   ``DataLoader`` (no workers), ``torch.no_grad`` and one forward pass per tap;
 - ablations: the pipeline with one optimisation switched off at a time;
 - early tap: ResNet18 ``layer2`` alone against the full pass;
-- peak RSS of the pipeline at two dataset sizes; stage-two fit times.
+- peak RSS of the pipeline at two dataset sizes; page faults per batch with and without
+  the kept-memory allocator setting; stage-two fit times.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,19 +31,18 @@ from torchvision import transforms as T
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from features.backbones import Backbone
+from features.blocks import prepare_forward
 from features.datasets import FileImageSet, folder_dataset
-from features.extract import (
+from features.engines.replicas import ReplicaEngine
+from features.extract import extract, feature_path
+from features.options import (
     REPLICAS_MIN_IMAGES,
     RunConfig,
     default_workers,
-    extract,
-    feature_path,
-    prepare_forward,
     resolve_device,
     resolve_loader,
     resolve_precision,
 )
-from features.replicas import ReplicaPool
 from features.runtime import keep_freed_memory
 
 
@@ -78,25 +80,23 @@ def _rate(n: int, seconds: float) -> float:
     return n / seconds if seconds > 0 else float("nan")
 
 
-def ceiling(backbone: Backbone, images, batch_size: int, device, precision: str, taps: list[str],
-            compile: str = "on", loader: str = "inline") -> float:
+def ceiling(backbone: Backbone, images, taps: list[str], cfg: RunConfig) -> float:
     """Forward-only images/s: the pipeline's own extractor (same taps, pooling, precision, layout,
     compilation, processes and threads) on preprocessed uint8 batches already in memory: only
-    loading and writing are missing. With ``loader="replicas"`` every replica runs its share at once."""
+    loading and writing are missing. With ``cfg.loader == "replicas"`` every replica runs its share at once."""
     resolved = backbone.resolve_taps(taps)
-    cfg = RunConfig("avg", device, precision, default_workers(), True, "skip", True, loader, compile)
-    if loader == "replicas":
-        with ReplicaPool(images, backbone, resolved, cfg, batch_size) as pool:
+    if cfg.loader == "replicas":
+        with ReplicaEngine(images, backbone, resolved, cfg) as pool:
             return pool.forward_rate(0, len(images))
-    crop = backbone.pixel_transform()
+    crop, bs = backbone.pixel_transform(), cfg.batch_size
     pixels = torch.from_numpy(np.stack([crop(images.image(i)) for i in range(len(images))]))
     with keep_freed_memory():  # as extract() runs
-        forward = prepare_forward(backbone, resolved, cfg, len(pixels), batch_size)
-        forward(pixels[:batch_size])  # warm-up
+        forward = prepare_forward(backbone, resolved, cfg, len(pixels))
+        forward(pixels[:bs])  # warm-up
         t0 = time.perf_counter()
-        for s in range(0, len(pixels), batch_size):
-            forward(pixels[s:s + batch_size])
-        if device.type == "cuda":
+        for s in range(0, len(pixels), bs):
+            forward(pixels[s:s + bs])
+        if cfg.device.type == "cuda":
             torch.cuda.synchronize()
         return _rate(len(pixels), time.perf_counter() - t0)
 
@@ -128,13 +128,32 @@ def seed_style(backbone: Backbone, images, taps: list[str], device, batch_size: 
     return _rate(len(images), time.perf_counter() - t0)
 
 
-def pipeline_rate(images, backbone: Backbone, taps: list[str], work: Path, compile_times: list | None = None,
-                  **options) -> float:
-    """Steady-state images/s of `taps extract`; the compile time (if any) goes to ``compile_times``."""
-    report = extract(images, backbone, taps, path=work / "bench.h5", force=True, progress=False, **options)
-    if compile_times is not None and report.compile_seconds:
-        compile_times.append(report.compile_seconds)
-    return report.images_per_second
+FAULTS_PROBE = """
+import json, resource, torch
+from features.runtime import keep_freed_memory
+
+def faults_per_batch(n=16):
+    out = []
+    for _ in range(n):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(16 << 20).sum()  # a 64 MB activation: above glibc's largest mmap threshold
+        out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return out
+
+default = faults_per_batch()
+with keep_freed_memory():
+    kept = faults_per_batch()
+print(json.dumps([default, kept]))
+"""
+
+
+def page_faults_per_batch() -> dict[str, float]:
+    """Median page faults of a 64 MB activation per batch, with glibc's defaults and with the
+    allocator setting extraction runs under (:func:`features.runtime.keep_freed_memory`), in a
+    fresh process: the heap a long run leaves behind is not an extraction's."""
+    out = subprocess.run([sys.executable, "-c", FAULTS_PROBE], capture_output=True, text=True, check=True)
+    default, kept = json.loads(out.stdout)
+    return {"default": float(np.median(default)), "kept": float(np.median(kept))}
 
 
 def peak_rss_mb(n: int, work: Path, backbone: str, weights: str, compile: str, loader: str) -> float:
@@ -192,35 +211,81 @@ def stage_two_times(features_root: str, reference: bool) -> dict:
     return out
 
 
-def run_bench(backbone: str = "mobilenet_v2", n: int = 1000, data_root: str | None = None, batch_size: int = 32,
-              taps: list[str] | None = None, device: str = "auto", rss_sizes: tuple[int, int] = (1000, 8000),
-              out: Path | str = "bench_out", features_root: str = "feature_store", reference: bool = False,
-              rounds: int = 3, compile: str = "on", log=print) -> tuple[str, dict]:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    work = out / "work"
-    work.mkdir(exist_ok=True)
-    bb = Backbone(backbone)
+@dataclass(frozen=True, kw_only=True)
+class BenchSettings:
+    """What `taps bench` measures: the backbone and images, the batch size, and how many rounds."""
+
+    backbone: str = "mobilenet_v2"
+    images: int = 1000
+    data_root: str | None = None       # Caltech-101 JPEGs from here, else synthetic ones
+    batch_size: int = 32
+    taps: list[str] | None = None      # the pipeline's 3 taps (default: a third, two thirds, standard)
+    device: str = "auto"
+    rss_sizes: tuple[int, int] = (1000, 8000)
+    out: Path | str = "bench_out"
+    features_root: str = "feature_store"
+    reference: bool = False            # also time scikit-learn's reference fits
+    rounds: int = 3
+    compile: str = "on"
+
+
+@dataclass
+class _Bench:
+    """One bench run's resolved pieces, shared by its measures."""
+
+    settings: BenchSettings
+    backbone: Backbone
+    resnet: Backbone
+    taps: list[str]
+    images: FileImageSet
+    source: str
+    cfg: RunConfig
+    work: Path
+    compile_times: list[float] = field(default_factory=list)
+
+    def pipeline(self, backbone: Backbone, taps: list[str], **changes) -> float:
+        """Steady-state images/s of `taps extract`; the compile time (if any) is kept."""
+        cfg, s = self.cfg, self.settings
+        options = {"device": s.device, "batch_size": s.batch_size, "compile": s.compile, "loader": cfg.loader, **changes}
+        report = extract(self.images, backbone, taps, path=self.work / "bench.h5", force=True, progress=False,
+                         **options)
+        if report.compile_seconds and backbone is self.backbone and not changes:
+            self.compile_times.append(report.compile_seconds)
+        return report.images_per_second
+
+    def ceiling(self, backbone: Backbone, taps: list[str], **changes) -> float:
+        return ceiling(backbone, self.images, taps, dataclasses.replace(self.cfg, **changes))
+
+
+def _offline_or_random(name: str) -> Backbone:
+    """The backbone with its default weights when they are at hand; speed does not depend on their values."""
+    bb = Backbone(name)
     try:
         bb.check_weights()
     except Exception:
-        bb = Backbone(backbone, weights="none")  # speed does not depend on the weights' values
+        bb = Backbone(name, weights="none")
+    return bb
+
+
+def _prepare(s: BenchSettings, work: Path) -> _Bench:
+    bb = _offline_or_random(s.backbone)
     names = list(bb.taps)
-    taps = taps or [names[len(names) // 3], names[2 * len(names) // 3], bb.default_tap]
-    dev = resolve_device(device)
-    prec = resolve_precision("auto", dev)
-    images, source = bench_images(n, data_root, work)
-    compile_times: list[float] = []
-    loader = resolve_loader("auto", dev, max(n, REPLICAS_MIN_IMAGES))  # what a large run uses here
-    common = dict(device=device, batch_size=batch_size, compile=compile, loader=loader)
-    r: dict = {"backbone": bb.name, "weights": bb.weights.spec, "images": source, "taps": taps,
-               "batch_size": batch_size, "device": str(dev), "precision": prec, "loader": loader,
-               "workers": default_workers(), "rounds": rounds,
-               "compile": compile, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
-    log(f"bench: {bb.name}, {source}, taps {', '.join(taps)}, {dev}, {prec}, {rounds} rounds")
-    # (label, change, the measure it is compared with). Under torch.compile the input layout is
-    # Inductor's choice, so channels_last is measured where it acts: in the eager pass.
-    eager = "eager instead of torch.compile"
+    taps = s.taps or [names[len(names) // 3], names[2 * len(names) // 3], bb.default_tap]
+    dev = resolve_device(s.device)
+    images, source = bench_images(s.images, s.data_root, work)
+    cfg = RunConfig(pooling="avg", device=dev, precision=resolve_precision("auto", dev), workers=default_workers(),
+                    channels_last=True, on_error="skip", draft=True, compile=s.compile, batch_size=s.batch_size,
+                    loader=resolve_loader("auto", dev, max(s.images, REPLICAS_MIN_IMAGES)))  # as a large run here
+    return _Bench(s, bb, _offline_or_random("resnet18"), taps, images, source, cfg, work)
+
+
+EAGER = "eager instead of torch.compile"
+
+
+def _ablations(b: _Bench) -> list[tuple[str, dict, str]]:
+    """(label, change, the measure it is compared with). Under torch.compile the input layout is
+    Inductor's choice, so channels_last is measured where it acts: in the eager pass."""
+    prec, loader = b.cfg.precision, b.cfg.loader
     loaders = ([("inline loader: one process, all cores", {"loader": "inline"}, "pipeline")]
                if loader == "replicas" else [("one decode thread", {"workers": 0}, "pipeline")])
     ablations = [("fp32 instead of " + prec, {"precision": "fp32"}, "pipeline"),
@@ -229,35 +294,39 @@ def run_bench(backbone: str = "mobilenet_v2", n: int = 1000, data_root: str | No
                  ("DataLoader processes decoding alongside", {"loader": "workers"}, "pipeline"),
                  ("PIL decode + box resize (not simplejpeg)", {"decode": "pil"}, "pipeline"),
                  ("torchvision decode_jpeg + tensor resize", {"decode": "torchvision"}, "pipeline"),
-                 (eager, {"compile": "off"}, "pipeline"),
-                 ("eager, NCHW instead of channels_last", {"compile": "off", "channels_last": False}, eager)]
-    if compile == "off":
+                 (EAGER, {"compile": "off"}, "pipeline"),
+                 ("eager, NCHW instead of channels_last", {"compile": "off", "channels_last": False}, EAGER)]
+    if b.settings.compile == "off":
         ablations = ablations[:-2] + [("NCHW instead of channels_last", {"channels_last": False}, "pipeline")]
-    ablations = [a for a in ablations if not (a[0].startswith("fp32") and prec == "fp32")]
-    rn = Backbone("resnet18")
-    try:
-        rn.check_weights()
-    except Exception:
-        rn = Backbone("resnet18", weights="none")
-    # Shared machines drift by tens of percent within minutes: rounds interleave the measures
-    # (in rotated order), each ratio is taken inside a round (between measures minutes apart
-    # at most) and the median over rounds is reported, as are the median rates.
-    runs: dict[str, list[float]] = {}
-    measures = {
-        "ceiling": lambda: ceiling(bb, images, batch_size, dev, prec, taps, compile, loader),
-        "pipeline": lambda: pipeline_rate(images, bb, taps, work, compile_times, **common),
-        **{label: (lambda c=c: pipeline_rate(images, bb, taps, work, **{**common, **c})) for label, c, _ in ablations},
-        **({"ceiling_eager": lambda: ceiling(bb, images, batch_size, dev, prec, taps, "off", loader)}
-           if compile != "off" else {}),
-        "forward_layer2": lambda: ceiling(rn, images, batch_size, dev, prec, ["layer2"], compile, loader),
-        "forward_full": lambda: ceiling(rn, images, batch_size, dev, prec, ["avgpool"], compile, loader),
-        "pipeline_layer2": lambda: pipeline_rate(images, rn, ["layer2"], work, **common),
-        "pipeline_full": lambda: pipeline_rate(images, rn, ["avgpool"], work, **common),
+    return [a for a in ablations if not (a[0].startswith("fp32") and prec == "fp32")]
+
+
+def _measures(b: _Bench, ablations) -> dict:
+    rn = b.resnet
+    return {
+        "ceiling": lambda: b.ceiling(b.backbone, b.taps),
+        "pipeline": lambda: b.pipeline(b.backbone, b.taps),
+        **{label: (lambda c=c: b.pipeline(b.backbone, b.taps, **c)) for label, c, _ in ablations},
+        **({"ceiling_eager": lambda: b.ceiling(b.backbone, b.taps, compile="off")}
+           if b.settings.compile != "off" else {}),
+        "forward_layer2": lambda: b.ceiling(rn, ["layer2"]),
+        "forward_full": lambda: b.ceiling(rn, ["avgpool"]),
+        "pipeline_layer2": lambda: b.pipeline(rn, ["layer2"]),
+        "pipeline_full": lambda: b.pipeline(rn, ["avgpool"]),
     }
-    # The headline ratios' measures run as one unit, the reference on both sides of the other
-    # (A B A) and taken as the mean of its two rates: a drift within the unit cancels.
-    brackets = {"ceiling": "pipeline", "forward_full": "forward_layer2", "pipeline_full": "pipeline_layer2"}
-    names = [name for name in measures if name not in brackets.values()]
+
+
+# The headline ratios' measures run as one unit, the reference on both sides of the other
+# (A B A) and taken as the mean of its two rates: a drift within the unit cancels.
+BRACKETS = {"ceiling": "pipeline", "forward_full": "forward_layer2", "pipeline_full": "pipeline_layer2"}
+
+
+def _interleave(measures: dict, rounds: int, log) -> tuple[dict, dict]:
+    """Shared machines drift by tens of percent within minutes: rounds interleave the measures
+    (in rotated order), so that each ratio can be taken inside a round. -> (rates per measure
+    and round, the bracketing rates of the references)."""
+    names = [name for name in measures if name not in BRACKETS.values()]
+    runs: dict[str, list[float]] = {}
     samples: dict[str, list[list[float]]] = {}
 
     def measure(name: str, round_: int) -> float:
@@ -270,37 +339,61 @@ def run_bench(backbone: str = "mobilenet_v2", n: int = 1000, data_root: str | No
         # ceiling's 150 MB of pixels) must not always precede the same measure.
         shift = round_ * len(names) // rounds
         for name in names[shift:] + names[:shift]:
-            if name not in brackets:
+            if name not in BRACKETS:
                 runs.setdefault(name, []).append(measure(name, round_))
                 continue
-            before, inner, after = measure(name, round_), measure(brackets[name], round_), measure(name, round_)
+            before, inner, after = measure(name, round_), measure(BRACKETS[name], round_), measure(name, round_)
             samples.setdefault(name, []).append([before, after])
             runs.setdefault(name, []).append((before + after) / 2)
-            runs.setdefault(brackets[name], []).append(inner)
+            runs.setdefault(BRACKETS[name], []).append(inner)
+    return runs, samples
 
-    def ratio(a: str, b: str) -> float:  # median over rounds of a/b measured in the same round
+
+def _summary(runs: dict, ablations) -> dict:
+    """Median rates, and ratios as the median over rounds of a/b measured in the same round."""
+    def ratio(a: str, b: str) -> float:
         return float(np.median([x / y for x, y in zip(runs[a], runs[b], strict=True)]))
 
     med = {name: float(np.median(v)) for name, v in runs.items()}
-    r["rates_per_round"], r["bracketing_rates"] = runs, samples
-    r["ceiling"], r["pipeline"] = med["ceiling"], med["pipeline"]
-    r["compile_seconds"] = [round(c, 1) for c in compile_times]
-    r["ablations"] = {label: {"rate": med[label], "versus": base, "ratio": ratio(base, label)}
-                      for label, _, base in ablations}
-    r["early_tap"] = {**{k: med[k] for k in ("forward_layer2", "forward_full", "pipeline_layer2", "pipeline_full")},
-                      "forward_time_ratio": ratio("forward_full", "forward_layer2"),
-                      "pipeline_time_ratio": ratio("pipeline_full", "pipeline_layer2")}
-    r["pipeline/ceiling"] = ratio("pipeline", "ceiling")
+    r = {"ceiling": med["ceiling"], "pipeline": med["pipeline"], "pipeline/ceiling": ratio("pipeline", "ceiling"),
+         "ablations": {label: {"rate": med[label], "versus": base, "ratio": ratio(base, label)}
+                       for label, _, base in ablations},
+         "early_tap": {**{k: med[k] for k in ("forward_layer2", "forward_full", "pipeline_layer2", "pipeline_full")},
+                       "forward_time_ratio": ratio("forward_full", "forward_layer2"),
+                       "pipeline_time_ratio": ratio("pipeline_full", "pipeline_layer2")}}
     if "ceiling_eager" in runs:  # the same data path behind the slower eager forward
-        r["eager"] = {"ceiling": med["ceiling_eager"], "pipeline": med[eager],
-                      "pipeline/ceiling": ratio(eager, "ceiling_eager")}
-    r["seed_style"] = seed_style(bb, images, taps, dev, batch_size)  # slow: one round
+        r["eager"] = {"ceiling": med["ceiling_eager"], "pipeline": med[EAGER],
+                      "pipeline/ceiling": ratio(EAGER, "ceiling_eager")}
+    return r
+
+
+def run_bench(settings: BenchSettings | None = None, log=print, **fields) -> tuple[str, dict]:
+    """Measure everything in one run; writes ``bench.txt`` and ``bench.json`` to ``settings.out``.
+    ``fields`` are :class:`BenchSettings` fields, for calls from Python."""
+    s = settings or BenchSettings(**fields)
+    out = Path(s.out)
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    b = _prepare(s, work)
+    bb, cfg = b.backbone, b.cfg
+    r: dict = {"backbone": bb.name, "weights": bb.weights.spec, "images": b.source, "taps": b.taps,
+               "batch_size": s.batch_size, "device": str(cfg.device), "precision": cfg.precision,
+               "loader": cfg.loader, "workers": cfg.workers, "rounds": s.rounds, "compile": s.compile,
+               "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
+    log(f"bench: {bb.name}, {b.source}, taps {', '.join(b.taps)}, {cfg.device}, {cfg.precision}, {s.rounds} rounds")
+    ablations = _ablations(b)
+    runs, samples = _interleave(_measures(b, ablations), s.rounds, log)
+    r.update(_summary(runs, ablations))
+    r["rates_per_round"], r["bracketing_rates"] = runs, samples
+    r["compile_seconds"] = [round(c, 1) for c in b.compile_times]
+    r["seed_style"] = seed_style(bb, b.images, b.taps, cfg.device, s.batch_size)  # slow: one round
     log(f"  seed-style {r['seed_style']:.1f} img/s")
-    r["rss_mb"] = {str(k): round(peak_rss_mb(k, work, bb.name, bb.weights.spec.split('.')[-1] if bb.weights.enum else "none",
-                                                compile, loader), 1)
-                   for k in rss_sizes}
+    weights = bb.weights.spec.split(".")[-1] if bb.weights.enum else "none"
+    r["rss_mb"] = {str(k): round(peak_rss_mb(k, work, bb.name, weights, s.compile, cfg.loader), 1)
+                   for k in s.rss_sizes}
     log(f"  peak RSS: {r['rss_mb']}")
-    r["stage_two"] = stage_two_times(features_root, reference)
+    r["page_faults"] = page_faults_per_batch()
+    r["stage_two"] = stage_two_times(s.features_root, s.reference)
     text = format_bench(r)
     (out / "bench.txt").write_text(text + "\n")
     (out / "bench.json").write_text(json.dumps(r, indent=2))
@@ -348,6 +441,8 @@ def format_bench(r: dict) -> str:
         + _per_round(r, "pipeline_full", "pipeline_layer2"),
         f"peak RSS of the pipeline: {small} images {rss[small]:.0f} MB, {large} images {rss[large]:.0f} MB "
         f"(growth {100 * (rss[large] / rss[small] - 1):+.1f}%)",
+        f"page faults per 64 MB batch (median of 16): {r['page_faults']['default']:.0f} with glibc's defaults, "
+        f"{r['page_faults']['kept']:.0f} with the setting extraction runs under",
         f"stage two on {s2['source']}:",
     ]
     for clf in ("svm", "logreg"):

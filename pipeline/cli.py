@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from features.errors import TapsError
+from features.errors import TapsError, UsageError
 from features.runtime import limit_openmp_spinning
 
 limit_openmp_spinning()  # libgomp reads it when torch loads it, so before anything imports torch
@@ -55,32 +55,54 @@ def _add_backbone_args(p: argparse.ArgumentParser, many: bool = False) -> None:
 
 
 def _add_extract_args(p: argparse.ArgumentParser, out_alias: bool = True) -> None:
+    from features.options import CHOICES
+
     g = p.add_argument_group("extraction")
-    g.add_argument("--pool", default="avg", help="pooling of spatial taps: avg, max, avgmax, pyramid (default: %(default)s)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
-    g.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 autocast (default: %(default)s)")
+    g.add_argument("--pool", default="avg", choices=CHOICES["pooling"],
+                   help="pooling of spatial taps (default: %(default)s)")
+    g.add_argument("--device", default="auto", choices=CHOICES["device"], help="(default: %(default)s)")
+    g.add_argument("--precision", default="auto", choices=CHOICES["precision"],
+                   help="autocast precision; auto: fp16 on CUDA, bf16 on CPUs with bf16 kernels, else fp32 "
+                        "(default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
     g.add_argument("--workers", type=int,
-                   help="decode threads (inline loader), DataLoader processes (workers loader) or model replicas "
-                        "(replicas loader); default: one per core, at most 8")
-    g.add_argument("--loader", default="auto",
+                   help="parallelism of the loader: decode threads (inline), DataLoader processes (workers), "
+                        "model replicas (replicas) or Ray actors (--engine ray); default: one per core, at most 8 "
+                        "(Ray: one actor)")
+    g.add_argument("--loader", default="auto", choices=CHOICES["loader"],
                    help="replicas: one single-threaded model per CPU core, each decoding its own batches; inline: "
                         "one model on all cores, decoding each batch between forward passes; workers: decode ahead "
                         "in DataLoader processes; auto: replicas on CPUs for datasets of 20,000+ images, else inline; "
                         "workers on CUDA/MPS (default: %(default)s)")
-    g.add_argument("--compile", default="auto",
-                   help="torch.compile the extractor: on, off, or auto (on for datasets large enough to repay "
-                        "the compile time) (default: %(default)s)")
-    g.add_argument("--decode", default="auto",
+    g.add_argument("--compile", default="auto", choices=CHOICES["compile"],
+                   help="torch.compile the extractor; auto: for datasets large enough to repay the compile time "
+                        "(default: %(default)s)")
+    g.add_argument("--decode", default="auto", choices=CHOICES["decode"],
                    help="simplejpeg (libjpeg-turbo, then torch's uint8 resize, on the decode threads), pil "
                         "(draft-mode JPEG decoding, box resize) or torchvision (decode_jpeg and resizing on the "
                         "model's device: nvJPEG on CUDA); auto: torchvision on CUDA, else simplejpeg "
                         "(default: %(default)s)")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory layout")
-    g.add_argument("--on-error", default="skip", help="bad images: skip (record and go on) or fail (default: %(default)s)")
+    g.add_argument("--on-error", default="skip", choices=CHOICES["on_error"],
+                   help="bad images: skip (record and go on) or fail (default: %(default)s)")
     g.add_argument("--features-root", *(["--out"] if out_alias else []), dest="features_root", default=FEATURES_ROOT,
                    help="folder of feature files (default: %(default)s)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+
+
+def _extract_options(args):
+    """The CLI's extraction flags as one :class:`features.options.ExtractOptions` (validated here)."""
+    from features.options import ExtractOptions
+    from features.shards import parse_shard
+
+    return ExtractOptions(
+        pooling=args.pool, device=args.device, precision=args.precision, batch_size=args.batch_size,
+        workers=args.workers, channels_last=args.channels_last, on_error=args.on_error, loader=args.loader,
+        compile=args.compile, decode=args.decode, out=args.features_root, progress=args.progress,
+        force=getattr(args, "force", False) and args.command == "extract",
+        shard=parse_shard(args.shard) if getattr(args, "shard", None) else None,
+        engine=getattr(args, "engine", "local"), ray_address=getattr(args, "ray_address", None),
+        gpus_per_worker=getattr(args, "gpus_per_worker", 0.0))
 
 
 def _images(args):
@@ -102,7 +124,7 @@ def _backbone(args, name: str | None = None):
 def cmd_list(args) -> None:
     from features.backbones import Backbone, backbone_names
     from features.datasets import dataset_names
-    from features.pooling import MULTIPLIER, is_spatial
+    from features.pooling import POOLINGS, pooled_dim
 
     if args.what == "backbones":
         print(" ".join(backbone_names()))
@@ -110,33 +132,26 @@ def cmd_list(args) -> None:
         print(" ".join(dataset_names()))
     elif args.what in ("taps", "nodes"):
         if not args.backbone:
-            raise TapsError(f"`taps list {args.what}` needs a backbone name, e.g. `taps list {args.what} mobilenet_v2`")
+            raise UsageError(f"`taps list {args.what}` needs a backbone name, e.g. `taps list {args.what} mobilenet_v2`")
         bb = Backbone(args.backbone, weights="none", image_size=args.image_size)
         if args.what == "nodes":
             print("\n".join(bb.node_names()))
             return
         print(f"{bb.name} at {bb.input_size}px (standard embedding: {bb.default_tap})")
-        print(f"{'tap':<14}{'node':<22}{'output shape':<18}" + "".join(f"{p:>9}" for p in MULTIPLIER))
+        print(f"{'tap':<14}{'node':<22}{'output shape':<18}" + "".join(f"{p:>9}" for p in POOLINGS))
         for tap in bb.taps.values():
-            dims = [tap.shape[0] * m if is_spatial(tap.shape) else tap.shape[0] for m in MULTIPLIER.values()]
+            dims = [pooled_dim(tap.shape, p) for p in POOLINGS]
             print(f"{tap.name:<14}{tap.node:<22}{'x'.join(map(str, tap.shape)):<18}" + "".join(f"{d:>9}" for d in dims))
         print("columns avg..pyramid: embedding size per pooling (vector taps are not pooled)")
 
 
 def cmd_extract(args) -> None:
     from features.extract import extract
-    from features.shards import parse_shard
 
+    options = _extract_options(args)
     backbone = _backbone(args)
     backbone.check_weights()  # before the dataset: a missing checkpoint is the cheaper thing to find out
-    images = _images(args)
-    ray_options = {"address": args.ray_address, "workers": args.workers, "gpus_per_worker": args.gpus_per_worker}
-    report = extract(images, backbone, args.taps, pooling=args.pool, out=args.features_root,
-                     device=args.device, precision=args.precision, batch_size=args.batch_size,
-                     workers=args.workers, channels_last=args.channels_last, on_error=args.on_error,
-                     force=args.force, progress=args.progress, shard=parse_shard(args.shard) if args.shard else None,
-                     engine=args.engine, ray_options=ray_options if args.engine == "ray" else None,
-                     loader=args.loader, compile=args.compile, decode=args.decode)
+    report = extract(_images(args), backbone, args.taps, options)
     print(describe_extraction(report))
     print(report.path)
 
@@ -258,8 +273,8 @@ def cmd_fit(args) -> None:
     features = _features_file(args)
     tap = args.tap or _backbone(args, features.attrs["backbone"]).default_tap
     options = _fit_options(args)
-    run_dir, results, reused = fit_run(features, tap, args.pool, options, _protocol(args, features), args.seeds,
-                                       args.out, args.force)
+    run_dir, results, reused = fit_run(features, tap, args.pool, options, _protocol(args, features), seeds=args.seeds,
+                                       runs_root=args.out, force=args.force)
     m = results["metrics"]
     chosen = ", ".join(f"{v:g}" for v in results["chosen"][options.param])
     selection = "; ".join(dict.fromkeys(s["selection"] for s in results["per_seed"]))
@@ -293,22 +308,20 @@ def cmd_compare(args) -> None:
     images = _images(args)
     backbones = [_backbone(args, name) for name in _csv_list(args.backbone)]
     protocol = parse_protocol(args.protocol, args.test_per_class, has_split=images.splits is not None)
-    extract_options = {"device": args.device, "precision": args.precision, "batch_size": args.batch_size,
-                       "workers": args.workers, "channels_last": args.channels_last, "on_error": args.on_error,
-                       "progress": args.progress, "loader": args.loader, "compile": args.compile,
-                       "decode": args.decode}
-    out, rows = compare_taps(images, backbones, args.taps, args.pool, _fit_options(args), protocol, args.seeds,
-                             args.features_root, args.out, extract_options, args.force)
+    out, rows = compare_taps(images, backbones, args.taps, _fit_options(args), protocol, seeds=args.seeds,
+                             extract_options=_extract_options(args), runs_root=args.out, force=args.force)
     print(format_table(rows))
     print(out)
 
 
 def cmd_bench(args) -> None:
-    from .bench import run_bench
+    from .bench import BenchSettings, run_bench
 
-    text, _ = run_bench(args.backbone, args.images, args.data_root, args.batch_size, args.taps, args.device,
-                        tuple(args.rss_sizes), args.out, args.features_root, args.reference, args.rounds,
-                        args.compile, log=lambda msg: print(msg, file=sys.stderr))
+    settings = BenchSettings(backbone=args.backbone, images=args.images, data_root=args.data_root,
+                             batch_size=args.batch_size, taps=args.taps, device=args.device,
+                             rss_sizes=tuple(args.rss_sizes), out=args.out, features_root=args.features_root,
+                             reference=args.reference, rounds=args.rounds, compile=args.compile)
+    text, _ = run_bench(settings, log=lambda msg: print(msg, file=sys.stderr))
     print(text)
     print(Path(args.out) / "bench.txt")
 
@@ -350,7 +363,8 @@ def _add_extract_command(sub) -> None:
     g = p.add_argument_group("scale-out")
     g.add_argument("--shard", help="extract the I-th of N contiguous slices into its own file (I/N, 0-based); "
                                    "combine with `taps merge`")
-    g.add_argument("--engine", default="local", help="local or ray (Ray Data; needs taps[ray]) (default: %(default)s)")
+    g.add_argument("--engine", default="local", choices=("local", "ray"),
+                   help="ray: Ray Data (needs taps[ray]) (default: %(default)s)")
     g.add_argument("--ray-address", help="ray: cluster address (auto, ray://host:10001); default: a local Ray")
     g.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray: GPUs per backbone actor")
     p.set_defaults(func=cmd_extract)
@@ -422,6 +436,7 @@ def _add_predict_command(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="taps", description="Cache frozen-CNN embeddings from layer taps, then fit linear classifiers.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_list_command(sub)
     _add_extract_command(sub)
@@ -431,10 +446,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare_command(sub)
     _add_bench_command(sub)
     _add_predict_command(sub)
+    for command in sub.choices.values():  # also after the command name
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the traceback of an unexpected error")
     return parser
 
 
+# Commands whose finished work survives an interruption and is picked up by the same command.
+RESUMABLE = ("extract", "merge", "compare")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit codes: 0, 1 (a failure named in one line), 2 (usage), 130 (Ctrl-C)."""
     args = build_parser().parse_args(argv)
     one_line = lambda message, category, *_, **__: f"taps {args.command}: warning: {message}\n"  # noqa: E731
     previous, warnings.formatwarning = warnings.formatwarning, one_line
@@ -444,9 +467,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"taps {args.command}: error: {exc}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
-        print(f"taps {args.command}: interrupted; finished work is saved, rerun the same command to resume",
-              file=sys.stderr)
+        kept = "; finished work is kept, rerun the same command to resume" if args.command in RESUMABLE else ""
+        print(f"taps {args.command}: interrupted{kept}", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
+        print(f"taps {args.command}: error: unexpected {type(exc).__name__} ({reason}); rerun with --debug for the "
+              f"traceback", file=sys.stderr)
+        return 1
     finally:
         warnings.formatwarning = previous
     return 0

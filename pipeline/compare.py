@@ -13,29 +13,39 @@ from pathlib import Path
 
 from features.backbones import Backbone
 from features.datasets import ImageSet
+from features.errors import UsageError
 from features.extract import extract
+from features.options import ExtractOptions
 from features.pooling import is_spatial
 from features.store import FeatureFile
 
 from .evaluate import FitOptions, fit_run, settings_digest
-from .protocols import Protocol
+from .protocols import Protocol, check_protocol
 
 COLUMNS = ("backbone", "tap", "depth", "node", "dim", "pooling", "accuracy_mean", "accuracy_std",
            "mean_per_class_accuracy_mean", "mean_per_class_accuracy_std", "macro_f1_mean", "macro_f1_std",
            "fit_seconds", "best", "run")
 
 
-def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | None, pooling: str,
-                 options: FitOptions, protocol: Protocol, seeds: int, features_root: Path | str = "feature_store",
-                 runs_root: Path | str = "runs", extract_options: dict | None = None, force: bool = False,
-                 log=print) -> tuple[Path, list[dict]]:
-    """Extract what is missing, fit every tap with the same seeded splits, write the comparison folder."""
+def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | None, options: FitOptions,
+                 protocol: Protocol, *, seeds: int = 1, extract_options: ExtractOptions | None = None,
+                 runs_root: Path | str = "runs", force: bool = False, log=print) -> tuple[Path, list[dict]]:
+    """Extract what is missing, fit every tap with the same seeded splits, write the comparison folder.
+
+    ``extract_options`` says how to extract and where feature files live (its ``out``), and its
+    ``pooling`` is the pooling of every spatial tap compared."""
+    extract_options = extract_options or ExtractOptions()
+    pooling = extract_options.pooling
+    # Everything that can be refused is checked before the first extraction.
+    if seeds < 1:
+        raise UsageError(f"--seeds must be at least 1, not {seeds}")
+    check_protocol(protocol, images.labels, images.classes, images.splits)
+    planned = {bb.name: bb.resolve_taps(taps) for bb in backbones}
     rows: list[dict] = []
     made_from: list[dict] = []  # per backbone: what its features were made from
     for bb in backbones:
-        resolved = bb.resolve_taps(taps)
-        report = extract(images, bb, [t.name for t in resolved], pooling=pooling, out=features_root,
-                         **(extract_options or {}))
+        resolved = planned[bb.name]
+        report = extract(images, bb, [t.name for t in resolved], extract_options)
         if report.computed:
             log(f"extracted {', '.join(report.computed)} with {bb.name} ({report.images_per_second:.1f} img/s)")
         features = FeatureFile(report.path)
@@ -44,7 +54,8 @@ def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | 
                           "decode": sorted({str(features.taps[k].get("decode", "pil"))
                                             for k in report.computed + report.reused})})
         for position, tap in enumerate(resolved):
-            run_dir, results, reused = fit_run(features, tap.name, pooling, options, protocol, seeds, runs_root, force)
+            run_dir, results, reused = fit_run(features, tap.name, pooling, options, protocol, seeds=seeds,
+                                               runs_root=runs_root, force=force)
             m = results["metrics"]
             rows.append({
                 "backbone": bb.name, "tap": tap.name, "depth": round(position / max(len(resolved) - 1, 1), 4),

@@ -61,8 +61,10 @@ class FitOptions:
         if self.folds < 2:
             raise UsageError(f"--folds must be at least 2, not {self.folds}")
         self.grid = sorted(float(v) for v in (self.grid or DEFAULT_GRID[self.clf]))
-        if any(v <= 0 for v in self.grid):
-            raise UsageError("--grid values must be positive")
+        if not all(np.isfinite(v) and v > 0 for v in self.grid):
+            raise UsageError(f"--grid values must be positive numbers, not {', '.join(f'{v:g}' for v in self.grid)}")
+        if self.hidden < 0:
+            raise UsageError(f"--hidden must be 0 (a linear head) or more, not {self.hidden}")
 
     @property
     def param(self) -> str:
@@ -211,10 +213,10 @@ def evaluate_tap(features: FeatureFile, tap: str, pooling: str, options: FitOpti
     for seed, (train, test) in enumerate(splits):
         t0 = time.perf_counter()
         if streaming:
-            model, value, cv = fit_linear_streaming(features.path, key, y, train, options.grid, seed, options.hidden,
-                                                    options.device)
+            model, value, cv = fit_linear_streaming(features, key, train, grid=options.grid, seed=seed,
+                                                    hidden=options.hidden, device=options.device)
             seconds = time.perf_counter() - t0
-            pred, scores = predict_streaming(model, features.path, key, test)
+            pred, scores = predict_streaming(model, features, key, test)
             metrics = score_predictions(y[test], pred, scores if len(model.classes_) > 5 else None, model.classes_)
         else:
             model, value, cv = fit_selected(options, X[train], y[train], seed)
@@ -271,8 +273,8 @@ def load_model(run_dir: Path, results: dict):
     return joblib.load(path)
 
 
-def fit_run(features: FeatureFile, tap: str, pooling: str, options: FitOptions, protocol: Protocol, seeds: int,
-            runs_root: Path | str = "runs", force: bool = False) -> tuple[Path, dict, bool]:
+def fit_run(features: FeatureFile, tap: str, pooling: str, options: FitOptions, protocol: Protocol, *,
+            seeds: int = 1, runs_root: Path | str = "runs", force: bool = False) -> tuple[Path, dict, bool]:
     """Evaluate one tap and write its run folder; returns (folder, results, reused)."""
     if seeds < 1:
         raise UsageError(f"--seeds must be at least 1, not {seeds}")

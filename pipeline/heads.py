@@ -14,6 +14,7 @@ mini-batches, weight decay and early stopping.
 from __future__ import annotations
 
 import copy
+from numbers import Integral, Real
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
@@ -43,7 +45,16 @@ def _device(name: str) -> torch.device:
 class _LBFGSLinear(ClassifierMixin, BaseEstimator):
     """Shared machinery: L2-regularised linear model fitted by full-batch L-BFGS."""
 
-    def __init__(self, C: float = 1.0, max_iter: int = 300, tol: float = 1e-4, warm_start: bool = False,
+    _parameter_constraints: dict = {
+        "C": [Interval(Real, 0, None, closed="neither")],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "warm_start": ["boolean"],
+        "solver": [StrOptions({"torch", "sklearn"})],
+        "device": [str],
+    }
+
+    def __init__(self, *, C: float = 1.0, max_iter: int = 300, tol: float = 1e-4, warm_start: bool = False,
                  solver: str = "torch", device: str = "auto"):
         self.C = C
         self.max_iter = max_iter
@@ -66,14 +77,12 @@ class _LBFGSLinear(ClassifierMixin, BaseEstimator):
         raise NotImplementedError
 
     def fit(self, X, y):
+        self._validate_params()  # scikit-learn's InvalidParameterError (a ValueError) names the parameter
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
         check_classification_targets(y)
         self.classes_, y_index = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
             raise ValueError(f"the training data has only one class ({self.classes_[0]!r}); need at least 2 classes")
-        choose("solver", self.solver, ("torch", "sklearn"))
-        if self.C <= 0:
-            raise ValueError(f"C must be positive, not {self.C}")
         if self.solver == "sklearn":
             ref = self._reference().fit(X, y_index)
             self.coef_ = ref.coef_.astype(np.float64)
@@ -172,7 +181,19 @@ class SoftmaxRegression(_LBFGSLinear):
 class TorchLinearHead(ClassifierMixin, BaseEstimator):
     """A linear (or one-hidden-layer) softmax head trained with AdamW and early stopping."""
 
-    def __init__(self, hidden: int = 0, weight_decay: float = 1e-4, lr: float = 1e-3, max_epochs: int = 200,
+    _parameter_constraints: dict = {
+        "hidden": [Interval(Integral, 0, None, closed="left")],
+        "weight_decay": [Interval(Real, 0, None, closed="left")],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "max_epochs": [Interval(Integral, 1, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "validation_fraction": [Interval(Real, 0, 1, closed="left")],
+        "patience": [Interval(Integral, 1, None, closed="left")],
+        "device": [str],
+        "random_state": [Interval(Integral, 0, None, closed="left")],
+    }
+
+    def __init__(self, *, hidden: int = 0, weight_decay: float = 1e-4, lr: float = 1e-3, max_epochs: int = 200,
                  batch_size: int = 256, validation_fraction: float = 0.1, patience: int = 10,
                  device: str = "auto", random_state: int = 0):
         self.hidden = hidden
@@ -201,6 +222,7 @@ class TorchLinearHead(ClassifierMixin, BaseEstimator):
                                       stratify=strat))
 
     def fit(self, X, y):
+        self._validate_params()
         X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
         check_classification_targets(y)
         self.classes_, y_index = np.unique(y, return_inverse=True)

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from features.backbones import Backbone, Tap
+from features.blocks import BlockSource
 from features.datasets import FileImageSet
 from features.errors import TapsError, UsageError
-from features.extract import BlockSource, RunConfig, resolve_device, resolve_precision
 from features.forward import Forward, build_extractor
+from features.options import RunConfig, resolve_device, resolve_precision
 from features.store import file_sha256
 
 from .evaluate import load_model, load_results
@@ -76,7 +77,7 @@ def predict_images(run_dir: Path | str, images: list[str], device: str = "auto",
                    weights: str | None = None) -> list[Prediction]:
     """Classify image files with a run's model, through the chain that made its training features:
     the same backbone, weights, preprocessing, decoder, tap, pooling and precision, and the
-    extraction's own decode-and-embed code (:class:`features.extract.BlockSource`)."""
+    extraction's own decode-and-embed code (:class:`features.blocks.BlockSource`)."""
     results = load_results(Path(run_dir))
     model = load_model(Path(run_dir), results)
     bb = backbone_for(results, weights)
@@ -86,8 +87,8 @@ def predict_images(run_dir: Path | str, images: list[str], device: str = "auto",
     dev = resolve_device(device)
     precision = f.get("precision") or resolve_precision("auto", dev)
     decode = f.get("decode", "pil")  # runs from before the decoder was recorded decoded with PIL
-    cfg = RunConfig(pooling, dev, precision, workers=0, channels_last=True, on_error="skip", draft=True,
-                    loader="inline", compile="off", decode=decode)
+    cfg = RunConfig(pooling=pooling, device=dev, precision=precision, workers=0, channels_last=True,
+                    on_error="skip", draft=True, loader="inline", compile="off", decode=decode)
     forward = Forward(build_extractor(bb, [tap], dev, channels_last=True, pooling=pooling), dev, precision)
     files = FileImageSet("predict", Path("/"), [Path(p).absolute() for p in images], ["?"], np.zeros(len(images)))
     source = BlockSource.of(files, bb.pixel_transform(), cfg)
@@ -95,15 +96,16 @@ def predict_images(run_dir: Path | str, images: list[str], device: str = "auto",
     out: list[Prediction] = []
     has_proba = hasattr(model, "predict_proba")
     for start in range(0, len(images), batch_size):
-        lo, hi, arrays, errors = source.embed(source.load(start, min(start + batch_size, len(images))), forward)
+        block = source.embed(source.load(start, min(start + batch_size, len(images))), forward)
+        errors = block.errors
         out += [Prediction(images[i], None, None, "", errors[i]) for i in sorted(errors)]
-        if tap.name not in arrays:
+        if tap.name not in block.taps:
             continue
-        X = arrays[tap.name]
+        X = block.taps[tap.name]
         scores = model.predict_proba(X) if has_proba else model.decision_function(X)
         if scores.ndim == 1:  # binary decision function: score of the positive class
             scores = np.stack([-scores, scores], axis=1)
-        for i, row in zip([i for i in range(lo, hi) if i not in errors], scores, strict=True):
+        for i, row in zip([i for i in range(block.start, block.stop) if i not in errors], scores, strict=True):
             best = int(np.argmax(row))
             label = classes[int(model.classes_[best])]
             out.append(Prediction(images[i], label, float(row[best]), "probability" if has_proba else "score"))

@@ -1,6 +1,7 @@
 """Stage two beyond memory: train the ``linear`` head by streaming mini-batches from HDF5.
 
-Rows are read one HDF5 chunk at a time (chunk-aligned, contiguous reads) in a
+Rows are read one HDF5 chunk at a time through the store
+(:meth:`features.store.FeatureFile.iter_rows`: chunk-aligned, contiguous reads) in a
 shuffled chunk order, rows inside a chunk are shuffled, and standardisation
 uses means and variances from one streaming pass. Memory holds one chunk plus
 one mini-batch whatever the matrix size. Weight decay is chosen on the held-out
@@ -12,14 +13,15 @@ from __future__ import annotations
 
 import itertools
 import os
+from dataclasses import dataclass
 
-import h5py
 import numpy as np
 import torch
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from features.errors import TapsError
+from features.store import FeatureFile
 
 from .heads import TorchLinearHead, _device
 
@@ -36,33 +38,10 @@ def matrix_bytes(n_rows: int, dim: int) -> int:
     return 3 * 4 * n_rows * dim
 
 
-def _chunks(ds: h5py.Dataset) -> list[tuple[int, int]]:
-    rows = ds.chunks[0] if ds.chunks else max(1, (1 << 20) // (4 * ds.shape[1]))
-    return [(lo, min(lo + rows, ds.shape[0])) for lo in range(0, ds.shape[0], rows)]
-
-
-def iter_rows(path, key: str, indices: np.ndarray, shuffle_seed: int | None = None):
-    """Yield (positions into ``indices``, rows) chunk by chunk; chunk order shuffled when a seed is given."""
-    indices = np.asarray(indices)
-    order = np.argsort(indices)
-    sorted_idx = indices[order]
-    with h5py.File(path, "r", locking=False) as h5:
-        ds = h5["taps"][key]
-        chunks = _chunks(ds)
-        if shuffle_seed is not None:
-            chunks = [chunks[i] for i in np.random.default_rng(shuffle_seed).permutation(len(chunks))]
-        for lo, hi in chunks:
-            a, b = np.searchsorted(sorted_idx, [lo, hi])
-            if a == b:
-                continue
-            block = ds[lo:hi]
-            yield order[a:b], block[sorted_idx[a:b] - lo]
-
-
-def streaming_scaler(path, key: str, indices: np.ndarray) -> StandardScaler:
+def streaming_scaler(features: FeatureFile, key: str, indices: np.ndarray) -> StandardScaler:
     """A fitted StandardScaler from one pass of float64 sums."""
     n, total, squares = 0, None, None
-    for _, rows in iter_rows(path, key, indices):
+    for _, rows in features.iter_rows(key, indices):
         rows = rows.astype(np.float64)
         total = rows.sum(0) if total is None else total + rows.sum(0)
         squares = (rows ** 2).sum(0) if squares is None else squares + (rows ** 2).sum(0)
@@ -75,14 +54,26 @@ def streaming_scaler(path, key: str, indices: np.ndarray) -> StandardScaler:
     return scaler
 
 
-def fit_linear_streaming(path, key: str, labels: np.ndarray, train: np.ndarray, grid: list[float], seed: int,
+@dataclass(frozen=True)
+class _Stream:
+    """Where mini-batches come from and how they are standardized."""
+
+    features: FeatureFile
+    key: str
+    mean: torch.Tensor
+    scale: torch.Tensor
+    batch_size: int
+    device: torch.device
+
+
+def fit_linear_streaming(features: FeatureFile, key: str, train: np.ndarray, *, grid: list[float], seed: int,
                          hidden: int = 0, device: str = "auto"):
     """Pipeline(StandardScaler, TorchLinearHead) trained from the file; returns (model, chosen weight decay, scores)."""
     dev = _device(device)
-    classes, y_index = np.unique(labels[train], return_inverse=True)
+    classes, y_index = np.unique(features.labels[train], return_inverse=True)
     if len(classes) < 2:
         raise TapsError(f"the training split of tap {key} has one class; use a protocol with more classes")
-    scaler = streaming_scaler(path, key, train)
+    scaler = streaming_scaler(features, key, train)
     mean, scale = (torch.as_tensor(v, dtype=torch.float32, device=dev) for v in (scaler.mean_, scaler.scale_))
     best = (np.inf, None, None)
     scores = []
@@ -91,10 +82,10 @@ def fit_linear_streaming(path, key: str, labels: np.ndarray, train: np.ndarray, 
         head.classes_ = classes
         fit_pos, val_pos = head.holdout(y_index)
         epochs = itertools.count()
-        stream = dict(path=path, key=key, mean=mean, scale=scale, batch_size=head.batch_size, device=dev)
+        stream = _Stream(features, key, mean, scale, head.batch_size, dev)
         # Default arguments bind this grid value's split and counters (each epoch reshuffles with a new seed).
-        train_epoch = lambda p=fit_pos, e=epochs, s=stream: _minibatches(train[p], y_index[p], seed=seed + next(e), **s)  # noqa: E731
-        validation = (lambda p=val_pos, s=stream: _minibatches(train[p], y_index[p], seed=None, **s)) if len(val_pos) else None  # noqa: E731
+        train_epoch = lambda p=fit_pos, e=epochs, s=stream: _minibatches(s, train[p], y_index[p], seed + next(e))  # noqa: E731
+        validation = (lambda p=val_pos, s=stream: _minibatches(s, train[p], y_index[p], None)) if len(val_pos) else None  # noqa: E731
         head.train_batches(len(scaler.mean_), train_epoch, validation, dev)
         loss = head.validation_loss_ if head.validation_loss_ is not None else 0.0
         scores.append(-loss)
@@ -104,13 +95,13 @@ def fit_linear_streaming(path, key: str, labels: np.ndarray, train: np.ndarray, 
     return model, best[1], scores
 
 
-def _minibatches(indices: np.ndarray, targets: np.ndarray, path, key: str, mean: torch.Tensor, scale: torch.Tensor,
-                 batch_size: int, device: torch.device, seed: int | None):
+def _minibatches(stream: _Stream, indices: np.ndarray, targets: np.ndarray, seed: int | None):
     """Standardized (x, y) mini-batches of the rows ``indices``; shuffled chunks and rows when seeded."""
     rng = np.random.default_rng(seed) if seed is not None else None
     carry_x, carry_y, pending = [], [], 0
     chunk_seed = None if rng is None else int(rng.integers(1 << 31))
-    for local, rows in iter_rows(path, key, indices, chunk_seed):
+    mean, scale, batch_size, device = stream.mean, stream.scale, stream.batch_size, stream.device
+    for local, rows in stream.features.iter_rows(stream.key, indices, chunk_seed):
         if rng is not None:
             perm = rng.permutation(len(local))
             local, rows = local[perm], rows[perm]
@@ -125,11 +116,11 @@ def _minibatches(indices: np.ndarray, targets: np.ndarray, path, key: str, mean:
         yield torch.cat(carry_x), torch.cat(carry_y)
 
 
-def predict_streaming(model, path, key: str, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def predict_streaming(model, features: FeatureFile, key: str, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(predicted labels, decision scores) for ``indices``, chunk by chunk, in the order of ``indices``."""
     preds = np.empty(len(indices), dtype=model.classes_.dtype)
     scores = None
-    for local, rows in iter_rows(path, key, indices):
+    for local, rows in features.iter_rows(key, indices):
         s = model.decision_function(rows)
         if scores is None:
             scores = np.empty((len(indices),) + s.shape[1:], dtype=np.float64)

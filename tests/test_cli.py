@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pipeline.cli import main
 
 
@@ -25,7 +27,10 @@ def test_usage_errors_are_one_line_exit_2():
     for args, needle in ([["extract", "--dataset", "nope"], "unknown dataset 'nope'"],
                          [["extract", "--backbone", "resnet19"], "unknown backbone"],
                          [["list", "taps", "resnet18", "--bogus"], "unrecognized arguments"],
-                         [["extract", "--pool", "median"], "unknown pooling 'median'; valid: avg, max, avgmax, pyramid"]):
+                         [["extract", "--pool", "median"],
+                          "--pool: invalid choice: 'median' (choose from 'avg', 'max', 'avgmax', 'pyramid')"],
+                         [["compare", "--loader", "fast"], "--loader: invalid choice: 'fast'"],
+                         [["extract", "--batch-size", "0"], "--batch-size must be at least 1, not 0"]):
         proc = run(*args)
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and needle in proc.stderr
@@ -46,10 +51,25 @@ def test_every_subcommand_parses():
     for argv in (["fit", "--clf", "linear", "--tap", "pooled", "--out", "r"],
                  ["compare", "--backbone", "resnet18,mobilenet_v2", "--taps", "all", "--out", "r"],
                  ["predict", "--run", "r", "a.jpg"], ["info", "f.h5"], ["list", "taps", "vgg16"]):
-        assert parser.parse_args(argv).func is not None
+        assert parser.parse_args(argv).func.__name__ == f"cmd_{argv[0]}"
 
 
 def test_fit_without_features_names_the_extract_command(tmp_path):
     proc = run("fit", "--dataset", "digits", "--features-root", str(tmp_path))
     assert proc.returncode == 1 and "run `taps extract --dataset digits --backbone mobilenet_v2" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_an_unexpected_error_is_one_line_naming_debug(monkeypatch, capsys):
+    import features.datasets
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something nobody planned for\nsecond line")
+
+    monkeypatch.setattr(features.datasets, "load_dataset", broken)
+    assert main(["extract", "--weights", "none", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("taps extract: error: unexpected RuntimeError (something nobody planned for); rerun with --debug "
+                   "for the traceback\n")
+    with pytest.raises(RuntimeError, match="nobody planned"):
+        main(["extract", "--weights", "none", "--debug"])

@@ -13,6 +13,7 @@ from features.backbones import Backbone
 from features.datasets import load_dataset
 from features.errors import TapsError
 from features.extract import extract, feature_path
+from features.options import ExtractOptions
 from features.shards import merge_shards
 from features.store import FeatureFile
 from pipeline.cli import main
@@ -90,8 +91,9 @@ def test_each_comparison_setting_gets_its_own_folder_and_is_recorded(tiny_flat, 
     folders = []
     for bb in (Backbone("resnet18", weights="none", image_size=32), Backbone("resnet18", weights="none", image_size=40),
                Backbone("resnet18", weights=str(weights), image_size=32)):
-        folder, _ = compare_taps(images, [bb], ["layer1"], "avg", options, protocol, 1, tmp_path / "fs",
-                                 tmp_path / "runs", RUN, log=lambda *_: None)
+        folder, _ = compare_taps(images, [bb], ["layer1"], options, protocol,
+                                 extract_options=ExtractOptions(out=tmp_path / "fs", **RUN), runs_root=tmp_path / "runs",
+                                 log=lambda *_: None)
         folders.append(folder)
         made_from = json.loads((folder / "compare.json").read_text())["settings"]["features"][0]
         assert made_from["weights"] == bb.weights.spec and made_from["transform"] == bb.transform_spec()
@@ -135,7 +137,7 @@ def test_predict_decodes_as_the_training_features_were_decoded(tiny_flat, tmp_pa
     bb = Backbone("resnet18", weights="none", image_size=32)
     features = FeatureFile(extract(images, bb, ["avgpool"], out=tmp_path, decode=decode, **RUN).path)
     run_dir, results, _ = fit_run(features, "avgpool", "avg", FitOptions(clf="logreg", grid=[1.0], device="cpu"),
-                                  parse_protocol("per-class:5"), 1, tmp_path / "runs")
+                                  parse_protocol("per-class:5"), runs_root=tmp_path / "runs")
     assert results["features"]["decode"] == decode
     preds = predict_images(run_dir, [str(tiny_flat / i) for i in images.ids], device="cpu")
     expected = load_model(run_dir, results).predict_proba(features.read("avgpool")).max(axis=1)

@@ -77,7 +77,7 @@ def test_streaming_linear_fit_matches_in_memory_fit(tmp_path):
     results = {}
     for budget in (None, matrix_mib / 4):  # the default budget, then a quarter of the matrix
         options = FitOptions(clf="linear", grid=[1e-4], device="cpu", memory_budget_mb=budget)
-        _, res, _ = fit_run(features, "emb", "avg", options, protocol, 1, tmp_path / "runs")
+        _, res, _ = fit_run(features, "emb", "avg", options, protocol, runs_root=tmp_path / "runs")
         results[budget] = res
     in_memory, streamed = results.values()
     assert in_memory["per_seed"][0]["selection"] == "fixed weight_decay=0.0001 (one grid value, no selection)"
@@ -85,5 +85,5 @@ def test_streaming_linear_fit_matches_in_memory_fit(tmp_path):
     assert in_memory["metrics"]["accuracy"]["mean"] > 0.8
     assert abs(in_memory["metrics"]["accuracy"]["mean"] - streamed["metrics"]["accuracy"]["mean"]) <= 0.01
     with pytest.raises(TapsError, match="use --clf linear"):
-        fit_run(features, "emb", "avg", FitOptions(clf="svm", memory_budget_mb=matrix_mib / 4), protocol, 1,
-                tmp_path / "runs")
+        fit_run(features, "emb", "avg", FitOptions(clf="svm", memory_budget_mb=matrix_mib / 4), protocol,
+                runs_root=tmp_path / "runs")

@@ -158,3 +158,19 @@ def test_csv_dataset_and_root_escape(tmp_path, image_folder):
     (tmp_path / "evil.csv").write_text("path,label\n../../etc/passwd,x\n")
     with pytest.raises(UsageError, match="outside"):
         csv_dataset(tmp_path / "evil.csv")
+
+
+def test_a_registered_tap_scheme_names_a_familys_taps():
+    from features.backbones import TAP_SCHEMES, TapScheme, register_tap_scheme
+
+    stages = {"stem": "stem", **{f"stage{i}": f"trunk_output.block{i}" for i in range(1, 5)}}
+    scheme = TapScheme("regnet", lambda name, model: name.startswith("regnet"), lambda model: stages, "stage4")
+    register_tap_scheme(scheme)
+    try:
+        bb = Backbone("regnet_y_400mf", weights="none", image_size=64)
+        assert bb.scheme is scheme and bb.default_tap == "stage4"
+        assert list(bb.taps) == ["stem", "stage1", "stage2", "stage3", "stage4", "pooled", "logits"]
+        assert bb.taps["stage4"].shape == (440, 2, 2) and bb.dim("stage4", "pyramid") == 5 * 440
+    finally:
+        TAP_SCHEMES.remove(scheme)
+    assert Backbone("regnet_y_400mf", weights="none").scheme.name == "generic"

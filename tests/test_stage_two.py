@@ -9,6 +9,7 @@ from features.backbones import Backbone
 from features.datasets import load_dataset
 from features.errors import UsageError
 from features.extract import extract
+from features.options import ExtractOptions
 from features.store import FeatureFile
 from pipeline.compare import compare_taps
 from pipeline.evaluate import FitOptions, fit_run, load_results
@@ -66,21 +67,24 @@ def tiny_features(tiny_flat, tmp_path_factory):
 def test_fit_run_writes_a_round_tripping_run_and_reuses_it(tiny_features, tmp_path, clf):
     _, features, _ = tiny_features
     options = FitOptions(clf=clf, grid=[0.01, 1.0] if clf != "linear" else [1e-4, 1e-2], device="cpu")
-    run_dir, results, reused = fit_run(features, "avgpool", "avg", options, parse_protocol("per-class:5"), 2, tmp_path)
+    run_dir, results, reused = fit_run(features, "avgpool", "avg", options, parse_protocol("per-class:5"), seeds=2,
+                                       runs_root=tmp_path)
     assert not reused and (run_dir / "model.joblib").is_file() and (run_dir / "confusion.png").is_file()
     assert load_results(run_dir) == json.loads(json.dumps(results))
     for metric in ("accuracy", "mean_per_class_accuracy", "macro_f1"):
-        assert set(results["metrics"][metric]) == {"mean", "std"} and 0 <= results["metrics"][metric]["mean"] <= 1
+        per_seed = [s["metrics"][metric] for s in results["per_seed"]]
+        assert results["metrics"][metric] == {"mean": pytest.approx(np.mean(per_seed)), "std": pytest.approx(np.std(per_seed))}
     assert [s["seed"] for s in results["per_seed"]] == [0, 1] and results["per_seed"][0]["n_train"] == 15
     assert results["chosen"][options.param][0] in options.grid
-    again_dir, _, reused = fit_run(features, "avgpool", "avg", options, parse_protocol("per-class:5"), 2, tmp_path)
+    again_dir, _, reused = fit_run(features, "avgpool", "avg", options, parse_protocol("per-class:5"), seeds=2,
+                                   runs_root=tmp_path)
     assert reused and again_dir == run_dir
 
 
 def test_predict_returns_training_labels_and_refuses_tampered_models(tiny_features, tiny_flat, tmp_path):
     _, features, _ = tiny_features
     options = FitOptions(clf="logreg", grid=[1.0], device="cpu")
-    run_dir, _, _ = fit_run(features, "avgpool", "avg", options, parse_protocol("fraction:0.9"), 1, tmp_path)
+    run_dir, _, _ = fit_run(features, "avgpool", "avg", options, parse_protocol("fraction:0.9"), runs_root=tmp_path)
     results = load_results(run_dir)
     assert results["features"]["decode"] == features.taps["avgpool"]["decode"]  # predict decodes the same way
     images = sorted(tiny_flat.glob("*/img_00[0-2].jpg"))
@@ -98,9 +102,10 @@ def test_predict_returns_training_labels_and_refuses_tampered_models(tiny_featur
 def test_compare_gives_one_row_per_tap_with_identical_splits(tiny_features, tmp_path):
     images, _, out = tiny_features
     bb = Backbone("resnet18", weights="none", image_size=32)
-    folder, rows = compare_taps(images, [bb], ["stem", "layer1", "layer2", "avgpool"], "avg",
+    folder, rows = compare_taps(images, [bb], ["stem", "layer1", "layer2", "avgpool"],
                                 FitOptions(clf="logreg", grid=[0.1, 1.0], device="cpu"), parse_protocol("per-class:5"),
-                                2, out, tmp_path, RUN | {"batch_size": 8}, log=lambda *_: None)
+                                seeds=2, extract_options=ExtractOptions(out=out, **RUN | {"batch_size": 8}),
+                                runs_root=tmp_path, log=lambda *_: None)
     assert [r["tap"] for r in rows] == ["stem", "layer1", "layer2", "avgpool"]
     assert len({tuple(r["split_digests"]) for r in rows}) == 1
     assert sum(r["best"] for r in rows) == 1
@@ -109,3 +114,29 @@ def test_compare_gives_one_row_per_tap_with_identical_splits(tiny_features, tmp_
     assert [r["dim"] for r in data["rows"]] == [64, 64, 128, 512]
     assert set(data["rows"][0]["metrics"]["mean_per_class_accuracy"]) == {"mean", "std"}
     assert (folder / "compare.csv").read_text().count("\n") == 5
+
+
+def test_compare_checks_protocol_seeds_and_every_backbones_taps_before_extracting(tiny_flat, tmp_path):
+    images = load_dataset(f"folder:{tiny_flat}")
+    resnet = Backbone("resnet18", weights="none", image_size=32)
+    mobilenet = Backbone("mobilenet_v2", weights="none", image_size=32)
+    fit, options = FitOptions(clf="logreg", device="cpu"), ExtractOptions(out=tmp_path / "fs", **RUN)
+    cases = [([resnet], parse_protocol("per-class:40"), 1, "per-class:40 needs more than 40 images in every class"),
+             ([resnet, mobilenet], parse_protocol("per-class:5"), 1, "unknown tap 'avgpool' for mobilenet_v2"),
+             ([resnet], parse_protocol("per-class:5"), 0, "--seeds must be at least 1")]
+    for backbones, protocol, seeds, message in cases:
+        with pytest.raises(UsageError, match=message):
+            compare_taps(images, backbones, ["avgpool"], fit, protocol, seeds=seeds, extract_options=options,
+                         runs_root=tmp_path / "runs")
+    assert not (tmp_path / "fs").exists() and not (tmp_path / "runs").exists()  # nothing was extracted or fitted
+
+
+def test_torchvision_datasets_are_fingerprinted_by_their_pixels():
+    from torchvision.datasets import FakeData
+
+    from features.datasets import TorchvisionImageSet
+
+    def fake(offset: int) -> TorchvisionImageSet:
+        return TorchvisionImageSet("fake", [("train", FakeData(20, (3, 8, 8), 2, random_offset=offset))], ["a", "b"])
+
+    assert fake(0).fingerprint() == fake(0).fingerprint() != fake(1).fingerprint()

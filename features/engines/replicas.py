@@ -27,17 +27,22 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
-from .backbones import Backbone, Tap
-from .datasets import ImageSet
-from .errors import TapsError, UsageError
-from .runtime import keep_freed_memory
+from ..backbones import Backbone, Tap
+from ..blocks import Block, BlockSource, block_ranges, prepare_forward
+from ..datasets import ImageSet
+from ..errors import TapsError, UsageError
+from ..options import RunConfig
+from ..runtime import keep_freed_memory
+from . import Engine
 
 # A replica imports torch, builds its extractor and compiles it: minutes on a slow machine
 # with a cold Inductor cache. Past this, startup is taken as stuck.
@@ -53,23 +58,31 @@ def _watch_parent(parent: int) -> None:
     os._exit(1)
 
 
-def _start(backbone_args: tuple, taps: list[Tap], cfg, threads: int, n_images: int, batch_size: int,
-           images: ImageSet, barrier, parent: int) -> None:
-    """Replica initialiser. Errors are kept and raised by the first task, where the parent sees them."""
-    from .extract import BlockSource, prepare_forward
+@dataclass(frozen=True)
+class _Setup:
+    """What a replica needs to build its extractor (pickled once per replica at spawn)."""
 
+    backbone_args: tuple
+    taps: list[Tap]
+    cfg: RunConfig
+    threads: int
+    images: ImageSet
+
+
+def _start(setup: _Setup, barrier, parent: int) -> None:
+    """Replica initialiser. Errors are kept and raised by the first task, where the parent sees them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent stops us
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     _replica["barrier"] = barrier
     try:
-        torch.set_num_threads(threads)
-        backbone = Backbone(*backbone_args)
+        torch.set_num_threads(setup.threads)
+        backbone = Backbone(*setup.backbone_args)
         # For the replica's lifetime, as extract() does for a run, and before the compile's blank
         # batch, which then leaves the heap the first real batch reuses (13–49 ms less on its pass here).
         _replica["memory"] = keep_freed_memory()
         _replica["memory"].__enter__()
-        _replica["forward"] = prepare_forward(backbone, taps, cfg, n_images, batch_size)
-        _replica["source"] = BlockSource.of(images, backbone.pixel_transform(), cfg)
+        _replica["forward"] = prepare_forward(backbone, setup.taps, setup.cfg, len(setup.images))
+        _replica["source"] = BlockSource.of(setup.images, backbone.pixel_transform(), setup.cfg)
     except Exception as exc:  # noqa: BLE001 - re-raised in the parent by _checked()
         _replica["error"] = exc
 
@@ -87,7 +100,7 @@ def _ready() -> float:
     return state["forward"].compile_seconds
 
 
-def _embed(lo: int, hi: int):
+def _embed(lo: int, hi: int) -> Block:
     state = _checked()
     return state["source"].embed(state["source"].load(lo, hi), state["forward"])
 
@@ -136,25 +149,24 @@ def _result(future: Future, interrupted: threading.Event, timeout: float | None 
                 raise
 
 
-class ReplicaPool:
-    """``replicas`` spawned processes, each with its own extractor; a context manager.
+class ReplicaEngine(Engine):
+    """``cfg.workers`` (or ``replicas``) spawned processes, each with its own extractor.
 
     Replicas ignore SIGINT (a terminal sends it to the whole process group) and exit when
     the parent dies, so an interrupted run leaves no strays; leaving the ``with`` block
     (normally or not) stops them at once.
     """
 
-    def __init__(self, images: ImageSet, backbone: Backbone, taps: list[Tap], cfg, batch_size: int,
+    def __init__(self, images: ImageSet, backbone: Backbone, taps: list[Tap], cfg: RunConfig,
                  replicas: int | None = None):
+        super().__init__(images, backbone, taps, cfg)
         self.replicas = max(1, replicas or cfg.workers)
-        self.batch_size = batch_size
         threads = max(1, torch.get_num_threads() // self.replicas)
         ctx = multiprocessing.get_context("spawn")  # fork is unsafe once torch's thread pools exist
         self._executor = ProcessPoolExecutor(
             self.replicas, mp_context=ctx, initializer=_start,
-            initargs=(backbone.spec_args(), taps, cfg, threads, len(images), batch_size, images,
-                      ctx.Barrier(self.replicas), os.getpid()))
-        self.n = len(images)
+            initargs=(_Setup(backbone.spec_args(), taps, cfg, threads, images), ctx.Barrier(self.replicas),
+                      os.getpid()))
         t0 = time.perf_counter()
         try:
             try:  # submitting spawns the processes, which pickles the dataset for them
@@ -169,15 +181,14 @@ class ReplicaPool:
             raise
         self.startup_seconds = time.perf_counter() - t0
 
-    def batches(self, start: int):
-        """Yield (lo, hi, {tap name: pooled rows of the good images}, {index: error}) in sample order."""
-        blocks = iter(range(start, self.n, self.batch_size))
+    def blocks(self, start: int) -> Iterator[Block]:
+        ranges = iter(block_ranges(start, len(self.images), self.cfg.batch_size))
         pending: deque[Future] = deque()
         try:
             with _ctrl_c_as_flag() as interrupted:
                 while True:
-                    while len(pending) < 2 * self.replicas and (lo := next(blocks, None)) is not None:
-                        pending.append(self._executor.submit(_embed, lo, min(lo + self.batch_size, self.n)))
+                    while len(pending) < 2 * self.replicas and (rows := next(ranges, None)) is not None:
+                        pending.append(self._executor.submit(_embed, rows.start, rows.stop))
                     if not pending:
                         return
                     yield _result(pending.popleft(), interrupted)
@@ -187,7 +198,7 @@ class ReplicaPool:
 
     def forward_rate(self, start: int, stop: int) -> float:
         """Images/s of the bare forward passes over [start, stop), all replicas at once (a ceiling)."""
-        blocks = [(lo, min(lo + self.batch_size, stop)) for lo in range(start, stop, self.batch_size)]
+        blocks = [(r.start, r.stop) for r in block_ranges(start, stop, self.cfg.batch_size)]
         shares = [blocks[k::self.replicas] for k in range(self.replicas)]
         done = [f.result() for f in [self._executor.submit(_timed_forward, s) for s in shares]]
         return sum(n for n, _ in done) / max(s for _, s in done)
@@ -200,9 +211,3 @@ class ReplicaPool:
             proc.terminate()
         for proc in list((getattr(self._executor, "_processes", None) or {}).values()):
             proc.join(timeout=10)
-
-    def __enter__(self) -> ReplicaPool:  # noqa: PYI034 - typing.Self needs Python 3.11
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -1,0 +1,165 @@
+"""How an extraction runs: one validated settings object, the tables of valid values, and the
+one place where ``auto`` values are resolved for this machine.
+
+:class:`ExtractOptions` is what a user sets (from the CLI or from Python); it is frozen,
+keyword-only and checked when built, so bad values fail before any work. :meth:`ExtractOptions.resolve`
+turns it into a :class:`RunConfig`: the device, precision, loader and decoder this machine will
+really use. The CLI's ``choices=`` and help text come from :data:`CHOICES`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError, choose
+from .pooling import POOLINGS
+
+# The valid values of each option, in the order help text lists them.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "pooling": POOLINGS,
+    "device": ("auto", "cpu", "cuda", "mps"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "on_error": ("skip", "fail"),
+    "engine": ("local", "ray"),
+    "loader": ("auto", "inline", "workers", "replicas"),
+    "compile": ("auto", "on", "off"),
+    "decode": ("auto", "simplejpeg", "pil", "torchvision"),
+}
+# `--loader auto` runs replicas on CPU datasets at least this large: below it their start-up
+# (spawning processes, building and compiling one model each) outweighs what they save.
+REPLICAS_MIN_IMAGES = 20_000
+
+
+def default_workers() -> int:
+    """One per core this process may use, at most 8."""
+    return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExtractOptions:
+    """Everything ``taps extract`` takes besides the dataset, the backbone and the taps.
+
+    ``workers`` is the parallelism of the chosen loader: decode threads (``inline``),
+    DataLoader processes (``workers``), model replicas (``replicas``) or Ray actors
+    (``engine="ray"``); ``None`` is one per core, at most 8.
+    """
+
+    pooling: str = "avg"
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 64
+    workers: int | None = None
+    channels_last: bool = True
+    on_error: str = "skip"
+    draft: bool = True            # JPEGs decode at a reduced DCT scale that still covers the resize
+    loader: str = "auto"
+    compile: str = "auto"
+    decode: str = "auto"
+    engine: str = "local"
+    ray_address: str | None = None
+    gpus_per_worker: float = 0.0
+    out: Path | str = "feature_store"
+    path: Path | str | None = None    # write exactly here instead of under ``out``
+    force: bool = False
+    progress: bool = True
+    shard: tuple[int, int] | None = None
+    limit_batches: int | None = None  # stop after this many batches (tests of interruption)
+
+    def __post_init__(self) -> None:
+        for name, valid in CHOICES.items():
+            choose(f"--{name.replace('_', '-')}", getattr(self, name), valid)
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, not {self.batch_size}")
+        if self.workers is not None and self.workers < 0:
+            raise UsageError(f"--workers must be 0 or more, not {self.workers}")
+        if self.gpus_per_worker < 0:
+            raise UsageError(f"--gpus-per-worker must be 0 or more, not {self.gpus_per_worker}")
+        if self.decode == "torchvision" and self.engine == "ray":
+            raise UsageError("--decode torchvision decodes on the model's device in the local engine; "
+                             "with --engine ray use --decode simplejpeg or pil")
+
+    def resolve(self, n_images: int) -> RunConfig:
+        """The settings this machine will use for ``n_images`` images, every ``auto`` decided."""
+        device = resolve_device(self.device)
+        return RunConfig(pooling=self.pooling, device=device, precision=resolve_precision(self.precision, device),
+                         workers=default_workers() if self.workers is None else self.workers,
+                         channels_last=self.channels_last, on_error=self.on_error, draft=self.draft,
+                         loader=resolve_loader(self.loader, device, n_images), compile=self.compile,
+                         decode=resolve_decode(self.decode, device, self.engine), batch_size=self.batch_size,
+                         actors=self.workers, ray_address=self.ray_address, gpus_per_worker=self.gpus_per_worker)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """How one extraction pass runs, resolved for this machine. None of it changes what is
+    computed beyond the rounding level (precision, compile, and a grey level or two between
+    decoders); what does change it (weights, preprocessing, pooling) names the file or the tap."""
+
+    pooling: str
+    device: torch.device
+    precision: str
+    workers: int
+    channels_last: bool
+    on_error: str
+    draft: bool
+    loader: str = "inline"      # inline | workers | replicas
+    compile: str = "off"        # auto | on | off (decided by dataset size, see features.forward)
+    decode: str = "simplejpeg"  # simplejpeg | pil | torchvision
+    batch_size: int = 64
+    actors: int | None = None   # ray: backbone actors (None: one, or one per GPU slot)
+    ray_address: str | None = None
+    gpus_per_worker: float = 0.0
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto``: CUDA, then MPS, then the CPU; an unavailable explicit choice is a usage error."""
+    choose("--device", device, CHOICES["device"])
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda requested but no CUDA GPU is visible; use --device auto or cpu")
+    if device == "mps" and not mps:
+        raise UsageError("--device mps requested but MPS is not available; use --device auto or cpu")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: fp16 autocast on CUDA, bf16 on CPUs with native bf16 kernels, else fp32."""
+    choose("--precision", precision, CHOICES["precision"])
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "fp16"
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def resolve_loader(loader: str, device: torch.device, n_images: int) -> str:
+    """``auto``: on CPUs with 2+ cores, replicas for datasets large enough to repay their start-up
+    (see :data:`REPLICAS_MIN_IMAGES`), else inline; worker processes on accelerators."""
+    choose("--loader", loader, CHOICES["loader"])
+    if loader == "replicas" and device.type != "cpu":
+        raise UsageError(f"--loader replicas runs one model per CPU core, not on {device.type}; "
+                         "use --loader auto or workers there")
+    if loader != "auto":
+        return loader
+    if device.type != "cpu":
+        return "workers"
+    return "replicas" if n_images >= REPLICAS_MIN_IMAGES and default_workers() >= 2 else "inline"
+
+
+def resolve_decode(decode: str, device: torch.device, engine: str) -> str:
+    """``auto``: torchvision (nvJPEG) on CUDA in the local engine, else simplejpeg (Ray decodes in CPU tasks)."""
+    choose("--decode", decode, CHOICES["decode"])
+    if decode == "torchvision" and engine == "ray":
+        raise UsageError("--decode torchvision decodes on the model's device in the local engine; "
+                         "with --engine ray use --decode simplejpeg or pil")
+    if decode != "auto":
+        return decode
+    return "torchvision" if device.type == "cuda" and engine == "local" else "simplejpeg"
