@@ -178,7 +178,8 @@ def stage_two_times(features_root: str, reference: bool) -> dict:
 
     from features.store import FeatureFile
 
-    from .evaluate import FitOptions, fit_selected
+    from .evaluate import selector
+    from .options import FitOptions
     from .protocols import make_split, parse_protocol
 
     path = feature_path(features_root, "caltech101", Backbone("mobilenet_v2", weights="IMAGENET1K_V1"))
@@ -196,7 +197,8 @@ def stage_two_times(features_root: str, reference: bool) -> dict:
     out = {"source": source, "train_shape": list(X[train].shape)}
     for clf in ("svm", "logreg"):
         t0 = time.perf_counter()
-        model, value, _ = fit_selected(FitOptions(clf=clf), X[train], y[train], 0)
+        selected = selector(FitOptions(clf=clf), 0).fit(X[train], y[train])
+        model, value = selected.model_, selected.chosen_
         seconds = time.perf_counter() - t0
         acc = balanced_accuracy_score(y[test], model.predict(X[test]))
         out[clf] = {"seconds": round(seconds, 2), "chosen_C": value, "mean_per_class_accuracy": round(acc, 4)}

@@ -201,7 +201,7 @@ def cmd_info(args) -> None:
 
 
 def _fit_options(args):
-    from .evaluate import FitOptions
+    from .options import FitOptions
 
     return FitOptions(clf=args.clf, preprocess=args.preprocess, grid=args.grid, folds=args.folds,
                       solver=args.solver, hidden=args.hidden, device=args.device, memory_budget_mb=args.memory_budget)
@@ -261,14 +261,9 @@ def _features_file(args, backbone_name: str | None = None):
     return features
 
 
-def _fmt(metric: dict | None) -> str:
-    if not metric:
-        return "-"
-    return f"{100 * metric['mean']:.1f}±{100 * metric['std']:.1f}"
-
-
 def cmd_fit(args) -> None:
     from .evaluate import fit_run
+    from .report import fmt
 
     features = _features_file(args)
     tap = args.tap or _backbone(args, features.attrs["backbone"]).default_tap
@@ -283,8 +278,8 @@ def cmd_fit(args) -> None:
           f"{args.seeds} seed(s), {options.param} by {selection}")
     header = f"{'tap':<14}{'dim':>6}  {'clf':<7}{'accuracy':>12}{'mean/class':>12}{'macro F1':>12}{'top-5':>12}  {options.param:<13}{'fit s':>7}"
     print(header)
-    print(f"{results['features']['tap']:<14}{results['features']['dim']:>6}  {options.clf:<7}{_fmt(m.get('accuracy')):>12}"
-          f"{_fmt(m.get('mean_per_class_accuracy')):>12}{_fmt(m.get('macro_f1')):>12}{_fmt(m.get('top5_accuracy')):>12}  "
+    print(f"{results['features']['tap']:<14}{results['features']['dim']:>6}  {options.clf:<7}{fmt(m.get('accuracy')):>12}"
+          f"{fmt(m.get('mean_per_class_accuracy')):>12}{fmt(m.get('macro_f1')):>12}{fmt(m.get('top5_accuracy')):>12}  "
           f"{chosen:<13}{results['fit_seconds']['mean']:>7.1f}")
     print(run_dir)
 
@@ -302,8 +297,9 @@ def cmd_predict(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from .compare import compare_taps, format_table
+    from .compare import compare_taps
     from .protocols import parse_protocol
+    from .report import format_table
 
     images = _images(args)
     backbones = [_backbone(args, name) for name in _csv_list(args.backbone)]

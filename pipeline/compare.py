@@ -19,8 +19,11 @@ from features.options import ExtractOptions
 from features.pooling import is_spatial
 from features.store import FeatureFile
 
-from .evaluate import FitOptions, fit_run, settings_digest
+from .evaluate import fit_run
+from .options import FitOptions
 from .protocols import Protocol, check_protocol
+from .report import plot_comparison
+from .runs import settings_digest
 
 COLUMNS = ("backbone", "tap", "depth", "node", "dim", "pooling", "accuracy_mean", "accuracy_std",
            "mean_per_class_accuracy_mean", "mean_per_class_accuracy_std", "macro_f1_mean", "macro_f1_std",
@@ -56,18 +59,11 @@ def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | 
         for position, tap in enumerate(resolved):
             run_dir, results, reused = fit_run(features, tap.name, pooling, options, protocol, seeds=seeds,
                                                runs_root=runs_root, force=force)
-            m = results["metrics"]
-            rows.append({
-                "backbone": bb.name, "tap": tap.name, "depth": round(position / max(len(resolved) - 1, 1), 4),
-                "node": tap.node, "dim": results["features"]["dim"],
-                "pooling": pooling if is_spatial(tap.shape) else "none",
-                **{f"{k}_{s}": round(m[k][s], 5) for k in ("accuracy", "mean_per_class_accuracy", "macro_f1")
-                   for s in ("mean", "std")},
-                "fit_seconds": round(results["fit_seconds"]["mean"], 2), "best": False, "run": str(run_dir),
-                "split_digests": [s["train_digest"] for s in results["per_seed"]],
-            })
+            rows.append({"backbone": bb.name, "tap": tap.name, "node": tap.node,
+                         "depth": round(position / max(len(resolved) - 1, 1), 4),
+                         "pooling": pooling if is_spatial(tap.shape) else "none", **_row(results, run_dir)})
             log(f"{'reused' if reused else 'fitted'} {bb.name} {tap.name}: mean per-class accuracy "
-                f"{100 * m['mean_per_class_accuracy']['mean']:.1f}%")
+                f"{100 * results['metrics']['mean_per_class_accuracy']['mean']:.1f}%")
     for name in {r["backbone"] for r in rows}:
         mine = [r for r in rows if r["backbone"] == name]
         max(mine, key=lambda r: r["mean_per_class_accuracy_mean"])["best"] = True
@@ -78,56 +74,32 @@ def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | 
                 "protocol": str(protocol), "seeds": seeds, **options.as_dict()}
     digest = settings_digest(settings)
     out = Path(runs_root) / images.name / f"compare__{'+'.join(b.name for b in backbones)}__{options.clf}__{digest}"
+    _write_tables(out, rows, settings)
+    plot_comparison(rows, out / "compare.png", f"{images.name}: {options.clf}, {protocol}, {seeds} seed(s), {pooling} pooling")
+    return out, rows
+
+
+METRIC_NAMES = ("accuracy", "mean_per_class_accuracy", "macro_f1")
+
+
+def _row(results: dict, run_dir: Path) -> dict:
+    """A comparison row's figures from its run's results."""
+    m = results["metrics"]
+    return {"dim": results["features"]["dim"],
+            **{f"{k}_{s}": round(m[k][s], 5) for k in METRIC_NAMES for s in ("mean", "std")},
+            "fit_seconds": round(results["fit_seconds"]["mean"], 2), "best": False, "run": str(run_dir),
+            "split_digests": [s["train_digest"] for s in results["per_seed"]]}
+
+
+def _write_tables(out: Path, rows: list[dict], settings: dict) -> None:
+    """compare.csv (flat columns) and compare.json (results.json's metric names, and the settings)."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "compare.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
+    flat = {f"{k}_{s}" for k in METRIC_NAMES for s in ("mean", "std")}
     (out / "compare.json").write_text(json.dumps({"settings": settings, "rows": [
-        {**{k: r[k] for k in COLUMNS if k not in ("accuracy_mean", "accuracy_std", "mean_per_class_accuracy_mean",
-                                                    "mean_per_class_accuracy_std", "macro_f1_mean", "macro_f1_std")},
-         "split_digests": r["split_digests"],
-         "metrics": {k: {"mean": r[f"{k}_mean"], "std": r[f"{k}_std"]}
-                     for k in ("accuracy", "mean_per_class_accuracy", "macro_f1")}} for r in rows]}, indent=2))
-    plot_comparison(rows, out / "compare.png", f"{images.name}: {options.clf}, {protocol}, {seeds} seed(s), {pooling} pooling")
-    return out, rows
-
-
-def plot_comparison(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    backbones = list(dict.fromkeys(r["backbone"] for r in rows))
-    fig, ax = plt.subplots(figsize=(max(7, 0.45 * max(len([r for r in rows if r["backbone"] == b]) for b in backbones)), 4.5))
-    for b in backbones:
-        mine = [r for r in rows if r["backbone"] == b]
-        x = [r["depth"] for r in mine] if len(backbones) > 1 else list(range(len(mine)))
-        y = [100 * r["mean_per_class_accuracy_mean"] for r in mine]
-        err = [100 * r["mean_per_class_accuracy_std"] for r in mine]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=b)
-        best = next(i for i, r in enumerate(mine) if r["best"])
-        ax.annotate(f"best: {mine[best]['tap']} {y[best]:.1f}%", (x[best], y[best]), textcoords="offset points",
-                    xytext=(0, 8), ha="center", fontsize=8)
-        if len(backbones) == 1:
-            ax.set_xticks(x, [f"{r['tap']}\n{r['dim']}-D" for r in mine], rotation=60, fontsize=7)
-    ax.set_xlabel("tap (shallow to deep)" if len(backbones) == 1 else "relative depth of tap (0 = first, 1 = last)")
-    ax.set_ylabel("mean per-class accuracy (%)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    if len(backbones) > 1:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def format_table(rows: list[dict]) -> str:
-    lines = [f"{'backbone':<14}{'tap':<12}{'dim':>6}  {'pool':<8}{'accuracy':>12}{'mean/class':>12}{'fit s':>7}"]
-    for r in rows:
-        lines.append(f"{r['backbone']:<14}{r['tap']:<12}{r['dim']:>6}  {r['pooling']:<8}"
-                     f"{100 * r['accuracy_mean']:>6.1f}±{100 * r['accuracy_std']:<4.1f} "
-                     f"{100 * r['mean_per_class_accuracy_mean']:>6.1f}±{100 * r['mean_per_class_accuracy_std']:<4.1f}"
-                     f"{r['fit_seconds']:>7.1f}{'  <- best' if r['best'] else ''}")
-    return "\n".join(lines)
+        {**{k: r[k] for k in COLUMNS if k not in flat}, "split_digests": r["split_digests"],
+         "metrics": {k: {"mean": r[f"{k}_mean"], "std": r[f"{k}_std"]} for k in METRIC_NAMES}} for r in rows]},
+        indent=2))

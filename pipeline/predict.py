@@ -20,7 +20,7 @@ from features.forward import Forward, build_extractor
 from features.options import RunConfig, resolve_device, resolve_precision
 from features.store import file_sha256
 
-from .evaluate import load_model, load_results
+from .runs import load_model, load_results
 
 
 @dataclass

@@ -12,7 +12,6 @@ would be a full streaming pass per grid value).
 from __future__ import annotations
 
 import itertools
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,13 +23,6 @@ from features.errors import TapsError
 from features.store import FeatureFile
 
 from .heads import TorchLinearHead, _device
-
-
-def available_memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
 
 
 def matrix_bytes(n_rows: int, dim: int) -> int:

@@ -18,9 +18,11 @@ from features.shards import merge_shards
 from features.store import FeatureFile
 from pipeline.cli import main
 from pipeline.compare import compare_taps
-from pipeline.evaluate import FitOptions, fit_run, load_model, load_results
+from pipeline.evaluate import fit_run
+from pipeline.options import FitOptions
 from pipeline.predict import predict_images
 from pipeline.protocols import parse_protocol
+from pipeline.runs import load_model, load_results
 
 RUN = dict(device="cpu", precision="fp32", workers=0, progress=False, batch_size=4)
 TINY = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32"]

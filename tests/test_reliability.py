@@ -339,7 +339,8 @@ def test_environment_errors_are_usage_errors(tmp_path, monkeypatch):
 
 
 def test_nan_features_and_single_class_training_are_reported(tiny_flat, tmp_path):
-    from pipeline.evaluate import FitOptions, fit_run
+    from pipeline.evaluate import fit_run
+    from pipeline.options import FitOptions
     from pipeline.protocols import parse_protocol
 
     images = load_dataset(f"folder:{tiny_flat}")

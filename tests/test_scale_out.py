@@ -58,7 +58,8 @@ def test_streaming_linear_fit_matches_in_memory_fit(tmp_path):
     from sklearn.datasets import make_classification
 
     from features.store import FeatureWriter
-    from pipeline.evaluate import FitOptions, fit_run
+    from pipeline.evaluate import fit_run
+    from pipeline.options import FitOptions
     from pipeline.protocols import parse_protocol
 
     X, y = make_classification(n_samples=3000, n_features=48, n_informative=20, n_classes=6, n_clusters_per_class=1,

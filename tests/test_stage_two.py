@@ -12,9 +12,11 @@ from features.extract import extract
 from features.options import ExtractOptions
 from features.store import FeatureFile
 from pipeline.compare import compare_taps
-from pipeline.evaluate import FitOptions, fit_run, load_results
+from pipeline.evaluate import fit_run
+from pipeline.options import FitOptions
 from pipeline.predict import predict_images
 from pipeline.protocols import check_protocol, make_split, parse_protocol
+from pipeline.runs import load_results
 
 RUN = dict(device="cpu", precision="fp32", workers=0, progress=False, batch_size=8)
 

@@ -1,0 +1,59 @@
+"""How a stage-two fit runs: one validated settings object, built once from the CLI or from Python."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from features.errors import UsageError
+
+from .heads import DEFAULT_GRID, REGULARIZER, canonical, make_preprocess
+
+
+def available_memory_bytes() -> int:
+    """Free physical memory, or 8 GiB where the OS does not say."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+@dataclass
+class FitOptions:
+    """Everything that defines a fit besides the data; equal options + equal file = reusable run."""
+
+    clf: str = "svm"
+    preprocess: str = "standard"
+    grid: list[float] | None = None
+    folds: int = 3
+    solver: str = "torch"
+    hidden: int = 0
+    device: str = "auto"
+    memory_budget_mb: float | None = None  # above it, linear streams from HDF5 and svm/logreg refuse
+
+    def __post_init__(self):
+        self.clf = canonical(self.clf)
+        make_preprocess(self.preprocess)  # validate early
+        if self.folds < 2:
+            raise UsageError(f"--folds must be at least 2, not {self.folds}")
+        self.grid = sorted(float(v) for v in (self.grid or DEFAULT_GRID[self.clf]))
+        if not all(np.isfinite(v) and v > 0 for v in self.grid):
+            raise UsageError(f"--grid values must be positive numbers, not {', '.join(f'{v:g}' for v in self.grid)}")
+        if self.hidden < 0:
+            raise UsageError(f"--hidden must be 0 (a linear head) or more, not {self.hidden}")
+
+    @property
+    def param(self) -> str:
+        """The regularisation the grid is over: ``C`` or ``weight_decay``."""
+        return REGULARIZER[self.clf]
+
+    def as_dict(self) -> dict:
+        return {"clf": self.clf, "preprocess": self.preprocess, "grid": self.grid, "folds": self.folds,
+                "solver": self.solver, "hidden": self.hidden, "param": self.param,
+                "memory_budget_mb": self.memory_budget_mb}
+
+    def budget_bytes(self) -> int:
+        """Bytes an in-memory fit may use: ``--memory-budget``, or half the free RAM."""
+        return int(self.memory_budget_mb * 2 ** 20) if self.memory_budget_mb else available_memory_bytes() // 2

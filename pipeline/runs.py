@@ -1,0 +1,87 @@
+"""Run folders: where a fit's results, model and plots live, and how a rerun finds them.
+
+A run folder holds ``results.json`` (settings, per-seed splits and scores, chosen
+values, fit times, the feature file's fingerprint, mean and std of every metric),
+``model.joblib`` (the seed-0 model, its SHA-256 in the results), ``confusion.png``
+and ``per_class.csv``. Identical settings reuse the folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import joblib
+
+from features.errors import TapsError, UsageError
+from features.store import FeatureFile, file_sha256
+
+RESULTS = "results.json"
+MODEL = "model.joblib"
+
+
+def run_settings(features: FeatureFile, tap: str, pooling: str, fit: dict, protocol: str, seeds: int) -> dict:
+    """Everything that defines a run's result; ``fit`` is ``FitOptions.as_dict()``."""
+    return {"features": str(features.path.resolve()), "features_fingerprint": features.fingerprint(),
+            "tap": features.tap_key(tap, pooling), "pooling": pooling, "protocol": protocol, "seeds": seeds,
+            **fit}
+
+
+def settings_digest(settings: dict) -> str:
+    """Short stable id of a settings dict: equal settings, equal folder names."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def run_dir_for(runs_root: Path, features: FeatureFile, settings: dict) -> Path:
+    name = f"{features.attrs['backbone']}__{settings['tap']}__{settings['clf']}__{settings_digest(settings)}"
+    return Path(runs_root) / str(features.attrs["dataset"]) / name
+
+
+def load_results(run_dir: Path) -> dict:
+    path = Path(run_dir) / RESULTS
+    if not path.is_file():
+        raise UsageError(f"{run_dir} is not a run folder (no {RESULTS}); pass the folder `taps fit` printed")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise TapsError(f"{path} is not valid JSON ({exc}); rerun `taps fit --force`") from None
+
+
+def load_model(run_dir: Path, results: dict):
+    """The run's model, after checking its SHA-256 against the run record (joblib files run code on load)."""
+    path = Path(run_dir) / results["model"]["file"]
+    if not path.is_file():
+        raise TapsError(f"model file {path} is missing; rerun `taps fit --force`")
+    digest = file_sha256(path)
+    if digest != results["model"]["sha256"]:
+        raise TapsError(f"model file {path} does not match the SHA-256 in its {RESULTS}; refusing to load it "
+                        f"(rerun `taps fit --force` if you changed it yourself)")
+    return joblib.load(path)
+
+
+def reusable(run_dir: Path, settings: dict) -> dict | None:
+    """The results of an earlier run with exactly these settings and an intact model, or None."""
+    if not (run_dir / RESULTS).is_file():
+        return None
+    try:
+        results = load_results(run_dir)
+        if results.get("settings") == settings and file_sha256(run_dir / MODEL) == results["model"]["sha256"]:
+            return results
+    except (TapsError, OSError, KeyError):
+        pass  # unreadable or stale: recompute
+    return None
+
+
+def save_model(run_dir: Path, model) -> dict:
+    """Write the model file; -> its record for results.json (file name and SHA-256)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    joblib.dump(model, run_dir / MODEL)
+    return {"file": MODEL, "sha256": file_sha256(run_dir / MODEL), "seed": 0}
+
+
+def save_results(run_dir: Path, results: dict) -> None:
+    """Write results.json whole or not at all (it marks the run as finished)."""
+    tmp = run_dir / (RESULTS + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(run_dir / RESULTS)
