@@ -460,7 +460,7 @@ class FeatureFile:
             self._raw_errors = h5["errors"][:]
             self.errors = {self.ids[i]: (e.decode() if isinstance(e, bytes) else e)
                            for i, e in enumerate(self._raw_errors) if e}
-            self.taps = {k: _plain(ds.attrs) for k, ds in h5["taps"].items()}
+            self.taps = {k: _upgrade_tap(_plain(ds.attrs)) for k, ds in h5["taps"].items()}
             self._sums = {k: ds[:] for k, ds in h5["blocks"].items()} if "blocks" in h5 else {}
 
     def tap_key(self, tap: str, pooling: str = "avg") -> str:
@@ -549,6 +549,12 @@ def file_sha256(path: Path | str) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _upgrade_tap(attrs: dict) -> dict:
+    """A tap's attributes as format_version 2 has them. Version-1 taps made before the decoder was
+    recorded were decoded with PIL; they have no checksums (``/blocks``), which readers skip."""
+    return {"decode": "pil", **attrs}
 
 
 def _plain(attrs) -> dict:

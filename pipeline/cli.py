@@ -189,14 +189,18 @@ def cmd_info(args) -> None:
     from features.store import FeatureFile
 
     f = FeatureFile(args.file)
-    for k in ("backbone", "weights", "transform", "dataset", "dataset_fingerprint", "n_samples", "complete", "created"):
-        print(f"{k}: {f.attrs.get(k)}")
+    for k in ("backbone", "weights", "transform", "dataset", "dataset_fingerprint", "n_samples", "complete", "created",
+              "format_version"):
+        print(f"{k}: {f.attrs.get(k, 1 if k == 'format_version' else None)}")
+    if "shard" in f.attrs:
+        start = int(f.attrs["shard_start"])
+        print(f"shard: {f.attrs['shard']}, samples {start}..{start + len(f.labels) - 1} of {f.attrs['full_n_samples']}; "
+              f"combine the shards with `taps merge`")
     print(f"classes: {len(f.classes)}; splits: {sorted(set(f.split)) if f.split else 'none'}; "
           f"skipped images: {len(f.errors)}")
     for key, a in f.taps.items():
-        decode = f" decode={a['decode']}" if "decode" in a else ""  # recorded since the simplejpeg decoder
-        print(f"tap {key}: node={a['node']} pooling={a['pooling']} dim={a['dim']} precision={a['precision']}{decode} "
-              f"rows={a['rows_done']}/{len(f.labels)} complete={a['complete']}")
+        print(f"tap {key}: node={a['node']} pooling={a['pooling']} dim={a['dim']} precision={a['precision']} "
+              f"decode={a['decode']} rows={a['rows_done']}/{len(f.labels)} complete={a['complete']}")
     print(f.path)
 
 

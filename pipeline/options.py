@@ -20,7 +20,7 @@ def available_memory_bytes() -> int:
         return 8 << 30
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FitOptions:
     """Everything that defines a fit besides the data; equal options + equal file = reusable run."""
 

@@ -88,3 +88,13 @@ def test_streaming_linear_fit_matches_in_memory_fit(tmp_path):
     with pytest.raises(TapsError, match="use --clf linear"):
         fit_run(features, "emb", "avg", FitOptions(clf="svm", memory_budget_mb=matrix_mib / 4), protocol,
                 runs_root=tmp_path / "runs")
+
+
+def test_info_says_a_shard_is_a_shard(tiny_folder, tmp_path, capsys):
+    from pipeline.cli import main
+
+    images = load_dataset(f"folder:{tiny_folder}")
+    shard = extract(images, resnet(), ["avgpool"], out=tmp_path, shard=(1, 3), workers=0, **RUN).path
+    assert main(["info", str(shard)]) == 0
+    out = capsys.readouterr().out
+    assert f"shard: 1/3, samples 9..17 of {len(images)}; combine the shards with `taps merge`" in out

@@ -174,3 +174,18 @@ def test_a_registered_tap_scheme_names_a_familys_taps():
     finally:
         TAP_SCHEMES.remove(scheme)
     assert Backbone("regnet_y_400mf", weights="none").scheme.name == "generic"
+
+
+def test_version_1_files_are_read_and_resumed_as_before(tiny_flat, tmp_path):
+    """Files from before format_version 2 have no block checksums and may lack the decoder attribute."""
+    images = load_dataset(f"folder:{tiny_flat}")
+    part = extract(images, resnet(), ["avgpool"], out=tmp_path, limit_batches=2, decode="pil", **RUN)
+    with h5py.File(part.path, "r+") as h5:  # as version 1 wrote it
+        h5.attrs["format_version"] = 1
+        del h5["blocks"]
+        del h5["taps/avgpool"].attrs["decode"]
+    assert FeatureFile(part.path).taps["avgpool"]["decode"] == "pil"
+    done = extract(images, resnet(), ["avgpool"], out=tmp_path, decode="pil", **RUN)
+    clean = extract(images, resnet(), ["avgpool"], out=tmp_path / "clean", decode="pil", **RUN)
+    assert done.images == 30 - 8 and np.array_equal(FeatureFile(done.path).read("avgpool"),
+                                                    FeatureFile(clean.path).read("avgpool"))
