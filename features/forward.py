@@ -29,9 +29,9 @@ from .errors import choose
 from .pooling import pool
 
 COMPILE = ("auto", "on", "off")
-# `--compile auto` compiles datasets of at least this many images. On this project's 2-core
-# CPU a MobileNetV2 compile takes ~3 s with Inductor's cache warm (~10 s cold) and saves
-# ~1.2 ms per image (bench: 350.7 against 248.6 img/s end to end).
+# `--compile auto` compiles datasets of at least this many images: a compile costs seconds
+# (more with a cold Inductor cache) and saves about a millisecond per image on a small CPU,
+# so below this it does not pay for itself (docs/performance.md).
 COMPILE_MIN_IMAGES = 4000
 
 

@@ -5,15 +5,13 @@ iterations after each parallel region before it sleeps. On a CPU the extraction
 alternates forward passes with decoding on the same cores, so spinning workers of the
 forward's thread team take cycles from the decode threads. :func:`limit_openmp_spinning`
 shortens the spin; libgomp reads it once, when it loads, so the CLI calls it before
-anything imports torch. Measured in one process each, 2 x 5 interleaved rounds, 1,000
-Caltech-101 JPEGs through MobileNetV2: inline pipeline / ceiling 0.77 and 0.79 by
-default, 0.86 and 0.85 with 2,000 spins (pipeline 424 and 453 -> 452 and 468 img/s).
+anything imports torch (docs/performance.md has what it was measured to be worth).
 
 glibc serves every allocation above its mmap threshold (at most 32 MB) with a
 fresh ``mmap`` and returns it with ``munmap`` when freed. A CPU forward pass
 allocates activations of tens of MB for every batch, so each one is faulted in
-again page by page: measured here, a third of a MobileNetV2 pass's CPU time was
-kernel time and disabling this doubled its throughput. PyTorch's tuning guide
+again page by page, and the kernel time of those faults can be a large share of a
+pass (``make bench`` counts them per batch with and without). PyTorch's tuning guide
 answers this with jemalloc or tcmalloc; :func:`keep_freed_memory` gets the same
 effect from glibc itself for the duration of a run, with no preloaded library.
 """

@@ -81,8 +81,7 @@ def merge_shards(paths: list[Path], out: Path | None = None, force: bool = False
             if writer.complete:
                 return out
             taps = shards[0].taps
-            writer.ensure_taps({key: (int(a["dim"]), {k: v for k, v in a.items() if k not in TAP_PROGRESS})
-                                for key, a in taps.items()})
+            writer.ensure_taps({key: (t.dim, t.settings()) for key, t in taps.items()})
             for key in taps:
                 _write_blocks(writer, key, shards, errors)
             writer.finish(list(taps))
@@ -104,7 +103,7 @@ def _check_same_extraction(paths: list[Path], files: list[FeatureFile]) -> None:
                                 f"merge shards of one extraction only")
         if sorted(f.taps) != sorted(files[0].taps):
             raise TapsError(f"{p} has taps {sorted(f.taps)}, but {paths[0]} has {sorted(files[0].taps)}")
-        incomplete = [k for k, a in f.taps.items() if not a["complete"]]
+        incomplete = [k for k, t in f.taps.items() if not t.complete]
         if incomplete:
             raise TapsError(f"{p} is incomplete (taps {', '.join(incomplete)}); rerun its extract to finish it")
 
@@ -129,7 +128,6 @@ def _check_coverage(paths: list[Path], files: list[FeatureFile]) -> list[int]:
 # Attributes of a shard (or of a tap's progress) that the merged file sets for itself.
 SHARD_ONLY = ("shard", "shard_start", "full_n_samples", "full_dataset_fingerprint", "complete", "created",
               "format", "format_version")
-TAP_PROGRESS = ("dim", "rows_done", "complete")
 
 
 def _write_blocks(writer: FeatureWriter, key: str, shards: list[FeatureFile], errors: dict[int, str]) -> None:

@@ -42,6 +42,7 @@ import shutil
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -460,13 +461,13 @@ class FeatureFile:
             self._raw_errors = h5["errors"][:]
             self.errors = {self.ids[i]: (e.decode() if isinstance(e, bytes) else e)
                            for i, e in enumerate(self._raw_errors) if e}
-            self.taps = {k: _upgrade_tap(_plain(ds.attrs)) for k, ds in h5["taps"].items()}
+            self.taps = {k: TapRecord.read(k, _plain(ds.attrs)) for k, ds in h5["taps"].items()}
             self._sums = {k: ds[:] for k, ds in h5["blocks"].items()} if "blocks" in h5 else {}
 
     def tap_key(self, tap: str, pooling: str = "avg") -> str:
         """The dataset key of a tap; raises naming what exists when it is not in the file."""
         for key in (tap_key(tap, pooling, True), tap):
-            if key in self.taps and (key == tap_key(tap, pooling, True) or self.taps[key].get("pooling") in (pooling, "none")):
+            if key in self.taps and (key == tap_key(tap, pooling, True) or self.taps[key].pooling in (pooling, "none")):
                 return key
         have = ", ".join(sorted(self.taps)) or "none"
         raise TapsError(f"tap {tap!r} (pooling {pooling}) is not in {self.path} (it has: {have}); "
@@ -478,8 +479,8 @@ class FeatureFile:
 
     def matrix(self, key: str) -> np.ndarray:
         """The (N, D) float32 matrix stored under ``/taps/<key>``, checked block by block."""
-        if not self.taps[key]["complete"]:
-            raise TapsError(f"tap {key} in {self.path} is incomplete ({self.taps[key]['rows_done']} of "
+        if not self.taps[key].complete:
+            raise TapsError(f"tap {key} in {self.path} is incomplete ({self.taps[key].rows_done} of "
                             f"{len(self.labels)} rows); rerun the same `taps extract` command to finish it")
         with open_h5(self.path, "r") as h5:
             X = h5["taps"][key][:]
@@ -551,10 +552,37 @@ def file_sha256(path: Path | str) -> str:
     return h.hexdigest()
 
 
-def _upgrade_tap(attrs: dict) -> dict:
-    """A tap's attributes as format_version 2 has them. Version-1 taps made before the decoder was
-    recorded were decoded with PIL; they have no checksums (``/blocks``), which readers skip."""
-    return {"decode": "pil", **attrs}
+@dataclass(frozen=True)
+class TapRecord:
+    """What the file says of one ``/taps/<key>``: how it was made and how far it got."""
+
+    key: str
+    tap: str
+    node: str
+    pooling: str        # "none" for vector taps
+    dim: int
+    precision: str
+    decode: str
+    rows_done: int
+    complete: bool
+    extra: dict = field(default_factory=dict)  # attributes this version does not know, kept by merge
+
+    KNOWN = ("tap", "node", "pooling", "dim", "precision", "decode", "rows_done", "complete")
+
+    @classmethod
+    def read(cls, key: str, attrs: dict) -> TapRecord:
+        """From a tap's HDF5 attributes. Version-1 taps made before the decoder was recorded were
+        decoded with PIL; they have no checksums (``/blocks``), which readers then skip."""
+        attrs = {"decode": "pil", **attrs}
+        return cls(key=key, tap=str(attrs["tap"]), node=str(attrs["node"]), pooling=str(attrs["pooling"]),
+                   dim=int(attrs["dim"]), precision=str(attrs["precision"]), decode=str(attrs["decode"]),
+                   rows_done=int(attrs["rows_done"]), complete=bool(attrs["complete"]),
+                   extra={k: v for k, v in attrs.items() if k not in cls.KNOWN})
+
+    def settings(self) -> dict:
+        """The attributes that make the tap what it is (to create it elsewhere: merge)."""
+        return {"tap": self.tap, "node": self.node, "pooling": self.pooling, "precision": self.precision,
+                "decode": self.decode, **self.extra}
 
 
 def _plain(attrs) -> dict:

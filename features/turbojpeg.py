@@ -1,8 +1,8 @@
 """JPEG files straight to cropped pixels: libjpeg-turbo (through simplejpeg), then torch's resize.
 
-The CPU default (``--decode simplejpeg``). Per Caltech-101 image it takes about half the
-core time of PIL's decode + box resize (0.36 against 0.69 ms), and two decode threads
-speed it up as much as they do PIL's decoder (1.3x on this machine's two vCPUs):
+The CPU default (``--decode simplejpeg``): about half the core time of PIL's decode +
+box resize per photo, and it scales over decode threads as PIL's decoder does
+(docs/performance.md has the figures):
 
 - ``simplejpeg.decode_jpeg`` calls the same libjpeg-turbo as PIL, with the same
   (accurate) DCT and upsampling, so full-size pixels are identical. It reads the

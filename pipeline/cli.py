@@ -198,9 +198,9 @@ def cmd_info(args) -> None:
               f"combine the shards with `taps merge`")
     print(f"classes: {len(f.classes)}; splits: {sorted(set(f.split)) if f.split else 'none'}; "
           f"skipped images: {len(f.errors)}")
-    for key, a in f.taps.items():
-        print(f"tap {key}: node={a['node']} pooling={a['pooling']} dim={a['dim']} precision={a['precision']} "
-              f"decode={a['decode']} rows={a['rows_done']}/{len(f.labels)} complete={a['complete']}")
+    for key, t in f.taps.items():
+        print(f"tap {key}: node={t.node} pooling={t.pooling} dim={t.dim} precision={t.precision} "
+              f"decode={t.decode} rows={t.rows_done}/{len(f.labels)} complete={t.complete}")
     print(f.path)
 
 

@@ -53,8 +53,8 @@ def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | 
             log(f"extracted {', '.join(report.computed)} with {bb.name} ({report.images_per_second:.1f} img/s)")
         features = FeatureFile(report.path)
         made_from.append({**features.settings(), "features_fingerprint": features.fingerprint(),
-                          "precision": sorted({features.taps[k]["precision"] for k in report.computed + report.reused}),
-                          "decode": sorted({str(features.taps[k]["decode"])
+                          "precision": sorted({features.taps[k].precision for k in report.computed + report.reused}),
+                          "decode": sorted({features.taps[k].decode
                                             for k in report.computed + report.reused})})
         for position, tap in enumerate(resolved):
             run_dir, results, reused = fit_run(features, tap.name, pooling, options, protocol, seeds=seeds,

@@ -56,7 +56,7 @@ class TapEvaluation:
 
 def _check_streaming(features: FeatureFile, key: str, options: FitOptions) -> bool:
     """Whether this fit streams from the file (its matrix is over the memory budget); refuses what cannot."""
-    dim = int(features.taps[key]["dim"])
+    dim = features.taps[key].dim
     need, budget = matrix_bytes(int(features.valid.sum()), dim), options.budget_bytes()
     if need <= budget:
         return False
@@ -120,7 +120,7 @@ def evaluate_tap(features: FeatureFile, tap: str, pooling: str, options: FitOpti
                          "fit_seconds": round(seconds, 3), "metrics": metrics})
         if seed == 0:
             model0, test0 = model, (y[test], pred)
-    return TapEvaluation(per_seed, summarize(per_seed), model0, test0, int(features.taps[key]["dim"]),
+    return TapEvaluation(per_seed, summarize(per_seed), model0, test0, features.taps[key].dim,
                          [s["fit_seconds"] for s in per_seed])
 
 
@@ -136,12 +136,12 @@ def fit_run(features: FeatureFile, tap: str, pooling: str, options: FitOptions, 
     ev = evaluate_tap(features, tap, pooling, options, protocol, seeds)
     model = save_model(run_dir, ev.model)
     key = settings["tap"]
+    record = features.taps[key]
     results = {
         "settings": settings,
         "features": {**features.settings(), "path": str(features.path.resolve()), "tap": key,
-                     "node": features.taps[key]["node"], "pooling": features.taps[key]["pooling"],
-                     "dim": ev.dim, "precision": features.taps[key]["precision"],
-                     "decode": features.taps[key]["decode"]},
+                     "node": record.node, "pooling": record.pooling, "dim": record.dim,
+                     "precision": record.precision, "decode": record.decode},
         "classes": features.classes,
         "split_seeds": [s["seed"] for s in ev.per_seed],
         "per_seed": ev.per_seed,

@@ -156,7 +156,7 @@ def test_merged_shards_keep_every_tap_attribute(tiny_folder, tmp_path):
     drop = {"created"}
     assert {k: v for k, v in merged.attrs.items() if k not in drop} == \
         {k: v for k, v in single.attrs.items() if k not in drop}
-    assert merged.taps == single.taps and merged.taps["avgpool"]["decode"] == "pil"
+    assert merged.taps == single.taps and merged.taps["avgpool"].decode == "pil"
     for tap in ("layer1", "avgpool"):  # shards batch differently: equal up to float rounding
         np.testing.assert_allclose(merged.read(tap), single.read(tap), rtol=1e-5, atol=1e-5)
 

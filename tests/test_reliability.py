@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -314,7 +315,7 @@ def test_a_disk_too_small_for_the_new_taps_is_refused_before_any_work(tiny_flat,
     import shutil
 
     images = load_dataset(f"folder:{tiny_flat}")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 9, 10 ** 9 - 1000, 1000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10 ** 9, used=10 ** 9 - 1000, free=1000))
     with pytest.raises(TapsError, match=r"not enough disk space for the new taps of .*: about 0\.1 MiB needed, "
                                         r"0\.0 MiB free in .*; free space or pass --out to another disk"):
         extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, **RUN)

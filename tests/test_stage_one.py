@@ -184,7 +184,7 @@ def test_version_1_files_are_read_and_resumed_as_before(tiny_flat, tmp_path):
         h5.attrs["format_version"] = 1
         del h5["blocks"]
         del h5["taps/avgpool"].attrs["decode"]
-    assert FeatureFile(part.path).taps["avgpool"]["decode"] == "pil"
+    assert FeatureFile(part.path).taps["avgpool"].decode == "pil"
     done = extract(images, resnet(), ["avgpool"], out=tmp_path, decode="pil", **RUN)
     clean = extract(images, resnet(), ["avgpool"], out=tmp_path / "clean", decode="pil", **RUN)
     assert done.images == 30 - 8 and np.array_equal(FeatureFile(done.path).read("avgpool"),

@@ -88,7 +88,7 @@ def test_predict_returns_training_labels_and_refuses_tampered_models(tiny_featur
     options = FitOptions(clf="logreg", grid=[1.0], device="cpu")
     run_dir, _, _ = fit_run(features, "avgpool", "avg", options, parse_protocol("fraction:0.9"), runs_root=tmp_path)
     results = load_results(run_dir)
-    assert results["features"]["decode"] == features.taps["avgpool"]["decode"]  # predict decodes the same way
+    assert results["features"]["decode"] == features.taps["avgpool"].decode  # predict decodes the same way
     images = sorted(tiny_flat.glob("*/img_00[0-2].jpg"))
     preds = predict_images(run_dir, [str(p) for p in images], device="cpu")
     assert [p.label for p in preds] == [p.parent.name for p in images]

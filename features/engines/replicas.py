@@ -3,14 +3,11 @@
 On a CPU the inline loader spreads each batch's forward pass over every core with
 intra-op threads and decodes the next batch between passes. Here each of ``workers``
 spawned processes holds its own extractor running on ``cores // workers`` threads
-and both decodes and embeds whole blocks; the parent only writes the results, in
-sample order, through the same :class:`features.store.FeatureWriter`. Two reasons it
+and both decodes and embeds whole blocks; the parent's write loop receives them in
+sample order, as from any engine. Two reasons it
 is faster on small CPUs: one-thread replicas skip the intra-op synchronisation of a
 shared pass, and one replica's decoding overlaps another's forward instead of
-waiting for it. Measured on this project's 2-core CPU (MobileNetV2, 3 taps, bf16,
-compiled): the bare forward runs at 640 img/s as two one-thread replicas against 595
-img/s as one two-thread pass (separate processes, random pixels); end to end on all of
-Caltech-101, 516-519 img/s against the inline loader's 405-468.
+waiting for it (docs/performance.md has the figures).
 
 Each block is computed by one single-threaded replica, so values do not depend on
 which replica took it: a resumed run writes the same rows as an uninterrupted one.
@@ -78,7 +75,7 @@ def _start(setup: _Setup, barrier, parent: int) -> None:
         torch.set_num_threads(setup.threads)
         backbone = Backbone(*setup.backbone_args)
         # For the replica's lifetime, as extract() does for a run, and before the compile's blank
-        # batch, which then leaves the heap the first real batch reuses (13–49 ms less on its pass here).
+        # batch, which then leaves the heap the first real batch reuses.
         _replica["memory"] = keep_freed_memory()
         _replica["memory"].__enter__()
         _replica["forward"] = prepare_forward(backbone, setup.taps, setup.cfg, len(setup.images))
