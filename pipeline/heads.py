@@ -242,24 +242,62 @@ class TorchLinearHead(ClassifierMixin, BaseEstimator):
 
         return self.train_batches(X.shape[1], epoch, (lambda: iter([(Xt[va_t], yt[va_t])])) if len(va) else None, dev)
 
+    def _start(self, n_features: int, dev: torch.device) -> None:
+        """A fresh network (seeded) and its optimiser."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.random_state)
+            self._net_ = self._net(n_features, len(self.classes_)).to(dev)
+        self._opt_ = torch.optim.AdamW(self._net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        self.n_features_in_ = n_features
+
+    def _step(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        """One AdamW step on one mini-batch (class indices), the unit every fit is made of."""
+        self._net_.train()
+        self._opt_.zero_grad()
+        F.cross_entropy(self._net_(xb), yb).backward()
+        self._opt_.step()
+
+    def partial_fit(self, X, y, classes=None):
+        """One pass of mini-batch steps over (X, y), continuing from the previous call (scikit-learn's
+        incremental API: ``classes`` is required on the first call). Rows are taken in order: the
+        caller shuffles, as streaming from HDF5 does chunk by chunk."""
+        first = not hasattr(self, "classes_")
+        if first:
+            if classes is None:
+                raise ValueError("classes must be passed on the first call to partial_fit")
+            self._validate_params()
+            self.classes_ = np.unique(classes)
+        X, y = validate_data(self, X, y, dtype=[np.float32, np.float64], reset=first)
+        unknown = np.setdiff1d(np.unique(y), self.classes_)
+        if unknown.size:
+            raise ValueError(f"y has labels {unknown.tolist()} outside the classes given to the first partial_fit")
+        index = np.searchsorted(self.classes_, y)
+        dev = _device(self.device)
+        if first:
+            self._start(X.shape[1], dev)
+        elif not hasattr(self, "_net_"):  # after fit(): go on from its weights
+            self._net_ = self.model_.to(dev)
+            self._opt_ = torch.optim.AdamW(self._net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        Xt, yt = torch.as_tensor(X, dtype=torch.float32, device=dev), torch.as_tensor(index, device=dev)
+        for s in range(0, len(Xt), self.batch_size):
+            self._step(Xt[s:s + self.batch_size], yt[s:s + self.batch_size])
+        self.model_ = self._net_.eval()
+        return self
+
     def train_batches(self, n_features: int, epoch, validation, dev: torch.device):
-        """The training loop over mini-batches from ``epoch()``; early stopping on ``validation()`` batches.
+        """Epochs of :meth:`_step` over the mini-batches from ``epoch()``, stopping early on the
+        loss over ``validation()`` batches and keeping the best epoch's weights.
 
         Shared by in-memory fits and streaming fits from HDF5 (:mod:`pipeline.streaming`);
         ``classes_`` must be set by the caller.
         """
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.random_state)
-            net = self._net(n_features, len(self.classes_)).to(dev)
-        opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        self._start(n_features, dev)
+        net = self._net_
         best, best_state, bad_epochs = np.inf, copy.deepcopy(net.state_dict()), 0
         self.n_epochs_, self.validation_loss_ = 0, None
         for n in range(self.max_epochs):
-            net.train()
             for xb, yb in epoch():
-                opt.zero_grad()
-                F.cross_entropy(net(xb), yb).backward()
-                opt.step()
+                self._step(xb, yb)
             self.n_epochs_ = n + 1
             if validation is None:
                 best_state = net.state_dict()
@@ -279,15 +317,16 @@ class TorchLinearHead(ClassifierMixin, BaseEstimator):
                     break
         net.load_state_dict(best_state)
         self.model_ = net.cpu().eval()
-        self.n_features_in_ = n_features
+        del self._net_, self._opt_  # a finished fit: partial_fit starts afresh, and the pickle stays small
         self.validation_loss_ = None if validation is None else float(best)
         return self
 
     def _logits(self, X) -> np.ndarray:
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
+        device = next(self.model_.parameters()).device
         with torch.no_grad():
-            return self.model_(torch.as_tensor(X, dtype=torch.float32)).double().numpy()
+            return self.model_(torch.as_tensor(X, dtype=torch.float32, device=device)).double().cpu().numpy()
 
     def predict_proba(self, X) -> np.ndarray:
         logits = self._logits(X)

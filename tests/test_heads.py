@@ -74,3 +74,20 @@ def test_selection_records_its_cv_and_refits_the_chosen_value_on_all_the_data():
         SelectedClassifier(clf="logreg", grid=[0.1, 1.0]).fit(X[:4], [0, 1, 2, 2])
     with pytest.raises(ValueError, match="'folds' parameter"):  # scikit-learn's parameter validation
         SelectedClassifier(folds=1).fit(X, y)
+
+
+def test_linear_head_learns_incrementally_with_partial_fit():
+    X, y = make_blobs(n_samples=600, centers=4, n_features=16, random_state=1)
+    labels = np.array(["a", "b", "c", "d"])[y]
+    head = TorchLinearHead(lr=0.01, batch_size=32, device="cpu")
+    with pytest.raises(ValueError, match="classes must be passed on the first call"):
+        TorchLinearHead().partial_fit(X[:10], labels[:10])
+    rng = np.random.default_rng(0)
+    for _ in range(5):  # epochs, fed in shuffled chunks as streaming from HDF5 does
+        for chunk in np.array_split(rng.permutation(len(X)), 6):
+            head.partial_fit(X[chunk], labels[chunk], classes=labels)
+    assert list(head.classes_) == ["a", "b", "c", "d"] and (head.predict(X) == labels).mean() > 0.95
+    with pytest.raises(ValueError, match=r"labels \['e'\] outside the classes"):
+        head.partial_fit(X[:2], np.array(["a", "e"]))
+    with pytest.raises(ValueError, match="features"):
+        head.partial_fit(X[:2, :8], labels[:2])
