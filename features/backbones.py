@@ -13,6 +13,7 @@ standard pre-logits embedding) and ``logits``. Raw graph node names from
 from __future__ import annotations
 
 import pickle
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -29,7 +30,7 @@ from torchvision.transforms._presets import ImageClassification
 from torchvision.transforms.v2 import functional as F2
 
 from .errors import TapsError, UsageError
-from .pooling import pooled_dim
+from .pooling import poolable, pooled_dim
 from .store import file_sha256
 
 DEFAULT_IMAGE_SIZE = 224
@@ -210,6 +211,8 @@ class Backbone:
     def __init__(self, name: str, weights: str = "auto", image_size: int | None = None):
         if name not in backbone_names():
             raise UsageError(f"unknown backbone {name!r}; run `taps list backbones` for the {len(backbone_names())} valid names")
+        if image_size is not None and image_size < 1:
+            raise UsageError(f"--image-size must be a positive number of pixels, not {image_size}")
         self.name = name
         self.weights = self._resolve_weights(weights)
         self.image_size = image_size
@@ -254,13 +257,17 @@ class Backbone:
         if w.enum is not None:
             cached = _checkpoint_path(w.enum)
             try:
+                if not cached.is_file():  # torch.hub prints "Downloading: ..." before it finds out it cannot
+                    urllib.request.urlopen(urllib.request.Request(w.enum.url, method="HEAD"), timeout=15).close()
                 model = models.get_model(self.name, weights=w.enum)
             except Exception as exc:  # network errors come in many types (URLError, OSError, HTTPError...)
                 reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise TapsError(
-                    f"weights {w.spec} are not cached at {cached} and could not be downloaded ({reason}); "
-                    f"pass --weights FILE.pth, copy the file there, or use an offline backbone "
-                    f"(mobilenet_v2, seeded by `make weights`)") from None
+                others = [m.name for m in type(w.enum) if m is not w.enum and _checkpoint_path(m).is_file()]
+                fix = (f"pass --weights {others[0]} (cached)" if others else
+                       "pass --weights FILE.pth, copy the file there, or use an offline backbone "
+                       "(mobilenet_v2, seeded by `make weights`)")
+                raise TapsError(f"weights {w.spec} are not cached at {cached} and could not be downloaded "
+                                f"({reason}); {fix}") from None
         else:
             # Random init is seeded, so weights=none files are reproducible (and resumable).
             with torch.random.fork_rng(devices=[]):
@@ -349,13 +356,41 @@ class Backbone:
         return self.scheme.standard if self.scheme.standard in self.taps else list(self.taps)[-1]
 
     def _shapes(self, nodes: set[str]) -> dict[str, tuple[int, ...]]:
+        try:
+            return self._trace(nodes, self.input_size)
+        except (RuntimeError, AssertionError, ValueError) as exc:  # too small, or a fixed-size model
+            raise UsageError(f"{self.name} cannot take {self.input_size}px images "
+                             f"({str(exc).strip().splitlines()[0]}); {self._sizes_hint()}") from None
+
+    def _trace(self, nodes: set[str], size: int) -> dict[str, tuple[int, ...]]:
         model, _ = self._graph
         extractor = create_feature_extractor(model, {n: n for n in nodes})
-        size = self.input_size
         device = next(model.parameters()).device
         with torch.inference_mode():
             out = extractor(torch.zeros(1, 3, size, size, device=device))
         return {n: tuple(v.shape[1:]) for n, v in out.items()}
+
+    def _sizes_hint(self) -> str:
+        """Which --image-size values work: the smallest (bisected on meta tensors), or the only one."""
+        nodes = {self._graph[1][-1]}
+
+        def works(size: int) -> bool:
+            try:
+                self._trace(nodes, size)
+                return True
+            except (RuntimeError, AssertionError, ValueError):
+                return False
+
+        default = int(self.transform().crop_size[0]) if self.image_size is None else DEFAULT_IMAGE_SIZE
+        if not works(default):
+            return "use its default size (no --image-size)"
+        if not works(default - 1) and not works(default + 1):
+            return f"it takes --image-size {default} only"
+        lo, hi = 1, default  # works(hi); find the smallest size that works
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if works(mid) else (mid + 1, hi)
+        return f"use --image-size {lo} or more"
 
     def tap(self, name: str) -> Tap:
         """A friendly tap, or a raw graph node name, resolved with its shape."""
@@ -370,12 +405,19 @@ class Backbone:
         return Tap(name, name, self._shapes({name})[name], depth)
 
     def resolve_taps(self, names: list[str] | None) -> list[Tap]:
-        """Requested taps (``None``: the standard embedding; ``['all']``: every friendly tap), shallow first."""
+        """Requested taps (``None``: the standard embedding; ``['all']``: every friendly tap that can be
+        pooled), shallow first. A tap whose output is a token sequence (N, D) is refused: taps pools
+        feature maps (C, H, W) and vectors (D,)."""
         if not names:
             names = [self.default_tap]
         elif names == ["all"]:
-            names = list(self.taps)
+            names = [t.name for t in self.taps.values() if poolable(t.shape)]
         taps = {t.name: t for t in (self.tap(n) for n in names)}
+        for t in taps.values():
+            if not poolable(t.shape):
+                usable = ", ".join(t.name for t in self.taps.values() if poolable(t.shape))
+                raise UsageError(f"tap {t.name!r} of {self.name} outputs {'x'.join(map(str, t.shape))} tokens, which "
+                                 f"taps does not pool; choose from: {usable}")
         return sorted(taps.values(), key=lambda t: t.depth)
 
     def node_names(self) -> list[str]:

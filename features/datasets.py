@@ -235,8 +235,11 @@ def subset(images: ImageSet, spec: str, seed: int = 0) -> ImageSet:
         if n < 1:
             raise UsageError(f"--subset sizes must be at least 1, not {n}")
         chosen.append(rng.choice(pool, size=min(n, len(pool)), replace=False))
-    tag = "-".join(f"{k or 'n'}{v}" for k, v in sizes.items())
-    return SubsetImageSet(images, np.sort(np.concatenate(chosen)), f"{images.name}-{tag}")
+    indices = np.sort(np.concatenate(chosen))
+    if len(indices) == len(images):  # asked for at least everything: the dataset itself, its own file
+        return images
+    tag = "-".join(f"{k or 'n'}{len(c)}" for k, c in zip(sizes, chosen, strict=True))
+    return SubsetImageSet(images, indices, f"{images.name}-{tag}")
 
 
 def _targets(ds) -> Sequence[int]:
@@ -327,7 +330,7 @@ def dataset_names() -> list[str]:
     return list(BUILDERS) + [p + "PATH" for p in PREFIXES]
 
 
-def folder_dataset(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> FileImageSet:
+def folder_dataset(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS, allow_outside: bool = False) -> FileImageSet:
     """An ImageFolder tree; ``train/`` with ``val/`` or ``test/`` below it become the official split."""
     from torchvision.datasets.folder import make_dataset
 
@@ -342,14 +345,24 @@ def folder_dataset(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> FileImag
     classes = sorted({c.name for _, d in parts for c in d.iterdir() if c.is_dir() and not c.name.startswith(".")})
     if not classes:
         raise UsageError(f"dataset folder {root} has no class subfolders; expected {root}/<class>/<image>")
-    index = {c: i for i, c in enumerate(classes)}
-    paths, labels, splits = [], [], []
+    found = []  # (split, class, path): hidden files (".x.jpg", macOS "._x.jpg") are not images
     for split, d in parts:
-        local = {c: index[c] for c in classes if (d / c).is_dir()}
-        for path, label in make_dataset(str(d), local, extensions=IMAGE_EXTENSIONS, allow_empty=True):
-            paths.append(Path(path))
-            labels.append(label)
-            splits.append(split)
+        for c in classes:
+            if (d / c).is_dir():
+                found += [(split, c, Path(p)) for p, _ in make_dataset(str(d), {c: 0}, extensions=IMAGE_EXTENSIONS,
+                                                                      allow_empty=True)
+                          if not Path(p).name.startswith(".")]
+    classes = sorted({c for _, c, _ in found})  # a class folder without images is not a class
+    if not classes:
+        raise UsageError(f"dataset folder {root} has no images in its class folders")
+    index = {c: i for i, c in enumerate(classes)}
+    for _, _, path in found:
+        if not allow_outside and not path.resolve().is_relative_to(root):
+            raise UsageError(f"{path} links outside {root} (to {path.resolve()}); pass --allow-outside-root to "
+                             f"permit it")
+    paths = [p for _, _, p in found]
+    labels = [index[c] for _, c, _ in found]
+    splits = [s for s, _, _ in found]
     return FileImageSet(f"folder-{root.name}", root, paths, classes, labels, splits=splits if parts[0][0] else None,
                         max_pixels=max_pixels)
 
@@ -360,17 +373,25 @@ def csv_dataset(csv_path: Path, image_column: str | None = None, label_column: s
     csv_path = Path(csv_path).resolve()
     if not csv_path.is_file():
         raise UsageError(f"CSV file {csv_path} does not exist; pass csv:PATH to a CSV of image path and label")
-    with open(csv_path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    with open(csv_path, newline="", encoding="utf-8-sig") as fh:  # -sig: Excel's "CSV UTF-8" starts with a BOM
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        columns = list(reader.fieldnames or [])
     if not rows:
         raise UsageError(f"CSV file {csv_path} has no rows")
-    columns = list(rows[0].keys())
+    if len(columns) < 2 and not (image_column and label_column):
+        raise UsageError(f"CSV file {csv_path} has one column ({', '.join(columns)}); it needs an image path and a "
+                         f"label per row (set --image-column and --label-column)")
     image_column = image_column or columns[0]
-    label_column = label_column or (columns[1] if len(columns) > 1 else None)
+    label_column = label_column or columns[1]
     for col in (image_column, label_column):
         if col not in columns:
             raise UsageError(f"CSV file {csv_path} has no column {col!r}; columns: {', '.join(columns)}; "
                              f"set --image-column/--label-column")
+    for number, r in enumerate(rows, start=2):  # line numbers as an editor shows them, the header being 1
+        if r[image_column] is None or r[label_column] is None:
+            raise UsageError(f"CSV file {csv_path} line {number} has fewer cells than the header "
+                             f"({len([v for v in r.values() if v is not None])} of {len(columns)}); fix that row")
     root = csv_path.parent
     base = root / "images" if (root / "images").is_dir() and not (root / rows[0][image_column]).exists() else root
     classes = sorted({r[label_column] for r in rows})
@@ -381,6 +402,9 @@ def csv_dataset(csv_path: Path, image_column: str | None = None, label_column: s
         if not allow_outside and not p.is_relative_to(root):
             raise UsageError(f"CSV row {r[image_column]!r} points outside {root}; pass --allow-outside-root to permit it")
         paths.append(p)
+    if not any(p.is_file() for p in paths):
+        raise UsageError(f"no value of column {image_column!r} in {csv_path} is an existing file (first: "
+                         f"{rows[0][image_column]!r}); set --image-column to the column of image paths")
     return FileImageSet(f"csv-{csv_path.stem}", root, paths, classes, [index[r[label_column]] for r in rows],
                         max_pixels=max_pixels)
 
@@ -396,7 +420,8 @@ def _load(spec: str, data_root: Path, download: bool, **options) -> ImageSet:
     if spec.startswith(PREFIXES):
         kind, path = spec.split(":", 1)
         if kind == "folder":
-            images = folder_dataset(Path(path), **{k: v for k, v in options.items() if k == "max_pixels"})
+            images = folder_dataset(Path(path), **{k: v for k, v in options.items()
+                                                   if k in ("max_pixels", "allow_outside")})
         else:
             images = csv_dataset(Path(path), **options)
         images.name = dataset_slug(spec)  # two folders with the same basename never share a feature file

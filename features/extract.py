@@ -30,7 +30,7 @@ from .errors import TapsError, UsageError
 from .options import ExtractOptions, RunConfig
 from .pooling import is_spatial, pooled_dim
 from .runtime import keep_freed_memory
-from .store import FeatureWriter, exclusive_lock, feature_file_name, tap_key, versions
+from .store import FeatureWriter, check_output_folder, exclusive_lock, feature_file_name, tap_key, versions
 
 
 @dataclass
@@ -99,6 +99,7 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
         images, shard_attrs = shard_images(images, *options.shard)
         header = {**header, **shard_attrs, "dataset_fingerprint": images.fingerprint(), "n_samples": len(images)}
         path = shard_path(path, *options.shard)
+    check_output_folder(path.parent, "--out")
     cfg = options.resolve(len(images))
     keys = {t.name: tap_key(t.name, options.pooling, is_spatial(t.shape)) for t in resolved}
     report = ExtractionReport(path=path, samples=len(images), device=str(cfg.device), precision=cfg.precision)

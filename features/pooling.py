@@ -25,6 +25,11 @@ def check_pooling(method: str) -> None:
     choose("pooling", method, POOLINGS)
 
 
+def poolable(shape: tuple[int, ...]) -> bool:
+    """A feature map (C, H, W) or a vector (D,); token sequences (N, D) are not."""
+    return len(shape) in (1, 3)
+
+
 def pooled_dim(shape: tuple[int, ...], method: str) -> int:
     """Embedding size of a tap whose per-sample output shape is ``shape`` (C,H,W) or (D,)."""
     check_pooling(method)

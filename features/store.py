@@ -49,7 +49,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import TapsError
+from .errors import TapsError, UsageError
 
 FORMAT = "taps-features"
 FORMAT_VERSION = 2
@@ -143,6 +143,18 @@ def _reason(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def check_output_folder(folder: Path, flag: str) -> None:
+    """Refuse, before any work, a folder that cannot be made or written: a file in the way, a
+    read-only file system, no permission. Nothing is created here."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {folder}: {existing} is a file, in the way of that folder; pass a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {folder} is not writable ({existing} is read-only or not yours); pass a "
+                         f"writable folder")
+
+
 def check_free_space(folder: Path, needed: int, what: str) -> None:
     """Refuse (before any work) to start writing ``needed`` bytes where fewer are free."""
     free = shutil.disk_usage(folder).free
@@ -177,8 +189,9 @@ def exclusive_lock(path: Path) -> Iterator[None]:
 _TRUNCATED = re.compile(r"truncated file: eof = (\d+).*stored_eof = (\d+)", re.S)
 
 
-def open_h5(path: Path, mode: str = "r") -> h5py.File:
-    """Open a feature (or shard) file; a damaged or foreign file is one line naming the fix."""
+def open_h5(path: Path, mode: str = "r", not_hdf5: str = "pass a feature file that `taps extract` wrote") -> h5py.File:
+    """Open a feature (or shard) file; a damaged or foreign file is one line naming the fix
+    (``not_hdf5``: the fix when the file is not HDF5 at all)."""
     # HDF5's own flock is inherited by forked DataLoader workers and outlives a killed writer;
     # exclusive_lock() is the writers' lock, and readers refuse incomplete taps anyway.
     try:
@@ -187,8 +200,19 @@ def open_h5(path: Path, mode: str = "r") -> h5py.File:
         if _TRUNCATED.search(str(exc)):
             raise TapsError(f"{path} was cut short while it was written (a full disk or a crash); rerun the same "
                             f"`taps extract` command to repair it (finished blocks are kept)") from None
+        if not _looks_like_hdf5(path):
+            raise TapsError(f"{path} is not an HDF5 file; {not_hdf5}") from None
         raise TapsError(f"{path} is not a readable HDF5 feature file ({_reason(exc)}); rebuild it with the "
                         f"same `taps extract` command plus --force") from None
+
+
+def _looks_like_hdf5(path: Path) -> bool:
+    """HDF5's signature at the start (where taps writes it; HDF5 also allows a user block before)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError:
+        return False
 
 
 def _pad_truncated(path: Path) -> bool:
@@ -228,7 +252,7 @@ class FeatureWriter:
             self.path.unlink()
         if self.path.exists():
             repaired = _pad_truncated(self.path)
-            self.h5 = open_h5(self.path, "r+")
+            self.h5 = open_h5(self.path, "r+", "pass --force to replace it, or --out to write elsewhere")
             self._check(header)
             if repaired:  # any tap may have lost blocks, not only the ones this run asks for
                 for key in list(self.h5["taps"]):

@@ -40,7 +40,8 @@ def _add_dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-root", default="data", help="where named datasets are read or downloaded (default: %(default)s)")
     g.add_argument("--image-column", help="csv: column with image paths (default: the first)")
     g.add_argument("--label-column", help="csv: column with labels (default: the second)")
-    g.add_argument("--allow-outside-root", action="store_true", help="csv: allow image paths outside the CSV's folder")
+    g.add_argument("--allow-outside-root", action="store_true",
+                   help="csv, folder: allow image paths (or links) that lead outside the dataset's folder")
     g.add_argument("--subset", help="a seeded random subset: N samples, or per split as train:5000,test:2000")
 
 
@@ -108,10 +109,9 @@ def _extract_options(args):
 def _images(args):
     from features.datasets import load_dataset
 
-    options = {}
+    options = {"allow_outside": args.allow_outside_root} if args.dataset.startswith(("csv:", "folder:")) else {}
     if args.dataset.startswith("csv:"):
-        options = {"image_column": args.image_column, "label_column": args.label_column,
-                   "allow_outside": args.allow_outside_root}
+        options.update(image_column=args.image_column, label_column=args.label_column)
     return load_dataset(args.dataset, args.data_root, subset_spec=args.subset, **options)
 
 
@@ -124,7 +124,7 @@ def _backbone(args, name: str | None = None):
 def cmd_list(args) -> None:
     from features.backbones import Backbone, backbone_names
     from features.datasets import dataset_names
-    from features.pooling import POOLINGS, pooled_dim
+    from features.pooling import POOLINGS, poolable, pooled_dim
 
     if args.what == "backbones":
         print(" ".join(backbone_names()))
@@ -140,6 +140,9 @@ def cmd_list(args) -> None:
         print(f"{bb.name} at {bb.input_size}px (standard embedding: {bb.default_tap})")
         print(f"{'tap':<14}{'node':<22}{'output shape':<18}" + "".join(f"{p:>9}" for p in POOLINGS))
         for tap in bb.taps.values():
+            if not poolable(tap.shape):
+                print(f"{tap.name:<14}{tap.node:<22}{'x'.join(map(str, tap.shape)):<18}   tokens: not pooled")
+                continue
             dims = [pooled_dim(tap.shape, p) for p in POOLINGS]
             print(f"{tap.name:<14}{tap.node:<22}{'x'.join(map(str, tap.shape)):<18}" + "".join(f"{d:>9}" for d in dims))
         print("columns avg..pyramid: embedding size per pooling (vector taps are not pooled)")
@@ -237,7 +240,6 @@ def extract_command(args, backbone: str | None = None) -> str:
 def _features_file(args, backbone_name: str | None = None):
     """The feature file named by --features, or the one `extract` writes for the same settings, after
     checking that it was made from this dataset's current contents and the asked-for preprocessing."""
-    from features.datasets import dataset_slug
     from features.extract import feature_path
     from features.store import FeatureFile
 
@@ -249,16 +251,16 @@ def _features_file(args, backbone_name: str | None = None):
                                      "extracted with it")
         return features
     bb = _backbone(args, backbone_name)
-    path = feature_path(args.features_root, dataset_slug(args.dataset, args.subset), bb)
+    try:
+        images = _images(args)
+    except TapsError as exc:
+        raise type(exc)(f"{exc} (fit reads the dataset to check that its feature file still matches it; pass "
+                        f"--features FILE to fit on a file as it is)") from None
+    path = feature_path(args.features_root, images.name, bb)
     command = extract_command(args, bb.name)
     if not path.is_file():
         raise TapsError(f"no feature file {path}; run `{command}` first")
     features = FeatureFile(path)
-    try:
-        images = _images(args)
-    except TapsError as exc:
-        raise TapsError(f"{exc} (fit checks that {path} still matches the dataset; pass --features {path} "
-                        f"to fit on the file as it is)") from None
     features.check_made_from({"dataset_fingerprint": images.fingerprint(), "n_samples": len(images),
                               "weights": bb.weights.spec, "transform": bb.transform_spec()},
                              f"rebuild it with `{command} --force`")
@@ -282,8 +284,8 @@ def cmd_fit(args) -> None:
           f"{args.seeds} seed(s), {options.param} by {selection}")
     header = f"{'tap':<14}{'dim':>6}  {'clf':<7}{'accuracy':>12}{'mean/class':>12}{'macro F1':>12}{'top-5':>12}  {options.param:<13}{'fit s':>7}"
     print(header)
-    print(f"{results['features']['tap']:<14}{results['features']['dim']:>6}  {options.clf:<7}{fmt(m.get('accuracy')):>12}"
-          f"{fmt(m.get('mean_per_class_accuracy')):>12}{fmt(m.get('macro_f1')):>12}{fmt(m.get('top5_accuracy')):>12}  "
+    print(f"{results['features']['tap']:<14}{results['features']['dim']:>6}  {options.clf:<7}{fmt(m.get('accuracy'), args.seeds):>12}"
+          f"{fmt(m.get('mean_per_class_accuracy'), args.seeds):>12}{fmt(m.get('macro_f1'), args.seeds):>12}{fmt(m.get('top5_accuracy'), args.seeds):>12}  "
           f"{chosen:<13}{results['fit_seconds']['mean']:>7.1f}")
     print(run_dir)
 
@@ -297,6 +299,8 @@ def cmd_predict(args) -> None:
             print(f"{p.image}\tERROR\t{p.error}")
         else:
             print(f"{p.image}\t{p.label}\t{p.kind}={p.confidence:.4f}")
+    if all(p.error for p in preds):
+        raise TapsError(f"none of the {len(preds)} images could be read (reasons above); pass image files")
     print(args.run)
 
 
@@ -310,7 +314,7 @@ def cmd_compare(args) -> None:
     protocol = parse_protocol(args.protocol, args.test_per_class, has_split=images.splits is not None)
     out, rows = compare_taps(images, backbones, args.taps, _fit_options(args), protocol, seeds=args.seeds,
                              extract_options=_extract_options(args), runs_root=args.out, force=args.force)
-    print(format_table(rows))
+    print(format_table(rows, args.seeds))
     print(out)
 
 

@@ -27,7 +27,7 @@ from .runs import settings_digest
 
 COLUMNS = ("backbone", "tap", "depth", "node", "dim", "pooling", "accuracy_mean", "accuracy_std",
            "mean_per_class_accuracy_mean", "mean_per_class_accuracy_std", "macro_f1_mean", "macro_f1_std",
-           "fit_seconds", "best", "run")
+           "top5_accuracy_mean", "top5_accuracy_std", "fit_seconds", "best", "run")
 
 
 def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | None, options: FitOptions,
@@ -79,14 +79,14 @@ def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | 
     return out, rows
 
 
-METRIC_NAMES = ("accuracy", "mean_per_class_accuracy", "macro_f1")
+METRIC_NAMES = ("accuracy", "mean_per_class_accuracy", "macro_f1", "top5_accuracy")
 
 
 def _row(results: dict, run_dir: Path) -> dict:
     """A comparison row's figures from its run's results."""
     m = results["metrics"]
     return {"dim": results["features"]["dim"],
-            **{f"{k}_{s}": round(m[k][s], 5) for k in METRIC_NAMES for s in ("mean", "std")},
+            **{f"{k}_{s}": round(m[k][s], 5) for k in METRIC_NAMES if k in m for s in ("mean", "std")},
             "fit_seconds": round(results["fit_seconds"]["mean"], 2), "best": False, "run": str(run_dir),
             "split_digests": [s["train_digest"] for s in results["per_seed"]]}
 
@@ -101,5 +101,6 @@ def _write_tables(out: Path, rows: list[dict], settings: dict) -> None:
     flat = {f"{k}_{s}" for k in METRIC_NAMES for s in ("mean", "std")}
     (out / "compare.json").write_text(json.dumps({"settings": settings, "rows": [
         {**{k: r[k] for k in COLUMNS if k not in flat}, "split_digests": r["split_digests"],
-         "metrics": {k: {"mean": r[f"{k}_mean"], "std": r[f"{k}_std"]} for k in METRIC_NAMES}} for r in rows]},
+         "metrics": {k: {"mean": r[f"{k}_mean"], "std": r[f"{k}_std"]} for k in METRIC_NAMES
+                     if f"{k}_mean" in r}} for r in rows]},
         indent=2))

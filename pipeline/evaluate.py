@@ -17,7 +17,7 @@ import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix
 
 from features.errors import TapsError, UsageError
-from features.store import FeatureFile
+from features.store import FeatureFile, check_output_folder
 
 from .metrics import score, score_predictions, summarize
 from .options import FitOptions
@@ -85,9 +85,24 @@ def _check_splits(splits: list, y: np.ndarray, tap: str, options: FitOptions, st
                                 f"class, or pass a single --grid value to fit without selection") from None
 
 
+def _check_pca(options: FitOptions, dim: int, n_train: int) -> None:
+    """PCA keeps at most min(features, training samples) components (fewer inside a CV fold)."""
+    for part in options.preprocess.split(","):
+        if part.strip().startswith("pca:"):
+            k = int(part.strip()[4:])
+            limit = min(dim, n_train * (options.folds - 1) // options.folds if len(options.grid) > 1 else n_train)
+            if k > limit:
+                raise UsageError(f"--preprocess {part.strip()} asks for more components than this fit can have: at "
+                                 f"most {limit} ({dim}-D tap, {n_train} training samples"
+                                 f"{', less a CV fold' if len(options.grid) > 1 else ''}); lower K")
+
+
 def evaluate_tap(features: FeatureFile, tap: str, pooling: str, options: FitOptions, protocol: Protocol,
                  seeds: int) -> TapEvaluation:
     """Fit and score one tap over ``seeds`` seeded splits (seed s uses split seed s)."""
+    if not features.valid.any():
+        raise TapsError(f"every image of {features.path} was skipped as undecodable ({len(features.valid)}); "
+                        f"`taps info {features.path}` lists why")
     check_protocol(protocol, features.labels[features.valid], features.classes,
                    None if features.split is None else
                    [s for s, v in zip(features.split, features.valid, strict=True) if v])
@@ -97,6 +112,7 @@ def evaluate_tap(features: FeatureFile, tap: str, pooling: str, options: FitOpti
     y = features.labels
     splits = [make_split(protocol, y, features.split, seed, features.valid) for seed in range(seeds)]
     _check_splits(splits, y, tap, options, streaming)
+    _check_pca(options, features.taps[key].dim, min(len(train) for train, _ in splits))
     per_seed, model0, test0 = [], None, None
     for seed, (train, test) in enumerate(splits):
         t0 = time.perf_counter()
@@ -129,6 +145,7 @@ def fit_run(features: FeatureFile, tap: str, pooling: str, options: FitOptions, 
     """Evaluate one tap and write its run folder; returns (folder, results, reused)."""
     if seeds < 1:
         raise UsageError(f"--seeds must be at least 1, not {seeds}")
+    check_output_folder(Path(runs_root), "--out")
     settings = run_settings(features, tap, pooling, options.as_dict(), str(protocol), seeds)
     run_dir = run_dir_for(Path(runs_root), features, settings)
     if not force and (results := reusable(run_dir, settings)) is not None:

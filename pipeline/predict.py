@@ -78,6 +78,9 @@ def predict_images(run_dir: Path | str, images: list[str], device: str = "auto",
     """Classify image files with a run's model, through the chain that made its training features:
     the same backbone, weights, preprocessing, decoder, tap, pooling and precision, and the
     extraction's own decode-and-embed code (:class:`features.blocks.BlockSource`)."""
+    for image in images:  # a device or a folder would be read without end, or not at all
+        if Path(image).exists() and not Path(image).is_file():
+            raise UsageError(f"{image} is not a regular file; pass image files")
     results = load_results(Path(run_dir))
     model = load_model(Path(run_dir), results)
     bb = backbone_for(results, weights)

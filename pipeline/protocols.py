@@ -72,6 +72,13 @@ def check_protocol(protocol: Protocol, labels: np.ndarray, classes: list[str], s
     if protocol.kind == "fraction" and present.min() < 2:
         name = classes[int(np.flatnonzero(counts == present.min())[0])]
         raise UsageError(f"protocol fraction needs at least 2 images per class, but {name!r} has 1")
+    if protocol.kind == "fraction":  # a stratified split puts every class on both sides
+        n, k = int(counts.sum()), len(present)
+        low, high = k / n, 1 - k / n
+        if not low <= protocol.value <= high:
+            raise UsageError(f"protocol fraction:{protocol.value:g} leaves {'training' if protocol.value < low else 'test'}"
+                             f" split smaller than the {k} classes ({n} images); use a fraction between "
+                             f"{low:.3f} and {high:.3f}")
 
 
 def make_split(protocol: Protocol, labels: np.ndarray, split: list[str] | None, seed: int,

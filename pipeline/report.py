@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 
 
-def fmt(metric: dict | None) -> str:
+def fmt(metric: dict | None, seeds: int) -> str:
     """``mean±std`` in percent; no spread for a single seed."""
     if not metric:
         return "-"
-    return f"{100 * metric['mean']:.1f}" + (f"±{100 * metric['std']:.1f}" if metric.get("std") else "")
+    return f"{100 * metric['mean']:.1f}" + (f"±{100 * metric['std']:.1f}" if seeds > 1 else "")
 
 
 def write_per_class(path: Path, report: dict, classes: list[str]) -> None:
@@ -77,11 +77,11 @@ def plot_comparison(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], seeds: int) -> str:
+    """The comparison as the CLI prints it, the best row of each backbone marked."""
     lines = [f"{'backbone':<14}{'tap':<12}{'dim':>6}  {'pool':<8}{'accuracy':>12}{'mean/class':>12}{'fit s':>7}"]
     for r in rows:
-        lines.append(f"{r['backbone']:<14}{r['tap']:<12}{r['dim']:>6}  {r['pooling']:<8}"
-                     f"{100 * r['accuracy_mean']:>6.1f}±{100 * r['accuracy_std']:<4.1f} "
-                     f"{100 * r['mean_per_class_accuracy_mean']:>6.1f}±{100 * r['mean_per_class_accuracy_std']:<4.1f}"
-                     f"{r['fit_seconds']:>7.1f}{'  <- best' if r['best'] else ''}")
+        acc, mpc = ({"mean": r[f"{k}_mean"], "std": r[f"{k}_std"]} for k in ("accuracy", "mean_per_class_accuracy"))
+        lines.append(f"{r['backbone']:<14}{r['tap']:<12}{r['dim']:>6}  {r['pooling']:<8}{fmt(acc, seeds):>12}"
+                     f"{fmt(mpc, seeds):>12}{r['fit_seconds']:>7.1f}{'  <- best' if r['best'] else ''}")
     return "\n".join(lines)

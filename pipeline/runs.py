@@ -43,9 +43,28 @@ def load_results(run_dir: Path) -> dict:
     if not path.is_file():
         raise UsageError(f"{run_dir} is not a run folder (no {RESULTS}); pass the folder `taps fit` printed")
     try:
-        return json.loads(path.read_text())
+        results = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise TapsError(f"{path} is not valid JSON ({exc}); rerun `taps fit --force`") from None
+    missing = [k for k in REQUIRED if not _has(results, k)]
+    if missing:
+        raise TapsError(f"{path} lacks {', '.join(missing)} (edited or from another tool); rerun `taps fit --force`")
+    return results
+
+
+# What predict and reuse read from results.json ("a.b" is key b inside a).
+REQUIRED = ("settings", "classes", "model.file", "model.sha256", "features.backbone", "features.weights",
+            "features.transform", "features.image_size", "features.tap", "features.node", "features.pooling",
+            "features.dim")
+
+
+def _has(results: dict, dotted: str) -> bool:
+    node = results
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def load_model(run_dir: Path, results: dict):
@@ -57,7 +76,11 @@ def load_model(run_dir: Path, results: dict):
     if digest != results["model"]["sha256"]:
         raise TapsError(f"model file {path} does not match the SHA-256 in its {RESULTS}; refusing to load it "
                         f"(rerun `taps fit --force` if you changed it yourself)")
-    return joblib.load(path)
+    model = joblib.load(path)
+    if len(getattr(model, "classes_", [])) > len(results["classes"]):
+        raise TapsError(f"{Path(run_dir) / RESULTS} names {len(results['classes'])} classes but its model predicts "
+                        f"{len(model.classes_)}; rerun `taps fit --force`")
+    return model
 
 
 def reusable(run_dir: Path, settings: dict) -> dict | None:

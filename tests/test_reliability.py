@@ -223,9 +223,9 @@ def test_a_cut_short_file_is_refused_by_readers_and_repaired_by_extract(tiny_fla
         again = extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, **RUN)
     assert again.computed == ["avgpool"] and np.array_equal(FeatureFile(report.path).read("avgpool"), clean)
     report.path.write_bytes(b"not an HDF5 file at all" * 100)
-    with pytest.raises(TapsError, match="not a readable HDF5 feature file .* plus --force"):
+    with pytest.raises(TapsError, match="is not an HDF5 file; pass --force to replace it, or --out"):
         extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, **RUN)
-    with pytest.raises(TapsError, match="not a readable HDF5"):
+    with pytest.raises(TapsError, match="is not an HDF5 file; pass a feature file that `taps extract` wrote"):
         FeatureFile(report.path)
 
 

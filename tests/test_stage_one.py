@@ -135,7 +135,7 @@ def test_mismatched_or_foreign_files_are_refused(tiny_flat, tmp_path):
         extract(images, resnet(48), ["avgpool"], path=path, **RUN)
     bad = tmp_path / "junk.h5"
     bad.write_bytes(b"not hdf5 at all")
-    with pytest.raises(TapsError, match="not a readable HDF5"):
+    with pytest.raises(TapsError, match="junk.h5 is not an HDF5 file; pass --force to replace it"):
         extract(images, resnet(32), ["avgpool"], path=bad, **RUN)
     report = extract(images, resnet(32), ["avgpool"], path=bad, force=True, **RUN)
     assert FeatureFile(report.path).attrs["complete"]

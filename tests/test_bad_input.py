@@ -1,0 +1,132 @@
+"""Bad input, tried as a new user would: every case is one line on stderr, no traceback, exit 2 for
+usage errors and 1 for the rest, and nothing started or half-written before the refusal."""
+
+import json
+import shutil
+
+import pytest
+
+from pipeline.cli import main
+
+TINY = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32"]
+QUIET = ["--no-progress", "--workers", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_flat, image_folder):
+    """A folder dataset with its features and a fitted run, CSV variants, and a set of broken images."""
+    root = tmp_path_factory.mktemp("world")
+    fs, runs = root / "fs", root / "runs"
+    data = ["--dataset", f"folder:{tiny_flat}", *TINY, "--features-root", str(fs)]
+    assert main(["extract", *data, *QUIET]) == 0
+    assert main(["fit", *data, "--clf", "logreg", "--grid", "1", "--device", "cpu", "--protocol", "per-class:5",
+                 "--out", str(runs)]) == 0
+    run = next(runs.rglob("results.json")).parent
+    image_folder(root / "images", classes=("a", "b"), per_class=3)
+    rows = [f"{c}/img_{i:03d}.jpg,{c}" for c in "ab" for i in range(3)]
+    (root / "ok.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    (root / "bom.csv").write_bytes(b"\xef\xbb\xbf" + (root / "ok.csv").read_bytes())
+    (root / "short.csv").write_text("path,label\n" + rows[0] + "\n" + "b/img_000.jpg\n")
+    (root / "one.csv").write_text("path\n" + "\n".join(r.split(",")[0] for r in rows) + "\n")
+    (root / "swapped.csv").write_text("label,path\n" + "\n".join(",".join(reversed(r.split(","))) for r in rows))
+    broken = root / "broken"
+    for c in ("x", "y"):
+        (broken / c).mkdir(parents=True)
+        for i in range(3):
+            (broken / c / f"{i}.jpg").write_bytes(b"not a jpeg")
+    (root / "afile").write_text("")
+    return {"root": root, "data": data, "fs": fs, "run": run, "image": str(next(tiny_flat.glob("circle/*.jpg")))}
+
+
+def cases(w: dict) -> list[tuple[list[str], int, str]]:
+    root, data, run = w["root"], w["data"], w["run"]
+    fit = ["fit", *data, "--clf", "logreg", "--device", "cpu", "--out", str(root / "runs2")]
+    csv = ["extract", *TINY, *QUIET, "--features-root", str(root / "csvfs"), "--dataset"]
+    return [
+        (["extract", "--backbone", "vit_b_16", "--weights", "none", "--taps", "encoder"], 2,
+         "tap 'encoder' of vit_b_16 outputs 197x768 tokens, which taps does not pool; choose from: conv_proj"),
+        (["extract", "--backbone", "vgg16", "--weights", "none", "--image-size", "17"], 2,
+         "vgg16 cannot take 17px images"),
+        (["list", "taps", "vit_b_16", "--image-size", "96"], 2, "it takes --image-size 224 only"),
+        (["extract", "--image-size", "-5"], 2, "--image-size must be a positive number of pixels, not -5"),
+        (["extract", *data[:2], *TINY, "--out", str(root / "afile")], 2, "is a file, in the way of that folder"),
+        ([*fit, "--preprocess", "pca:5000", "--grid", "1", "--protocol", "per-class:5"], 2,
+         "--preprocess pca:5000 asks for more components than this fit can have: at most 15"),
+        ([*fit, "--protocol", "fraction:0.05"], 2, "fraction:0.05 leaves training split smaller than the 3 classes"),
+        ([*fit, "--protocol", "fraction:0.95"], 2, "fraction:0.95 leaves test split smaller than the 3 classes"),
+        ([*fit, "--grid", "nan"], 2, "--grid values must be positive numbers, not nan"),
+        ([*fit, "--clf", "linear", "--hidden", "-3"], 2, "--hidden must be 0 (a linear head) or more, not -3"),
+        ([*fit, "--protocol", "per-class:1", "--grid", "0.1,1"], 1, "needs at least 2 training images in every class"),
+        ([*csv, f"csv:{root / 'short.csv'}"], 2, "line 3 has fewer cells than the header (1 of 2); fix that row"),
+        ([*csv, f"csv:{root / 'one.csv'}"], 2, "has one column (path); it needs an image path and a label per row"),
+        ([*csv, f"csv:{root / 'swapped.csv'}"], 2, "no value of column 'label'"),
+        (["predict", "--run", str(run), "/dev/zero"], 2, "/dev/zero is not a regular file; pass image files"),
+        (["predict", "--run", str(run), str(root / "ok.csv")], 1, "none of the 1 images could be read"),
+        (["info", str(root / "ok.csv")], 1, "is not an HDF5 file; pass a feature file that `taps extract` wrote"),
+        (["info", str(root)], 1, "is a folder; pass a feature file (.h5) inside it"),
+        (["list", "taps"], 2, "`taps list taps` needs a backbone name"),
+        (["merge", str(root / "missing.shard0of2.h5")], 2, "shard file"),
+        (["compare", *data, "--protocol", "per-class:40", "--features-root", str(root / "cmpfs")], 2,
+         "per-class:40 needs more than 40 images in every class"),
+    ]
+
+
+def test_every_bad_input_is_one_line_with_the_right_exit_code(world, capsys):
+    for args, code, message in cases(world):
+        got = main(args)
+        out, err = capsys.readouterr()
+        assert (got, err.count("\n")) == (code, 1) and message in err and "Traceback" not in err, (args, err)
+    assert not (world["root"] / "cmpfs").exists() and not (world["root"] / "runs2").exists()  # nothing started
+    assert not list(world["root"].glob("csvfs/**/*.h5"))  # refused CSVs wrote no feature file
+
+
+def test_csv_with_a_bom_reads_its_columns_by_name(world, capsys):
+    root = world["root"]
+    args = ["extract", *TINY, *QUIET, "--features-root", str(root / "bomfs"), "--image-column", "path",
+            "--label-column", "label"]
+    assert main([*args, "--dataset", f"csv:{root / 'bom.csv'}"]) == 0
+    assert "extracted avgpool for 6 samples" in capsys.readouterr().out
+
+
+def test_an_edited_results_json_is_one_line(world, capsys, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    results = json.loads((run / "results.json").read_text())
+    del results["model"]
+    (run / "results.json").write_text(json.dumps(results))
+    assert main(["predict", "--run", str(run), world["image"]]) == 1
+    assert "lacks model.file, model.sha256 (edited or from another tool)" in capsys.readouterr().err
+
+
+def test_every_image_skipped_is_refused_before_fitting(world, capsys):
+    root = world["root"]
+    data = ["--dataset", f"folder:{root / 'broken'}", *TINY, "--features-root", str(root / "brokenfs")]
+    assert main(["extract", *data, *QUIET]) == 0
+    capsys.readouterr()
+    assert main(["fit", *data, "--device", "cpu", "--out", str(root / "brokenruns")]) == 1
+    assert "every image of" in capsys.readouterr().err and not (root / "brokenruns").exists()
+
+
+def test_folders_skip_hidden_files_and_empty_classes_and_refuse_links_outside(tmp_path, image_folder):
+    from features.datasets import load_dataset
+    from features.errors import UsageError
+
+    image_folder(tmp_path / "d", classes=("a", "b"), per_class=2)
+    (tmp_path / "d" / "a" / ".hidden.jpg").write_bytes(b"junk")
+    (tmp_path / "d" / "a" / "._img_000.jpg").write_bytes(b"macOS resource fork")
+    (tmp_path / "d" / "empty").mkdir()
+    images = load_dataset(f"folder:{tmp_path / 'd'}")
+    assert images.classes == ["a", "b"] and len(images) == 4
+    image_folder(tmp_path / "elsewhere", classes=("c",), per_class=1)
+    (tmp_path / "d" / "c").symlink_to(tmp_path / "elsewhere" / "c")
+    with pytest.raises(UsageError, match="links outside .* pass --allow-outside-root"):
+        load_dataset(f"folder:{tmp_path / 'd'}")
+    assert len(load_dataset(f"folder:{tmp_path / 'd'}", allow_outside=True)) == 5
+
+
+def test_a_subset_as_large_as_the_dataset_is_the_dataset(tiny_flat):
+    from features.datasets import load_dataset
+
+    full = load_dataset(f"folder:{tiny_flat}")
+    assert load_dataset(f"folder:{tiny_flat}", subset_spec="1000").name == full.name
+    assert load_dataset(f"folder:{tiny_flat}", subset_spec="10").name == f"{full.name}-n10"
