@@ -178,9 +178,9 @@ def stage_two_times(features_root: str, reference: bool) -> dict:
 
     from features.store import FeatureFile
 
-    from .evaluate import selector
-    from .options import FitOptions
+    from .heads import DEFAULT_GRID
     from .protocols import make_split, parse_protocol
+    from .selection import selector
 
     path = feature_path(features_root, "caltech101", Backbone("mobilenet_v2", weights="IMAGENET1K_V1"))
     if path.is_file() and "pooled" in FeatureFile(path).taps:
@@ -197,7 +197,7 @@ def stage_two_times(features_root: str, reference: bool) -> dict:
     out = {"source": source, "train_shape": list(X[train].shape)}
     for clf in ("svm", "logreg"):
         t0 = time.perf_counter()
-        selected = selector(FitOptions(clf=clf), 0).fit(X[train], y[train])
+        selected = selector(clf, DEFAULT_GRID[clf]).fit(X[train], y[train])
         model, value = selected.model_, selected.chosen_
         seconds = time.perf_counter() - t0
         acc = balanced_accuracy_score(y[test], model.predict(X[test]))

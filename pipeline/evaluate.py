@@ -19,13 +19,13 @@ from sklearn.metrics import classification_report, confusion_matrix
 from features.errors import TapsError, UsageError
 from features.store import FeatureFile, check_output_folder
 
-from .metrics import score, score_predictions, summarize
+from .metrics import score, summarize
 from .options import FitOptions
 from .protocols import Protocol, check_protocol, make_split, split_digest
 from .report import plot_confusion, write_per_class
 from .runs import reusable, run_dir_for, run_settings, save_model, save_results
-from .selection import SelectedClassifier, cv_folds
-from .streaming import fit_linear_streaming, matrix_bytes, predict_streaming
+from .selection import SelectedClassifier, cv_folds, selector
+from .streaming import StreamedLinear, matrix_bytes
 
 
 def load_matrix(features: FeatureFile, tap: str, pooling: str) -> np.ndarray:
@@ -38,10 +38,16 @@ def load_matrix(features: FeatureFile, tap: str, pooling: str) -> np.ndarray:
     return X
 
 
-def selector(options: FitOptions, seed: int) -> SelectedClassifier:
-    """The selecting estimator of these options (CV over their grid, with this seed's folds)."""
-    return SelectedClassifier(clf=options.clf, grid=options.grid, folds=options.folds, preprocess=options.preprocess,
-                              solver=options.solver, hidden=options.hidden, device=options.device, random_state=seed)
+def selecting_model(features: FeatureFile, key: str, options: FitOptions, seed: int,
+                    streaming: bool) -> SelectedClassifier:
+    """The estimator that chooses C or weight decay by CV and refits: in memory on the tap's matrix, or
+    streaming from the file, where its X are row indices. Both select the same way."""
+    if streaming:
+        head = StreamedLinear(features, key=key, hidden=options.hidden, device=options.device, random_state=seed)
+        return SelectedClassifier(head, param=options.param, grid=options.grid, folds=options.folds,
+                                  random_state=seed)
+    return selector(options.clf, options.grid, folds=options.folds, preprocess=options.preprocess,
+                    solver=options.solver, hidden=options.hidden, device=options.device, random_state=seed)
 
 
 @dataclass
@@ -71,18 +77,17 @@ def _check_streaming(features: FeatureFile, key: str, options: FitOptions) -> bo
     return True
 
 
-def _check_splits(splits: list, y: np.ndarray, tap: str, options: FitOptions, streaming: bool) -> None:
+def _check_splits(splits: list, y: np.ndarray, tap: str, options: FitOptions) -> None:
     """Every seed's training split can be fitted (and cross-validated), before the first fit."""
     for train, _ in splits:
         if len(np.unique(y[train])) < 2:
             raise TapsError(f"the training split of tap {tap} has one class ({len(train)} samples); "
                             f"use a protocol with more classes in training")
-        if not streaming:
-            try:
-                cv_folds(y[train], options.folds, len(options.grid))
-            except ValueError as exc:
-                raise TapsError(f"choosing {options.param} by {exc}; use a protocol with more training images per "
-                                f"class, or pass a single --grid value to fit without selection") from None
+        try:
+            cv_folds(y[train], options.folds, len(options.grid))
+        except ValueError as exc:
+            raise TapsError(f"choosing {options.param} by {exc}; use a protocol with more training images per "
+                            f"class, or pass a single --grid value to fit without selection") from None
 
 
 def _check_pca(options: FitOptions, dim: int, n_train: int) -> None:
@@ -111,28 +116,22 @@ def evaluate_tap(features: FeatureFile, tap: str, pooling: str, options: FitOpti
     X = None if streaming else load_matrix(features, tap, pooling)
     y = features.labels
     splits = [make_split(protocol, y, features.split, seed, features.valid) for seed in range(seeds)]
-    _check_splits(splits, y, tap, options, streaming)
+    _check_splits(splits, y, tap, options)
     _check_pca(options, features.taps[key].dim, min(len(train) for train, _ in splits))
     per_seed, model0, test0 = [], None, None
     for seed, (train, test) in enumerate(splits):
+        # In memory the estimator sees the tap's rows; streaming, the rows' indices in the file.
+        Xtr, Xte = (train[:, None], test[:, None]) if streaming else (X[train], X[test])
         t0 = time.perf_counter()
-        if streaming:
-            model, value, cv = fit_linear_streaming(features, key, train, grid=options.grid, seed=seed,
-                                                    hidden=options.hidden, device=options.device)
-            seconds = time.perf_counter() - t0
-            pred, scores = predict_streaming(model, features, key, test)
-            metrics = score_predictions(y[test], pred, scores if len(model.classes_) > 5 else None, model.classes_)
-            record = {"chosen": value, "cv_folds": None, "selection": "holdout, streaming",
-                      "holdout_score": [float(s) for s in cv]}
-        else:
-            selected = selector(options, seed).fit(X[train], y[train])
-            seconds = time.perf_counter() - t0
-            model, pred, metrics = selected.model_, selected.predict(X[test]), score(selected, X[test], y[test])
-            record = {"chosen": selected.chosen_, "cv_folds": selected.cv_folds_, "selection": selected.selection_,
-                      "cv_accuracy": None if selected.cv_scores_ is None else [float(s) for s in selected.cv_scores_]}
+        selected = selecting_model(features, key, options, seed, streaming).fit(Xtr, y[train])
+        seconds = time.perf_counter() - t0
+        pred, metrics = selected.predict(Xte), score(selected, Xte, y[test])
+        model = selected.model_.to_array_model() if streaming else selected.model_
         per_seed.append({"seed": seed, "n_train": int(len(train)), "n_test": int(len(test)),
                          "train_digest": split_digest(features.ids, train),
-                         "test_digest": split_digest(features.ids, test), **record,
+                         "test_digest": split_digest(features.ids, test), "chosen": selected.chosen_,
+                         "cv_folds": selected.cv_folds_, "selection": selected.selection_ + (", streaming" if streaming else ""),
+                         "cv_accuracy": None if selected.cv_scores_ is None else [float(s) for s in selected.cv_scores_],
                          "fit_seconds": round(seconds, 3), "metrics": metrics})
         if seed == 0:
             model0, test0 = model, (y[test], pred)

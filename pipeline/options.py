@@ -20,7 +20,7 @@ def available_memory_bytes() -> int:
         return 8 << 30
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class FitOptions:
     """Everything that defines a fit besides the data; equal options + equal file = reusable run."""
 
@@ -34,11 +34,12 @@ class FitOptions:
     memory_budget_mb: float | None = None  # above it, linear streams from HDF5 and svm/logreg refuse
 
     def __post_init__(self):
-        self.clf = canonical(self.clf)
+        # Normalised once here (frozen afterwards): the canonical classifier name, a sorted float grid.
+        object.__setattr__(self, "clf", canonical(self.clf))
         make_preprocess(self.preprocess)  # validate early
         if self.folds < 2:
             raise UsageError(f"--folds must be at least 2, not {self.folds}")
-        self.grid = sorted(float(v) for v in (self.grid or DEFAULT_GRID[self.clf]))
+        object.__setattr__(self, "grid", sorted(float(v) for v in (self.grid or DEFAULT_GRID[self.clf])))
         if not all(np.isfinite(v) and v > 0 for v in self.grid):
             raise UsageError(f"--grid values must be positive numbers, not {', '.join(f'{v:g}' for v in self.grid)}")
         if self.hidden < 0:

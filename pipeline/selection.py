@@ -6,15 +6,14 @@ from __future__ import annotations
 from numbers import Integral
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.metrics import accuracy_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import FunctionTransformer
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import HasMethods, Interval
 from sklearn.utils.validation import check_is_fitted
 
-from .heads import CLASSIFIERS, REGULARIZER, canonical, make_classifier, make_head, make_preprocess
+from .heads import REGULARIZER, canonical, make_classifier
 
 
 def cv_folds(y: np.ndarray, folds: int, n_grid: int) -> int:
@@ -43,62 +42,60 @@ def describe_selection(param: str, grid: list[float], folds: int, asked: int) ->
 
 
 class SelectedClassifier(ClassifierMixin, BaseEstimator):
-    """Preprocessing + a head whose C (or weight decay) is chosen from ``grid`` by stratified k-fold
-    CV on the data given to :meth:`fit` only, then refit on all of it.
+    """An estimator whose ``param`` (C or weight decay) is chosen from ``grid`` by stratified k-fold
+    CV on the data given to :meth:`fit` only, then refit on all of it (the shape of scikit-learn's
+    ``LogisticRegressionCV``, for any of taps' heads).
 
-    Fitted attributes: ``chosen_`` (the value), ``cv_folds_`` (the folds really used; 1 for a
-    single grid value), ``cv_scores_`` (mean CV accuracy per grid value, ascending grid; None
-    without selection), ``selection_`` (a sentence), ``model_`` (the refit Pipeline), ``classes_``.
-    Warm starts carry each fold's head along the grid.
+    ``estimator`` is the unfitted model: a Pipeline of preprocessing and a head (in memory; the
+    preprocessing is fitted once per fold and the head warm-started along the grid), or the
+    streaming head of :mod:`pipeline.streaming`, whose X are row indices of a feature file. Both
+    paths select the same way. Fitted attributes: ``chosen_``, ``cv_folds_`` (the folds really
+    used; 1 for a single grid value), ``cv_scores_`` (mean CV accuracy per grid value, ascending;
+    None without selection), ``selection_`` (a sentence), ``model_`` (the refit model), ``classes_``.
     """
 
     _parameter_constraints: dict = {
-        "clf": [StrOptions(set(CLASSIFIERS))],
+        "estimator": [HasMethods(["fit", "predict"])],
+        "param": [str],
         "grid": ["array-like"],
         "folds": [Interval(Integral, 2, None, closed="left")],
-        "preprocess": [str],
-        "solver": [StrOptions({"torch", "sklearn"})],
-        "hidden": [Interval(Integral, 0, None, closed="left")],
-        "device": [str],
         "random_state": [Interval(Integral, 0, None, closed="left")],
     }
 
-    def __init__(self, *, clf: str = "svm", grid=(0.01, 0.1, 1.0), folds: int = 3, preprocess: str = "standard",
-                 solver: str = "torch", hidden: int = 0, device: str = "auto", random_state: int = 0):
-        self.clf = clf
+    def __init__(self, estimator=None, *, param: str = "C", grid=(0.01, 0.1, 1.0), folds: int = 3,
+                 random_state: int = 0):
+        self.estimator = estimator
+        self.param = param
         self.grid = grid
         self.folds = folds
-        self.preprocess = preprocess
-        self.solver = solver
-        self.hidden = hidden
-        self.device = device
         self.random_state = random_state
 
     def fit(self, X, y):
         self._validate_params()
         grid = sorted(float(v) for v in self.grid)
-        param = REGULARIZER[canonical(self.clf)]
-        self.cv_folds_ = cv_folds(np.asarray(y), self.folds, len(grid))
-        self.cv_scores_ = self._cv_scores(np.asarray(X), np.asarray(y), grid, param) if self.cv_folds_ > 1 else None
+        y = np.asarray(y)
+        self.cv_folds_ = cv_folds(y, self.folds, len(grid))
+        self.cv_scores_ = self._cv_scores(X, y, grid) if self.cv_folds_ > 1 else None
         self.chosen_ = grid[int(np.argmax(self.cv_scores_))] if self.cv_scores_ is not None else grid[0]
-        self.selection_ = describe_selection(param, grid, self.cv_folds_, self.folds)
-        self.model_ = make_classifier(self.clf, self.preprocess, self.solver, self.hidden, self.device,
-                                      **{param: self.chosen_}).fit(X, y)
+        self.selection_ = describe_selection(self.param, grid, self.cv_folds_, self.folds)
+        self.model_ = _with(clone(self.estimator), self.param, self.chosen_).fit(X, y)
         self.classes_ = self.model_.classes_
         return self
 
-    def _cv_scores(self, X: np.ndarray, y: np.ndarray, grid: list[float], param: str) -> np.ndarray:
+    def _cv_scores(self, X, y: np.ndarray, grid: list[float]) -> np.ndarray:
         scores = np.zeros(len(grid))
-        split = StratifiedKFold(self.cv_folds_, shuffle=True, random_state=self.random_state).split(X, y)
-        for tr, va in split:
-            steps = make_preprocess(self.preprocess)
-            prep = (Pipeline(steps) if steps else FunctionTransformer()).fit(X[tr])
-            Xtr, Xva = prep.transform(X[tr]), prep.transform(X[va])
-            head = make_head(self.clf, self.solver, self.hidden, self.device)
+        for tr, va in StratifiedKFold(self.cv_folds_, shuffle=True, random_state=self.random_state).split(X, y):
+            model, Xtr, Xva = clone(self.estimator), X[tr], X[va]
+            head = model
+            if isinstance(model, Pipeline):  # preprocessing fitted once per fold, the head tuned
+                if len(model.steps) > 1:
+                    prep = model[:-1].fit(Xtr)
+                    Xtr, Xva = prep.transform(Xtr), prep.transform(Xva)
+                head = model.steps[-1][1]
             if "warm_start" in head.get_params():
                 head.set_params(warm_start=True)
             for j, value in enumerate(grid):
-                head.set_params(**{param: value}).fit(Xtr, y[tr])
+                _with(head, self.param, value).fit(Xtr, y[tr])
                 scores[j] += accuracy_score(y[va], head.predict(Xva)) / self.cv_folds_
         return scores
 
@@ -109,3 +106,17 @@ class SelectedClassifier(ClassifierMixin, BaseEstimator):
     def decision_function(self, X) -> np.ndarray:
         check_is_fitted(self)
         return self.model_.decision_function(X)
+
+
+def _with(model, param: str, value: float):
+    """``model`` with its head's ``param`` set (the head is a Pipeline's last step)."""
+    head = model.steps[-1][1] if isinstance(model, Pipeline) else model
+    head.set_params(**{param: value})
+    return model
+
+
+def selector(clf: str, grid: list[float], *, folds: int = 3, preprocess: str = "standard", solver: str = "torch",
+             hidden: int = 0, device: str = "auto", random_state: int = 0) -> SelectedClassifier:
+    """The selecting estimator of an in-memory fit: preprocessing + head, C or weight decay by CV."""
+    return SelectedClassifier(make_classifier(clf, preprocess, solver, hidden, device),
+                              param=REGULARIZER[canonical(clf)], grid=grid, folds=folds, random_state=random_state)

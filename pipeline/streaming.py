@@ -4,9 +4,10 @@ Rows are read one HDF5 chunk at a time through the store
 (:meth:`features.store.FeatureFile.iter_rows`: chunk-aligned, contiguous reads) in a
 shuffled chunk order, rows inside a chunk are shuffled, and standardisation
 uses means and variances from one streaming pass. Memory holds one chunk plus
-one mini-batch whatever the matrix size. Weight decay is chosen on the held-out
-part of the training set that early stopping uses (no k-fold CV: each fold
-would be a full streaming pass per grid value).
+one mini-batch whatever the matrix size. :class:`StreamedLinear` is an estimator whose X
+are row indices of the file, so the weight decay is chosen by the same k-fold CV
+(:class:`pipeline.selection.SelectedClassifier`) as in memory; each fold and grid value
+costs its own streaming passes.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_is_fitted
 
 from features.errors import TapsError
 from features.store import FeatureFile
@@ -58,33 +61,56 @@ class _Stream:
     device: torch.device
 
 
-def fit_linear_streaming(features: FeatureFile, key: str, train: np.ndarray, *, grid: list[float], seed: int,
-                         hidden: int = 0, device: str = "auto"):
-    """Pipeline(StandardScaler, TorchLinearHead) trained from the file; returns (model, chosen weight decay, scores)."""
-    dev = _device(device)
-    classes, y_index = np.unique(features.labels[train], return_inverse=True)
-    if len(classes) < 2:
-        raise TapsError(f"the training split of tap {key} has one class; use a protocol with more classes")
-    scaler = streaming_scaler(features, key, train)
-    mean, scale = (torch.as_tensor(v, dtype=torch.float32, device=dev) for v in (scaler.mean_, scaler.scale_))
-    best = (np.inf, None, None)
-    scores = []
-    for value in grid:
-        head = TorchLinearHead(hidden=hidden, weight_decay=value, device=device, random_state=seed)
-        head.classes_ = classes
+class StreamedLinear(ClassifierMixin, BaseEstimator):
+    """Standardisation + :class:`TorchLinearHead`, trained and applied by streaming rows of
+    ``/taps/<key>`` from ``features``; X is a column of row indices into the file."""
+
+    def __init__(self, features: FeatureFile | None = None, *, key: str = "", hidden: int = 0,
+                 weight_decay: float = 1e-4, device: str = "auto", random_state: int = 0):
+        self.features = features
+        self.key = key
+        self.hidden = hidden
+        self.weight_decay = weight_decay
+        self.device = device
+        self.random_state = random_state
+
+    def fit(self, X, y):
+        rows, y = np.asarray(X, dtype=np.int64).ravel(), np.asarray(y)
+        dev = _device(self.device)
+        self.classes_, y_index = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise TapsError(f"the training split of tap {self.key} has one class; use a protocol with more classes")
+        self.scaler_ = streaming_scaler(self.features, self.key, rows)
+        mean, scale = (torch.as_tensor(v, dtype=torch.float32, device=dev) for v in (self.scaler_.mean_, self.scaler_.scale_))
+        head = TorchLinearHead(hidden=self.hidden, weight_decay=self.weight_decay, device=self.device,
+                               random_state=self.random_state)
+        head.classes_ = self.classes_
         fit_pos, val_pos = head.holdout(y_index)
-        epochs = itertools.count()
-        stream = _Stream(features, key, mean, scale, head.batch_size, dev)
-        # Default arguments bind this grid value's split and counters (each epoch reshuffles with a new seed).
-        train_epoch = lambda p=fit_pos, e=epochs, s=stream: _minibatches(s, train[p], y_index[p], seed + next(e))  # noqa: E731
-        validation = (lambda p=val_pos, s=stream: _minibatches(s, train[p], y_index[p], None)) if len(val_pos) else None  # noqa: E731
-        head.train_batches(len(scaler.mean_), train_epoch, validation, dev)
-        loss = head.validation_loss_ if head.validation_loss_ is not None else 0.0
-        scores.append(-loss)
-        if loss < best[0]:
-            best = (loss, value, head)
-    model = Pipeline([("standard", scaler), ("head", best[2])])
-    return model, best[1], scores
+        stream, epochs = _Stream(self.features, self.key, mean, scale, head.batch_size, dev), itertools.count()
+        train_epoch = lambda: _minibatches(stream, rows[fit_pos], y_index[fit_pos], self.random_state + next(epochs))  # noqa: E731
+        validation = (lambda: _minibatches(stream, rows[val_pos], y_index[val_pos], None)) if len(val_pos) else None  # noqa: E731
+        self.head_ = head.train_batches(len(self.scaler_.mean_), train_epoch, validation, dev)
+        return self
+
+    def to_array_model(self) -> Pipeline:
+        """The fitted model for feature vectors (what predict on new images uses)."""
+        check_is_fitted(self)
+        return Pipeline([("standard", self.scaler_), ("head", self.head_)])
+
+    def _stream(self, X, method: str) -> np.ndarray:
+        rows, model, out = np.asarray(X, dtype=np.int64).ravel(), self.to_array_model(), None
+        for local, chunk in self.features.iter_rows(self.key, rows):
+            values = getattr(model, method)(chunk)
+            if out is None:
+                out = np.empty((len(rows),) + values.shape[1:], dtype=values.dtype)
+            out[local] = values
+        return out
+
+    def predict(self, X) -> np.ndarray:
+        return self._stream(X, "predict")
+
+    def decision_function(self, X) -> np.ndarray:
+        return self._stream(X, "decision_function")
 
 
 def _minibatches(stream: _Stream, indices: np.ndarray, targets: np.ndarray, seed: int | None):
@@ -106,16 +132,3 @@ def _minibatches(stream: _Stream, indices: np.ndarray, targets: np.ndarray, seed
             carry_x, carry_y, pending = [xs[batch_size:]], [ys[batch_size:]], pending - batch_size
     if pending:
         yield torch.cat(carry_x), torch.cat(carry_y)
-
-
-def predict_streaming(model, features: FeatureFile, key: str, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted labels, decision scores) for ``indices``, chunk by chunk, in the order of ``indices``."""
-    preds = np.empty(len(indices), dtype=model.classes_.dtype)
-    scores = None
-    for local, rows in features.iter_rows(key, indices):
-        s = model.decision_function(rows)
-        if scores is None:
-            scores = np.empty((len(indices),) + s.shape[1:], dtype=np.float64)
-        scores[local] = s
-        preds[local] = model.predict(rows)
-    return preds, scores

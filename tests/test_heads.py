@@ -8,7 +8,7 @@ from sklearn.model_selection import cross_val_score
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from pipeline.heads import LinearSVM, SoftmaxRegression, TorchLinearHead, make_classifier
-from pipeline.selection import SelectedClassifier
+from pipeline.selection import SelectedClassifier, selector
 
 
 def _applicable_checks():
@@ -62,18 +62,18 @@ def test_linear_head_pickles_and_predicts_proba(tmp_path):
 
 def test_selection_records_its_cv_and_refits_the_chosen_value_on_all_the_data():
     X, y = make_classification(n_samples=120, n_features=20, n_informative=8, n_classes=3, random_state=0)
-    selected = SelectedClassifier(clf="logreg", grid=[1e-3, 1e-1, 10.0], folds=50, device="cpu").fit(X, y)
+    selected = selector("logreg", [1e-3, 1e-1, 10.0], folds=50, device="cpu").fit(X, y)
     smallest = int(np.bincount(y).min())
     assert selected.cv_folds_ == smallest and selected.selection_.startswith(f"{smallest}-fold CV (asked for 50")
     assert len(selected.cv_scores_) == 3 and selected.chosen_ == [1e-3, 1e-1, 10.0][int(np.argmax(selected.cv_scores_))]
     refit = make_classifier("logreg", device="cpu", C=selected.chosen_).fit(X, y)
     assert np.array_equal(selected.predict(X), refit.predict(X))
-    fixed = SelectedClassifier(clf="logreg", grid=[0.5], device="cpu").fit(X, y)
+    fixed = selector("logreg", [0.5], device="cpu").fit(X, y)
     assert fixed.cv_folds_ == 1 and fixed.cv_scores_ is None and fixed.chosen_ == 0.5
     with pytest.raises(ValueError, match="at least 2 training images in every class, but the smallest class has 1"):
-        SelectedClassifier(clf="logreg", grid=[0.1, 1.0]).fit(X[:4], [0, 1, 2, 2])
+        selector("logreg", [0.1, 1.0]).fit(X[:4], [0, 1, 2, 2])
     with pytest.raises(ValueError, match="'folds' parameter"):  # scikit-learn's parameter validation
-        SelectedClassifier(folds=1).fit(X, y)
+        SelectedClassifier(make_classifier("logreg"), folds=1).fit(X, y)
 
 
 def test_linear_head_learns_incrementally_with_partial_fit():
