@@ -331,8 +331,11 @@ def cmd_bench(args) -> None:
 
 
 def _add_fit_args(p: argparse.ArgumentParser) -> None:
+    from .heads import CLASSIFIERS
+
     g = p.add_argument_group("classifier and protocol")
-    g.add_argument("--clf", default="svm", help="svm, logreg (alias softmax) or linear (default: %(default)s)")
+    g.add_argument("--clf", default="svm", choices=CLASSIFIERS,
+                   help="softmax is an alias of logreg (default: %(default)s)")
     g.add_argument("--preprocess", default="standard", help="standard, l2, none, pca:K, or a comma list (default: %(default)s)")
     g.add_argument("--protocol", default="auto",
                    help="official, per-class:N, fraction:F or auto (official if the file has a split, else fraction:0.5)")
@@ -341,7 +344,8 @@ def _add_fit_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grid", type=lambda s: [float(v) for v in _csv_list(s)],
                    help="comma-separated C (svm, logreg) or weight-decay (linear) values; default: a log grid")
     g.add_argument("--folds", type=int, default=3, help="cross-validation folds for the grid (default: %(default)s)")
-    g.add_argument("--solver", default="torch", help="torch (L-BFGS) or sklearn (LinearSVC/LogisticRegression reference)")
+    g.add_argument("--solver", default="torch", choices=("torch", "sklearn"),
+                   help="torch (L-BFGS) or sklearn (LinearSVC/LogisticRegression reference) (default: %(default)s)")
     g.add_argument("--hidden", type=int, default=0, help="linear: hidden units (0: a plain linear head)")
     g.add_argument("--memory-budget", type=float, help="MiB for an in-memory fit (default: half the free RAM); "
                                                         "above it linear streams from HDF5, svm/logreg refuse")
