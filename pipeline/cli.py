@@ -335,14 +335,14 @@ def _add_fit_args(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("classifier and protocol")
     g.add_argument("--clf", default="svm", choices=CLASSIFIERS,
-                   help="softmax is an alias of logreg (default: %(default)s)")
+                   help="softmax is an alias of logreg; knn is a weighted k-NN probe (default: %(default)s)")
     g.add_argument("--preprocess", default="standard", help="standard, l2, none, pca:K, or a comma list (default: %(default)s)")
     g.add_argument("--protocol", default="auto",
                    help="official, per-class:N, fraction:F or auto (official if the file has a split, else fraction:0.5)")
     g.add_argument("--test-per-class", type=int, help="cap on test images per class")
     g.add_argument("--seeds", type=int, default=1, help="repeat over this many seeded splits (default: %(default)s)")
     g.add_argument("--grid", type=lambda s: [float(v) for v in _csv_list(s)],
-                   help="comma-separated C (svm, logreg) or weight-decay (linear) values; default: a log grid")
+                   help="comma-separated C (svm, logreg), weight decay (linear) or k (knn) values; default: a log grid")
     g.add_argument("--folds", type=int, default=3, help="cross-validation folds for the grid (default: %(default)s)")
     g.add_argument("--solver", default="torch", choices=("torch", "sklearn"),
                    help="torch (L-BFGS) or sklearn (LinearSVC/LogisticRegression reference) (default: %(default)s)")

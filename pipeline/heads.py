@@ -32,7 +32,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from features.errors import UsageError, choose
 
-CLASSIFIERS = ("svm", "logreg", "softmax", "linear")
+CLASSIFIERS = ("svm", "logreg", "softmax", "linear", "knn")
 ALIASES = {"softmax": "logreg"}
 
 
@@ -342,13 +342,78 @@ class TorchLinearHead(ClassifierMixin, BaseEstimator):
         return self.classes_[index]
 
 
+class KNNProbe(ClassifierMixin, BaseEstimator):
+    """A weighted k-nearest-neighbour probe, as in DINO's evaluation: embeddings are L2-normalised,
+    each query's ``n_neighbors`` most cosine-similar training rows vote with weight
+    ``exp(similarity / temperature)``, and the votes (normalised) are its class probabilities.
+
+    Training stores the normalised rows; no classifier is fitted. Queries go in batches sized so
+    that a batch's similarities to every training row stay under ``max_similarities`` values, so
+    50,000 training rows never need an N x N matrix.
+    """
+
+    _parameter_constraints: dict = {
+        "n_neighbors": [Interval(Real, 1, None, closed="left")],  # a grid of floats selects it
+        "temperature": [Interval(Real, 0, None, closed="neither")],
+        "max_similarities": [Interval(Integral, 1, None, closed="left")],
+        "device": [str],
+    }
+
+    def __init__(self, *, n_neighbors: float = 20, temperature: float = 0.07, max_similarities: int = 1 << 25,
+                 device: str = "auto"):
+        self.n_neighbors = n_neighbors
+        self.temperature = temperature
+        self.max_similarities = max_similarities
+        self.device = device
+
+    def fit(self, X, y):
+        self._validate_params()
+        X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
+        check_classification_targets(y)
+        self.classes_, self._y_index = np.unique(y, return_inverse=True)
+        self._bank = _l2_rows(np.asarray(X, dtype=np.float64))  # float64: a query's result never depends
+        # on which other queries share its batch (float32 products round differently per batch shape)
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        X = _l2_rows(np.asarray(validate_data(self, X, reset=False, dtype=[np.float32, np.float64]), dtype=np.float64))
+        dev = _device(self.device)
+        bank, labels = torch.as_tensor(self._bank, device=dev), torch.as_tensor(self._y_index, device=dev)
+        k = min(int(self.n_neighbors), len(bank))
+        step = max(1, self.max_similarities // len(bank))
+        out = np.empty((len(X), len(self.classes_)))
+        for lo in range(0, len(X), step):
+            sims = torch.as_tensor(X[lo:lo + step], device=dev) @ bank.T
+            top, index = sims.topk(k, dim=1)
+            votes = torch.zeros((len(sims), len(self.classes_)), dtype=torch.float64, device=dev)
+            votes.scatter_add_(1, labels[index], torch.exp(top / self.temperature))
+            out[lo:lo + step] = (votes / votes.sum(1, keepdim=True)).cpu().numpy()
+        return out
+
+    def decision_function(self, X) -> np.ndarray:
+        """The class probabilities; for two classes the positive one's margin, as scikit-learn expects."""
+        p = self.predict_proba(X)
+        return p[:, 1] - p[:, 0] if p.shape[1] == 2 else p
+
+    def predict(self, X) -> np.ndarray:
+        best = self.predict_proba(X).argmax(axis=1)
+        return self.classes_[best]
+
+
+def _l2_rows(X: np.ndarray) -> np.ndarray:
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
 # ------------------------------------------------------------ factory
 
-REGULARIZER = {"svm": "C", "logreg": "C", "linear": "weight_decay"}
+# The parameter each classifier's grid selects, and its default grid.
+REGULARIZER = {"svm": "C", "logreg": "C", "linear": "weight_decay", "knn": "n_neighbors"}
 DEFAULT_GRID = {
     "svm": [10.0 ** e for e in range(-5, 1)],
     "logreg": [10.0 ** e for e in range(-4, 3)],
     "linear": [1e-5, 1e-4, 1e-3, 1e-2, 1e-1],
+    "knn": [5, 10, 20, 50],
 }
 
 
@@ -363,6 +428,8 @@ def make_head(clf: str, solver: str = "torch", hidden: int = 0, device: str = "a
         return LinearSVM(solver=solver, device=device)
     if clf == "logreg":
         return SoftmaxRegression(solver=solver, device=device)
+    if clf == "knn":
+        return KNNProbe(device=device)
     return TorchLinearHead(hidden=hidden, device=device)
 
 

@@ -7,14 +7,15 @@ from sklearn.datasets import make_blobs, make_classification
 from sklearn.model_selection import cross_val_score
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from pipeline.heads import LinearSVM, SoftmaxRegression, TorchLinearHead, make_classifier
+from pipeline.heads import KNNProbe, LinearSVM, SoftmaxRegression, TorchLinearHead, make_classifier
 from pipeline.selection import SelectedClassifier, selector
 
 
 def _applicable_checks():
     """scikit-learn's estimator checks, minus the array-API ones (they need SCIPY_ARRAY_API and an array
     library; stage two only ever passes numpy arrays read from HDF5)."""
-    mark = parametrize_with_checks([LinearSVM(), SoftmaxRegression(), TorchLinearHead(lr=0.01, max_epochs=100)])
+    mark = parametrize_with_checks([LinearSVM(), SoftmaxRegression(), TorchLinearHead(lr=0.01, max_epochs=100),
+                                    KNNProbe(n_neighbors=3)])
     pairs = [(est, check) for est, check in mark.args[1]
              if "array_api" not in check.func.__name__]
     return pytest.mark.parametrize("estimator, check", pairs, ids=mark.kwargs["ids"])
@@ -91,3 +92,34 @@ def test_linear_head_learns_incrementally_with_partial_fit():
         head.partial_fit(X[:2], np.array(["a", "e"]))
     with pytest.raises(ValueError, match="features"):
         head.partial_fit(X[:2, :8], labels[:2])
+
+
+def test_knn_probe_matches_a_brute_force_reference_in_any_batching():
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(200, 16)), rng.integers(0, 4, 200)
+    Q = rng.normal(size=(37, 16))
+    probe = KNNProbe(n_neighbors=7, temperature=0.1, device="cpu").fit(X, y)
+    # the reference: cosine similarities, the 7 most similar, exp(s / T) votes per class
+    Xn, Qn = X / np.linalg.norm(X, axis=1, keepdims=True), Q / np.linalg.norm(Q, axis=1, keepdims=True)
+    sims = Qn @ Xn.T
+    top = np.argsort(-sims, axis=1)[:, :7]
+    votes = np.zeros((len(Q), 4))
+    for i, row in enumerate(top):
+        np.add.at(votes[i], y[row], np.exp(sims[i, row] / 0.1))
+    expected = votes / votes.sum(1, keepdims=True)
+    for budget in (1 << 25, 200 * 5):  # one batch, or batches of 5 queries
+        probe.set_params(max_similarities=budget)
+        np.testing.assert_allclose(probe.predict_proba(Q), expected, rtol=1e-5, atol=1e-6)
+    assert np.array_equal(probe.predict(Q), np.argmax(expected, axis=1))
+
+
+def test_knn_is_a_classifier_of_the_cli_with_k_chosen_by_cv(tiny_flat, tmp_path, capsys):
+    from pipeline.cli import main
+
+    common = ["--dataset", f"folder:{tiny_flat}", "--backbone", "resnet18", "--weights", "none", "--image-size",
+              "32", "--features-root", str(tmp_path)]
+    assert main(["extract", *common, "--no-progress", "--workers", "0"]) == 0
+    assert main(["fit", *common, "--clf", "knn", "--grid", "1,3,5", "--protocol", "per-class:6", "--device", "cpu",
+                 "--out", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "fitted knn on avgpool" in out and "n_neighbors by 3-fold CV" in out
