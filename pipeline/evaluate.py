@@ -19,7 +19,7 @@ from sklearn.metrics import classification_report, confusion_matrix
 from features.errors import TapsError, UsageError
 from features.store import FeatureFile, check_output_folder
 
-from .metrics import score, summarize
+from .metrics import score_predictions, summarize
 from .options import FitOptions
 from .protocols import Protocol, check_protocol, make_split, split_digest
 from .report import plot_confusion, write_per_class
@@ -125,7 +125,9 @@ def evaluate_tap(features: FeatureFile, tap: str, pooling: str, options: FitOpti
         t0 = time.perf_counter()
         selected = selecting_model(features, key, options, seed, streaming).fit(Xtr, y[train])
         seconds = time.perf_counter() - t0
-        pred, metrics = selected.predict(Xte), score(selected, Xte, y[test])
+        pred = selected.predict(Xte)  # once: streaming, each pass over the test rows reads the file
+        ranks = selected.decision_function(Xte) if len(selected.classes_) > 5 else None  # for top-5
+        metrics = score_predictions(y[test], pred, ranks, selected.classes_)
         model = selected.model_.to_array_model() if streaming else selected.model_
         per_seed.append({"seed": seed, "n_train": int(len(train)), "n_test": int(len(test)),
                          "train_digest": split_digest(features.ids, train),

@@ -8,13 +8,8 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, t
 METRICS = ("accuracy", "mean_per_class_accuracy", "macro_f1", "top5_accuracy")
 
 
-def score(model, X: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Every metric of ``model`` on (X, y); top-5 only with more than 5 classes."""
-    scores = model.decision_function(X) if len(model.classes_) > 5 else None
-    return score_predictions(y, model.predict(X), scores, model.classes_)
-
-
 def score_predictions(y: np.ndarray, pred: np.ndarray, scores: np.ndarray | None, classes) -> dict[str, float]:
+    """Every metric from predictions; top-5 from ``scores`` (one column per class), only above 5 classes."""
     out = {"accuracy": accuracy_score(y, pred), "mean_per_class_accuracy": balanced_accuracy_score(y, pred),
            "macro_f1": f1_score(y, pred, average="macro")}
     if scores is not None and len(classes) > 5 and set(np.unique(y)) <= set(classes):
