@@ -16,6 +16,7 @@ from pipeline.evaluate import fit_run
 from pipeline.options import FitOptions
 from pipeline.predict import predict_images
 from pipeline.protocols import check_protocol, make_split, parse_protocol
+from pipeline.report import format_table
 from pipeline.runs import load_results
 
 RUN = dict(device="cpu", precision="fp32", workers=0, progress=False, batch_size=8)
@@ -116,6 +117,9 @@ def test_compare_gives_one_row_per_tap_with_identical_splits(tiny_features, tmp_
     assert [r["dim"] for r in data["rows"]] == [64, 64, 128, 512]
     assert set(data["rows"][0]["metrics"]["mean_per_class_accuracy"]) == {"mean", "std"}
     assert (folder / "compare.csv").read_text().count("\n") == 5
+    # results.json's metric names; top-5 only where there are more than 5 classes (3 here)
+    assert set(data["rows"][0]["metrics"]) == {"accuracy", "mean_per_class_accuracy", "macro_f1"}
+    assert "±" in format_table(rows, 2) and "±" not in format_table(rows, 1)  # no spread shown for one seed
 
 
 def test_compare_checks_protocol_seeds_and_every_backbones_taps_before_extracting(tiny_flat, tmp_path):
