@@ -207,11 +207,12 @@ def cmd_info(args) -> None:
     print(f.path)
 
 
-def _fit_options(args):
+def _fit_options(args, clf: str | None = None):
     from .options import FitOptions
 
-    return FitOptions(clf=args.clf, preprocess=args.preprocess, grid=args.grid, folds=args.folds,
-                      solver=args.solver, hidden=args.hidden, device=args.device, memory_budget_mb=args.memory_budget)
+    return FitOptions(clf=clf or args.clf, preprocess=args.preprocess, grid=args.grid, folds=args.folds,
+                      solver=args.solver, hidden=args.hidden, device=args.device, memory_budget_mb=args.memory_budget,
+                      select=args.select, select_threshold=args.select_threshold)
 
 
 def _protocol(args, features):
@@ -282,6 +283,9 @@ def cmd_fit(args) -> None:
     print(f"{'reused' if reused else 'fitted'} {options.clf} on {results['features']['tap']} "
           f"({results['features']['dim']}-D) of {features.path.name}, protocol {results['settings']['protocol']}, "
           f"{args.seeds} seed(s), {options.param} by {selection}")
+    if "tap_selection" in results["per_seed"][0]:
+        print(f"--tap auto ({options.select}) chose: " + "; ".join(
+            f"seed {s['seed']} {'+'.join(s['taps'])} ({s['tap_selection']['seconds']:.1f} s)" for s in results["per_seed"]))
     header = f"{'tap':<14}{'dim':>6}  {'clf':<7}{'accuracy':>12}{'mean/class':>12}{'macro F1':>12}{'top-5':>12}  {options.param:<13}{'fit s':>7}"
     print(header)
     print(f"{results['features']['tap']:<14}{results['features']['dim']:>6}  {options.clf:<7}{fmt(m.get('accuracy'), args.seeds):>12}"
@@ -305,16 +309,30 @@ def cmd_predict(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from .compare import compare_taps
+    from .compare import compare_taps, score_taps
     from .protocols import parse_protocol
-    from .report import format_table
+    from .report import format_gains, format_table
 
     images = _images(args)
     backbones = [_backbone(args, name) for name in _csv_list(args.backbone)]
     protocol = parse_protocol(args.protocol, args.test_per_class, has_split=images.splits is not None)
-    out, rows = compare_taps(images, backbones, args.taps, _fit_options(args), protocol, seeds=args.seeds,
-                             extract_options=_extract_options(args), runs_root=args.out, force=args.force)
+    if args.score:  # no fit: LogME per tap, ranked
+        for bb in backbones:
+            ranked = score_taps(images, bb, args.taps, protocol, extract_options=_extract_options(args))
+            print(f"{'rank':<6}{'backbone':<14}{'tap':<14}{'dim':>6}{'LogME':>10}")
+            print("\n".join(f"{r['rank']:<6}{r['backbone']:<14}{r['tap']:<14}{r['dim']:>6}{r['logme']:>10.4f}"
+                            for r in ranked))
+            print(f"scored {len(ranked)} taps of {bb.name} in {ranked[0]['seconds']:.1f} s (LogME on seed 0's "
+                  f"training split, no fit)")
+        return
+    clfs = _csv_list(args.clf)
+    if len(clfs) > 1 and args.grid:
+        raise UsageError("--grid is one classifier's grid; with several --clf values leave it out (each uses its own)")
+    out, rows = compare_taps(images, backbones, args.taps, [_fit_options(args, clf) for clf in clfs], protocol,
+                             seeds=args.seeds, extract_options=_extract_options(args), runs_root=args.out,
+                             force=args.force, fuse=args.fuse)
     print(format_table(rows, args.seeds))
+    print("\n".join(format_gains(rows)))
     print(out)
 
 
@@ -330,12 +348,17 @@ def cmd_bench(args) -> None:
     print(Path(args.out) / "bench.txt")
 
 
-def _add_fit_args(p: argparse.ArgumentParser) -> None:
+def _add_fit_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     from .heads import CLASSIFIERS
+    from .options import SELECTORS
 
     g = p.add_argument_group("classifier and protocol")
-    g.add_argument("--clf", default="svm", choices=CLASSIFIERS,
-                   help="softmax is an alias of logreg; knn is a weighted k-NN probe (default: %(default)s)")
+    if many:
+        g.add_argument("--clf", default="svm", help=f"{', '.join(CLASSIFIERS)}, or several comma-separated (rows for "
+                                                    f"each, on the same splits) (default: %(default)s)")
+    else:
+        g.add_argument("--clf", default="svm", choices=CLASSIFIERS,
+                       help="softmax is an alias of logreg; knn is a weighted k-NN probe (default: %(default)s)")
     g.add_argument("--preprocess", default="standard", help="standard, l2, none, pca:K, or a comma list (default: %(default)s)")
     g.add_argument("--protocol", default="auto",
                    help="official, per-class:N, fraction:F or auto (official if the file has a split, else fraction:0.5)")
@@ -349,6 +372,11 @@ def _add_fit_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hidden", type=int, default=0, help="linear: hidden units (0: a plain linear head)")
     g.add_argument("--memory-budget", type=float, help="MiB for an in-memory fit (default: half the free RAM); "
                                                         "above it linear streams from HDF5, svm/logreg refuse")
+    g.add_argument("--select", default="forward", choices=SELECTORS,
+                   help="how --tap auto chooses the taps to fuse on each training split: forward (greedy, by CV) or "
+                        "group-lasso (Head2Toe's ranking, the count by CV) (default: %(default)s)")
+    g.add_argument("--select-threshold", type=float, default=0.002,
+                   help="auto: the least CV-accuracy gain (0-1) that adds a tap (default: %(default)s)")
     g.add_argument("--out", default=RUNS_ROOT, help="runs root (default: %(default)s)")
     g.add_argument("--force", action="store_true", help="recompute even if a run with identical settings exists")
 
@@ -396,7 +424,8 @@ def _add_fit_command(sub) -> None:
     p = sub.add_parser("fit", help="fit a classifier on one cached tap and score it")
     _add_dataset_args(p)
     _add_backbone_args(p)
-    p.add_argument("--tap", help="tap to fit on (default: the backbone's standard embedding)")
+    p.add_argument("--tap", help="tap to fit on; taps joined by + are fused (block14+pooled); auto chooses the set "
+                                 "among the file's taps on each training split (default: the standard embedding)")
     p.add_argument("--pool", default="avg", help="pooling the tap was extracted with (default: %(default)s)")
     p.add_argument("--features", help="a feature file, instead of finding it from the settings")
     p.add_argument("--features-root", default=FEATURES_ROOT, help="where `extract` wrote (default: %(default)s)")
@@ -409,9 +438,14 @@ def _add_compare_command(sub) -> None:
     p = sub.add_parser("compare", help="fit the same classifier on many taps (and backbones) with the same splits")
     _add_dataset_args(p)
     _add_backbone_args(p, many=True)
-    p.add_argument("--taps", type=_csv_list, default=["all"], help="comma-separated taps, or all (default: all)")
+    p.add_argument("--taps", type=_csv_list, default=["all"],
+                   help="comma-separated taps, all, or fused sets such as block14+pooled (default: all)")
+    p.add_argument("--fuse", action="store_true",
+                   help="add the auto row: the taps to fuse chosen among the compared ones on each training split")
+    p.add_argument("--score", action="store_true",
+                   help="rank the taps by LogME transferability instead of fitting (seconds)")
     _add_extract_args(p, out_alias=False)
-    _add_fit_args(p)
+    _add_fit_args(p, many=True)
     p.set_defaults(func=cmd_compare)
 
 

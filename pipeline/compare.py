@@ -1,17 +1,27 @@
-"""Which tap transfers best? The same splits over many taps (and backbones): table, CSV, JSON, chart.
+"""Which tap transfers best, and is the difference real? The same splits over many taps, fused
+tap sets, classifiers and backbones: table, CSV, JSON and chart.
 
-Missing taps are extracted first (one pass per backbone); every tap is then fit
-through :func:`pipeline.evaluate.fit_run`, so each row is an ordinary run folder
-and a rerun reuses finished rows (skip-existing, as in CLIP_benchmark).
+Missing taps are extracted first (one pass per backbone); every row is then fit through
+:func:`pipeline.evaluate.fit_run`, so each row is an ordinary run folder and a rerun reuses
+finished rows (skip-existing, as in CLIP_benchmark). Because every row is scored on the same
+test samples, rows are compared pairwise (:mod:`pipeline.significance`): the best row is
+marked, and every row whose paired interval against it includes 0 is marked ``tied``. Each
+single tap also gets its LogME score (:mod:`pipeline.transfer`, no fit), and the table
+reports how well that score ranks the taps (Kendall's tau against the fitted ranking).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
-from features.backbones import Backbone
+import numpy as np
+from scipy.stats import kendalltau
+
+from features.backbones import Backbone, Tap
 from features.datasets import ImageSet
 from features.errors import UsageError
 from features.extract import extract
@@ -19,36 +29,61 @@ from features.options import ExtractOptions
 from features.pooling import is_spatial
 from features.store import FeatureFile
 
-from .evaluate import fit_run
+from .evaluate import fit_run, load_matrix
+from .fusion import AUTO, is_fused, tap_set
 from .options import FitOptions
-from .protocols import Protocol, check_protocol
+from .protocols import Protocol, check_protocol, make_split
 from .report import plot_comparison
-from .runs import settings_digest
+from .runs import load_predictions, settings_digest
+from .significance import bootstrap, interval, paired_difference, sample_weights
+from .transfer import logme
 
-COLUMNS = ("backbone", "tap", "depth", "node", "dim", "pooling", "accuracy_mean", "accuracy_std",
+COLUMNS = ("backbone", "clf", "tap", "taps", "depth", "node", "dim", "pooling", "accuracy_mean", "accuracy_std",
            "mean_per_class_accuracy_mean", "mean_per_class_accuracy_std", "macro_f1_mean", "macro_f1_std",
-           "top5_accuracy_mean", "top5_accuracy_std", "fit_seconds", "best", "run")
+           "top5_accuracy_mean", "top5_accuracy_std", "interval_low", "interval_high", "logme", "fit_seconds", "predict_seconds",
+           "best", "tied", "vs_best", "vs_best_low", "vs_best_high", "run")
+METRIC = "mean_per_class_accuracy"  # what ranks the rows and what the paired tests compare
 
 
-def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | None, options: FitOptions,
-                 protocol: Protocol, *, seeds: int = 1, extract_options: ExtractOptions | None = None,
-                 runs_root: Path | str = "runs", force: bool = False, log=print) -> tuple[Path, list[dict]]:
-    """Extract what is missing, fit every tap with the same seeded splits, write the comparison folder.
+def plan_taps(backbone: Backbone, taps: list[str] | None, fuse: bool) -> tuple[list[Tap], list[str], list[str]]:
+    """A backbone's rows: (single taps, shallow first; fused sets, ``auto`` last; every tap to extract)."""
+    specs = taps or [backbone.default_tap]
+    singles = [t for t in specs if not is_fused(t)]
+    sets = [t for t in specs if is_fused(t) and t != AUTO] + ([AUTO] if fuse or AUTO in specs else [])
+    resolved = backbone.resolve_taps(["all"] if "all" in singles else singles) if singles else []
+    if AUTO in sets and len(resolved) < 2:
+        raise UsageError("--fuse (or auto) chooses among the compared taps; compare at least two, e.g. --taps all")
+    members = [m for spec in sets if spec != AUTO for m in tap_set(spec)]
+    needed = list(dict.fromkeys([t.name for t in resolved] + [t.name for t in backbone.resolve_taps(members)]
+                                if members else [t.name for t in resolved]))
+    return resolved, sets, needed
+
+
+def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | None,
+                 options: FitOptions | Sequence[FitOptions], protocol: Protocol, *, seeds: int = 1,
+                 extract_options: ExtractOptions | None = None, runs_root: Path | str = "runs", force: bool = False,
+                 fuse: bool = False, log=print) -> tuple[Path, list[dict]]:
+    """Extract what is missing, fit every row with the same seeded splits, test the rows against each
+    other, write the comparison folder. Rows: every tap in ``taps`` (``all``: every tap; ``a+b``: a
+    fused set), and with ``fuse`` the ``auto`` set chosen among the single taps, for each backbone and
+    each of ``options`` (one per classifier).
 
     ``extract_options`` says how to extract and where feature files live (its ``out``), and its
     ``pooling`` is the pooling of every spatial tap compared."""
     extract_options = extract_options or ExtractOptions()
+    fits = [options] if isinstance(options, FitOptions) else list(options)
     pooling = extract_options.pooling
     # Everything that can be refused is checked before the first extraction.
     if seeds < 1:
         raise UsageError(f"--seeds must be at least 1, not {seeds}")
     check_protocol(protocol, images.labels, images.classes, images.splits)
-    planned = {bb.name: bb.resolve_taps(taps) for bb in backbones}
+    planned = {bb.name: plan_taps(bb, taps, fuse) for bb in backbones}
     rows: list[dict] = []
+    runs: list[dict] = []  # each row's results.json
     made_from: list[dict] = []  # per backbone: what its features were made from
     for bb in backbones:
-        resolved = planned[bb.name]
-        report = extract(images, bb, [t.name for t in resolved], extract_options)
+        singles, sets, needed = planned[bb.name]
+        report = extract(images, bb, needed, extract_options)
         if report.computed:
             log(f"extracted {', '.join(report.computed)} with {bb.name} ({report.images_per_second:.1f} img/s)")
         features = FeatureFile(report.path)
@@ -56,51 +91,142 @@ def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | 
                           "precision": sorted({features.taps[k].precision for k in report.computed + report.reused}),
                           "decode": sorted({features.taps[k].decode
                                             for k in report.computed + report.reused})})
-        for position, tap in enumerate(resolved):
-            run_dir, results, reused = fit_run(features, tap.name, pooling, options, protocol, seeds=seeds,
-                                               runs_root=runs_root, force=force)
-            rows.append({"backbone": bb.name, "tap": tap.name, "node": tap.node,
-                         "depth": round(position / max(len(resolved) - 1, 1), 4),
-                         "pooling": pooling if is_spatial(tap.shape) else "none", **_row(results, run_dir)})
-            log(f"{'reused' if reused else 'fitted'} {bb.name} {tap.name}: mean per-class accuracy "
-                f"{100 * results['metrics']['mean_per_class_accuracy']['mean']:.1f}%")
-    for name in {r["backbone"] for r in rows}:
-        mine = [r for r in rows if r["backbone"] == name]
-        max(mine, key=lambda r: r["mean_per_class_accuracy_mean"])["best"] = True
+        scores = _logme_scores(features, singles, pooling, protocol)
+        for fit in fits:
+            job = {"pooling": pooling, "protocol": protocol, "seeds": seeds, "runs_root": runs_root, "force": force,
+                   "log": log}
+            for position, tap in enumerate(singles):
+                row, results = _fit_row(features, tap.name, fit, **job)
+                rows.append({**row, "backbone": bb.name, "node": tap.node, "logme": scores[tap.name],
+                             "depth": round(position / max(len(singles) - 1, 1), 4),
+                             "pooling": pooling if is_spatial(tap.shape) else "none"})
+                runs.append(results)
+            for spec in sets:
+                row, results = _fit_row(features, spec, fit, **job, candidates=[t.name for t in singles])
+                rows.append({**row, "backbone": bb.name, "logme": None, "depth": None, "pooling": pooling})
+                runs.append(results)
+    pairs = _significance(rows, runs, seeds)
     # Every setting that changes a result is in the folder's digest: the dataset's contents, each
     # backbone's weights and preprocessing and the feature files themselves, then the fit settings.
     settings = {"dataset": images.name, "dataset_fingerprint": images.fingerprint(),
-                "backbones": [b.name for b in backbones], "features": made_from, "taps": taps, "pooling": pooling,
-                "protocol": str(protocol), "seeds": seeds, **options.as_dict()}
+                "backbones": [b.name for b in backbones], "features": made_from, "taps": taps, "fuse": fuse,
+                "pooling": pooling, "protocol": str(protocol), "seeds": seeds,
+                **(fits[0].as_dict() if len(fits) == 1 else {"fits": [f.as_dict() for f in fits]})}
     digest = settings_digest(settings)
-    out = Path(runs_root) / images.name / f"compare__{'+'.join(b.name for b in backbones)}__{options.clf}__{digest}"
-    _write_tables(out, rows, settings)
-    plot_comparison(rows, out / "compare.png", f"{images.name}: {options.clf}, {protocol}, {seeds} seed(s), {pooling} pooling")
+    clfs = "+".join(f.clf for f in fits)
+    out = Path(runs_root) / images.name / f"compare__{'+'.join(b.name for b in backbones)}__{clfs}__{digest}"
+    _write_tables(out, rows, settings, pairs, rank_agreement(rows))
+    plot_comparison(rows, out / "compare.png", f"{images.name}: {clfs}, {protocol}, {seeds} seed(s), {pooling} pooling")
     return out, rows
+
+
+def _fit_row(features: FeatureFile, tap: str, fit: FitOptions, *, pooling: str, protocol: Protocol, seeds: int,
+             runs_root, force: bool, log, candidates: list[str] | None = None) -> tuple[dict, dict]:
+    """One row of the table, and its run's results."""
+    run_dir, results, reused = fit_run(features, tap, pooling, fit, protocol, seeds=seeds, runs_root=runs_root,
+                                       force=force, candidates=candidates)
+    m = results["metrics"]
+    chosen = ";".join("+".join(s["taps"]) for s in results["per_seed"])
+    log(f"{'reused' if reused else 'fitted'} {features.attrs['backbone']} {tap} {fit.clf}: mean per-class accuracy "
+        f"{100 * m[METRIC]['mean']:.1f}%" + (f" (chose {chosen})" if tap == AUTO else ""))
+    names = ("accuracy", "mean_per_class_accuracy", "macro_f1", "top5_accuracy")
+    return {"clf": fit.clf, "tap": tap, "taps": chosen, "node": results["features"]["node"],
+            "dim": results["features"]["dim"],
+            **{f"{k}_{s}": round(m[k][s], 5) for k in names if k in m for s in ("mean", "std")},
+            "fit_seconds": round(results["fit_seconds"]["mean"], 2),
+            "predict_seconds": round(float(np.mean([s.get("predict_seconds", 0) for s in results["per_seed"]])), 3),
+            "best": False, "tied": False, "run": str(run_dir),
+            "split_digests": [s["test_digest"] for s in results["per_seed"]]}, results
+
+
+def _logme_scores(features: FeatureFile, taps: list[Tap], pooling: str, protocol: Protocol) -> dict[str, float]:
+    """Each single tap's LogME on seed 0's training rows (no test row is read), and its time."""
+    train, _ = make_split(protocol, features.labels, features.split, 0, features.valid)
+    y = features.labels[train]
+    return {t.name: round(logme(load_matrix(features, features.tap_key(t.name, pooling))[train], y), 6)
+            for t in taps}
+
+
+def score_taps(images: ImageSet, backbone: Backbone, taps: list[str] | None, protocol: Protocol, *,
+               extract_options: ExtractOptions | None = None, log=print) -> list[dict]:
+    """``compare --score``: every tap ranked by LogME on seed 0's training split, with no fit at all."""
+    extract_options = extract_options or ExtractOptions()
+    check_protocol(protocol, images.labels, images.classes, images.splits)
+    singles, _, needed = plan_taps(backbone, [t for t in (taps or []) if not is_fused(t)] or None, False)
+    report = extract(images, backbone, needed, extract_options)
+    if report.computed:
+        log(f"extracted {', '.join(report.computed)} with {backbone.name} ({report.images_per_second:.1f} img/s)")
+    features = FeatureFile(report.path)
+    t0 = time.perf_counter()
+    scores = _logme_scores(features, singles, extract_options.pooling, protocol)
+    seconds = time.perf_counter() - t0
+    ranked = sorted(singles, key=lambda t: -scores[t.name])
+    return [{"rank": i + 1, "backbone": backbone.name, "tap": t.name, "dim": backbone.dim(t.name, extract_options.pooling),
+             "logme": scores[t.name], "seconds": round(seconds, 2)} for i, t in enumerate(ranked)]
+
+
+def _significance(rows: list[dict], runs: list[dict], seeds: int) -> list[dict]:
+    """Mark the best row and the rows tied with it; each fused row's gain over its best single tap;
+    -> every pair's paired difference (all rows share their test samples)."""
+    best = max(range(len(rows)), key=lambda i: rows[i][f"{METRIC}_mean"])
+    rows[best]["best"] = True
+    if len({tuple(r["split_digests"]) for r in rows}) > 1:  # not the same test samples: no paired test
+        return []
+    correct, weights = [], []
+    for row, results in zip(rows, runs, strict=True):
+        by_seed = load_predictions(Path(row["run"]), results)
+        y = np.asarray(FeatureFile(results["features"]["path"]).labels)
+        correct.append([y[by_seed[s][0]] == by_seed[s][1] for s in range(seeds)])
+        if not weights:
+            weights = [sample_weights(y[by_seed[s][0]], METRIC) for s in range(seeds)]
+    stats = bootstrap(correct, weights)
+    observed = np.array([r[f"{METRIC}_mean"] for r in rows])
+    for i, row in enumerate(rows):
+        row["interval_low"], row["interval_high"] = (round(v, 5) for v in interval(stats[i]))
+        if i != best:
+            d = paired_difference(stats, observed, correct, best, i)
+            row.update(tied=not d.significant, vs_best=round(-d.difference, 5), vs_best_low=round(-d.high, 5),
+                       vs_best_high=round(-d.low, 5), vs_best_mcnemar_p=list(d.mcnemar_p))
+        if row["depth"] is None:  # a fused row against the best single tap of its backbone and classifier
+            mine = [j for j, r in enumerate(rows) if r["depth"] is not None and r["backbone"] == row["backbone"]
+                    and r["clf"] == row["clf"]]
+            if mine:
+                single = max(mine, key=lambda j: observed[j])
+                row["gain_over_best_single"] = {"tap": rows[single]["tap"],
+                                                **paired_difference(stats, observed, correct, i, single).as_dict()}
+    return [{"a": f"{rows[a]['backbone']} {rows[a]['clf']} {rows[a]['tap']}",
+             "b": f"{rows[b]['backbone']} {rows[b]['clf']} {rows[b]['tap']}",
+             **paired_difference(stats, observed, correct, a, b).as_dict()}
+            for a in range(len(rows)) for b in range(a + 1, len(rows))]
+
+
+def rank_agreement(rows: list[dict]) -> list[dict]:
+    """Kendall's tau between the LogME ranking of the single taps and their fitted ranking, per backbone
+    and classifier (None with fewer than 3 taps)."""
+    out = []
+    for key in dict.fromkeys((r["backbone"], r["clf"]) for r in rows):
+        mine = [r for r in rows if (r["backbone"], r["clf"]) == key and r["logme"] is not None]
+        tau = kendalltau([r["logme"] for r in mine], [r[f"{METRIC}_mean"] for r in mine]).statistic \
+            if len(mine) >= 3 else None
+        out.append({"backbone": key[0], "clf": key[1], "taps": len(mine),
+                    "kendall_tau": None if tau is None or np.isnan(tau) else round(float(tau), 4)})
+    return out
 
 
 METRIC_NAMES = ("accuracy", "mean_per_class_accuracy", "macro_f1", "top5_accuracy")
 
 
-def _row(results: dict, run_dir: Path) -> dict:
-    """A comparison row's figures from its run's results."""
-    m = results["metrics"]
-    return {"dim": results["features"]["dim"],
-            **{f"{k}_{s}": round(m[k][s], 5) for k in METRIC_NAMES if k in m for s in ("mean", "std")},
-            "fit_seconds": round(results["fit_seconds"]["mean"], 2), "best": False, "run": str(run_dir),
-            "split_digests": [s["train_digest"] for s in results["per_seed"]]}
-
-
-def _write_tables(out: Path, rows: list[dict], settings: dict) -> None:
-    """compare.csv (flat columns) and compare.json (results.json's metric names, and the settings)."""
+def _write_tables(out: Path, rows: list[dict], settings: dict, pairs: list[dict], agreement: list[dict]) -> None:
+    """compare.csv (flat columns) and compare.json (results.json's metric names, the settings, every
+    pair's paired difference and the LogME rank agreement)."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "compare.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     flat = {f"{k}_{s}" for k in METRIC_NAMES for s in ("mean", "std")}
-    (out / "compare.json").write_text(json.dumps({"settings": settings, "rows": [
-        {**{k: r[k] for k in COLUMNS if k not in flat}, "split_digests": r["split_digests"],
+    extra = ("split_digests", "vs_best_mcnemar_p", "gain_over_best_single")
+    (out / "compare.json").write_text(json.dumps({"settings": settings, "rank_agreement": agreement, "rows": [
+        {**{k: r.get(k) for k in COLUMNS if k not in flat}, **{k: r[k] for k in extra if k in r},
          "metrics": {k: {"mean": r[f"{k}_mean"], "std": r[f"{k}_std"]} for k in METRIC_NAMES
-                     if f"{k}_mean" in r}} for r in rows]},
-        indent=2))
+                     if f"{k}_mean" in r}} for r in rows], "pairs": pairs}, indent=2))

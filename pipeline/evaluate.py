@@ -8,6 +8,7 @@ matrices over the memory budget), the metrics from :mod:`pipeline.metrics`, the 
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -19,27 +20,29 @@ from sklearn.metrics import classification_report, confusion_matrix
 from features.errors import TapsError, UsageError
 from features.store import FeatureFile, check_output_folder
 
+from .fusion import AUTO, Groups, column_groups, tap_set
 from .metrics import score_predictions, summarize
 from .options import FitOptions
 from .protocols import Protocol, check_protocol, make_split, split_digest
 from .report import plot_confusion, write_per_class
-from .runs import reusable, run_dir_for, run_settings, save_model, save_results
+from .runs import reusable, run_dir_for, run_settings, save_model, save_predictions, save_results
 from .selection import SelectedClassifier, cv_folds, selector
 from .streaming import StreamedLinear, matrix_bytes
+from .tapselect import select_taps
 
 
-def load_matrix(features: FeatureFile, tap: str, pooling: str) -> np.ndarray:
-    """The tap's matrix, refusing NaN or inf with the tap name and count."""
-    X = features.read(tap, pooling)
+def load_matrix(features: FeatureFile, key: str) -> np.ndarray:
+    """The matrix of tap ``key``, refusing NaN or inf with the tap name and count."""
+    X = features.matrix(key)
     bad = ~np.isfinite(X).all(axis=1) & features.valid
     if bad.any():
-        raise TapsError(f"tap {tap} in {features.path} has {int(bad.sum())} rows with NaN or inf; "
+        raise TapsError(f"tap {key} in {features.path} has {int(bad.sum())} rows with NaN or inf; "
                         f"re-extract with --precision fp32 --force")
     return X
 
 
 def selecting_model(features: FeatureFile, key: str, options: FitOptions, seed: int,
-                    streaming: bool) -> SelectedClassifier:
+                    streaming: bool, groups: Groups | None = None) -> SelectedClassifier:
     """The estimator that chooses C or weight decay by CV and refits: in memory on the tap's matrix, or
     streaming from the file, where its X are row indices. Both select the same way."""
     if streaming:
@@ -47,7 +50,30 @@ def selecting_model(features: FeatureFile, key: str, options: FitOptions, seed: 
         return SelectedClassifier(head, param=options.param, grid=options.grid, folds=options.folds,
                                   random_state=seed)
     return selector(options.clf, options.grid, folds=options.folds, preprocess=options.preprocess,
-                    solver=options.solver, hidden=options.hidden, device=options.device, random_state=seed)
+                    solver=options.solver, hidden=options.hidden, device=options.device, random_state=seed,
+                    groups=groups)
+
+
+def tap_keys(features: FeatureFile, tap: str, pooling: str, candidates: list[str] | None = None) -> list[str]:
+    """The file keys a tap spec reads: one tap, a ``+`` set, or for ``auto`` the candidates of the
+    selection: ``candidates``, or every complete tap of this pooling in the file (in depth order)."""
+    if tap != AUTO:
+        return [features.tap_key(t, pooling) for t in tap_set(tap)]
+    if candidates:
+        return [features.tap_key(t, pooling) for t in candidates]
+    keys = sorted((k for k, r in features.taps.items() if r.complete and r.pooling in (pooling, "none")),
+                  key=_natural)
+    if len(keys) < 2:
+        raise UsageError(f"--tap auto chooses among the file's taps, but {features.path.name} has "
+                         f"{len(keys)} complete tap(s) with pooling {pooling}; extract more with "
+                         f"`taps extract ... --taps all`")
+    return keys
+
+
+def _natural(key: str) -> tuple:
+    """block2 before block10, numbered blocks before named taps."""
+    match = re.fullmatch(r"(\D*)(\d+)", key.split("@")[0])
+    return (0, match[1], int(match[2])) if match else (1, key, 0)
 
 
 @dataclass
@@ -55,8 +81,8 @@ class TapEvaluation:
     per_seed: list[dict]
     metrics: dict
     model: object  # the seed-0 model
-    test: tuple[np.ndarray, np.ndarray]  # seed-0 (y_true, y_pred)
-    dim: int
+    taps: list[str]  # the file keys the seed-0 model reads, side by side
+    predictions: dict[str, np.ndarray]  # per seed: test rows (test_S) and their predictions (pred_S)
     fit_seconds: list[float] = field(default_factory=list)
 
 
@@ -102,64 +128,110 @@ def _check_pca(options: FitOptions, dim: int, n_train: int) -> None:
                                  f"{', less a CV fold' if len(options.grid) > 1 else ''}); lower K")
 
 
+def _load(features: FeatureFile, keys: list[str], options: FitOptions) -> tuple[np.ndarray | None, Groups | None, bool]:
+    """The matrix a fit reads (None when it streams), each tap's columns when taps are fused, and
+    whether it streams."""
+    if len(keys) == 1:
+        streaming = _check_streaming(features, keys[0], options)
+        return (None if streaming else load_matrix(features, keys[0])), None, streaming
+    dims = {k: features.taps[k].dim for k in keys}
+    need, budget = matrix_bytes(int(features.valid.sum()), sum(dims.values())), options.budget_bytes()
+    if need > budget:
+        raise TapsError(f"fused taps are fitted in memory, and {'+'.join(keys)} ({sum(dims.values())}-D) needs about "
+                        f"{need / 2 ** 20:.0f} MiB, over the budget of {budget / 2 ** 20:.0f} MiB; fuse fewer taps, "
+                        f"pool them smaller, or raise --memory-budget")
+    return np.hstack([load_matrix(features, k) for k in keys]), column_groups(dims), False
+
+
+def _columns(X: np.ndarray, groups: Groups, keys: list[str]) -> tuple[np.ndarray, Groups]:
+    """The fused matrix of the chosen taps only, and their columns in it."""
+    cols = np.concatenate([np.arange(*groups[k]) for k in keys])
+    return X[:, cols], column_groups({k: groups[k][1] - groups[k][0] for k in keys})
+
+
 def evaluate_tap(features: FeatureFile, tap: str, pooling: str, options: FitOptions, protocol: Protocol,
-                 seeds: int) -> TapEvaluation:
-    """Fit and score one tap over ``seeds`` seeded splits (seed s uses split seed s)."""
+                 seeds: int, *, candidates: list[str] | None = None) -> TapEvaluation:
+    """Fit and score one tap, a fused set (``a+b``) or ``auto`` (the set chosen on each training split
+    from ``candidates``, default every tap in the file) over ``seeds`` seeded splits (seed s uses split
+    seed s)."""
     if not features.valid.any():
         raise TapsError(f"every image of {features.path} was skipped as undecodable ({len(features.valid)}); "
                         f"`taps info {features.path}` lists why")
     check_protocol(protocol, features.labels[features.valid], features.classes,
                    None if features.split is None else
                    [s for s, v in zip(features.split, features.valid, strict=True) if v])
-    key = features.tap_key(tap, pooling)
-    streaming = _check_streaming(features, key, options)
-    X = None if streaming else load_matrix(features, tap, pooling)
+    keys = tap_keys(features, tap, pooling, candidates)
+    X, groups, streaming = _load(features, keys, options)
     y = features.labels
     splits = [make_split(protocol, y, features.split, seed, features.valid) for seed in range(seeds)]
     _check_splits(splits, y, tap, options)
-    _check_pca(options, features.taps[key].dim, min(len(train) for train, _ in splits))
-    per_seed, model0, test0 = [], None, None
+    _check_pca(options, min(features.taps[k].dim for k in keys), min(len(train) for train, _ in splits))
+    per_seed, model0, taps0, predictions = [], None, keys, {}
     for seed, (train, test) in enumerate(splits):
-        # In memory the estimator sees the tap's rows; streaming, the rows' indices in the file.
-        Xtr, Xte = (train[:, None], test[:, None]) if streaming else (X[train], X[test])
         t0 = time.perf_counter()
-        selected = selecting_model(features, key, options, seed, streaming).fit(Xtr, y[train])
-        seconds = time.perf_counter() - t0
+        record, chosen, Xs, fused = {}, keys, X, groups
+        if tap == AUTO:  # chosen from this seed's training rows only
+            picked = select_taps(X[train], y[train], groups, method=options.select, folds=options.folds,
+                                 threshold=options.select_threshold, random_state=seed)
+            chosen = picked.taps
+            Xs, fused = _columns(X, groups, chosen) if len(chosen) > 1 else (X[:, np.arange(*groups[chosen[0]])], None)
+            record["tap_selection"] = {"method": picked.method, "seconds": picked.seconds, "path": picked.path}
+        # In memory the estimator sees the rows; streaming, the rows' indices in the file.
+        Xtr, Xte = (train[:, None], test[:, None]) if streaming else (Xs[train], Xs[test])
+        selected = selecting_model(features, keys[0], options, seed, streaming, fused).fit(Xtr, y[train])
+        seconds, t0 = time.perf_counter() - t0, time.perf_counter()
         pred = selected.predict(Xte)  # once: streaming, each pass over the test rows reads the file
+        predict_seconds = time.perf_counter() - t0
         ranks = selected.decision_function(Xte) if len(selected.classes_) > 5 else None  # for top-5
         metrics = score_predictions(y[test], pred, ranks, selected.classes_)
-        model = selected.model_.to_array_model() if streaming else selected.model_
+        predictions.update({f"test_{seed}": test, f"pred_{seed}": pred})
         per_seed.append({"seed": seed, "n_train": int(len(train)), "n_test": int(len(test)),
                          "train_digest": split_digest(features.ids, train),
-                         "test_digest": split_digest(features.ids, test), "chosen": selected.chosen_,
-                         "cv_folds": selected.cv_folds_, "selection": selected.selection_ + (", streaming" if streaming else ""),
+                         "test_digest": split_digest(features.ids, test), "taps": chosen, **record,
+                         "chosen": selected.chosen_, "cv_folds": selected.cv_folds_,
+                         "selection": selected.selection_ + (", streaming" if streaming else ""),
                          "cv_accuracy": None if selected.cv_scores_ is None else [float(s) for s in selected.cv_scores_],
-                         "fit_seconds": round(seconds, 3), "metrics": metrics})
+                         "fit_seconds": round(seconds, 3), "predict_seconds": round(predict_seconds, 3),
+                         "metrics": metrics})
         if seed == 0:
-            model0, test0 = model, (y[test], pred)
-    return TapEvaluation(per_seed, summarize(per_seed), model0, test0, features.taps[key].dim,
+            model0 = selected.model_.to_array_model() if streaming else selected.model_
+            taps0 = chosen
+    return TapEvaluation(per_seed, summarize(per_seed), model0, taps0, predictions,
                          [s["fit_seconds"] for s in per_seed])
 
 
+def features_record(features: FeatureFile, keys: list[str]) -> dict:
+    """results.json's ``features``: the file's settings and the taps the saved model reads (joined by
+    ``+`` when fused; ``taps`` lists each)."""
+    records = [features.taps[k] for k in keys]
+    taps = [{"tap": r.key, "node": r.node, "pooling": r.pooling, "dim": r.dim, "precision": r.precision,
+             "decode": r.decode} for r in records]
+    joined = {field: "+".join(dict.fromkeys(str(t[field]) for t in taps)) for field in ("precision", "decode")}
+    return {**features.settings(), "path": str(features.path.resolve()), "tap": "+".join(keys),
+            "node": "+".join(r.node for r in records),
+            "pooling": "+".join(dict.fromkeys(r.pooling for r in records)), "dim": sum(r.dim for r in records),
+            **joined, "taps": taps}
+
+
 def fit_run(features: FeatureFile, tap: str, pooling: str, options: FitOptions, protocol: Protocol, *,
-            seeds: int = 1, runs_root: Path | str = "runs", force: bool = False) -> tuple[Path, dict, bool]:
-    """Evaluate one tap and write its run folder; returns (folder, results, reused)."""
+            seeds: int = 1, runs_root: Path | str = "runs", force: bool = False,
+            candidates: list[str] | None = None) -> tuple[Path, dict, bool]:
+    """Evaluate one tap, tap set or ``auto`` (choosing among ``candidates``) and write its run folder;
+    returns (folder, results, reused)."""
     if seeds < 1:
         raise UsageError(f"--seeds must be at least 1, not {seeds}")
     check_output_folder(Path(runs_root), "--out")
     settings = run_settings(features, tap, pooling, options.as_dict(), str(protocol), seeds)
+    if tap == AUTO:
+        settings["candidates"] = tap_keys(features, tap, pooling, candidates)
     run_dir = run_dir_for(Path(runs_root), features, settings)
     if not force and (results := reusable(run_dir, settings)) is not None:
         return run_dir, results, True
-    ev = evaluate_tap(features, tap, pooling, options, protocol, seeds)
+    ev = evaluate_tap(features, tap, pooling, options, protocol, seeds, candidates=candidates)
     model = save_model(run_dir, ev.model)
-    key = settings["tap"]
-    record = features.taps[key]
     results = {
         "settings": settings,
-        "features": {**features.settings(), "path": str(features.path.resolve()), "tap": key,
-                     "node": record.node, "pooling": record.pooling, "dim": record.dim,
-                     "precision": record.precision, "decode": record.decode},
+        "features": features_record(features, ev.taps),
         "classes": features.classes,
         "split_seeds": [s["seed"] for s in ev.per_seed],
         "per_seed": ev.per_seed,
@@ -168,14 +240,15 @@ def fit_run(features: FeatureFile, tap: str, pooling: str, options: FitOptions, 
         "fit_seconds": {"mean": float(np.mean(ev.fit_seconds)), "total": float(np.sum(ev.fit_seconds))},
         "metrics": ev.metrics,
         "model": model,
+        "predictions": save_predictions(run_dir, ev.predictions),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    y_true, y_pred = ev.test
+    y_true, y_pred = features.labels[ev.predictions["test_0"]], ev.predictions["pred_0"]
     labels = np.arange(len(features.classes))
     write_per_class(run_dir / "per_class.csv", classification_report(
         y_true, y_pred, labels=labels, target_names=features.classes, output_dict=True, zero_division=0),
         features.classes)
     plot_confusion(confusion_matrix(y_true, y_pred, labels=labels), features.classes, run_dir / "confusion.png",
-                   f"{features.attrs['backbone']} {key} {options.clf}: seed 0")
+                   f"{features.attrs['backbone']} {results['features']['tap']} {options.clf}: seed 0")
     save_results(run_dir, results)
     return run_dir, results, False

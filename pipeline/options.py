@@ -7,9 +7,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from features.errors import UsageError
+from features.errors import UsageError, choose
 
 from .heads import DEFAULT_GRID, REGULARIZER, canonical, make_preprocess
+
+SELECTORS = ("forward", "group-lasso")  # pipeline.tapselect's selectors
 
 
 def available_memory_bytes() -> int:
@@ -32,6 +34,8 @@ class FitOptions:
     hidden: int = 0
     device: str = "auto"
     memory_budget_mb: float | None = None  # above it, linear streams from HDF5 and svm/logreg refuse
+    select: str = "forward"  # how --tap auto chooses its taps (pipeline.tapselect)
+    select_threshold: float = 0.002  # the least CV-accuracy gain that adds a tap
 
     def __post_init__(self):
         # Normalised once here (frozen afterwards): the canonical classifier name, a sorted float grid.
@@ -42,6 +46,9 @@ class FitOptions:
         object.__setattr__(self, "grid", sorted(float(v) for v in (self.grid or DEFAULT_GRID[self.clf])))
         if not all(np.isfinite(v) and v > 0 for v in self.grid):
             raise UsageError(f"--grid values must be positive numbers, not {', '.join(f'{v:g}' for v in self.grid)}")
+        choose("tap selector (--select)", self.select, SELECTORS)
+        if not 0 <= self.select_threshold < 1:
+            raise UsageError(f"--select-threshold is a CV-accuracy gain between 0 and 1, not {self.select_threshold}")
         if self.hidden < 0:
             raise UsageError(f"--hidden must be 0 (a linear head) or more, not {self.hidden}")
 
@@ -53,7 +60,8 @@ class FitOptions:
     def as_dict(self) -> dict:
         return {"clf": self.clf, "preprocess": self.preprocess, "grid": self.grid, "folds": self.folds,
                 "solver": self.solver, "hidden": self.hidden, "param": self.param,
-                "memory_budget_mb": self.memory_budget_mb}
+                "memory_budget_mb": self.memory_budget_mb, "select": self.select,
+                "select_threshold": self.select_threshold}
 
     def budget_bytes(self) -> int:
         """Bytes an in-memory fit may use: ``--memory-budget``, or half the free RAM."""

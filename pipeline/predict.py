@@ -85,14 +85,21 @@ def predict_images(run_dir: Path | str, images: list[str], device: str = "auto",
     model = load_model(Path(run_dir), results)
     bb = backbone_for(results, weights)
     f = results["features"]
-    tap = Tap(f["tap"], f["node"], (f["dim"],), 0)
-    pooling = f["pooling"] if f["pooling"] != "none" else "avg"
+    records = f.get("taps") or [{k: f[k] for k in ("tap", "node", "dim", "pooling")}]  # one tap, or the fused ones
+    taps = [Tap(r["tap"], r["node"], (r["dim"],), 0) for r in records]
+    spatial = {r["pooling"] for r in records} - {"none"}
+    pooling = spatial.pop() if spatial else "avg"
     dev = resolve_device(device)
+    if "+" in f.get("decode", "") or "+" in f.get("precision", ""):
+        raise TapsError(f"the fused taps of this run were extracted with different decoders or precisions "
+                        f"({f['decode']}, {f['precision']}), which one pass cannot reproduce; re-extract them "
+                        f"together with `taps extract --force` and refit")
     precision = f.get("precision") or resolve_precision("auto", dev)
     decode = f.get("decode", "pil")  # runs from before the decoder was recorded decoded with PIL
     cfg = RunConfig(pooling=pooling, device=dev, precision=precision, workers=0, channels_last=True,
                     on_error="skip", draft=True, loader="inline", compile="off", decode=decode)
-    forward = Forward(build_extractor(bb, [tap], dev, channels_last=True, pooling=pooling), dev, precision)
+    # every tap the model reads, in one forward pass
+    forward = Forward(build_extractor(bb, taps, dev, channels_last=True, pooling=pooling), dev, precision)
     files = FileImageSet("predict", Path("/"), [Path(p).absolute() for p in images], ["?"], np.zeros(len(images)))
     source = BlockSource.of(files, bb.pixel_transform(), cfg)
     classes = results["classes"]
@@ -102,9 +109,9 @@ def predict_images(run_dir: Path | str, images: list[str], device: str = "auto",
         block = source.embed(source.load(start, min(start + batch_size, len(images))), forward)
         errors = block.errors
         out += [Prediction(images[i], None, None, "", errors[i]) for i in sorted(errors)]
-        if tap.name not in block.taps:
+        if any(t.name not in block.taps for t in taps):
             continue
-        X = block.taps[tap.name]
+        X = np.hstack([block.taps[t.name] for t in taps])
         scores = model.predict_proba(X) if has_proba else model.decision_function(X)
         if scores.ndim == 1:  # binary decision function: score of the positive class
             scores = np.stack([-scores, scores], axis=1)

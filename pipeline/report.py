@@ -48,40 +48,82 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -
 
 
 def plot_comparison(rows: list[dict], path: Path, title: str) -> None:
+    """Single taps against depth, one line per backbone and classifier; each fused row as a horizontal
+    line with its bootstrap interval as a band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    backbones = list(dict.fromkeys(r["backbone"] for r in rows))
-    fig, ax = plt.subplots(figsize=(max(7, 0.45 * max(len([r for r in rows if r["backbone"] == b]) for b in backbones)), 4.5))
-    for b in backbones:
-        mine = [r for r in rows if r["backbone"] == b]
-        x = [r["depth"] for r in mine] if len(backbones) > 1 else list(range(len(mine)))
+    singles = [r for r in rows if r["depth"] is not None]
+    series = list(dict.fromkeys((r["backbone"], r["clf"]) for r in singles))
+    one_axis = len({b for b, _ in series}) == 1  # one backbone: its tap names on the x axis
+    width = max(len([r for r in singles if (r["backbone"], r["clf"]) == s]) for s in series) if series else 4
+    fig, ax = plt.subplots(figsize=(max(7, 0.45 * width), 4.5))
+    for backbone, clf in series:
+        mine = [r for r in singles if (r["backbone"], r["clf"]) == (backbone, clf)]
+        x = list(range(len(mine))) if one_axis else [r["depth"] for r in mine]
         y = [100 * r["mean_per_class_accuracy_mean"] for r in mine]
         err = [100 * r["mean_per_class_accuracy_std"] for r in mine]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=b)
-        best = next(i for i, r in enumerate(mine) if r["best"])
-        ax.annotate(f"best: {mine[best]['tap']} {y[best]:.1f}%", (x[best], y[best]), textcoords="offset points",
-                    xytext=(0, 8), ha="center", fontsize=8)
-        if len(backbones) == 1:
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=backbone if len(series) == 1 else f"{backbone} {clf}")
+        if one_axis:
             ax.set_xticks(x, [f"{r['tap']}\n{r['dim']}-D" for r in mine], rotation=60, fontsize=7)
-    ax.set_xlabel("tap (shallow to deep)" if len(backbones) == 1 else "relative depth of tap (0 = first, 1 = last)")
+    for k, r in enumerate(r for r in rows if r["depth"] is None):
+        y, color = 100 * r["mean_per_class_accuracy_mean"], f"C{(len(series) + k) % 10}"
+        name = r["tap"] if r["tap"] != "auto" else f"auto: {r['taps'].split(';')[0]}"
+        ax.axhline(y, linestyle="--", linewidth=1.2, color=color, label=f"{r['backbone']} {r['clf']} {name} ({y:.1f}%)")
+        if r.get("interval_low") is not None:
+            ax.axhspan(100 * r["interval_low"], 100 * r["interval_high"], color=color, alpha=0.1)
+    best = next((r for r in rows if r["best"]), None)
+    if best is not None and best["depth"] is not None:
+        mine = [r for r in singles if (r["backbone"], r["clf"]) == (best["backbone"], best["clf"])]
+        x = mine.index(best) if one_axis else best["depth"]
+        ax.annotate(f"best: {best['tap']} {100 * best['mean_per_class_accuracy_mean']:.1f}%",
+                    (x, 100 * best["mean_per_class_accuracy_mean"]), textcoords="offset points", xytext=(0, 8),
+                    ha="center", fontsize=8)
+    ax.set_xlabel("tap (shallow to deep)" if one_axis else "relative depth of tap (0 = first, 1 = last)")
     ax.set_ylabel("mean per-class accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    if len(backbones) > 1:
-        ax.legend()
+    if len(series) > 1 or len(singles) < len(rows):
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def _mark(row: dict) -> str:
+    if row["best"]:
+        return "  <- best"
+    return "  tied" if row.get("tied") else ""
+
+
 def format_table(rows: list[dict], seeds: int) -> str:
-    """The comparison as the CLI prints it, the best row of each backbone marked."""
-    lines = [f"{'backbone':<14}{'tap':<12}{'dim':>6}  {'pool':<8}{'accuracy':>12}{'mean/class':>12}{'fit s':>7}"]
+    """The comparison as the CLI prints it: the best row marked, and every row not significantly worse
+    than it (paired bootstrap interval of the difference includes 0) marked tied."""
+    several = len({r["clf"] for r in rows}) > 1
+    lines = [f"{'backbone':<14}" + (f"{'clf':<8}" if several else "") + f"{'tap':<24}{'dim':>6}  {'pool':<8}"
+             f"{'accuracy':>12}{'mean/class':>12}{'vs best':>22}{'LogME':>9}{'fit s':>7}"]
     for r in rows:
         acc, mpc = ({"mean": r[f"{k}_mean"], "std": r[f"{k}_std"]} for k in ("accuracy", "mean_per_class_accuracy"))
-        lines.append(f"{r['backbone']:<14}{r['tap']:<12}{r['dim']:>6}  {r['pooling']:<8}{fmt(acc, seeds):>12}"
-                     f"{fmt(mpc, seeds):>12}{r['fit_seconds']:>7.1f}{'  <- best' if r['best'] else ''}")
+        name = r["tap"] if r["tap"] != "auto" else f"auto: {r['taps'].split(';')[0]}"
+        vs = (f"{100 * r['vs_best']:+.1f} [{100 * r['vs_best_low']:+.1f}, {100 * r['vs_best_high']:+.1f}]"
+              if r.get("vs_best") is not None else "")
+        score = f"{r['logme']:.3f}" if r.get("logme") is not None else ""
+        lines.append(f"{r['backbone']:<14}" + (f"{r['clf']:<8}" if several else "") + f"{name[:23]:<24}{r['dim']:>6}  "
+                     f"{r['pooling']:<8}{fmt(acc, seeds):>12}{fmt(mpc, seeds):>12}{vs:>22}{score:>9}"
+                     f"{r['fit_seconds']:>7.1f}{_mark(r)}")
     return "\n".join(lines)
+
+
+def format_gains(rows: list[dict]) -> list[str]:
+    """One line per fused row: its gain over the best single tap, with the paired interval."""
+    lines = []
+    for r in rows:
+        g = r.get("gain_over_best_single")
+        if g:
+            lines.append(f"{r['backbone']} {r['clf']} {r['tap']} ({r['taps'].split(';')[0]}) against {g['tap']}: "
+                         f"{100 * g['difference']:+.2f} points mean per-class accuracy, 95% interval "
+                         f"[{100 * g['low']:+.2f}, {100 * g['high']:+.2f}], McNemar p per seed "
+                         f"{', '.join(f'{p:.3g}' for p in g['mcnemar_p'])}")
+    return lines

@@ -2,7 +2,8 @@
 
 A run folder holds ``results.json`` (settings, per-seed splits and scores, chosen
 values, fit times, the feature file's fingerprint, mean and std of every metric),
-``model.joblib`` (the seed-0 model, its SHA-256 in the results), ``confusion.png``
+``model.joblib`` (the seed-0 model, its SHA-256 in the results), ``predictions.npz``
+(every seed's test rows and predictions, for paired tests), ``confusion.png``
 and ``per_class.csv``. Identical settings reuse the folder.
 """
 
@@ -13,18 +14,23 @@ import json
 from pathlib import Path
 
 import joblib
+import numpy as np
 
 from features.errors import TapsError, UsageError
 from features.store import FeatureFile, file_sha256
 
+from .fusion import AUTO, SEPARATOR, tap_set
+
 RESULTS = "results.json"
 MODEL = "model.joblib"
+PREDICTIONS = "predictions.npz"
 
 
 def run_settings(features: FeatureFile, tap: str, pooling: str, fit: dict, protocol: str, seeds: int) -> dict:
     """Everything that defines a run's result; ``fit`` is ``FitOptions.as_dict()``."""
+    key = tap if tap == AUTO else SEPARATOR.join(features.tap_key(t, pooling) for t in tap_set(tap))
     return {"features": str(features.path.resolve()), "features_fingerprint": features.fingerprint(),
-            "tap": features.tap_key(tap, pooling), "pooling": pooling, "protocol": protocol, "seeds": seeds,
+            "tap": key, "pooling": pooling, "protocol": protocol, "seeds": seeds,
             **fit}
 
 
@@ -89,7 +95,9 @@ def reusable(run_dir: Path, settings: dict) -> dict | None:
         return None
     try:
         results = load_results(run_dir)
-        if results.get("settings") == settings and file_sha256(run_dir / MODEL) == results["model"]["sha256"]:
+        kept = [(run_dir / MODEL, results["model"]["sha256"]),
+                (run_dir / PREDICTIONS, results.get("predictions", {}).get("sha256"))]
+        if results.get("settings") == settings and all(file_sha256(p) == digest for p, digest in kept):
             return results
     except (TapsError, OSError, KeyError):
         pass  # unreadable or stale: recompute
@@ -101,6 +109,23 @@ def save_model(run_dir: Path, model) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     joblib.dump(model, run_dir / MODEL)
     return {"file": MODEL, "sha256": file_sha256(run_dir / MODEL), "seed": 0}
+
+
+def save_predictions(run_dir: Path, predictions: dict[str, np.ndarray]) -> dict:
+    """Write every seed's test rows and predictions (what paired significance tests compare); -> their record."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(run_dir / PREDICTIONS, **predictions)
+    return {"file": PREDICTIONS, "sha256": file_sha256(run_dir / PREDICTIONS)}
+
+
+def load_predictions(run_dir: Path, results: dict) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per seed: (test rows of the feature file, predicted labels), checked against the run record."""
+    path = Path(run_dir) / PREDICTIONS
+    record = results.get("predictions")
+    if not record or not path.is_file() or file_sha256(path) != record["sha256"]:
+        raise TapsError(f"{path} is missing or does not match its {RESULTS}; rerun `taps fit --force`")
+    with np.load(path) as saved:
+        return {s["seed"]: (saved[f"test_{s['seed']}"], saved[f"pred_{s['seed']}"]) for s in results["per_seed"]}
 
 
 def save_results(run_dir: Path, results: dict) -> None:

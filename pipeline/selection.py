@@ -13,7 +13,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.utils._param_validation import HasMethods, Interval
 from sklearn.utils.validation import check_is_fitted
 
-from .heads import REGULARIZER, canonical, make_classifier
+from .fusion import Groups, fusion_transformer
+from .heads import REGULARIZER, canonical, make_classifier, make_head
 
 
 def cv_folds(y: np.ndarray, folds: int, n_grid: int) -> int:
@@ -116,7 +117,14 @@ def _with(model, param: str, value: float):
 
 
 def selector(clf: str, grid: list[float], *, folds: int = 3, preprocess: str = "standard", solver: str = "torch",
-             hidden: int = 0, device: str = "auto", random_state: int = 0) -> SelectedClassifier:
-    """The selecting estimator of an in-memory fit: preprocessing + head, C or weight decay by CV."""
-    return SelectedClassifier(make_classifier(clf, preprocess, solver, hidden, device),
+             hidden: int = 0, device: str = "auto", random_state: int = 0,
+             groups: Groups | None = None) -> SelectedClassifier:
+    """The selecting estimator of an in-memory fit: preprocessing + head, C or weight decay by CV.
+    With ``groups`` (a fused matrix's taps) the preprocessing runs on each tap's columns apart."""
+    if groups is None:
+        model = make_classifier(clf, preprocess, solver, hidden, device)
+    else:
+        model = Pipeline([("fuse", fusion_transformer(groups, preprocess)),
+                          ("head", make_head(clf, solver, hidden, device))])
+    return SelectedClassifier(model,
                               param=REGULARIZER[canonical(clf)], grid=grid, folds=folds, random_state=random_state)

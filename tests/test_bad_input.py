@@ -68,6 +68,17 @@ def cases(w: dict) -> list[tuple[list[str], int, str]]:
         (["merge", str(root / "missing.shard0of2.h5")], 2, "shard file"),
         (["compare", *data, "--protocol", "per-class:40", "--features-root", str(root / "cmpfs")], 2,
          "per-class:40 needs more than 40 images in every class"),
+        ([*fit, "--tap", "avgpool+avgpool"], 2, "tap set 'avgpool+avgpool' names a tap twice; name each tap once"),
+        ([*fit, "--tap", "auto+avgpool"], 2, "'auto' chooses the whole set; pass --tap auto alone"),
+        ([*fit, "--tap", "layer1+"], 2, "bad tap set 'layer1+': write taps joined by '+'"),
+        ([*fit, "--tap", "auto"], 2, "--tap auto chooses among the file's taps, but"),
+        ([*fit, "--tap", "auto", "--select-threshold", "2"], 2, "--select-threshold is a CV-accuracy gain between 0"),
+        (["compare", *data, "--taps", "avgpool", "--fuse", "--features-root", str(root / "cmpfs")], 2,
+         "--fuse (or auto) chooses among the compared taps; compare at least two"),
+        (["compare", *data, "--clf", "logreg,knn", "--grid", "1", "--features-root", str(root / "cmpfs")], 2,
+         "--grid is one classifier's grid"),
+        (["compare", *data, "--clf", "logreg,forest", "--features-root", str(root / "cmpfs")], 2,
+         "unknown classifier 'forest'"),
     ]
 
 
