@@ -224,11 +224,13 @@ def _protocol(args, features):
 def extract_command(args, backbone: str | None = None) -> str:
     """The `taps extract` command that writes the feature file these arguments name."""
     parts = ["taps", "extract", "--dataset", args.dataset]
+    tap = getattr(args, "tap", None)  # fit's --tap: one tap, a fused set a+b (extract a,b) or auto (extract all)
+    taps = None if not tap else "all" if tap == "auto" else tap.replace("+", ",")
     optional = [("--data-root", args.data_root, "data"), ("--subset", args.subset, None),
                 ("--image-column", getattr(args, "image_column", None), None),
                 ("--label-column", getattr(args, "label_column", None), None),
                 ("--backbone", backbone or args.backbone, None), ("--weights", args.weights, "auto"),
-                ("--image-size", args.image_size, None), ("--taps", getattr(args, "tap", None), None),
+                ("--image-size", args.image_size, None), ("--taps", taps, None),
                 ("--pool", getattr(args, "pool", "avg"), "avg"), ("--features-root", args.features_root, FEATURES_ROOT)]
     for flag, value, default in optional:
         if value is not None and value != default:
@@ -309,7 +311,7 @@ def cmd_predict(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from .compare import compare_taps, score_taps
+    from .compare import compare_taps, rank_agreement, score_taps
     from .protocols import parse_protocol
     from .report import format_gains, format_table
 
@@ -332,7 +334,12 @@ def cmd_compare(args) -> None:
                              seeds=args.seeds, extract_options=_extract_options(args), runs_root=args.out,
                              force=args.force, fuse=args.fuse)
     print(format_table(rows, args.seeds))
-    print("\n".join(format_gains(rows)))
+    for line in format_gains(rows):
+        print(line)
+    for a in rank_agreement(rows):
+        if a["kendall_tau"] is not None:
+            print(f"LogME against the fitted ranking of {a['taps']} {a['backbone']} taps ({a['clf']}): "
+                  f"Kendall tau {a['kendall_tau']:.2f}")
     print(out)
 
 

@@ -58,6 +58,10 @@ def test_fit_without_features_names_the_extract_command(tmp_path):
     proc = run("fit", "--dataset", "digits", "--features-root", str(tmp_path))
     assert proc.returncode == 1 and "run `taps extract --dataset digits --backbone mobilenet_v2" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+    # fused and auto fits name the extraction of every tap they read
+    for tap, taps in (("block14+pooled", "--taps block14,pooled"), ("auto", "--taps all")):
+        proc = run("fit", "--dataset", "digits", "--tap", tap, "--features-root", str(tmp_path))
+        assert proc.returncode == 1 and taps in proc.stderr, proc.stderr
 
 
 def test_an_unexpected_error_is_one_line_naming_debug(monkeypatch, capsys):
