@@ -12,10 +12,11 @@ standard pre-logits embedding) and ``logits``. Raw graph node names from
 
 from __future__ import annotations
 
+import importlib
 import pickle
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -47,8 +48,10 @@ def backbone_names() -> list[str]:
 class Tap:
     name: str    # friendly name, or the raw node name when asked for one
     node: str    # graph node (or module) name for create_feature_extractor
-    shape: tuple[int, ...]  # per-sample output shape at the backbone's input size
+    shape: tuple[int, ...]  # per-sample shape at the backbone's input size: (C, H, W) or (D,)
     depth: int   # position of the node in the graph, for sorting shallow -> deep
+    layout: str = "map"  # how the node returns it: "map", "tokens" (prefix + H*W tokens of C), "nhwc"
+    prefix: int = 0      # tokens: the class (and register) tokens before the patch tokens
 
 
 def _meta_model(name: str) -> nn.Module:
@@ -111,6 +114,10 @@ register_tap_scheme(TapScheme(  # MobileNet, EfficientNet, ConvNeXt, DenseNet, .
     _features_stack_nodes, "pooled"))
 register_tap_scheme(TapScheme("vgg", lambda name, model: name.startswith("vgg"), _vgg_nodes, "fc7",
                               adds_pooled=False))
+register_tap_scheme(TapScheme(  # vit_b_16, ...: the encoder blocks, tokens pooled by pooling.pool_tap
+    "vit", lambda name, model: isinstance(model, models.VisionTransformer),
+    lambda model: {f"block{i}": f"encoder.layers.encoder_layer_{i}" for i in range(len(model.encoder.layers))},
+    "pooled"))
 register_tap_scheme(TapScheme(  # resnet, resnext, wide_resnet
     "resnet", lambda name, model: hasattr(model, "layer4") and hasattr(model, "maxpool"),
     lambda model: {"stem": "maxpool", **{f"layer{i}": f"layer{i}" for i in range(1, 5)}, "avgpool": "flatten"},
@@ -199,23 +206,56 @@ class WeightsChoice:
     path: Path | None        # a local state-dict file
     spec: str                # the stable id recorded in feature files
     sha256: str | None = None  # the local file's full SHA-256, recorded beside the spec
+    hub: str | None = None   # another source's pretrained name (timm: "resnet18.a1_in1k")
 
     @property
     def pretrained(self) -> bool:
-        return self.enum is not None or self.path is not None
+        return self.enum is not None or self.path is not None or self.hub is not None
+
+
+# Backbone sources beyond torchvision, by the prefix of their names ("timm:resnet18"): the module
+# that registers the source's Backbone subclass, imported only when such a name is used.
+SOURCE_MODULES = {"timm": "features.timm_backbones"}
+SOURCES: dict[str, type] = {}
+
+
+def register_source(prefix: str):
+    """Class decorator: ``Backbone("PREFIX:name", ...)`` builds this subclass (as torchvision's
+    ``register_model`` registers a builder)."""
+    def register(cls):
+        SOURCES[prefix] = cls
+        return cls
+    return register
 
 
 class Backbone:
-    """A torchvision classifier by name, with weights, preprocessing and friendly taps."""
+    """A torchvision classifier by name, with weights, preprocessing and friendly taps.
+
+    A name with a source prefix (``timm:resnet18``) builds that source's subclass instead,
+    which overrides the architecture, weights, preprocessing preset and graph tracing."""
+
+    def __new__(cls, name: str, *args, **kwargs):
+        if cls is Backbone and ":" in name:
+            prefix = name.split(":", 1)[0]
+            if prefix not in SOURCE_MODULES:
+                raise UsageError(f"unknown backbone source {prefix!r} in {name!r}; valid: a torchvision name, or "
+                                 f"{', '.join(p + ':NAME' for p in SOURCE_MODULES)}")
+            importlib.import_module(SOURCE_MODULES[prefix])
+            cls = SOURCES[prefix]
+        return super().__new__(cls)
 
     def __init__(self, name: str, weights: str = "auto", image_size: int | None = None):
-        if name not in backbone_names():
-            raise UsageError(f"unknown backbone {name!r}; run `taps list backbones` for the {len(backbone_names())} valid names")
+        self.check_name(name)
         if image_size is not None and image_size < 1:
             raise UsageError(f"--image-size must be a positive number of pixels, not {image_size}")
         self.name = name
         self.weights = self._resolve_weights(weights)
         self.image_size = image_size
+
+    @staticmethod
+    def check_name(name: str) -> None:
+        if name not in backbone_names():
+            raise UsageError(f"unknown backbone {name!r}; run `taps list backbones` for the {len(backbone_names())} valid names")
 
     # ------------------------------------------------------------ weights
     def _resolve_weights(self, spec: str) -> WeightsChoice:
@@ -297,10 +337,14 @@ class Backbone:
         return self.name, weights, self.image_size
 
     # ------------------------------------------------------------ preprocessing
-    def transform(self) -> ImageClassification:
-        """The weights enum's preprocessing, or the same with a square ``image_size``."""
+    def preset(self) -> ImageClassification:
+        """The weights' own preprocessing (torchvision: the enum's ``transforms()``)."""
         enum = self.weights.enum or self._default_enum()
-        preset = enum.transforms() if enum is not None else ImageClassification(crop_size=DEFAULT_IMAGE_SIZE)
+        return enum.transforms() if enum is not None else ImageClassification(crop_size=DEFAULT_IMAGE_SIZE)
+
+    def transform(self) -> ImageClassification:
+        """The weights' preprocessing, or the same with a square ``image_size``."""
+        preset = self.preset()
         if self.image_size is None:
             return preset
         # An explicit size: resize the shorter side to it and crop the square (no border lost on square inputs).
@@ -326,10 +370,22 @@ class Backbone:
                 f"mean={list(t.mean)} std={list(t.std)}")
 
     # ------------------------------------------------------------ taps
+    def architecture(self) -> nn.Module:
+        """The model without weights, on meta tensors where possible (for names and shapes)."""
+        return _meta_model(self.name)
+
+    def feature_graph(self, model: nn.Module, nodes: dict[str, str]) -> nn.Module:
+        """``model`` traced and pruned to return ``nodes`` (torchvision's ``create_feature_extractor``)."""
+        return create_feature_extractor(model, nodes)
+
+    def graph_nodes(self, model: nn.Module) -> list[str]:
+        """The eval-mode graph's node names, in execution order."""
+        return get_graph_node_names(model)[1]
+
     @cached_property
     def _graph(self) -> tuple[nn.Module, list[str]]:
-        model = _meta_model(self.name)
-        return model, get_graph_node_names(model)[1]
+        model = self.architecture()
+        return model, self.graph_nodes(model)
 
     @cached_property
     def scheme(self) -> TapScheme:
@@ -348,7 +404,37 @@ class Backbone:
         known = {t for t, node in friendly.items() if node in nodes or any(n.startswith(node + ".") for n in nodes)}
         order = sorted(known, key=lambda t: _last_node(friendly[t], nodes))
         shapes = self._shapes({friendly[t] for t in order})
-        return {t: Tap(t, friendly[t], shapes[friendly[t]], _last_node(friendly[t], nodes)) for t in order}
+        return {t: self.tap_layout(Tap(t, friendly[t], shapes[friendly[t]], _last_node(friendly[t], nodes)))
+                for t in order}
+
+    def token_grid(self) -> tuple[int, int, int] | None:
+        """(prefix tokens, grid height, grid width) of a vision transformer's token sequences, else None."""
+        model = self._graph[0]
+        if isinstance(model, models.VisionTransformer):
+            side = self.input_size // model.patch_size
+            return 1, side, side
+        return None
+
+    def tap_layout(self, tap: Tap) -> Tap:
+        """The tap with the layout its node returns: token sequences of a vision transformer (shape
+        becomes the patch grid's (C, H, W)) and Swin's channels-last maps; others unchanged."""
+        tokens = self.token_grid()
+        if tokens and len(tap.shape) == 2 and tap.shape[0] == tokens[0] + tokens[1] * tokens[2]:
+            return replace(tap, shape=(tap.shape[1], tokens[1], tokens[2]), layout="tokens", prefix=tokens[0])
+        if (len(tap.shape) == 3 and isinstance(self._graph[0], models.SwinTransformer)
+                and (tap.node.startswith("features") or tap.node == "norm")):  # (H, W, C) before the permute
+            height, width, channels = tap.shape
+            return replace(tap, shape=(channels, height, width), layout="nhwc")
+        return tap
+
+    def check_pooling(self, taps: list[Tap], pooling: str) -> None:
+        """``cls`` pooling needs a class token in every spatial tap."""
+        if pooling == "cls":
+            bad = [t.name for t in taps if len(t.shape) == 3 and not (t.layout == "tokens" and t.prefix > 0)]
+            if bad:
+                raise UsageError(f"--pool cls takes a transformer's class token, but {', '.join(bad)} of {self.name} "
+                                 f"{'is a feature map' if len(bad) == 1 else 'are feature maps'}; use --pool avg "
+                                 f"(or another pooling)")
 
     @property
     def default_tap(self) -> str:
@@ -364,7 +450,7 @@ class Backbone:
 
     def _trace(self, nodes: set[str], size: int) -> dict[str, tuple[int, ...]]:
         model, _ = self._graph
-        extractor = create_feature_extractor(model, {n: n for n in nodes})
+        extractor = self.feature_graph(model, {n: n for n in nodes})
         device = next(model.parameters()).device
         with torch.inference_mode():
             out = extractor(torch.zeros(1, 3, size, size, device=device))
@@ -402,7 +488,7 @@ class Backbone:
         except KeyError:
             raise UsageError(f"unknown tap {name!r} for {self.name}; valid: {', '.join(self.taps)} "
                              f"(or a node from `taps list nodes {self.name}`)") from None
-        return Tap(name, name, self._shapes({name})[name], depth)
+        return self.tap_layout(Tap(name, name, self._shapes({name})[name], depth))
 
     def resolve_taps(self, names: list[str] | None) -> list[Tap]:
         """Requested taps (``None``: the standard embedding; ``['all']``: every friendly tap that can be

@@ -91,6 +91,7 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
     """
     options = dataclasses.replace(options, **settings) if options else ExtractOptions(**settings)
     resolved = backbone.resolve_taps(taps)
+    backbone.check_pooling(resolved, options.pooling)
     header = feature_header(images, backbone, options.batch_size)
     path = Path(options.path) if options.path else feature_path(options.out, images.name, backbone)
     if options.shard is not None:

@@ -22,11 +22,10 @@ import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse as fold_batchnorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torchvision.models.feature_extraction import create_feature_extractor
 
 from .backbones import Backbone, Tap
 from .errors import choose
-from .pooling import pool
+from .pooling import pool_tap
 
 COMPILE = ("auto", "on", "off")
 # `--compile auto` compiles datasets of at least this many images: a compile costs seconds
@@ -41,7 +40,7 @@ class TapExtractor(nn.Module):
     def __init__(self, graph: nn.Module, taps: list[Tap], pooling: str, mean, std):
         super().__init__()
         self.graph, self.pooling = graph, pooling
-        self.nodes = [(t.name, t.node) for t in taps]
+        self.nodes = [(t.name, t.node, t.layout, t.prefix, tuple(t.shape[1:]) or None) for t in taps]
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
 
@@ -49,7 +48,8 @@ class TapExtractor(nn.Module):
         if x.dtype == torch.uint8:  # the same ops, in the same order, as ImageClassification
             x = x.float().div(255).sub(self.mean).div(self.std)
         out = self.graph(x)
-        return {name: pool(out[node], self.pooling) for name, node in self.nodes}
+        return {name: pool_tap(out[node], self.pooling, layout, prefix, grid)
+                for name, node, layout, prefix, grid in self.nodes}
 
 
 def fold_sequential_batchnorm(model: nn.Module, keep: set[str]) -> nn.Module:
@@ -78,7 +78,7 @@ def build_extractor(backbone: Backbone, taps: list[Tap], device: torch.device, c
     # Frozen BatchNorm is an affine map: folded into the convolution it costs nothing
     # (outputs agree to float rounding). It matters most in the early, high-resolution layers.
     model = fold_sequential_batchnorm(backbone.build(), {t.node for t in taps})
-    graph = create_feature_extractor(model, {t.node: t.node for t in taps}).eval()
+    graph = backbone.feature_graph(model, {t.node: t.node for t in taps}).eval()
     graph = fold_batchnorm(graph, inplace=True, no_trace=True)  # the rest (ResNet's conv1/bn1 attributes)
     graph.delete_all_unused_submodules()  # the folded BatchNorms
     preset = backbone.transform()

@@ -63,6 +63,11 @@ def tap_key(tap: str, pooling: str, spatial: bool) -> str:
     return f"{tap}@{pooling}" if spatial and pooling != "avg" else tap
 
 
+def path_safe(name: str) -> str:
+    """A name as a file or folder name on every OS (``timm:resnet18`` -> ``timm_resnet18``)."""
+    return re.sub(r"[^A-Za-z0-9_.+@-]", "_", name)
+
+
 def short_digest(text: str) -> str:
     """Eight hex digits of SHA-256: enough to tell settings apart in a file or folder name."""
     return hashlib.sha256(text.encode()).hexdigest()[:8]
@@ -82,7 +87,7 @@ def feature_file_name(backbone: str, weights_spec: str, input_size: int, transfo
     else:
         weights = weights_spec.split(".")[-1]
     weights = re.sub(r"[^A-Za-z0-9_.-]", "_", weights)
-    return f"{backbone}__{weights}__{input_size}px-{short_digest(transform_spec)}.h5"
+    return f"{path_safe(backbone)}__{weights}__{input_size}px-{short_digest(transform_spec)}.h5"
 
 
 def _chunk_rows(n: int, dim: int) -> int:

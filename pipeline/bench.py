@@ -28,7 +28,6 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
-from torchvision.models.feature_extraction import create_feature_extractor
 
 from features.backbones import Backbone
 from features.blocks import prepare_forward
@@ -117,7 +116,7 @@ class _SeedStyle(Dataset):
 def seed_style(backbone: Backbone, images, taps: list[str], device, batch_size: int) -> float:
     """The tutorial way: one truncated model per tap, each run over every batch, fp32 NCHW."""
     model = backbone.build()
-    per_tap = [create_feature_extractor(model, {backbone.tap(t).node: "out"}).eval().to(device) for t in taps]
+    per_tap = [backbone.feature_graph(model, {backbone.tap(t).node: "out"}).eval().to(device) for t in taps]
     loader = DataLoader(_SeedStyle(images), batch_size=batch_size)
     t0 = time.perf_counter()
     with torch.no_grad():

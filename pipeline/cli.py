@@ -128,6 +128,11 @@ def cmd_list(args) -> None:
 
     if args.what == "backbones":
         print(" ".join(backbone_names()))
+        try:
+            from features.timm_backbones import timm_names
+            print(f"timm:NAME for any of the {len(timm_names())} models of timm.list_models(), e.g. timm:resnet18")
+        except TapsError:
+            print("timm:NAME needs timm: pip install -e '.[timm]'")
     elif args.what == "datasets":
         print(" ".join(dataset_names()))
     elif args.what in ("taps", "nodes"):
@@ -138,14 +143,19 @@ def cmd_list(args) -> None:
             print("\n".join(bb.node_names()))
             return
         print(f"{bb.name} at {bb.input_size}px (standard embedding: {bb.default_tap})")
-        print(f"{'tap':<14}{'node':<22}{'output shape':<18}" + "".join(f"{p:>9}" for p in POOLINGS))
+        print(f"{'tap':<9}{'node':<11}{'output shape':<22}" + "".join(f"{p:>8}" for p in POOLINGS))
         for tap in bb.taps.values():
+            shape = "x".join(map(str, tap.shape))
             if not poolable(tap.shape):
-                print(f"{tap.name:<14}{tap.node:<22}{'x'.join(map(str, tap.shape)):<18}   tokens: not pooled")
+                print(f"{tap.name:<8} {tap.node:<10} {shape:<22}   tokens of unknown layout: not pooled")
                 continue
-            dims = [pooled_dim(tap.shape, p) for p in POOLINGS]
-            print(f"{tap.name:<14}{tap.node:<22}{'x'.join(map(str, tap.shape)):<18}" + "".join(f"{d:>9}" for d in dims))
-        print("columns avg..pyramid: embedding size per pooling (vector taps are not pooled)")
+            if tap.layout == "tokens":
+                shape = f"{tap.prefix}+{tap.shape[1]}x{tap.shape[2]} tokens x{tap.shape[0]}"
+            dims = [pooled_dim(tap.shape, p) if p != "cls" or tap.layout == "tokens" or len(tap.shape) == 1 else "-"
+                    for p in POOLINGS]
+            print(f"{tap.name:<8} {tap.node:<10} {shape:<22}" + "".join(f"{d:>8}" for d in dims))
+        print("columns avg..cls: embedding size per pooling (vector taps are not pooled; cls: transformer "
+              "blocks' class token; avg of tokens: the mean of the patch tokens)")
 
 
 def cmd_extract(args) -> None:

@@ -27,7 +27,7 @@ from features.errors import UsageError
 from features.extract import extract
 from features.options import ExtractOptions
 from features.pooling import is_spatial
-from features.store import FeatureFile
+from features.store import FeatureFile, path_safe
 
 from .evaluate import fit_run, load_matrix
 from .fusion import AUTO, is_fused, tap_set
@@ -45,12 +45,14 @@ COLUMNS = ("backbone", "clf", "tap", "taps", "depth", "node", "dim", "pooling", 
 METRIC = "mean_per_class_accuracy"  # what ranks the rows and what the paired tests compare
 
 
-def plan_taps(backbone: Backbone, taps: list[str] | None, fuse: bool) -> tuple[list[Tap], list[str], list[str]]:
+def plan_taps(backbone: Backbone, taps: list[str] | None, fuse: bool,
+              pooling: str = "avg") -> tuple[list[Tap], list[str], list[str]]:
     """A backbone's rows: (single taps, shallow first; fused sets, ``auto`` last; every tap to extract)."""
     specs = taps or [backbone.default_tap]
     singles = [t for t in specs if not is_fused(t)]
     sets = [t for t in specs if is_fused(t) and t != AUTO] + ([AUTO] if fuse or AUTO in specs else [])
     resolved = backbone.resolve_taps(["all"] if "all" in singles else singles) if singles else []
+    backbone.check_pooling(resolved, pooling)
     if AUTO in sets and len(resolved) < 2:
         raise UsageError("--fuse (or auto) chooses among the compared taps; compare at least two, e.g. --taps all")
     members = [m for spec in sets if spec != AUTO for m in tap_set(spec)]
@@ -77,7 +79,7 @@ def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | 
     if seeds < 1:
         raise UsageError(f"--seeds must be at least 1, not {seeds}")
     check_protocol(protocol, images.labels, images.classes, images.splits)
-    planned = {bb.name: plan_taps(bb, taps, fuse) for bb in backbones}
+    planned = {bb.name: plan_taps(bb, taps, fuse, pooling) for bb in backbones}
     rows: list[dict] = []
     runs: list[dict] = []  # each row's results.json
     made_from: list[dict] = []  # per backbone: what its features were made from
@@ -114,7 +116,7 @@ def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | 
                 **(fits[0].as_dict() if len(fits) == 1 else {"fits": [f.as_dict() for f in fits]})}
     digest = settings_digest(settings)
     clfs = "+".join(f.clf for f in fits)
-    out = Path(runs_root) / images.name / f"compare__{'+'.join(b.name for b in backbones)}__{clfs}__{digest}"
+    out = Path(runs_root) / images.name / path_safe(f"compare__{'+'.join(b.name for b in backbones)}__{clfs}__{digest}")
     _write_tables(out, rows, settings, pairs, rank_agreement(rows))
     plot_comparison(rows, out / "compare.png", f"{images.name}: {clfs}, {protocol}, {seeds} seed(s), {pooling} pooling")
     return out, rows
@@ -152,7 +154,8 @@ def score_taps(images: ImageSet, backbone: Backbone, taps: list[str] | None, pro
     """``compare --score``: every tap ranked by LogME on seed 0's training split, with no fit at all."""
     extract_options = extract_options or ExtractOptions()
     check_protocol(protocol, images.labels, images.classes, images.splits)
-    singles, _, needed = plan_taps(backbone, [t for t in (taps or []) if not is_fused(t)] or None, False)
+    singles, _, needed = plan_taps(backbone, [t for t in (taps or []) if not is_fused(t)] or None, False,
+                                   extract_options.pooling)
     report = extract(images, backbone, needed, extract_options)
     if report.computed:
         log(f"extracted {', '.join(report.computed)} with {backbone.name} ({report.images_per_second:.1f} img/s)")

@@ -73,6 +73,13 @@ def backbone_for(results: dict, weights: str | None = None) -> Backbone:
     return bb
 
 
+def _tap(bb: Backbone, record: dict) -> Tap:
+    """The tap a run's record names, rebuilt from its backbone (its node's layout included), under
+    the record's key so the forward returns it by that name."""
+    tap = bb.tap(record["node"])
+    return Tap(record["tap"], tap.node, tap.shape, tap.depth, tap.layout, tap.prefix)
+
+
 def predict_images(run_dir: Path | str, images: list[str], device: str = "auto", batch_size: int = 32,
                    weights: str | None = None) -> list[Prediction]:
     """Classify image files with a run's model, through the chain that made its training features:
@@ -86,7 +93,7 @@ def predict_images(run_dir: Path | str, images: list[str], device: str = "auto",
     bb = backbone_for(results, weights)
     f = results["features"]
     records = f.get("taps") or [{k: f[k] for k in ("tap", "node", "dim", "pooling")}]  # one tap, or the fused ones
-    taps = [Tap(r["tap"], r["node"], (r["dim"],), 0) for r in records]
+    taps = [_tap(bb, r) for r in records]
     spatial = {r["pooling"] for r in records} - {"none"}
     pooling = spatial.pop() if spatial else "avg"
     dev = resolve_device(device)

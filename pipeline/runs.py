@@ -17,7 +17,7 @@ import joblib
 import numpy as np
 
 from features.errors import TapsError, UsageError
-from features.store import FeatureFile, file_sha256
+from features.store import FeatureFile, file_sha256, path_safe
 
 from .fusion import AUTO, SEPARATOR, tap_set
 
@@ -40,7 +40,7 @@ def settings_digest(settings: dict) -> str:
 
 
 def run_dir_for(runs_root: Path, features: FeatureFile, settings: dict) -> Path:
-    name = f"{features.attrs['backbone']}__{settings['tap']}__{settings['clf']}__{settings_digest(settings)}"
+    name = path_safe(f"{features.attrs['backbone']}__{settings['tap']}__{settings['clf']}__{settings_digest(settings)}")
     return Path(runs_root) / str(features.attrs["dataset"]) / name
 
 

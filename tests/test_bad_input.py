@@ -43,8 +43,10 @@ def cases(w: dict) -> list[tuple[list[str], int, str]]:
     fit = ["fit", *data, "--clf", "logreg", "--device", "cpu", "--out", str(root / "runs2")]
     csv = ["extract", *TINY, *QUIET, "--features-root", str(root / "csvfs"), "--dataset"]
     return [
-        (["extract", "--backbone", "vit_b_16", "--weights", "none", "--taps", "encoder"], 2,
-         "tap 'encoder' of vit_b_16 outputs 197x768 tokens, which taps does not pool; choose from: conv_proj"),
+        (["extract", "--backbone", "vit_b_16", "--weights", "none", "--taps", "permute"], 2,
+         "tap 'permute' of vit_b_16 outputs 196x768 tokens, which taps does not pool; choose from: block0, block1"),
+        (["extract", "--backbone", "resnet18", "--weights", "none", "--taps", "layer1,avgpool", "--pool", "cls"], 2,
+         "--pool cls takes a transformer's class token, but layer1 of resnet18 is a feature map"),
         (["extract", "--backbone", "vgg16", "--weights", "none", "--image-size", "17"], 2,
          "vgg16 cannot take 17px images"),
         (["list", "taps", "vit_b_16", "--image-size", "96"], 2, "it takes --image-size 224 only"),

@@ -28,7 +28,7 @@ def test_usage_errors_are_one_line_exit_2():
                          [["extract", "--backbone", "resnet19"], "unknown backbone"],
                          [["list", "taps", "resnet18", "--bogus"], "unrecognized arguments"],
                          [["extract", "--pool", "median"],
-                          "--pool: invalid choice: 'median' (choose from 'avg', 'max', 'avgmax', 'pyramid')"],
+                          "--pool: invalid choice: 'median' (choose from 'avg', 'max', 'avgmax', 'pyramid', 'cls')"],
                          [["compare", "--loader", "fast"], "--loader: invalid choice: 'fast'"],
                          [["extract", "--batch-size", "0"], "--batch-size must be at least 1, not 0"]):
         proc = run(*args)
@@ -41,7 +41,7 @@ def test_list_taps_shows_dimensions():
     proc = run("list", "taps", "resnet18")
     assert proc.returncode == 0
     line = next(l for l in proc.stdout.splitlines() if l.startswith("layer3"))
-    assert line.split()[2:] == ["256x14x14", "256", "256", "512", "1280"]
+    assert line.split()[2:] == ["256x14x14", "256", "256", "512", "1280", "-"]  # no class token: no cls
 
 
 def test_every_subcommand_parses():

@@ -44,9 +44,18 @@ def test_unknown_names_list_valid_choices():
 
 @pytest.mark.parametrize("method", POOLINGS)
 def test_pooling_dimensions(method):
+    from features.pooling import pool_tap
+
     x = torch.randn(2, 8, 6, 5)
-    assert pool(x, method).shape == (2, pooled_dim((8, 6, 5), method))
-    assert pool(torch.randn(2, 7), method).shape == (2, 7)
+    tokens = torch.randn(2, 1 + 6 * 5, 8)  # a class token, then a 6 x 5 grid of 8-D patch tokens
+    assert pool_tap(tokens, method, "tokens", 1, (6, 5)).shape == (2, pooled_dim((8, 6, 5), method))
+    assert pool_tap(torch.randn(2, 7), method).shape == (2, 7)
+    if method == "cls":  # a feature map has no class token
+        with pytest.raises(ValueError, match="class token"):
+            pool_tap(x, method)
+    else:
+        assert pool(x, method).shape == (2, pooled_dim((8, 6, 5), method))
+        torch.testing.assert_close(pool_tap(x.permute(0, 2, 3, 1), method, "nhwc"), pool(x, method))
 
 
 def test_one_pass_writes_every_tap_with_listed_dims(tiny_folder, tmp_path):
