@@ -85,7 +85,15 @@ def build_extractor(backbone: Backbone, taps: list[Tap], device: torch.device, c
     extractor = TapExtractor(graph, taps, pooling, preset.mean, preset.std).eval().to(device)
     for p in extractor.parameters():
         p.requires_grad_(False)
-    return extractor.to(memory_format=torch.channels_last) if channels_last else extractor
+    if not channels_last:
+        return extractor
+    try:
+        return extractor.to(memory_format=torch.channels_last)
+    except RuntimeError:  # a 5-D parameter or buffer (timm's Swin): lay out the convolutions only
+        for module in extractor.modules():
+            if isinstance(module, nn.Conv2d):
+                module.to(memory_format=torch.channels_last)
+        return extractor
 
 
 def can_compile(device: torch.device) -> str:

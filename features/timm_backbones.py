@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import math
 import pickle
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
@@ -107,10 +108,10 @@ class TimmBackbone(Backbone):
 
     def build(self) -> nn.Module:
         """The frozen model in eval mode with its weights loaded (on CPU)."""
-        timm, w = _timm(), self.weights
+        w = self.weights
         if w.hub is not None:
             try:
-                model = timm.create_model(w.hub, pretrained=True)
+                model = self._create(w.hub, pretrained=True)
             except Exception as exc:  # hub and network errors come in many types
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise TapsError(f"weights {w.spec} are not cached and could not be downloaded ({reason}); download "
@@ -119,7 +120,7 @@ class TimmBackbone(Backbone):
         else:
             with torch.random.fork_rng(devices=[]):  # seeded: weights=none files are reproducible
                 torch.manual_seed(0)
-                model = timm.create_model(self.model_name, pretrained=False)
+                model = self._create(self.model_name, pretrained=False)
             if w.path is not None:
                 model.load_state_dict(self._state_dict(w.path, model))
         for p in model.parameters():
@@ -171,13 +172,32 @@ class TimmBackbone(Backbone):
             return None
         return int(model.num_prefix_tokens), int(grid[0]), int(grid[1])
 
-    def architecture(self) -> nn.Module:
+    def tap_layout(self, tap):
+        """As torchvision's, and maps of models that declare channels-last output (timm's Swin:
+        ``output_fmt == "NHWC"``) are permuted before pooling."""
+        tap = super().tap_layout(tap)
+        if len(tap.shape) == 3 and tap.layout == "map" and getattr(self._graph[0], "output_fmt", "NCHW") == "NHWC":
+            height, width, channels = tap.shape
+            return replace(tap, shape=(channels, height, width), layout="nhwc")
+        return tap
+
+    def _create(self, name: str, pretrained: bool) -> nn.Module:
+        """timm's model; with ``--image-size`` a transformer is built for that size (timm resamples
+        its position embeddings when it loads pretrained weights). CNNs take any size as they are."""
         timm = _timm()
+        if self.image_size is not None:
+            try:
+                return timm.create_model(name, pretrained=pretrained, img_size=self.image_size)
+            except TypeError:  # the model's class has no img_size: a CNN
+                pass
+        return timm.create_model(name, pretrained=pretrained)
+
+    def architecture(self) -> nn.Module:
         try:
             with torch.device("meta"):
-                return timm.create_model(self.model_name, pretrained=False).eval()
+                return self._create(self.model_name, pretrained=False).eval()
         except (NotImplementedError, RuntimeError):
-            return timm.create_model(self.model_name, pretrained=False).eval()
+            return self._create(self.model_name, pretrained=False).eval()
 
     def feature_graph(self, model: nn.Module, nodes: dict[str, str]) -> nn.Module:
         from timm.layers import create_feature_extractor

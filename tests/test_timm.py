@@ -178,3 +178,21 @@ def test_timm_shards_and_replica_workers_write_a_single_runs_file(tiny_folder, t
     for other in (merged, replicas):
         for tap in ("stage3", "pooled"):
             np.testing.assert_allclose(single.read(tap), other.read(tap), rtol=1e-5, atol=1e-5)
+
+
+def test_image_size_builds_a_timm_transformer_for_that_size():
+    vit = Backbone("timm:vit_tiny_patch16_224", weights="none", image_size=112)
+    assert vit.taps["block3"].shape == (192, 7, 7) and vit.input_size == 112  # a 7 x 7 grid of 16-px patches
+    out = build_extractor(vit, [vit.tap("block3")], torch.device("cpu"), pooling="pyramid")(torch.randn(1, 3, 112, 112))
+    assert out["block3"].shape == (1, vit.dim("block3", "pyramid")) == (1, 5 * 192)
+
+
+def test_timm_swin_stages_are_channels_last_and_pooled_over_their_grid():
+    swin = Backbone("timm:swin_tiny_patch4_window7_224", weights="none")
+    tap = swin.tap("stage4")
+    assert tap.layout == "nhwc" and tap.shape == (768, 7, 7)
+    x = torch.randn(1, 3, 224, 224)
+    model = swin.build()
+    raw = _raw_outputs(model, {"stage4": model.layers[3]}, x)["stage4"]  # (1, 7, 7, 768)
+    out = build_extractor(swin, [tap], torch.device("cpu"), pooling="avgmax")(x)["stage4"]
+    torch.testing.assert_close(out, torch.cat([raw.mean((1, 2)), raw.amax((1, 2))], 1), rtol=1e-4, atol=1e-5)
