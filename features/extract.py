@@ -102,6 +102,13 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
         path = shard_path(path, *options.shard)
     check_output_folder(path.parent, "--out")
     cfg = options.resolve(len(images))
+    if cfg.runtime == "onnxruntime":  # exported and checked once (cached); a failed export falls back to torch
+        from .runtimes import prepare_onnx
+
+        _, why, _ = prepare_onnx(backbone, resolved, cfg.pooling)
+        if why:
+            warnings.warn(f"--runtime onnxruntime: {why}; extracting with torch", stacklevel=2)
+            cfg = dataclasses.replace(cfg, runtime="torch")
     keys = {t.name: tap_key(t.name, options.pooling, is_spatial(t.shape)) for t in resolved}
     report = ExtractionReport(path=path, samples=len(images), device=str(cfg.device), precision=cfg.precision)
     backbone.check_weights()  # a missing checkpoint fails before any file is touched
@@ -131,7 +138,7 @@ def _fill(writer: FeatureWriter, job: _Job, report: ExtractionReport) -> None:
     cfg, keys = job.cfg, job.keys
     dims = {t.name: pooled_dim(t.shape, cfg.pooling) for t in job.taps}
     attrs = {t.name: {"tap": t.name, "node": t.node, "pooling": cfg.pooling if is_spatial(t.shape) else "none",
-                      "precision": cfg.precision, "decode": cfg.decode} for t in job.taps}
+                      "precision": cfg.precision, "decode": cfg.decode, "runtime": cfg.runtime} for t in job.taps}
     writer.ensure_taps({keys[t.name]: (dims[t.name], attrs[t.name]) for t in job.taps})
     for key, rows in writer.recovered.items():
         warnings.warn(f"{rows} rows of tap {key} in {writer.path} were not on disk intact (a full disk or a crash "

@@ -28,6 +28,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loader": ("auto", "inline", "workers", "replicas"),
     "compile": ("auto", "on", "off"),
     "decode": ("auto", "simplejpeg", "pil", "torchvision"),
+    "runtime": ("torch", "onnxruntime"),
 }
 # `--loader auto` runs replicas on CPU datasets at least this large: below it their start-up
 # (spawning processes, building and compiling one model each) outweighs what they save.
@@ -59,6 +60,7 @@ class ExtractOptions:
     loader: str = "auto"
     compile: str = "auto"
     decode: str = "auto"
+    runtime: str = "torch"  # onnxruntime: the extractor exported to ONNX (features.runtimes), CPU, fp32
     engine: str = "local"
     ray_address: str | None = None
     gpus_per_worker: float = 0.0
@@ -78,14 +80,19 @@ class ExtractOptions:
             raise UsageError(f"--workers must be 0 or more, not {self.workers}")
         if self.gpus_per_worker < 0:
             raise UsageError(f"--gpus-per-worker must be 0 or more, not {self.gpus_per_worker}")
+        if self.runtime == "onnxruntime" and (self.engine == "ray" or self.device not in ("auto", "cpu")
+                                               or self.precision not in ("auto", "fp32")):
+            raise UsageError("--runtime onnxruntime runs the forward in fp32 on the CPU in the local engine; drop "
+                             "--engine ray, --device and --precision, or use --runtime torch")
         if self.decode == "torchvision" and self.engine == "ray":
             raise UsageError("--decode torchvision decodes on the model's device in the local engine; "
                              "with --engine ray use --decode simplejpeg or pil")
 
     def resolve(self, n_images: int) -> RunConfig:
         """The settings this machine will use for ``n_images`` images, every ``auto`` decided."""
-        device = resolve_device(self.device)
-        return RunConfig(pooling=self.pooling, device=device, precision=resolve_precision(self.precision, device),
+        device = torch.device("cpu") if self.runtime == "onnxruntime" else resolve_device(self.device)
+        precision = "fp32" if self.runtime == "onnxruntime" else resolve_precision(self.precision, device)
+        return RunConfig(pooling=self.pooling, device=device, precision=precision, runtime=self.runtime,
                          workers=default_workers() if self.workers is None else self.workers,
                          channels_last=self.channels_last, on_error=self.on_error, draft=self.draft,
                          loader=resolve_loader(self.loader, device, n_images), compile=self.compile,
@@ -108,6 +115,7 @@ class RunConfig:
     draft: bool
     loader: str = "inline"      # inline | workers | replicas
     compile: str = "off"        # auto | on | off (decided by dataset size, see features.forward)
+    runtime: str = "torch"      # torch | onnxruntime (features.runtimes)
     decode: str = "simplejpeg"  # simplejpeg | pil | torchvision
     batch_size: int = 64
     actors: int | None = None   # ray: backbone actors (None: one, or one per GPU slot)

@@ -346,7 +346,7 @@ class FeatureWriter:
         for name, value in attrs.items():
             # Files from before a setting was recorded resume without that check.
             if not ds.attrs["complete"] and name in ds.attrs and str(ds.attrs[name]) != str(value):
-                flag = {"precision": "--precision", "decode": "--decode"}.get(name)
+                flag = {"precision": "--precision", "decode": "--decode", "runtime": "--runtime"}.get(name)
                 rerun = f"rerun with {flag} {ds.attrs[name]} or pass --force" if flag else "pass --force"
                 raise TapsError(f"tap {key} in {self.path} was started with {name}={ds.attrs[name]}, "
                                 f"not {value}; {rerun}")

@@ -83,6 +83,10 @@ def _add_extract_args(p: argparse.ArgumentParser, out_alias: bool = True) -> Non
                         "(draft-mode JPEG decoding, box resize) or torchvision (decode_jpeg and resizing on the "
                         "model's device: nvJPEG on CUDA); auto: torchvision on CUDA, else simplejpeg "
                         "(default: %(default)s)")
+    g.add_argument("--runtime", default="torch", choices=CHOICES["runtime"],
+                   help="onnxruntime: the extractor exported to ONNX once (checked against torch, cached) and run by "
+                        "ONNX Runtime on the CPU in fp32; falls back to torch with a warning if it does not export "
+                        "(default: %(default)s)")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory layout")
     g.add_argument("--on-error", default="skip", choices=CHOICES["on_error"],
                    help="bad images: skip (record and go on) or fail (default: %(default)s)")
@@ -99,7 +103,7 @@ def _extract_options(args):
     return ExtractOptions(
         pooling=args.pool, device=args.device, precision=args.precision, batch_size=args.batch_size,
         workers=args.workers, channels_last=args.channels_last, on_error=args.on_error, loader=args.loader,
-        compile=args.compile, decode=args.decode, out=args.features_root, progress=args.progress,
+        compile=args.compile, decode=args.decode, runtime=args.runtime, out=args.features_root, progress=args.progress,
         force=getattr(args, "force", False) and args.command == "extract",
         shard=parse_shard(args.shard) if getattr(args, "shard", None) else None,
         engine=getattr(args, "engine", "local"), ray_address=getattr(args, "ray_address", None),
@@ -213,7 +217,8 @@ def cmd_info(args) -> None:
           f"skipped images: {len(f.errors)}")
     for key, t in f.taps.items():
         print(f"tap {key}: node={t.node} pooling={t.pooling} dim={t.dim} precision={t.precision} "
-              f"decode={t.decode} rows={t.rows_done}/{len(f.labels)} complete={t.complete}")
+              f"decode={t.decode} runtime={t.extra.get('runtime', 'torch')} rows={t.rows_done}/{len(f.labels)} "
+              f"complete={t.complete}")
     print(f.path)
 
 

@@ -205,8 +205,8 @@ def features_record(features: FeatureFile, keys: list[str]) -> dict:
     ``+`` when fused; ``taps`` lists each)."""
     records = [features.taps[k] for k in keys]
     taps = [{"tap": r.key, "node": r.node, "pooling": r.pooling, "dim": r.dim, "precision": r.precision,
-             "decode": r.decode} for r in records]
-    joined = {field: "+".join(dict.fromkeys(str(t[field]) for t in taps)) for field in ("precision", "decode")}
+             "decode": r.decode, "runtime": str(r.extra.get("runtime", "torch"))} for r in records]
+    joined = {field: "+".join(dict.fromkeys(str(t[field]) for t in taps)) for field in ("precision", "decode", "runtime")}
     return {**features.settings(), "path": str(features.path.resolve()), "tap": "+".join(keys),
             "node": "+".join(r.node for r in records),
             "pooling": "+".join(dict.fromkeys(r.pooling for r in records)), "dim": sum(r.dim for r in records),

@@ -80,6 +80,17 @@ def _tap(bb: Backbone, record: dict) -> Tap:
     return Tap(record["tap"], tap.node, tap.shape, tap.depth, tap.layout, tap.prefix)
 
 
+def _forward(bb: Backbone, taps: list[Tap], runtime: str, device, precision: str, pooling: str):
+    if runtime == "onnxruntime":
+        from features.runtimes import OnnxForward, prepare_onnx
+
+        path, why, _ = prepare_onnx(bb, taps, pooling)
+        if path is None:
+            raise TapsError(f"this run's features came from ONNX Runtime, which cannot be rebuilt here: {why}")
+        return OnnxForward.load(path, [t.name for t in taps])
+    return Forward(build_extractor(bb, taps, device, channels_last=True, pooling=pooling), device, precision)
+
+
 def predict_images(run_dir: Path | str, images: list[str], device: str = "auto", batch_size: int = 32,
                    weights: str | None = None) -> list[Prediction]:
     """Classify image files with a run's model, through the chain that made its training features:
@@ -97,7 +108,7 @@ def predict_images(run_dir: Path | str, images: list[str], device: str = "auto",
     spatial = {r["pooling"] for r in records} - {"none"}
     pooling = spatial.pop() if spatial else "avg"
     dev = resolve_device(device)
-    if "+" in f.get("decode", "") or "+" in f.get("precision", ""):
+    if "+" in f.get("decode", "") or "+" in f.get("precision", "") or "+" in f.get("runtime", ""):
         raise TapsError(f"the fused taps of this run were extracted with different decoders or precisions "
                         f"({f['decode']}, {f['precision']}), which one pass cannot reproduce; re-extract them "
                         f"together with `taps extract --force` and refit")
@@ -105,8 +116,8 @@ def predict_images(run_dir: Path | str, images: list[str], device: str = "auto",
     decode = f.get("decode", "pil")  # runs from before the decoder was recorded decoded with PIL
     cfg = RunConfig(pooling=pooling, device=dev, precision=precision, workers=0, channels_last=True,
                     on_error="skip", draft=True, loader="inline", compile="off", decode=decode)
-    # every tap the model reads, in one forward pass
-    forward = Forward(build_extractor(bb, taps, dev, channels_last=True, pooling=pooling), dev, precision)
+    # every tap the model reads, in one forward pass, by the runtime that made the training features
+    forward = _forward(bb, taps, f.get("runtime", "torch"), dev, precision, pooling)
     files = FileImageSet("predict", Path("/"), [Path(p).absolute() for p in images], ["?"], np.zeros(len(images)))
     source = BlockSource.of(files, bb.pixel_transform(), cfg)
     classes = results["classes"]

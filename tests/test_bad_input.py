@@ -45,6 +45,8 @@ def cases(w: dict) -> list[tuple[list[str], int, str]]:
     return [
         (["extract", "--backbone", "vit_b_16", "--weights", "none", "--taps", "permute"], 2,
          "tap 'permute' of vit_b_16 outputs 196x768 tokens, which taps does not pool; choose from: block0, block1"),
+        (["extract", "--runtime", "onnxruntime", "--precision", "bf16"], 2,
+         "--runtime onnxruntime runs the forward in fp32 on the CPU in the local engine; drop --engine ray, --device"),
         (["extract", "--backbone", "resnet18", "--weights", "none", "--taps", "layer1,avgpool", "--pool", "cls"], 2,
          "--pool cls takes a transformer's class token, but layer1 of resnet18 is a feature map"),
         (["extract", "--backbone", "vgg16", "--weights", "none", "--image-size", "17"], 2,
