@@ -141,7 +141,6 @@ class TimmBackbone(Backbone):
             raise UsageError(f"weights file {path} is not a state dict ({str(exc).splitlines()[0]}); pass a "
                              f".safetensors or .pth state dict") from None
         state = state.get("state_dict", state) if isinstance(state, dict) else state
-        missing, unexpected = [], []
         want = model.state_dict()
         missing = [k for k in want if k not in state]
         unexpected = [k for k in state if k not in want]
