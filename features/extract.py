@@ -30,7 +30,7 @@ from .errors import TapsError, UsageError
 from .options import ExtractOptions, RunConfig
 from .pooling import is_spatial, pooled_dim
 from .runtime import keep_freed_memory
-from .store import FeatureWriter, check_output_folder, exclusive_lock, feature_file_name, tap_key, versions
+from .store import FeatureFile, FeatureWriter, check_output_folder, exclusive_lock, feature_file_name, tap_key, versions
 
 
 @dataclass
@@ -102,13 +102,10 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
         path = shard_path(path, *options.shard)
     check_output_folder(path.parent, "--out")
     cfg = options.resolve(len(images))
-    if cfg.runtime == "onnxruntime":  # exported and checked once (cached); a failed export falls back to torch
-        from .runtimes import prepare_onnx
+    if cfg.runtime != "torch":  # exported and checked once (cached); auto also timed against torch
+        from .runtimes import resolve_runtime
 
-        _, why, _ = prepare_onnx(backbone, resolved, cfg.pooling)
-        if why:
-            warnings.warn(f"--runtime onnxruntime: {why}; extracting with torch", stacklevel=2)
-            cfg = dataclasses.replace(cfg, runtime="torch")
+        cfg = resolve_runtime(backbone, resolved, cfg, _recorded_runtime(path, resolved, options.pooling))
     keys = {t.name: tap_key(t.name, options.pooling, is_spatial(t.shape)) for t in resolved}
     report = ExtractionReport(path=path, samples=len(images), device=str(cfg.device), precision=cfg.precision)
     backbone.check_weights()  # a missing checkpoint fails before any file is touched
@@ -133,12 +130,26 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
     return report
 
 
+def _recorded_runtime(path: Path, taps: list[Tap], pooling: str) -> str | None:
+    """The runtime an unfinished requested tap of an existing file was started with (a resume keeps it)."""
+    if not path.is_file():
+        return None
+    try:
+        records = FeatureFile(path).taps
+    except (TapsError, OSError):
+        return None
+    keys = [tap_key(t.name, pooling, is_spatial(t.shape)) for t in taps]
+    started = {str(records[k].extra.get("runtime", "torch")) for k in keys if k in records and not records[k].complete}
+    return started.pop() if len(started) == 1 else None
+
+
 def _fill(writer: FeatureWriter, job: _Job, report: ExtractionReport) -> None:
     """Create or check the job's taps in the file, then write every block they still miss."""
     cfg, keys = job.cfg, job.keys
     dims = {t.name: pooled_dim(t.shape, cfg.pooling) for t in job.taps}
     attrs = {t.name: {"tap": t.name, "node": t.node, "pooling": cfg.pooling if is_spatial(t.shape) else "none",
-                      "precision": cfg.precision, "decode": cfg.decode, "runtime": cfg.runtime} for t in job.taps}
+                      "precision": cfg.precision, "decode": cfg.decode, "runtime": cfg.runtime,
+                      **({"runtime_rates": cfg.runtime_rates} if cfg.runtime_rates else {})} for t in job.taps}
     writer.ensure_taps({keys[t.name]: (dims[t.name], attrs[t.name]) for t in job.taps})
     for key, rows in writer.recovered.items():
         warnings.warn(f"{rows} rows of tap {key} in {writer.path} were not on disk intact (a full disk or a crash "

@@ -28,7 +28,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loader": ("auto", "inline", "workers", "replicas"),
     "compile": ("auto", "on", "off"),
     "decode": ("auto", "simplejpeg", "pil", "torchvision"),
-    "runtime": ("torch", "onnxruntime"),
+    "runtime": ("torch", "onnxruntime", "auto"),
 }
 # `--loader auto` runs replicas on CPU datasets at least this large: below it their start-up
 # (spawning processes, building and compiling one model each) outweighs what they save.
@@ -60,7 +60,8 @@ class ExtractOptions:
     loader: str = "auto"
     compile: str = "auto"
     decode: str = "auto"
-    runtime: str = "torch"  # onnxruntime: the extractor exported to ONNX (features.runtimes), CPU, fp32
+    runtime: str = "torch"  # onnxruntime: the extractor exported to ONNX (features.runtimes), CPU, fp32;
+    # auto: the faster of the two on a calibration batch (CPU, local engine; else torch)
     engine: str = "local"
     ray_address: str | None = None
     gpus_per_worker: float = 0.0
@@ -92,7 +93,8 @@ class ExtractOptions:
         """The settings this machine will use for ``n_images`` images, every ``auto`` decided."""
         device = torch.device("cpu") if self.runtime == "onnxruntime" else resolve_device(self.device)
         precision = "fp32" if self.runtime == "onnxruntime" else resolve_precision(self.precision, device)
-        return RunConfig(pooling=self.pooling, device=device, precision=precision, runtime=self.runtime,
+        runtime = "torch" if self.runtime == "auto" and (device.type != "cpu" or self.engine == "ray") else self.runtime
+        return RunConfig(pooling=self.pooling, device=device, precision=precision, runtime=runtime,
                          workers=default_workers() if self.workers is None else self.workers,
                          channels_last=self.channels_last, on_error=self.on_error, draft=self.draft,
                          loader=resolve_loader(self.loader, device, n_images), compile=self.compile,
@@ -115,7 +117,8 @@ class RunConfig:
     draft: bool
     loader: str = "inline"      # inline | workers | replicas
     compile: str = "off"        # auto | on | off (decided by dataset size, see features.forward)
-    runtime: str = "torch"      # torch | onnxruntime (features.runtimes)
+    runtime: str = "torch"      # torch | onnxruntime | auto (decided by features.runtimes.resolve_runtime)
+    runtime_rates: str = ""     # auto: what the calibration timing measured, recorded beside the choice
     decode: str = "simplejpeg"  # simplejpeg | pil | torchvision
     batch_size: int = 64
     actors: int | None = None   # ray: backbone actors (None: one, or one per GPU slot)

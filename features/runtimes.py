@@ -25,6 +25,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
+from dataclasses import replace as with_
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from torch import nn
 
 from .backbones import Backbone, Tap
 from .errors import UsageError
-from .forward import build_extractor
+from .forward import Forward, build_extractor
 from .store import file_sha256
 
 TOLERANCE = 1e-3
@@ -156,3 +157,38 @@ def prepare_onnx(backbone: Backbone, taps: list[Tap], pooling: str) -> tuple[Pat
               "export_seconds": round(time.perf_counter() - t0, 2), "taps": names}
     record_path.write_text(json.dumps(record, indent=2))
     return path, "", record
+
+
+def _rate(forward, pixels: torch.Tensor, repeats: int = 3) -> float:
+    """Images per second of ``forward`` on ``pixels``: the median of ``repeats`` timed calls after a warm-up."""
+    forward(pixels)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        forward(pixels)
+        times.append(time.perf_counter() - t0)
+    return len(pixels) / sorted(times)[len(times) // 2]
+
+
+def resolve_runtime(backbone: Backbone, taps: list[Tap], cfg, recorded: str | None):
+    """The run config with its runtime decided: ``onnxruntime`` if the export checks out (else torch,
+    with a warning); ``auto``: the runtime the file's unfinished taps were started with, else the
+    faster of eager torch (at the resolved precision) and ONNX Runtime on a calibration batch of
+    ``cfg.batch_size`` images, the rates recorded beside the choice."""
+    if cfg.runtime == "auto" and recorded is not None:
+        return with_(cfg, runtime=recorded, precision="fp32" if recorded == "onnxruntime" else cfg.precision)
+    path, why, _ = prepare_onnx(backbone, taps, cfg.pooling)
+    if path is None:
+        warnings.warn(f"--runtime {cfg.runtime}: {why}; extracting with torch", stacklevel=3)
+        return with_(cfg, runtime="torch")
+    if cfg.runtime == "onnxruntime":
+        return cfg
+    pixels = calibration_batch(backbone.input_size).repeat(-(-cfg.batch_size // CALIBRATION_IMAGES), 1, 1, 1)
+    pixels = pixels[:cfg.batch_size]
+    rates = {"torch": _rate(Forward(build_extractor(backbone, taps, cfg.device, cfg.channels_last, cfg.pooling),
+                                    cfg.device, cfg.precision, cfg.channels_last), pixels),
+             "onnxruntime": _rate(OnnxForward.load(path, [t.name for t in taps]), pixels)}
+    best = max(rates, key=rates.get)
+    measured = f"{', '.join(f'{k} {v:.1f} img/s' for k, v in rates.items())} (calibration batch, {cfg.precision} torch)"
+    return with_(cfg, runtime=best, precision="fp32" if best == "onnxruntime" else cfg.precision,
+                 runtime_rates=measured)

@@ -57,6 +57,7 @@ READABLE_VERSIONS = (1, 2)
 # Settings that define a feature file: if any differs, the file is a different one.
 IDENTITY = ("backbone", "weights", "transform", "dataset", "dataset_fingerprint", "n_samples")
 STR = h5py.string_dtype()
+MEASURED = ("runtime_rates",)  # tap attributes that record a measurement, not a setting
 
 
 def tap_key(tap: str, pooling: str, spatial: bool) -> str:
@@ -344,8 +345,8 @@ class FeatureWriter:
     def _check_tap(self, key: str, attrs: dict) -> None:
         ds = self.h5["taps"][key]
         for name, value in attrs.items():
-            # Files from before a setting was recorded resume without that check.
-            if not ds.attrs["complete"] and name in ds.attrs and str(ds.attrs[name]) != str(value):
+            # Files from before a setting was recorded resume without that check; measurements differ per run.
+            if name not in MEASURED and not ds.attrs["complete"] and name in ds.attrs and str(ds.attrs[name]) != str(value):
                 flag = {"precision": "--precision", "decode": "--decode", "runtime": "--runtime"}.get(name)
                 rerun = f"rerun with {flag} {ds.attrs[name]} or pass --force" if flag else "pass --force"
                 raise TapsError(f"tap {key} in {self.path} was started with {name}={ds.attrs[name]}, "

@@ -85,8 +85,9 @@ def _add_extract_args(p: argparse.ArgumentParser, out_alias: bool = True) -> Non
                         "(default: %(default)s)")
     g.add_argument("--runtime", default="torch", choices=CHOICES["runtime"],
                    help="onnxruntime: the extractor exported to ONNX once (checked against torch, cached) and run by "
-                        "ONNX Runtime on the CPU in fp32; falls back to torch with a warning if it does not export "
-                        "(default: %(default)s)")
+                        "ONNX Runtime on the CPU in fp32; falls back to torch with a warning if it does not export; "
+                        "auto: the faster of the two on a calibration batch, recorded with the rates (default: "
+                        "%(default)s)")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory layout")
     g.add_argument("--on-error", default="skip", choices=CHOICES["on_error"],
                    help="bad images: skip (record and go on) or fail (default: %(default)s)")

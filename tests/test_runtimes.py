@@ -104,3 +104,22 @@ def test_a_backbone_that_does_not_export_falls_back_to_torch_with_one_warning(ti
                          out=tmp_path / "fs", runtime="onnxruntime", **RUN)
     assert FeatureFile(report.path).taps["avgpool"].extra["runtime"] == "torch"
     assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+def test_auto_times_both_runtimes_records_its_choice_and_a_resume_keeps_it(tiny_flat, tmp_path, monkeypatch):
+    monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
+    images = load_dataset(f"folder:{tiny_flat}")
+    bb = Backbone("resnet18", weights="none", image_size=32)
+    record = FeatureFile(extract(images, bb, ["avgpool"], out=tmp_path / "a", runtime="auto", **RUN).path).taps["avgpool"]
+    assert record.extra["runtime"] in ("torch", "onnxruntime")
+    rates = record.extra["runtime_rates"]
+    assert "torch " in rates and "onnxruntime " in rates and "img/s" in rates
+    faster = max(("torch", "onnxruntime"), key=lambda r: float(rates.split(f"{r} ")[1].split(" ")[0]))
+    assert record.extra["runtime"] == faster
+    torch_precision = rates.split("batch, ")[1].split(" torch")[0]  # what the torch timing ran in
+    assert record.precision == ("fp32" if faster == "onnxruntime" else torch_precision)
+    # an unfinished tap started by one runtime is finished by it, whatever a new timing would say
+    extract(images, bb, ["layer1"], out=tmp_path / "b", runtime="onnxruntime", limit_batches=1, **RUN)
+    resumed = extract(images, bb, ["layer1"], out=tmp_path / "b", runtime="auto", **RUN)
+    assert FeatureFile(resumed.path).taps["layer1"].extra["runtime"] == "onnxruntime"
+    assert FeatureFile(resumed.path).taps["layer1"].complete
