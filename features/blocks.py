@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,7 +19,6 @@ from torch.utils.data import Dataset
 from . import jpeg
 from .backbones import Backbone, Tap
 from .datasets import BadImage, ImageSet
-from .errors import TapsError
 from .forward import Forward, build_extractor, compiled, resolve_compile
 from .options import RunConfig
 from .turbojpeg import sample_pixels
@@ -99,13 +99,10 @@ def prepare_forward(backbone: Backbone, taps: list[Tap], cfg: RunConfig, n_image
     Compiled graphs get NCHW input: Inductor picks its own layouts, and the bench
     measured channels_last input slower there, while it is much faster eagerly.
     """
-    if cfg.runtime == "onnxruntime":  # extract() exported and checked it: this loads the cached file
-        from .runtimes import OnnxForward, prepare_onnx
+    if cfg.runtime == "onnxruntime":  # extract() exported and checked it (cfg.onnx_path): each engine loads it
+        from .runtimes import OnnxForward
 
-        path, why, _ = prepare_onnx(backbone, taps, cfg.pooling)
-        if path is None:
-            raise TapsError(f"--runtime onnxruntime: {why}")
-        return OnnxForward.load(path, [t.name for t in taps])
+        return OnnxForward.load(Path(cfg.onnx_path), [t.name for t in taps])
     eager = Forward(build_extractor(backbone, taps, cfg.device, cfg.channels_last, cfg.pooling), cfg.device,
                     cfg.precision, cfg.channels_last)
     if not resolve_compile(cfg.compile, cfg.device, n_images):

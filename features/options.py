@@ -119,6 +119,7 @@ class RunConfig:
     compile: str = "off"        # auto | on | off (decided by dataset size, see features.forward)
     runtime: str = "torch"      # torch | onnxruntime | auto (decided by features.runtimes.resolve_runtime)
     runtime_rates: str = ""     # auto: what the calibration timing measured, recorded beside the choice
+    onnx_path: str = ""         # onnxruntime: the checked export resolve_runtime found (loaded by each engine)
     decode: str = "simplejpeg"  # simplejpeg | pil | torchvision
     batch_size: int = 64
     actors: int | None = None   # ray: backbone actors (None: one, or one per GPU slot)

@@ -176,11 +176,14 @@ def resolve_runtime(backbone: Backbone, taps: list[Tap], cfg, recorded: str | No
     faster of eager torch (at the resolved precision) and ONNX Runtime on a calibration batch of
     ``cfg.batch_size`` images, the rates recorded beside the choice."""
     if cfg.runtime == "auto" and recorded is not None:
-        return with_(cfg, runtime=recorded, precision="fp32" if recorded == "onnxruntime" else cfg.precision)
+        cfg = with_(cfg, runtime=recorded, precision="fp32" if recorded == "onnxruntime" else cfg.precision)
+        if recorded == "torch":
+            return cfg
     path, why, _ = prepare_onnx(backbone, taps, cfg.pooling)
     if path is None:
         warnings.warn(f"--runtime {cfg.runtime}: {why}; extracting with torch", stacklevel=3)
         return with_(cfg, runtime="torch")
+    cfg = with_(cfg, onnx_path=str(path))
     if cfg.runtime == "onnxruntime":
         return cfg
     pixels = calibration_batch(backbone.input_size).repeat(-(-cfg.batch_size // CALIBRATION_IMAGES), 1, 1, 1)

@@ -43,6 +43,7 @@ COLUMNS = ("backbone", "clf", "tap", "taps", "depth", "node", "dim", "pooling", 
            "top5_accuracy_mean", "top5_accuracy_std", "interval_low", "interval_high", "logme", "fit_seconds", "predict_seconds",
            "best", "tied", "vs_best", "vs_best_low", "vs_best_high", "run")
 METRIC = "mean_per_class_accuracy"  # what ranks the rows and what the paired tests compare
+METRIC_NAMES = ("accuracy", "mean_per_class_accuracy", "macro_f1", "top5_accuracy")
 
 
 def plan_taps(backbone: Backbone, taps: list[str] | None, fuse: bool,
@@ -56,8 +57,8 @@ def plan_taps(backbone: Backbone, taps: list[str] | None, fuse: bool,
     if AUTO in sets and len(resolved) < 2:
         raise UsageError("--fuse (or auto) chooses among the compared taps; compare at least two, e.g. --taps all")
     members = [m for spec in sets if spec != AUTO for m in tap_set(spec)]
-    needed = list(dict.fromkeys([t.name for t in resolved] + [t.name for t in backbone.resolve_taps(members)]
-                                if members else [t.name for t in resolved]))
+    extra = backbone.resolve_taps(members) if members else []
+    needed = list(dict.fromkeys(t.name for t in resolved + extra))
     return resolved, sets, needed
 
 
@@ -131,10 +132,9 @@ def _fit_row(features: FeatureFile, tap: str, fit: FitOptions, *, pooling: str, 
     chosen = ";".join("+".join(s["taps"]) for s in results["per_seed"])
     log(f"{'reused' if reused else 'fitted'} {features.attrs['backbone']} {tap} {fit.clf}: mean per-class accuracy "
         f"{100 * m[METRIC]['mean']:.1f}%" + (f" (chose {chosen})" if tap == AUTO else ""))
-    names = ("accuracy", "mean_per_class_accuracy", "macro_f1", "top5_accuracy")
     return {"clf": fit.clf, "tap": tap, "taps": chosen, "node": results["features"]["node"],
             "dim": results["features"]["dim"],
-            **{f"{k}_{s}": round(m[k][s], 5) for k in names if k in m for s in ("mean", "std")},
+            **{f"{k}_{s}": round(m[k][s], 5) for k in METRIC_NAMES if k in m for s in ("mean", "std")},
             "fit_seconds": round(results["fit_seconds"]["mean"], 2),
             "predict_seconds": round(float(np.mean([s.get("predict_seconds", 0) for s in results["per_seed"]])), 3),
             "best": False, "tied": False, "run": str(run_dir),
@@ -175,10 +175,11 @@ def _significance(rows: list[dict], runs: list[dict], seeds: int) -> list[dict]:
     rows[best]["best"] = True
     if len({tuple(r["split_digests"]) for r in rows}) > 1:  # not the same test samples: no paired test
         return []
-    correct, weights = [], []
+    correct, weights, labels = [], [], {}
     for row, results in zip(rows, runs, strict=True):
         by_seed = load_predictions(Path(row["run"]), results)
-        y = np.asarray(FeatureFile(results["features"]["path"]).labels)
+        path = results["features"]["path"]  # one feature file serves every row of its backbone
+        y = labels[path] if path in labels else labels.setdefault(path, FeatureFile(path).labels)
         correct.append([y[by_seed[s][0]] == by_seed[s][1] for s in range(seeds)])
         if not weights:
             weights = [sample_weights(y[by_seed[s][0]], METRIC) for s in range(seeds)]
@@ -214,9 +215,6 @@ def rank_agreement(rows: list[dict]) -> list[dict]:
         out.append({"backbone": key[0], "clf": key[1], "taps": len(mine),
                     "kendall_tau": None if tau is None or np.isnan(tau) else round(float(tau), 4)})
     return out
-
-
-METRIC_NAMES = ("accuracy", "mean_per_class_accuracy", "macro_f1", "top5_accuracy")
 
 
 def _write_tables(out: Path, rows: list[dict], settings: dict, pairs: list[dict], agreement: list[dict]) -> None:
