@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -99,10 +98,10 @@ def prepare_forward(backbone: Backbone, taps: list[Tap], cfg: RunConfig, n_image
     Compiled graphs get NCHW input: Inductor picks its own layouts, and the bench
     measured channels_last input slower there, while it is much faster eagerly.
     """
-    if cfg.runtime == "onnxruntime":  # extract() exported and checked it (cfg.onnx_path): each engine loads it
-        from .runtimes import OnnxForward
+    if cfg.runtime != "torch":  # extract() exported and checked it (cfg.onnx_path): each engine loads it
+        from .runtimes import load_exported
 
-        return OnnxForward.load(Path(cfg.onnx_path), [t.name for t in taps])
+        return load_exported(cfg.runtime, cfg.onnx_path, [t.name for t in taps], cfg.precision)
     eager = Forward(build_extractor(backbone, taps, cfg.device, cfg.channels_last, cfg.pooling), cfg.device,
                     cfg.precision, cfg.channels_last)
     if not resolve_compile(cfg.compile, cfg.device, n_images):

@@ -28,8 +28,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loader": ("auto", "inline", "workers", "replicas"),
     "compile": ("auto", "on", "off"),
     "decode": ("auto", "simplejpeg", "pil", "torchvision"),
-    "runtime": ("torch", "onnxruntime", "auto"),
+    "runtime": ("torch", "onnxruntime", "openvino", "auto"),
 }
+# The runtimes that run taps' ONNX export (features.runtimes) and the precisions each runs on the CPU.
+EXPORTED_RUNTIME_PRECISIONS: dict[str, tuple[str, ...]] = {"onnxruntime": ("fp32",), "openvino": ("fp32", "bf16")}
 # `--loader auto` runs replicas on CPU datasets at least this large: below it their start-up
 # (spawning processes, building and compiling one model each) outweighs what they save.
 REPLICAS_MIN_IMAGES = 20_000
@@ -60,8 +62,8 @@ class ExtractOptions:
     loader: str = "auto"
     compile: str = "auto"
     decode: str = "auto"
-    runtime: str = "torch"  # onnxruntime: the extractor exported to ONNX (features.runtimes), CPU, fp32;
-    # auto: the faster of the two on a calibration batch (CPU, local engine; else torch)
+    runtime: str = "torch"  # onnxruntime | openvino: the extractor exported to ONNX (features.runtimes), on
+    # the CPU; auto: the fastest installed runtime on a calibration batch (on the CPU; on a GPU, torch)
     engine: str = "local"
     ray_address: str | None = None
     gpus_per_worker: float = 0.0
@@ -81,19 +83,23 @@ class ExtractOptions:
             raise UsageError(f"--workers must be 0 or more, not {self.workers}")
         if self.gpus_per_worker < 0:
             raise UsageError(f"--gpus-per-worker must be 0 or more, not {self.gpus_per_worker}")
-        if self.runtime == "onnxruntime" and (self.engine == "ray" or self.device not in ("auto", "cpu")
-                                               or self.precision not in ("auto", "fp32")):
-            raise UsageError("--runtime onnxruntime runs the forward in fp32 on the CPU in the local engine; drop "
-                             "--engine ray, --device and --precision, or use --runtime torch")
+        precisions = EXPORTED_RUNTIME_PRECISIONS.get(self.runtime)
+        if precisions and (self.device not in ("auto", "cpu") or self.gpus_per_worker
+                           or self.precision not in ("auto", *precisions)):
+            raise UsageError(f"--runtime {self.runtime} runs the forward on the CPU in {' or '.join(precisions)}; "
+                             "drop --device, --gpus-per-worker and --precision, or use --runtime torch")
         if self.decode == "torchvision" and self.engine == "ray":
             raise UsageError("--decode torchvision decodes on the model's device in the local engine; "
                              "with --engine ray use --decode simplejpeg or pil")
 
     def resolve(self, n_images: int) -> RunConfig:
         """The settings this machine will use for ``n_images`` images, every ``auto`` decided."""
-        device = torch.device("cpu") if self.runtime == "onnxruntime" else resolve_device(self.device)
-        precision = "fp32" if self.runtime == "onnxruntime" else resolve_precision(self.precision, device)
-        runtime = "torch" if self.runtime == "auto" and (device.type != "cpu" or self.engine == "ray") else self.runtime
+        exported = EXPORTED_RUNTIME_PRECISIONS.get(self.runtime)
+        device = torch.device("cpu") if exported else resolve_device(self.device)
+        precision = resolve_precision(self.precision, device)
+        if exported and precision not in exported:  # auto on a bf16 CPU, for a runtime that runs fp32 only
+            precision = "fp32"
+        runtime = "torch" if self.runtime == "auto" and (device.type != "cpu" or self.gpus_per_worker) else self.runtime
         return RunConfig(pooling=self.pooling, device=device, precision=precision, runtime=runtime,
                          workers=default_workers() if self.workers is None else self.workers,
                          channels_last=self.channels_last, on_error=self.on_error, draft=self.draft,
@@ -117,9 +123,9 @@ class RunConfig:
     draft: bool
     loader: str = "inline"      # inline | workers | replicas
     compile: str = "off"        # auto | on | off (decided by dataset size, see features.forward)
-    runtime: str = "torch"      # torch | onnxruntime | auto (decided by features.runtimes.resolve_runtime)
+    runtime: str = "torch"      # torch | onnxruntime | openvino | auto (decided by features.runtimes.resolve_runtime)
     runtime_rates: str = ""     # auto: what the calibration timing measured, recorded beside the choice
-    onnx_path: str = ""         # onnxruntime: the checked export resolve_runtime found (loaded by each engine)
+    onnx_path: str = ""         # an exported runtime: the export it checked (loaded by each engine)
     decode: str = "simplejpeg"  # simplejpeg | pil | torchvision
     batch_size: int = 64
     actors: int | None = None   # ray: backbone actors (None: one, or one per GPU slot)

@@ -1,162 +1,224 @@
-"""``--runtime onnxruntime``: the frozen forward exported once to ONNX and run by ONNX Runtime.
+"""``--runtime``: who runs the frozen forward on the CPU. ``torch`` runs the extractor itself;
+the exported runtimes (:data:`RUNTIMES`: ONNX Runtime, OpenVINO) run its ONNX export
+(:mod:`features.export`); ``auto`` times them all on a calibration batch and keeps the fastest.
 
 On CPUs without bf16 kernels the torch forward, not the data path, limits extraction, and the
-same network runs faster under ONNX Runtime. What is exported is taps' whole extractor
-(:func:`features.forward.build_extractor`): the uint8 -> normalised pixels step, the pruned
-graph with folded BatchNorm, and the pooling of every requested tap, each tap one output,
-with a dynamic batch dimension.
-
-An export is trusted only after it reproduces the torch forward (fp32) on a seeded
-calibration batch: the largest difference of any tap, relative to that tap's largest value,
-must stay under ``TOLERANCE``. 1e-3 is far above float32 reordering noise (1e-6 here) and far
-below what would move a linear probe, while a mis-exported op (a baked-in batch size, a wrong
-axis) shows up as differences of order 1. Exports are cached under ``cache_dir()`` keyed by
-everything that defines them (backbone, weights and their digest, preprocessing, taps and
-their layouts, pooling, input size, torch, ONNX Runtime and opset versions); a cached file
-whose SHA-256 no longer matches its record is rebuilt, not trusted. A backbone that does not
-export cleanly falls back to torch with one warning naming why.
+same network runs faster under the exported runtimes. An export is trusted by a runtime only
+after that runtime reproduced the torch forward (fp32 both) on a seeded calibration batch:
+the largest difference of any tap, relative to that tap's largest value, must stay under
+``TOLERANCE``. 1e-3 is far above float32 reordering noise (1e-6 here) and far below what would
+move a linear probe, while a mis-exported op (a baked-in batch size, a wrong axis) shows up
+as differences of order 1. Each check is recorded beside the cached file (per runtime and
+version); a cached file whose SHA-256 no longer matches its record is rebuilt, not trusted.
+A backbone that does not export cleanly falls back to torch with one warning naming why.
 """
 
 from __future__ import annotations
 
-import hashlib
+import importlib
+import importlib.metadata
 import json
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import replace as with_
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from .backbones import Backbone, Tap
 from .errors import UsageError
+from .export import (
+    cache_dir,
+    calibration_batch,
+    export_key,
+    export_onnx,
+    largest_difference,
+    reference_outputs,
+)
 from .forward import Forward, build_extractor
+from .options import EXPORTED_RUNTIME_PRECISIONS
 from .store import file_sha256
 
 TOLERANCE = 1e-3
-OPSET = 17
-CALIBRATION_IMAGES = 8
+
+# A session: the NCHW uint8 batch -> one float32 array per tap, in the order of the names it was built with.
+Session = Callable[[np.ndarray], list[np.ndarray]]
 
 
-def _ort():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise UsageError("--runtime onnxruntime needs ONNX Runtime: pip install -e '.[onnx]' (`make install` "
-                         "installs it)") from None
-    return onnxruntime
+@dataclass(frozen=True)
+class ExportedRuntime:
+    """A runtime for the ONNX export: the package it needs, the extra that installs it, the
+    precisions it runs (:data:`features.options.EXPORTED_RUNTIME_PRECISIONS`) and how it opens a
+    session on a file with a number of threads."""
+
+    name: str
+    package: str
+    extra: str
+    open: Callable[[Path, list[str], str, int], Session]
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        return EXPORTED_RUNTIME_PRECISIONS[self.name]
+
+    def version(self) -> str | None:
+        """The installed version, or None when it is not installed."""
+        try:
+            return importlib.metadata.version(self.package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    def module(self):
+        try:
+            return importlib.import_module(self.package)
+        except ImportError:
+            raise UsageError(f"--runtime {self.name} needs {self.package}: pip install -e '.[{self.extra}]' "
+                             "(`make install` installs it)") from None
 
 
-def cache_dir() -> Path:
-    """Where exports are kept: ``$TAPS_CACHE/onnx``, else ``~/.cache/taps/onnx``."""
-    return Path(os.environ.get("TAPS_CACHE", Path.home() / ".cache" / "taps")) / "onnx"
+RUNTIMES: dict[str, ExportedRuntime] = {}
 
 
-def export_key(backbone: Backbone, taps: list[Tap], pooling: str) -> str:
-    """Everything that defines an export, hashed: equal keys, interchangeable files."""
-    fields = {"backbone": backbone.name, "weights": backbone.weights.spec, "weights_sha256": backbone.weights.sha256,
-              "transform": backbone.transform_spec(), "input": backbone.input_size, "pooling": pooling,
-              "taps": [[t.name, t.node, t.layout, t.prefix, list(t.shape)] for t in taps],
-              "torch": torch.__version__, "onnxruntime": _ort().__version__, "opset": OPSET}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+def register_runtime(runtime: ExportedRuntime) -> ExportedRuntime:
+    if runtime.name not in EXPORTED_RUNTIME_PRECISIONS:
+        raise ValueError(f"add {runtime.name!r} to features.options.EXPORTED_RUNTIME_PRECISIONS first")
+    RUNTIMES[runtime.name] = runtime
+    return runtime
 
 
-class _Outputs(nn.Module):
-    """The extractor with its outputs as a tuple in tap order (what the ONNX exporter takes)."""
+def _onnxruntime(path: Path, names: list[str], precision: str, threads: int) -> Session:
+    ort = RUNTIMES["onnxruntime"].module()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(names, {"pixels": x})
 
-    def __init__(self, extractor: nn.Module, names: list[str]):
-        super().__init__()
-        self.extractor, self.names = extractor, names
 
-    def forward(self, pixels: torch.Tensor):
-        out = self.extractor(pixels)
-        return tuple(out[n] for n in self.names)
+def _openvino(path: Path, names: list[str], precision: str, threads: int) -> Session:
+    ov = RUNTIMES["openvino"].module()
+    core = ov.Core()
+    if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        raise UsageError("--runtime openvino --precision bf16 needs a CPU with bf16 support (AVX512_BF16 or AMX); "
+                         "use --precision fp32")
+    # THROUGHPUT: several streams when there are cores for them; a batch is split across their
+    # requests, run at once and put back together in order.
+    compiled = core.compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_NUM_THREADS": threads,
+                                                     "INFERENCE_PRECISION_HINT": {"fp32": "f32"}.get(precision,
+                                                                                                     precision)})
+    outputs = [compiled.output(n) for n in names]
+    # Plain requests, no AsyncInferQueue callbacks: a callback holding the last reference to the
+    # compiled model lets one of OpenVINO's own threads destroy (and join) itself, which aborts.
+    requests = [compiled.create_infer_request()
+                for _ in range(int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))]
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        chunks = [rows for rows in np.array_split(np.arange(len(x)), len(requests)) if len(rows)]
+        for request, rows in zip(requests, chunks, strict=False):
+            request.start_async({0: x[rows[0]:rows[-1] + 1]})
+        parts = []
+        for request, _ in zip(requests, chunks, strict=False):
+            request.wait()
+            parts.append([request.get_tensor(o).data.copy() for o in outputs])
+        return [np.concatenate([part[j] for part in parts]) for j in range(len(names))]
+    return run
+
+
+register_runtime(ExportedRuntime("onnxruntime", "onnxruntime", "onnx", _onnxruntime))
+register_runtime(ExportedRuntime("openvino", "openvino", "openvino", _openvino))
 
 
 @dataclass
-class OnnxForward:
-    """An ONNX Runtime session with :class:`features.forward.Forward`'s interface."""
+class ExportedForward:
+    """A session of an exported runtime with :class:`features.forward.Forward`'s interface."""
 
-    session: object
+    session: Session
     names: list[str]
-    runtime: str = "onnxruntime"
+    runtime: str
+    precision: str = "fp32"
     compile_seconds: float = 0.0
     device: torch.device = torch.device("cpu")
-    precision: str = "fp32"
-
-    @classmethod
-    def load(cls, path: Path, names: list[str]) -> OnnxForward:
-        ort = _ort()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()  # the cores this engine gives the model
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        return cls(session, names)
 
     def __call__(self, pixels: torch.Tensor) -> dict[str, np.ndarray]:
         x = np.ascontiguousarray(pixels.permute(0, 3, 1, 2).cpu().numpy())  # NHWC uint8 -> NCHW
-        return dict(zip(self.names, (np.asarray(o, np.float32) for o in self.session.run(self.names, {"pixels": x})),
-                        strict=True))
+        return dict(zip(self.names, (np.asarray(o, np.float32) for o in self.session(x)), strict=True))
 
 
-def calibration_batch(size: int) -> torch.Tensor:
-    """A seeded NHWC uint8 batch of smooth random images."""
-    g = torch.Generator().manual_seed(0)
-    coarse = torch.randint(0, 256, (CALIBRATION_IMAGES, 3, 8, 8), generator=g, dtype=torch.uint8).float()
-    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear").round().to(torch.uint8) \
-        .permute(0, 2, 3, 1).contiguous()
+def load_exported(runtime: str, path: Path | str, names: list[str], precision: str = "fp32") -> ExportedForward:
+    """``runtime``'s session on the export at ``path``, with as many threads as torch is given here
+    (the cores this engine gives the model: all of them inline, one per replica)."""
+    return ExportedForward(RUNTIMES[runtime].open(Path(path), names, precision, torch.get_num_threads()), names,
+                           runtime, precision)
 
 
-def largest_difference(reference: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> float:
-    """max over taps of max|a - b| / max|a|; below 1e-4 the scale counts as 1e-4, so a tap whose values
-    vanish (random weights) is judged by absolute differences, not by float noise on tiny numbers."""
-    return max(float(np.abs(reference[k] - other[k]).max() / max(float(np.abs(reference[k]).max()), 1e-4))
-               for k in reference)
-
-
-def prepare_onnx(backbone: Backbone, taps: list[Tap], pooling: str) -> tuple[Path | None, str, dict]:
-    """The checked export of this extractor: (path, "", record) or (None, why it cannot be used, {})."""
+def prepare_export(backbone: Backbone, taps: list[Tap], pooling: str, runtime: str = "onnxruntime"
+                   ) -> tuple[Path | None, str, dict]:
+    """The export of this extractor, checked by ``runtime``: (path, "", record) or (None, why not, {}).
+    A file is exported once; each runtime (and version) checks it once, recorded in ``record["checks"]``."""
+    rt = RUNTIMES[runtime]
+    check = f"{runtime} {rt.version()}"
+    rt.module()
     path = cache_dir() / f"{export_key(backbone, taps, pooling)}.onnx"
     record_path = path.with_suffix(".json")
     names = [t.name for t in taps]
-    if path.is_file() and record_path.is_file():
-        record = json.loads(record_path.read_text())
-        if record.get("sha256") == file_sha256(path):
-            return path, "", record
+    record = json.loads(record_path.read_text()) if path.is_file() and record_path.is_file() else {}
+    intact = bool(record) and record.get("sha256") == file_sha256(path)
+    if intact and check in record.get("checks", {}):
+        return path, "", record
+    # an intact file is checked by this runtime as it is; anything else is exported afresh
+    target = path if intact else path.with_suffix(f".{os.getpid()}.tmp")
     t0 = time.perf_counter()
-    extractor = build_extractor(backbone, taps, torch.device("cpu"), channels_last=False, pooling=pooling).eval()
-    pixels = calibration_batch(backbone.input_size)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    with torch.inference_mode():
-        reference = {k: v.numpy() for k, v in extractor(pixels.permute(0, 3, 1, 2).contiguous()).items()}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        example = pixels[:2].permute(0, 3, 1, 2).contiguous()
-        with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice is not the user's
-            warnings.simplefilter("ignore")
-            # The TorchScript exporter: it needs no onnxscript and traces taps' FX graphs as they are.
-            # eval() on the wrapper too: the exporter restores the wrapper's mode afterwards, recursively
-            torch.onnx.export(_Outputs(extractor, names).eval(), (example,), str(tmp), input_names=["pixels"],
-                              output_names=names, opset_version=OPSET, dynamo=False,
-                              dynamic_axes={"pixels": {0: "batch"}, **{n: {0: "batch"} for n in names}})
-        difference = largest_difference(reference, OnnxForward.load(tmp, names)(pixels))
+        if target != path:
+            export_onnx(backbone, taps, pooling, target)
+        expected = reference_outputs(backbone, taps, pooling)
+        difference = largest_difference(expected, load_exported(runtime, target, names)(
+            calibration_batch(backbone.input_size)))
+    except UsageError:
+        raise
     except Exception as exc:  # exporters and runtimes fail in many ways (unsupported ops, shapes)
-        tmp.unlink(missing_ok=True)
+        if target != path:
+            target.unlink(missing_ok=True)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return None, f"{backbone.name} did not export to ONNX ({reason[:200]})", {}
+        return None, f"{backbone.name} did not export to ONNX for {runtime} ({reason[:200]})", {}
     if difference > TOLERANCE:
-        tmp.unlink(missing_ok=True)
-        return None, (f"the ONNX export of {backbone.name} differs from torch by {difference:.2g} (relative) on the "
-                      f"calibration batch, over the tolerance {TOLERANCE:g}"), {}
-    tmp.replace(path)
-    record = {"sha256": file_sha256(path), "max_relative_difference": difference,
-              "export_seconds": round(time.perf_counter() - t0, 2), "taps": names}
+        if target != path:
+            target.unlink(missing_ok=True)
+        return None, (f"the ONNX export of {backbone.name} run by {runtime} differs from torch by {difference:.2g} "
+                      f"(relative) on the calibration batch, over the tolerance {TOLERANCE:g}"), {}
+    if target != path:
+        target.replace(path)
+        record = {"sha256": file_sha256(path), "taps": names, "export_seconds": round(time.perf_counter() - t0, 2)}
+    record.setdefault("checks", {})[check] = {"max_relative_difference": difference}
     record_path.write_text(json.dumps(record, indent=2))
     return path, "", record
+
+
+def local_export(path: Path | str, sha256: str, fetch: Callable[[], bytes]) -> Path:
+    """The export at ``path`` when this machine has it intact (a Ray actor on the driver's machine),
+    else a copy of its bytes (``fetch()``) kept in this machine's cache under its digest."""
+    if Path(path).is_file() and file_sha256(path) == sha256:
+        return Path(path)
+    local = cache_dir() / f"copy-{sha256[:20]}.onnx"
+    if not (local.is_file() and file_sha256(local) == sha256):
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(fetch())
+        tmp.replace(local)
+    return local
+
+
+def installed_runtimes() -> list[str]:
+    """The exported runtimes whose package is installed here."""
+    return [name for name, rt in RUNTIMES.items() if rt.version() is not None]
+
+
+def runtime_precision(runtime: str, precision: str) -> str:
+    """The precision ``runtime`` runs a ``precision`` request in: its own when it has it, else fp32."""
+    return precision if runtime == "torch" or precision in RUNTIMES[runtime].precisions else "fp32"
 
 
 def _rate(forward, pixels: torch.Tensor, repeats: int = 3) -> float:
@@ -171,27 +233,32 @@ def _rate(forward, pixels: torch.Tensor, repeats: int = 3) -> float:
 
 
 def resolve_runtime(backbone: Backbone, taps: list[Tap], cfg, recorded: str | None):
-    """The run config with its runtime decided: ``onnxruntime`` if the export checks out (else torch,
-    with a warning); ``auto``: the runtime the file's unfinished taps were started with, else the
-    faster of eager torch (at the resolved precision) and ONNX Runtime on a calibration batch of
-    ``cfg.batch_size`` images, the rates recorded beside the choice."""
+    """The run config with its runtime decided. An exported runtime: its checked export (else
+    torch, with a warning). ``auto``: the runtime the file's unfinished taps were started with;
+    else eager torch and every installed exported runtime whose export checks out are timed on
+    a calibration batch of ``cfg.batch_size`` images, each at the precision it would run, and
+    the fastest is used; the rates are recorded beside the choice."""
     if cfg.runtime == "auto" and recorded is not None:
-        cfg = with_(cfg, runtime=recorded, precision="fp32" if recorded == "onnxruntime" else cfg.precision)
-        if recorded == "torch":
-            return cfg
-    path, why, _ = prepare_onnx(backbone, taps, cfg.pooling)
-    if path is None:
-        warnings.warn(f"--runtime {cfg.runtime}: {why}; extracting with torch", stacklevel=3)
-        return with_(cfg, runtime="torch")
-    cfg = with_(cfg, onnx_path=str(path))
-    if cfg.runtime == "onnxruntime":
+        cfg = with_(cfg, runtime=recorded, precision=runtime_precision(recorded, cfg.precision))
+    if cfg.runtime == "torch":
         return cfg
-    pixels = calibration_batch(backbone.input_size).repeat(-(-cfg.batch_size // CALIBRATION_IMAGES), 1, 1, 1)
-    pixels = pixels[:cfg.batch_size]
+    if cfg.runtime != "auto":
+        path, why, _ = prepare_export(backbone, taps, cfg.pooling, cfg.runtime)
+        if path is None:
+            warnings.warn(f"--runtime {cfg.runtime}: {why}; extracting with torch", stacklevel=3)
+            return with_(cfg, runtime="torch")
+        return with_(cfg, onnx_path=str(path))
+    pixels = calibration_batch(backbone.input_size, cfg.batch_size)
+    names = [t.name for t in taps]
     rates = {"torch": _rate(Forward(build_extractor(backbone, taps, cfg.device, cfg.channels_last, cfg.pooling),
-                                    cfg.device, cfg.precision, cfg.channels_last), pixels),
-             "onnxruntime": _rate(OnnxForward.load(path, [t.name for t in taps]), pixels)}
+                                    cfg.device, cfg.precision, cfg.channels_last), pixels)}
+    paths = {}
+    for name in installed_runtimes():
+        path, _, _ = prepare_export(backbone, taps, cfg.pooling, name)
+        if path is not None:  # one that does not export is simply not a candidate
+            paths[name] = path
+            rates[name] = _rate(load_exported(name, path, names, runtime_precision(name, cfg.precision)), pixels)
     best = max(rates, key=rates.get)
-    measured = f"{', '.join(f'{k} {v:.1f} img/s' for k, v in rates.items())} (calibration batch, {cfg.precision} torch)"
-    return with_(cfg, runtime=best, precision="fp32" if best == "onnxruntime" else cfg.precision,
-                 runtime_rates=measured)
+    measured = ", ".join(f"{k} {v:.1f} img/s ({runtime_precision(k, cfg.precision)})" for k, v in rates.items())
+    return with_(cfg, runtime=best, precision=runtime_precision(best, cfg.precision),
+                 onnx_path=str(paths.get(best, "")), runtime_rates=f"{measured} on a calibration batch")

@@ -84,10 +84,10 @@ def _add_extract_args(p: argparse.ArgumentParser, out_alias: bool = True) -> Non
                         "model's device: nvJPEG on CUDA); auto: torchvision on CUDA, else simplejpeg "
                         "(default: %(default)s)")
     g.add_argument("--runtime", default="torch", choices=CHOICES["runtime"],
-                   help="onnxruntime: the extractor exported to ONNX once (checked against torch, cached) and run by "
-                        "ONNX Runtime on the CPU in fp32; falls back to torch with a warning if it does not export; "
-                        "auto: the faster of the two on a calibration batch, recorded with the rates (default: "
-                        "%(default)s)")
+                   help="onnxruntime (fp32) or openvino (fp32, or bf16 where the CPU has it): the extractor "
+                        "exported to ONNX once (checked against torch, cached) and run by that runtime on the CPU; "
+                        "falls back to torch with a warning if it does not export; auto: the fastest installed "
+                        "runtime on a calibration batch, recorded with the rates (default: %(default)s)")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory layout")
     g.add_argument("--on-error", default="skip", choices=CHOICES["on_error"],
                    help="bad images: skip (record and go on) or fail (default: %(default)s)")

@@ -81,13 +81,13 @@ def _tap(bb: Backbone, record: dict) -> Tap:
 
 
 def _forward(bb: Backbone, taps: list[Tap], runtime: str, device, precision: str, pooling: str):
-    if runtime == "onnxruntime":
-        from features.runtimes import OnnxForward, prepare_onnx
+    if runtime != "torch":
+        from features.runtimes import load_exported, prepare_export
 
-        path, why, _ = prepare_onnx(bb, taps, pooling)
+        path, why, _ = prepare_export(bb, taps, pooling, runtime)
         if path is None:
-            raise TapsError(f"this run's features came from ONNX Runtime, which cannot be rebuilt here: {why}")
-        return OnnxForward.load(path, [t.name for t in taps])
+            raise TapsError(f"this run's features came from {runtime}, which cannot be rebuilt here: {why}")
+        return load_exported(runtime, path, [t.name for t in taps], precision)
     return Forward(build_extractor(bb, taps, device, channels_last=True, pooling=pooling), device, precision)
 
 
@@ -109,8 +109,8 @@ def predict_images(run_dir: Path | str, images: list[str], device: str = "auto",
     pooling = spatial.pop() if spatial else "avg"
     dev = resolve_device(device)
     if "+" in f.get("decode", "") or "+" in f.get("precision", "") or "+" in f.get("runtime", ""):
-        raise TapsError(f"the fused taps of this run were extracted with different decoders or precisions "
-                        f"({f['decode']}, {f['precision']}), which one pass cannot reproduce; re-extract them "
+        raise TapsError(f"the fused taps of this run were extracted with different decoders, precisions or "
+                        f"runtimes ({f['decode']}, {f['precision']}, {f.get('runtime', 'torch')}), which one pass cannot reproduce; re-extract them "
                         f"together with `taps extract --force` and refit")
     precision = f.get("precision") or resolve_precision("auto", dev)
     decode = f.get("decode", "pil")  # runs from before the decoder was recorded decoded with PIL

@@ -54,6 +54,18 @@ def test_ray_engine_writes_the_local_engines_file(tiny_folder, tmp_path):
     assert_same_file(local.path, remote.path)
 
 
+@pytest.mark.ray
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_ray_actors_run_the_exported_runtime_of_a_local_run(runtime, tiny_folder, tmp_path, monkeypatch):
+    pytest.importorskip("ray", reason="Ray is the optional extra taps[ray]")
+    monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
+    images = load_dataset(f"folder:{tiny_folder}")
+    local = extract(images, resnet(), TAPS, out=tmp_path / "local", workers=0, runtime=runtime, **RUN)
+    remote = extract(images, resnet(), TAPS, out=tmp_path / "ray", workers=2, engine="ray", runtime=runtime, **RUN)
+    assert_same_file(local.path, remote.path)
+    assert {FeatureFile(remote.path).taps[t].extra["runtime"] for t in TAPS} == {runtime}
+
+
 def test_streaming_linear_fit_matches_in_memory_fit(tmp_path):
     from sklearn.datasets import make_classification
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
@@ -38,36 +39,42 @@ def _decode(batch: dict, images: ImageSet, transform, min_side: int | None, star
 
 
 class _Embed:
-    """One backbone per actor; forward the good rows of each batch, pool, return float32 rows."""
+    """One backbone per actor; forward the good rows of each batch, pool, return float32 rows.
+    With an exported runtime the actor runs the driver's checked export: the file itself where
+    this machine has it intact, else its bytes from the object store (``export``: sha256, ref)."""
 
-    def __init__(self, backbone_args: tuple, taps: list[Tap], cfg: RunConfig):
+    def __init__(self, backbone_args: tuple, taps: list[Tap], cfg: RunConfig, export: tuple | None = None):
         import torch
 
-        from ..forward import build_extractor
+        from ..forward import Forward, build_extractor
         from ..runtime import keep_freed_memory
 
         self._memory = keep_freed_memory()  # for the actor's lifetime, as extract() does for a local run
         self._memory.__enter__()
+        self.taps, self.pooling = taps, cfg.pooling
+        if export is not None:
+            import ray
+
+            from ..runtimes import load_exported, local_export
+
+            sha256, ref = export
+            path = local_export(cfg.onnx_path, sha256, lambda: ray.get(ref))
+            self.forward = load_exported(cfg.runtime, path, [t.name for t in taps], cfg.precision)
+            return
         # The driver's device (a GPU when actors are given GPUs) and the precision it records in the file.
-        self.device = torch.device("cuda" if cfg.gpus_per_worker else cfg.device.type)
-        self.precision = cfg.precision
-        self.taps, self.pooling, self.channels_last = taps, cfg.pooling, cfg.channels_last
+        device = torch.device("cuda" if cfg.gpus_per_worker else cfg.device.type)
         name, weights, image_size = backbone_args
-        self.extractor = build_extractor(Backbone(name, weights, image_size), taps, self.device, cfg.channels_last,
-                                         cfg.pooling)
+        self.forward = Forward(build_extractor(Backbone(name, weights, image_size), taps, device, cfg.channels_last,
+                                               cfg.pooling), device, cfg.precision, cfg.channels_last)
 
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        from ..forward import forward_taps
         from ..pooling import pooled_dim
 
         good = batch["error"] == ""
         out = {"index": batch["index"], "error": batch["error"]}
-        arrays = {}
-        if good.any():
-            arrays = forward_taps(self.extractor, torch.from_numpy(batch["pixels"][good]), self.device,
-                                  self.precision, self.channels_last)
+        arrays = self.forward(torch.from_numpy(batch["pixels"][good])) if good.any() else {}
         for t in self.taps:
             rows = np.zeros((len(good), pooled_dim(t.shape, self.pooling)), np.float32)
             if good.any():
@@ -107,13 +114,18 @@ class RayEngine(Engine):
         min_side = int(transform.resize_size[0]) if cfg.draft else None
         if not cfg.actors and cfg.gpus_per_worker:  # one actor per GPU slot
             n_actors = max(1, int(ray.cluster_resources().get("GPU", 0) // cfg.gpus_per_worker))
+        export = None
+        if cfg.runtime != "torch":  # the checked export travels through the object store (nested: not fetched
+            from ..store import file_sha256  # by actors whose machine has the file already)
+
+            export = (file_sha256(cfg.onnx_path), ray.put(Path(cfg.onnx_path).read_bytes()))
         ds = ray.data.range(len(images) - start, override_num_blocks=max(1, (len(images) - start) // (4 * batch_size)))
         ds = ds.map_batches(_decode, batch_size=batch_size, batch_format="numpy",
                             fn_kwargs={"images": images, "transform": transform, "min_side": min_side,
                                        "start": start, "decode": cfg.decode})
         ds = ds.map_batches(_Embed, batch_size=batch_size, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=n_actors), num_gpus=cfg.gpus_per_worker or None,
-                            fn_constructor_args=(backbone.spec_args(), taps, cfg))
+                            fn_constructor_args=(backbone.spec_args(), taps, cfg, export))
         try:
             for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2):
                 index = batch["index"]
