@@ -20,6 +20,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from features.options import (
     resolve_precision,
 )
 from features.runtime import keep_freed_memory
+from features.runtimes import installed_runtimes, prepare_export, runtime_precision
 
 
 def synthetic_jpegs(folder: Path, n: int, size: tuple[int, int] = (500, 375), seed: int = 0) -> Path:
@@ -73,6 +75,18 @@ def bench_images(n: int, data_root: str | None, work: Path) -> tuple[FileImageSe
         images = FileImageSet("bench-caltech101", caltech, paths, classes, [classes.index(p.parent.name) for p in paths])
         return images, f"{len(images)} Caltech-101 JPEGs"
     return folder_dataset(synthetic_jpegs(work / "jpegs500x375", n)), f"{n} synthetic 500x375 JPEGs"
+
+
+def cpu_description() -> str:
+    """The CPU model and the vector extensions that decide the fast precisions and kernels (lscpu's view)."""
+    info = Path("/proc/cpuinfo")
+    if not info.is_file():
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in info.read_text().splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "avx_vnni") if f in flags]
+    return f"{fields.get('model name', platform.machine())}; {' '.join(isa) or 'no avx2'}"
 
 
 def _rate(n: int, seconds: float) -> float:
@@ -228,6 +242,8 @@ class BenchSettings:
     reference: bool = False            # also time scikit-learn's reference fits
     rounds: int = 3
     compile: str = "on"
+    precision: str = "auto"            # fp32 here shows what a CPU without bf16 kernels would pick
+    runtimes: tuple[str, ...] | None = None  # exported runtimes to measure beside torch (None: every installed one)
 
 
 @dataclass
@@ -242,12 +258,14 @@ class _Bench:
     source: str
     cfg: RunConfig
     work: Path
+    runtimes: dict[str, RunConfig] = field(default_factory=dict)  # each exported runtime's config
     compile_times: list[float] = field(default_factory=list)
 
     def pipeline(self, backbone: Backbone, taps: list[str], **changes) -> float:
         """Steady-state images/s of `taps extract`; the compile time (if any) is kept."""
         cfg, s = self.cfg, self.settings
-        options = {"device": s.device, "batch_size": s.batch_size, "compile": s.compile, "loader": cfg.loader, **changes}
+        options = {"device": s.device, "batch_size": s.batch_size, "compile": s.compile, "loader": cfg.loader,
+                   "precision": cfg.precision, **changes}
         report = extract(self.images, backbone, taps, path=self.work / "bench.h5", force=True, progress=False,
                          **options)
         if report.compile_seconds and backbone is self.backbone and not changes:
@@ -274,10 +292,26 @@ def _prepare(s: BenchSettings, work: Path) -> _Bench:
     taps = s.taps or [names[len(names) // 3], names[2 * len(names) // 3], bb.default_tap]
     dev = resolve_device(s.device)
     images, source = bench_images(s.images, s.data_root, work)
-    cfg = RunConfig(pooling="avg", device=dev, precision=resolve_precision("auto", dev), workers=default_workers(),
+    cfg = RunConfig(pooling="avg", device=dev, precision=resolve_precision(s.precision, dev), workers=default_workers(),
                     channels_last=True, on_error="skip", draft=True, compile=s.compile, batch_size=s.batch_size,
                     loader=resolve_loader("auto", dev, max(s.images, REPLICAS_MIN_IMAGES)))  # as a large run here
-    return _Bench(s, bb, _offline_or_random("resnet18"), taps, images, source, cfg, work)
+    return _Bench(s, bb, _offline_or_random("resnet18"), taps, images, source, cfg, work,
+                  _exported_runtimes(s, bb, taps, cfg))
+
+
+def _exported_runtimes(s: BenchSettings, bb: Backbone, taps: list[str], cfg: RunConfig) -> dict[str, RunConfig]:
+    """The run config of each exported runtime whose export of the pipeline's extractor checks out (CPU only)."""
+    if cfg.device.type != "cpu":
+        return {}
+    out = {}
+    for name in installed_runtimes() if s.runtimes is None else s.runtimes:
+        path, why, _ = prepare_export(bb, bb.resolve_taps(taps), cfg.pooling, name)
+        if path is None:
+            warnings.warn(f"bench: no {name} rows: {why}", stacklevel=3)
+            continue
+        out[name] = dataclasses.replace(cfg, runtime=name, onnx_path=str(path), compile="off",
+                                        precision=runtime_precision(name, cfg.precision))
+    return out
 
 
 EAGER = "eager instead of torch.compile"
@@ -307,6 +341,9 @@ def _measures(b: _Bench, ablations) -> dict:
     return {
         "ceiling": lambda: b.ceiling(b.backbone, b.taps),
         "pipeline": lambda: b.pipeline(b.backbone, b.taps),
+        **{f"ceiling:{name}": (lambda c=c: ceiling(b.backbone, b.images, b.taps, c)) for name, c in b.runtimes.items()},
+        **{f"pipeline:{name}": (lambda c=c: b.pipeline(b.backbone, b.taps, runtime=c.runtime, precision=c.precision))
+           for name, c in b.runtimes.items()},
         **{label: (lambda c=c: b.pipeline(b.backbone, b.taps, **c)) for label, c, _ in ablations},
         **({"ceiling_eager": lambda: b.ceiling(b.backbone, b.taps, compile="off")}
            if b.settings.compile != "off" else {}),
@@ -317,16 +354,18 @@ def _measures(b: _Bench, ablations) -> dict:
     }
 
 
-# The headline ratios' measures run as one unit, the reference on both sides of the other
-# (A B A) and taken as the mean of its two rates: a drift within the unit cancels.
-BRACKETS = {"ceiling": "pipeline", "forward_full": "forward_layer2", "pipeline_full": "pipeline_layer2"}
+def _brackets(runtimes) -> dict[str, str]:
+    """The headline ratios' measures run as one unit, the reference on both sides of the other
+    (A B A) and taken as the mean of its two rates: a drift within the unit cancels."""
+    return {"ceiling": "pipeline", **{f"ceiling:{r}": f"pipeline:{r}" for r in runtimes},
+            "forward_full": "forward_layer2", "pipeline_full": "pipeline_layer2"}
 
 
-def _interleave(measures: dict, rounds: int, log) -> tuple[dict, dict]:
+def _interleave(measures: dict, rounds: int, log, brackets: dict[str, str]) -> tuple[dict, dict]:
     """Shared machines drift by tens of percent within minutes: rounds interleave the measures
     (in rotated order), so that each ratio can be taken inside a round. -> (rates per measure
     and round, the bracketing rates of the references)."""
-    names = [name for name in measures if name not in BRACKETS.values()]
+    names = [name for name in measures if name not in brackets.values()]
     runs: dict[str, list[float]] = {}
     samples: dict[str, list[list[float]]] = {}
 
@@ -340,23 +379,32 @@ def _interleave(measures: dict, rounds: int, log) -> tuple[dict, dict]:
         # ceiling's 150 MB of pixels) must not always precede the same measure.
         shift = round_ * len(names) // rounds
         for name in names[shift:] + names[:shift]:
-            if name not in BRACKETS:
+            if name not in brackets:
                 runs.setdefault(name, []).append(measure(name, round_))
                 continue
-            before, inner, after = measure(name, round_), measure(BRACKETS[name], round_), measure(name, round_)
+            before, inner, after = measure(name, round_), measure(brackets[name], round_), measure(name, round_)
             samples.setdefault(name, []).append([before, after])
             runs.setdefault(name, []).append((before + after) / 2)
-            runs.setdefault(BRACKETS[name], []).append(inner)
+            runs.setdefault(brackets[name], []).append(inner)
     return runs, samples
 
 
-def _summary(runs: dict, ablations) -> dict:
-    """Median rates, and ratios as the median over rounds of a/b measured in the same round."""
+def _summary(runs: dict, ablations, precisions: dict[str, str]) -> dict:
+    """Median rates, and ratios as the median over rounds of a/b measured in the same round.
+    The ceiling is the fastest runtime's forward; pipeline/ceiling is that runtime's pipeline
+    against it, so it measures the data path against the real limit."""
     def ratio(a: str, b: str) -> float:
         return float(np.median([x / y for x, y in zip(runs[a], runs[b], strict=True)]))
 
     med = {name: float(np.median(v)) for name, v in runs.items()}
-    r = {"ceiling": med["ceiling"], "pipeline": med["pipeline"], "pipeline/ceiling": ratio("pipeline", "ceiling"),
+    keys = {name: ("ceiling", "pipeline") if name == "torch" else (f"ceiling:{name}", f"pipeline:{name}")
+            for name in precisions}
+    runtimes = {name: {"precision": precisions[name], "ceiling": med[c], "pipeline": med[p],
+                       "pipeline/ceiling": ratio(p, c), "pipeline/torch pipeline": ratio(p, "pipeline")}
+                for name, (c, p) in keys.items()}
+    fastest = max(runtimes, key=lambda name: runtimes[name]["ceiling"])
+    r = {"runtimes": runtimes, "fastest_runtime": fastest, "ceiling": runtimes[fastest]["ceiling"],
+         "pipeline": med["pipeline"], "pipeline/ceiling": runtimes[fastest]["pipeline/ceiling"],
          "ablations": {label: {"rate": med[label], "versus": base, "ratio": ratio(base, label)}
                        for label, _, base in ablations},
          "early_tap": {**{k: med[k] for k in ("forward_layer2", "forward_full", "pipeline_layer2", "pipeline_full")},
@@ -380,11 +428,11 @@ def run_bench(settings: BenchSettings | None = None, log=print, **fields) -> tup
     r: dict = {"backbone": bb.name, "weights": bb.weights.spec, "images": b.source, "taps": b.taps,
                "batch_size": s.batch_size, "device": str(cfg.device), "precision": cfg.precision,
                "loader": cfg.loader, "workers": cfg.workers, "rounds": s.rounds, "compile": s.compile,
-               "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
+               "cpu": cpu_description(), "cores": os.cpu_count(), "torch": torch.__version__}
     log(f"bench: {bb.name}, {b.source}, taps {', '.join(b.taps)}, {cfg.device}, {cfg.precision}, {s.rounds} rounds")
     ablations = _ablations(b)
-    runs, samples = _interleave(_measures(b, ablations), s.rounds, log)
-    r.update(_summary(runs, ablations))
+    runs, samples = _interleave(_measures(b, ablations), s.rounds, log, _brackets(b.runtimes))
+    r.update(_summary(runs, ablations, {"torch": cfg.precision, **{k: c.precision for k, c in b.runtimes.items()}}))
     r["rates_per_round"], r["bracketing_rates"] = runs, samples
     r["compile_seconds"] = [round(c, 1) for c in b.compile_times]
     r["seed_style"] = seed_style(bb, b.images, b.taps, cfg.device, s.batch_size)  # slow: one round
@@ -409,6 +457,22 @@ def _per_round(r: dict, a: str, b: str) -> str:
     return " (rounds: " + ", ".join(f"{x / y:.2f}" for x, y in zip(rounds[a], rounds[b], strict=True)) + ")"
 
 
+def _runtime_rows(r: dict) -> list[str]:
+    """One row per runtime (ceiling: the forward alone on batches in memory; pipeline: `taps extract`
+    end to end), then the headline: the fastest forward is the ceiling."""
+    fastest = r["fastest_runtime"]
+    lines = [f"{'runtime (precision)':<26}{'ceiling':>9}{'pipeline':>10}  pipeline/ceiling  pipeline/torch pipeline"]
+    for name, x in r["runtimes"].items():
+        c, p = ("ceiling", "pipeline") if name == "torch" else (f"ceiling:{name}", f"pipeline:{name}")
+        lines.append(f"{name + ' (' + x['precision'] + ')':<26}{x['ceiling']:>9.1f}{x['pipeline']:>10.1f}  "
+                     f"{x['pipeline/ceiling']:>16.2f}  {x['pipeline/torch pipeline']:>23.2f}" + _per_round(r, p, c))
+    best = r["runtimes"][fastest]
+    lines.append(f"ceiling = the fastest forward ({fastest}) {r['ceiling']:.1f} img/s; its pipeline: "
+                 f"pipeline/ceiling = {r['pipeline/ceiling']:.2f}, {best['pipeline/torch pipeline']:.2f}x the torch "
+                 "pipeline")
+    return lines
+
+
 def format_bench(r: dict) -> str:
     et, rss, s2 = r["early_tap"], r["rss_mb"], r["stage_two"]
     small, large = sorted(rss, key=int)
@@ -421,13 +485,14 @@ def format_bench(r: dict) -> str:
         f"taps: {', '.join(r['taps'])}; rates: median of {r['rounds']} interleaved rounds (seed-style: one); "
         "ratios: median of the ratios within each round, where the ceiling and the full passes run "
         "before and after the measure they are compared with",
+        f"cpu: {r.get('cpu', '?')}",
+        "",
+        *_runtime_rows(r),
         "",
         f"{'measure':<44}{'img/s':>8}  ratio",
-        f"{'ceiling (same forward, batches in memory)':<44}{r['ceiling']:>8.1f}",
-        f"{'pipeline (taps extract, 3 taps, one pass)':<44}{r['pipeline']:>8.1f}  pipeline/ceiling = {r['pipeline/ceiling']:.2f}"
-        + _per_round(r, "pipeline", "ceiling"),
+        f"{'pipeline (torch, taps extract, 3 taps)':<44}{r['pipeline']:>8.1f}",
         f"{'seed-style (fp32 NCHW, one pass per tap)':<44}{r['seed_style']:>8.1f}  pipeline/seed-style = {r['pipeline'] / r['seed_style']:.1f}",
-        "pipeline with one optimisation off:",
+        "torch pipeline with one optimisation off:",
     ]
     for label, a in r["ablations"].items():
         versus = "pipeline" if a["versus"] == "pipeline" else "eager"

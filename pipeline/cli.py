@@ -365,7 +365,8 @@ def cmd_bench(args) -> None:
     settings = BenchSettings(backbone=args.backbone, images=args.images, data_root=args.data_root,
                              batch_size=args.batch_size, taps=args.taps, device=args.device,
                              rss_sizes=tuple(args.rss_sizes), out=args.out, features_root=args.features_root,
-                             reference=args.reference, rounds=args.rounds, compile=args.compile)
+                             reference=args.reference, rounds=args.rounds, compile=args.compile,
+                             precision=args.precision, runtimes=args.runtimes)
     text, _ = run_bench(settings, log=lambda msg: print(msg, file=sys.stderr))
     print(text)
     print(Path(args.out) / "bench.txt")
@@ -472,6 +473,17 @@ def _add_compare_command(sub) -> None:
     p.set_defaults(func=cmd_compare)
 
 
+def _runtime_list(text: str) -> tuple[str, ...]:
+    from features.options import EXPORTED_RUNTIME_PRECISIONS
+
+    names = () if text == "none" else tuple(_csv_list(text))
+    for name in names:
+        if name not in EXPORTED_RUNTIME_PRECISIONS:
+            raise argparse.ArgumentTypeError(f"unknown runtime {name!r}; choose from "
+                                             f"{', '.join(EXPORTED_RUNTIME_PRECISIONS)} or none")
+    return names
+
+
 def _add_bench_command(sub) -> None:
     p = sub.add_parser("bench", help="measure extraction and fit speed in one run (ratios, peak memory)")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE)
@@ -486,6 +498,10 @@ def _add_bench_command(sub) -> None:
     p.add_argument("--reference", action="store_true", help="also time scikit-learn's reference fits (LinearSVC: minutes)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; rates and ratios are medians over rounds (default: %(default)s)")
     p.add_argument("--compile", default="on", help="torch.compile in the pipeline and the ceiling: on or off (default: %(default)s)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="fp32 shows what a CPU without bf16 kernels runs (default: %(default)s)")
+    p.add_argument("--runtimes", type=_runtime_list, default=None,
+                   help="exported runtimes measured beside torch, comma-separated, or none (default: every installed one)")
     p.add_argument("--out", default="bench_out")
     p.set_defaults(func=cmd_bench)
 

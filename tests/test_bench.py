@@ -14,14 +14,25 @@ def test_bench_measures_every_row_in_one_run(tmp_path):
                                       features_root=str(tmp_path / "no_features"), rounds=1, compile="off"),
                         log=lambda _: None)
     assert r["images"] == "8 synthetic 500x375 JPEGs" and r["weights"] != ""
-    rates = [r["ceiling"], r["pipeline"], r["seed_style"], *(a["rate"] for a in r["ablations"].values()),
+    rates = [r["ceiling"], r["pipeline"], r["seed_style"], *(x[k] for x in r["runtimes"].values()
+                                                             for k in ("ceiling", "pipeline")), *(a["rate"] for a in r["ablations"].values()),
              *(v for k, v in r["early_tap"].items() if not k.endswith("ratio"))]
     assert all(rate > 0 for rate in rates)
     assert 0 < r["pipeline/ceiling"] and r["early_tap"]["forward_time_ratio"] > 0
     # the headline references run before and after what they are compared with; their rate is the mean
-    assert set(r["bracketing_rates"]) == {"ceiling", "forward_full", "pipeline_full"}
+    assert set(r["bracketing_rates"]) == {"ceiling", "ceiling:onnxruntime", "ceiling:openvino", "forward_full",
+                                          "pipeline_full"}
     (before, after), = r["bracketing_rates"]["ceiling"]
-    assert r["ceiling"] == pytest.approx((before + after) / 2) and len(r["rates_per_round"]["pipeline"]) == 1
+    assert r["runtimes"]["torch"]["ceiling"] == pytest.approx((before + after) / 2)
+    assert len(r["rates_per_round"]["pipeline"]) == 1
+    # every installed runtime is a row; the ceiling is the fastest forward, pipeline/ceiling that runtime's
+    assert list(r["runtimes"]) == ["torch", "onnxruntime", "openvino"]
+    fastest = max(r["runtimes"], key=lambda name: r["runtimes"][name]["ceiling"])
+    assert r["fastest_runtime"] == fastest and r["ceiling"] == r["runtimes"][fastest]["ceiling"]
+    assert r["pipeline/ceiling"] == r["runtimes"][fastest]["pipeline/ceiling"]
+    assert r["runtimes"]["onnxruntime"]["precision"] == "fp32" and r["runtimes"]["torch"]["precision"] == r["precision"]
+    assert all(f"\n{name} ({x['precision']})" in text for name, x in r["runtimes"].items())
+    assert f"ceiling = the fastest forward ({fastest})" in text
     assert "NCHW instead of channels_last" in r["ablations"] and "eager" not in r  # compile off: no eager rows
     assert r["loader"] == ("replicas" if default_workers() >= 2 else "inline")  # as `auto` for a large run
     assert ("inline loader: one process, all cores" in r["ablations"]) == (r["loader"] == "replicas")
