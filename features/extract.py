@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .backbones import Backbone, Tap
-from .blocks import Block
+from .blocks import Block, prepare_forward
 from .datasets import ImageSet
 from .engines import engine_class
 from .errors import TapsError, UsageError
@@ -105,7 +105,8 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
     if cfg.runtime != "torch":  # exported and checked once (cached); auto also timed against torch
         from .runtimes import resolve_runtime
 
-        cfg = resolve_runtime(backbone, resolved, cfg, _recorded_runtime(path, resolved, options.pooling))
+        cfg = resolve_runtime(backbone, resolved, cfg, _recorded_runtime(path, resolved, options.pooling),
+                              torch_forward=lambda c: prepare_forward(backbone, resolved, c, len(images)))
     keys = {t.name: tap_key(t.name, options.pooling, is_spatial(t.shape)) for t in resolved}
     report = ExtractionReport(path=path, samples=len(images), device=str(cfg.device), precision=cfg.precision)
     backbone.check_weights()  # a missing checkpoint fails before any file is touched

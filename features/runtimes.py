@@ -106,9 +106,12 @@ def _openvino(path: Path, names: list[str], precision: str, threads: int) -> Ses
                          "use --precision fp32")
     # THROUGHPUT: several streams when there are cores for them; a batch is split across their
     # requests, run at once and put back together in order.
-    compiled = core.compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_NUM_THREADS": threads,
-                                                     "INFERENCE_PRECISION_HINT": {"fp32": "f32"}.get(precision,
-                                                                                                     precision)})
+    # No pinning when the process gets fewer threads than the machine has cores: one-thread
+    # replicas would each pin their thread to the same first core and share it.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    compiled = core.compile_model(str(path), "CPU", {
+        "PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_NUM_THREADS": threads, "ENABLE_CPU_PINNING": threads >= cores,
+        "INFERENCE_PRECISION_HINT": {"fp32": "f32"}.get(precision, precision)})
     outputs = [compiled.output(n) for n in names]
     # Plain requests, no AsyncInferQueue callbacks: a callback holding the last reference to the
     # compiled model lets one of OpenVINO's own threads destroy (and join) itself, which aborts.
@@ -232,12 +235,15 @@ def _rate(forward, pixels: torch.Tensor, repeats: int = 3) -> float:
     return len(pixels) / sorted(times)[len(times) // 2]
 
 
-def resolve_runtime(backbone: Backbone, taps: list[Tap], cfg, recorded: str | None):
+def resolve_runtime(backbone: Backbone, taps: list[Tap], cfg, recorded: str | None,
+                    torch_forward: Callable | None = None):
     """The run config with its runtime decided. An exported runtime: its checked export (else
     torch, with a warning). ``auto``: the runtime the file's unfinished taps were started with;
-    else eager torch and every installed exported runtime whose export checks out are timed on
-    a calibration batch of ``cfg.batch_size`` images, each at the precision it would run, and
-    the fastest is used; the rates are recorded beside the choice."""
+    else torch and every installed exported runtime whose export checks out are timed on a
+    calibration batch of ``cfg.batch_size`` images, each at the precision it would run, and the
+    fastest is used; the rates are recorded beside the choice. ``torch_forward(cfg)`` builds
+    torch's forward as the run would (compiled when the run compiles: on a bf16 CPU a compiled
+    torch can beat the exported runtimes, and eager timing would hide it); default: eager."""
     if cfg.runtime == "auto" and recorded is not None:
         cfg = with_(cfg, runtime=recorded, precision=runtime_precision(recorded, cfg.precision))
     if cfg.runtime == "torch":
@@ -250,8 +256,10 @@ def resolve_runtime(backbone: Backbone, taps: list[Tap], cfg, recorded: str | No
         return with_(cfg, onnx_path=str(path))
     pixels = calibration_batch(backbone.input_size, cfg.batch_size)
     names = [t.name for t in taps]
-    rates = {"torch": _rate(Forward(build_extractor(backbone, taps, cfg.device, cfg.channels_last, cfg.pooling),
-                                    cfg.device, cfg.precision, cfg.channels_last), pixels)}
+    forward = (torch_forward(with_(cfg, runtime="torch")) if torch_forward else
+               Forward(build_extractor(backbone, taps, cfg.device, cfg.channels_last, cfg.pooling), cfg.device,
+                       cfg.precision, cfg.channels_last))
+    rates = {"torch": _rate(forward, pixels)}
     paths = {}
     for name in installed_runtimes():
         path, _, _ = prepare_export(backbone, taps, cfg.pooling, name)
@@ -260,5 +268,6 @@ def resolve_runtime(backbone: Backbone, taps: list[Tap], cfg, recorded: str | No
             rates[name] = _rate(load_exported(name, path, names, runtime_precision(name, cfg.precision)), pixels)
     best = max(rates, key=rates.get)
     measured = ", ".join(f"{k} {v:.1f} img/s ({runtime_precision(k, cfg.precision)})" for k, v in rates.items())
-    return with_(cfg, runtime=best, precision=runtime_precision(best, cfg.precision),
-                 onnx_path=str(paths.get(best, "")), runtime_rates=f"{measured} on a calibration batch")
+    how = "compiled" if getattr(forward, "compile_seconds", 0) else "eager"
+    return with_(cfg, runtime=best, precision=runtime_precision(best, cfg.precision), onnx_path=str(paths.get(best, "")),
+                 runtime_rates=f"{measured} on a calibration batch of {len(pixels)}, torch {how}")
