@@ -84,11 +84,18 @@ def export_onnx(backbone: Backbone, taps: list[Tap], pooling: str, path: Path) -
     names = [t.name for t in taps]
     example = calibration_batch(backbone.input_size, 2).permute(0, 3, 1, 2).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice is not the user's
-        warnings.simplefilter("ignore")
-        # The TorchScript exporter: it needs no onnxscript and traces taps' FX graphs as they are.
-        # eval() on the wrapper: the exporter restores the wrapper's mode afterwards, recursively,
-        # and a Dropout left in training mode would be exported (or compared) perturbed.
-        torch.onnx.export(_Outputs(extractor, names).eval(), (example,), str(path), input_names=["pixels"],
-                          output_names=names, opset_version=OPSET, dynamo=False,
-                          dynamic_axes={"pixels": {0: "batch"}, **{n: {0: "batch"} for n in names}})
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    # nn.MultiheadAttention with frozen weights takes its fused inference kernel, which ONNX has
+    # no op for (torchvision's ViT); the export traces the plain attention ops instead.
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice is not the user's
+            warnings.simplefilter("ignore")
+            # The TorchScript exporter: it needs no onnxscript and traces taps' FX graphs as they are.
+            # eval() on the wrapper: the exporter restores the wrapper's mode afterwards, recursively,
+            # and a Dropout left in training mode would be exported (or compared) perturbed.
+            torch.onnx.export(_Outputs(extractor, names).eval(), (example,), str(path), input_names=["pixels"],
+                              output_names=names, opset_version=OPSET, dynamo=False,
+                              dynamic_axes={"pixels": {0: "batch"}, **{n: {0: "batch"} for n in names}})
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)

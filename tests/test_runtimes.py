@@ -28,6 +28,8 @@ CASES = [("mobilenet_v2", "none", 32, ["block3", "block14", "pooled"], "avg"),
          ("resnet18", "none", 32, ["stem", "layer3", "avgpool"], "pyramid"),
          ("vgg16", "none", 32, ["pool2", "pool3"], "avgmax"),
          ("efficientnet_b0", "none", 32, ["block2", "block6"], "max"),
+         # token taps; frozen nn.MultiheadAttention takes a fused kernel that ONNX has no op for
+         ("vit_b_16", "none", 224, ["block0", "block1"], "cls"),
          # the offline ImageNet weights: random-init activations vanish by `pooled` (1e-9), where a
          # Dropout exported or run in training mode would go unnoticed; trained ones do not
          ("mobilenet_v2", "IMAGENET1K_V1", 64, ["block7", "pooled"], "avg")]
@@ -42,6 +44,7 @@ def test_exported_extractor_equals_torch(case, runtime, tmp_path, monkeypatch):
     resolved = [bb.tap(t) for t in taps]
     path, why, record = prepare_export(bb, resolved, pooling, runtime)
     assert path is not None, why
+    assert torch.backends.mha.get_fastpath_enabled()  # the export's setting does not outlive it
     assert [k.split()[0] for k in record["checks"]] == [runtime]
     assert next(iter(record["checks"].values()))["max_relative_difference"] < TOLERANCE
     pixels = torch.randint(0, 256, (5, size, size, 3), dtype=torch.uint8)  # another batch size than the export's
