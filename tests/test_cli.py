@@ -30,6 +30,8 @@ def test_usage_errors_are_one_line_exit_2():
                          [["extract", "--pool", "median"],
                           "--pool: invalid choice: 'median' (choose from 'avg', 'max', 'avgmax', 'pyramid', 'cls')"],
                          [["compare", "--loader", "fast"], "--loader: invalid choice: 'fast'"],
+                         [["bench", "--runtimes", "tensorrt"],
+                          "unknown runtime 'tensorrt'; choose from onnxruntime, openvino or none"],
                          [["extract", "--batch-size", "0"], "--batch-size must be at least 1, not 0"]):
         proc = run(*args)
         assert proc.returncode == 2, proc.stderr
