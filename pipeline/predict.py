@@ -110,8 +110,8 @@ def predict_images(run_dir: Path | str, images: list[str], device: str = "auto",
     dev = resolve_device(device)
     if "+" in f.get("decode", "") or "+" in f.get("precision", "") or "+" in f.get("runtime", ""):
         raise TapsError(f"the fused taps of this run were extracted with different decoders, precisions or "
-                        f"runtimes ({f['decode']}, {f['precision']}, {f.get('runtime', 'torch')}), which one pass cannot reproduce; re-extract them "
-                        f"together with `taps extract --force` and refit")
+                        f"runtimes ({f['decode']}, {f['precision']}, {f.get('runtime', 'torch')}), which one pass "
+                        f"cannot reproduce; re-extract them together with `taps extract --force` and refit")
     precision = f.get("precision") or resolve_precision("auto", dev)
     decode = f.get("decode", "pil")  # runs from before the decoder was recorded decoded with PIL
     cfg = RunConfig(pooling=pooling, device=dev, precision=precision, workers=0, channels_last=True,
