@@ -105,7 +105,7 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
     if cfg.runtime != "torch":  # exported and checked once (cached); auto also timed against torch
         from .runtimes import resolve_runtime
 
-        cfg = resolve_runtime(backbone, resolved, cfg, _recorded_runtime(path, resolved, options.pooling),
+        cfg = resolve_runtime(backbone, resolved, cfg, _recorded_runtime(path, resolved, options.pooling, options.force),
                               torch_forward=lambda c: prepare_forward(backbone, resolved, c, len(images)))
     keys = {t.name: tap_key(t.name, options.pooling, is_spatial(t.shape)) for t in resolved}
     report = ExtractionReport(path=path, samples=len(images), device=str(cfg.device), precision=cfg.precision)
@@ -131,16 +131,20 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
     return report
 
 
-def _recorded_runtime(path: Path, taps: list[Tap], pooling: str) -> str | None:
-    """The runtime an unfinished requested tap of an existing file was started with (a resume keeps it)."""
-    if not path.is_file():
+def _recorded_runtime(path: Path, taps: list[Tap], pooling: str, force: bool) -> str | None:
+    """The runtime a rerun keeps: that of the unfinished requested taps of an existing file (a resume
+    finishes them with it), or, when every requested tap is finished, the one they were made with,
+    so that a rerun which only reuses them neither exports nor times anything for ``auto``."""
+    if force or not path.is_file():
         return None
     try:
         records = FeatureFile(path).taps
     except (TapsError, OSError):
         return None
     keys = [tap_key(t.name, pooling, is_spatial(t.shape)) for t in taps]
-    started = {str(records[k].extra.get("runtime", "torch")) for k in keys if k in records and not records[k].complete}
+    finished = all(k in records and records[k].complete for k in keys)
+    started = {str(records[k].extra.get("runtime", "torch")) for k in keys
+               if k in records and (finished or not records[k].complete)}
     return started.pop() if len(started) == 1 else None
 
 
