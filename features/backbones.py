@@ -12,6 +12,7 @@ standard pre-logits embedding) and ``logits``. Raw graph node names from
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import pickle
 import urllib.request
@@ -486,8 +487,10 @@ class Backbone:
         try:
             depth = _last_node(name, nodes)
         except KeyError:
-            raise UsageError(f"unknown tap {name!r} for {self.name}; valid: {', '.join(self.taps)} "
-                             f"(or a node from `taps list nodes {self.name}`)") from None
+            close = difflib.get_close_matches(name, list(self.taps), n=3, cutoff=0.6)
+            raise UsageError(f"unknown tap {name!r} for {self.name}; "
+                             + (f"did you mean {' or '.join(close)}? " if close else "")
+                             + f"valid: {', '.join(self.taps)} (or a node from `taps list nodes {self.name}`)") from None
         return self.tap_layout(Tap(name, name, self._shapes({name})[name], depth))
 
     def resolve_taps(self, names: list[str] | None) -> list[Tap]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import UsageError
+from .errors import TapsError, UsageError, choose
 
 # PIL's own list plus GIF: odd but decodable formats are converted, not skipped.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -29,6 +29,36 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 # the same thing is silenced once here: catch_warnings() per image is not thread-safe,
 # and images decode on several threads.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# What a dataset fingerprint hashes for the content of image files: 1 their sizes, 2 their sizes
+# and modification times (ns), 3 their bytes (--verify-content). Arrays always hash their pixels.
+FINGERPRINT_VERSIONS = (1, 2, 3)
+FINGERPRINT_VERSION = 2
+CONTENT_FINGERPRINT = 3
+DUPLICATES = ("error", "first")  # what a CSV or folder listing one image file twice gets
+
+
+def bytes_digest(data: bytes) -> str:
+    """128 bits of BLAKE2b: equal digests mean byte-identical samples."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """:func:`bytes_digest` of a file's bytes ("" for a file that cannot be read)."""
+    h = hashlib.blake2b(digest_size=16)
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        return ""
+    return h.hexdigest()
+
+
+def _stat(path: Path):
+    try:
+        return path.stat()
+    except OSError:
+        return None
 
 
 class BadImage(Exception):
@@ -105,19 +135,45 @@ class ImageSet:
         """The file sample ``index`` decodes from, for decoders that read files themselves."""
         return None
 
-    def _content_key(self) -> bytes:
-        """Bytes that change when the pixels may have changed (sizes of files, array hash)."""
+    def _content_key(self, version: int = FINGERPRINT_VERSION) -> bytes:
+        """Bytes that change when the pixels may have changed (file sizes and times, array hash)."""
         return b""
 
-    def fingerprint(self) -> str:
-        """Hash of names, labels, ids, splits and content key: equal sets give equal prints."""
+    def content_digests(self) -> list[str] | None:
+        """One digest of each sample's bytes (equal bytes, equal digest), or None where the set
+        cannot read its samples' bytes cheaply (a torchvision dataset without an array)."""
+        return None
+
+    def fingerprint(self, version: int = FINGERPRINT_VERSION) -> str:
+        """Hash of names, labels, ids, splits and content key: equal sets give equal prints.
+
+        ``version`` says what stands for the content of file-backed sets (see
+        :data:`FINGERPRINT_VERSIONS`); a feature file records the version it was made with, and
+        is checked with that version, so files from before a version keep working.
+        """
+        if version not in FINGERPRINT_VERSIONS:
+            raise TapsError(f"fingerprint version {version} is newer than this taps knows; upgrade taps")
         h = hashlib.sha256()
         for part in (self.name, "\x00".join(self.classes), "\x00".join(self.ids), "\x00".join(self.splits or [])):
             h.update(part.encode())
             h.update(b"\x01")
         h.update(self.labels.tobytes())
-        h.update(self._content_key())
+        if version == CONTENT_FINGERPRINT:
+            digests = self.content_digests()
+            h.update("\x00".join(digests).encode() if digests is not None else self._content_key(1))
+        else:
+            h.update(self._content_key(version))
         return h.hexdigest()[:16]
+
+    def class_counts(self) -> str:
+        """The classes read and their image counts, in one line (the extremes for many classes)."""
+        counts = np.bincount(self.labels, minlength=len(self.classes))
+        if len(self.classes) <= 12:
+            listed = ", ".join(f"{c} {n}" for c, n in zip(self.classes, counts, strict=True))
+            return f"{len(self)} images in {len(self.classes)} classes ({listed})"
+        low, high = int(np.argmin(counts)), int(np.argmax(counts))
+        return (f"{len(self)} images in {len(self.classes)} classes, {counts[low]} to {counts[high]} per class "
+                f"(smallest {self.classes[low]}, largest {self.classes[high]})")
 
 
 class FileImageSet(ImageSet):
@@ -137,9 +193,17 @@ class FileImageSet(ImageSet):
     def source_file(self, index: int) -> Path:
         return self.paths[index]
 
-    def _content_key(self) -> bytes:
-        sizes = [p.stat().st_size if p.exists() else -1 for p in self.paths]
-        return np.asarray(sizes, dtype=np.int64).tobytes()
+    def _content_key(self, version: int = FINGERPRINT_VERSION) -> bytes:
+        # Version 1: sizes only, so an edit that kept the size went unnoticed; 2 adds the
+        # modification time in nanoseconds (a copy without preserved times reads as changed).
+        stats = [_stat(p) for p in self.paths]
+        fields = [(st.st_size, st.st_mtime_ns) if st else (-1, -1) for st in stats]
+        if version == 1:
+            fields = [size for size, _ in fields]
+        return np.asarray(fields, dtype=np.int64).tobytes()
+
+    def content_digests(self) -> list[str] | None:
+        return [file_digest(p) for p in self.paths]
 
 
 class ArrayImageSet(ImageSet):
@@ -152,8 +216,11 @@ class ArrayImageSet(ImageSet):
     def image(self, index: int, min_side: int | None = None) -> Image.Image:
         return to_rgb(Image.fromarray(self.pixels[index]))
 
-    def _content_key(self) -> bytes:
+    def _content_key(self, version: int = FINGERPRINT_VERSION) -> bytes:
         return hashlib.sha256(self.pixels.tobytes()).digest()
+
+    def content_digests(self) -> list[str] | None:
+        return [bytes_digest(row.tobytes()) for row in self.pixels]
 
 
 class TorchvisionImageSet(ImageSet):
@@ -170,7 +237,14 @@ class TorchvisionImageSet(ImageSet):
         has_split = any(s is not None for s, _ in self.parts)
         super().__init__(name, classes, labels, ids, splits if has_split else None)
 
-    def _content_key(self) -> bytes:
+    def content_digests(self) -> list[str] | None:
+        """The rows of each part's pixel array, where the torchvision class keeps one (CIFAR)."""
+        arrays = [getattr(ds, "data", None) for _, ds in self.parts]
+        if not all(isinstance(a, np.ndarray) and len(a) == len(ds) for a, (_, ds) in zip(arrays, self.parts, strict=True)):
+            return None
+        return [bytes_digest(np.ascontiguousarray(row).tobytes()) for a in arrays for row in a]
+
+    def _content_key(self, version: int = FINGERPRINT_VERSION) -> bytes:
         """The pixels of up to 64 evenly spaced samples: torchvision hides its files behind each
         class's own layout, and a re-downloaded or edited set changes its pixels."""
         h = hashlib.sha256()
@@ -205,8 +279,14 @@ class SubsetImageSet(ImageSet):
     def source_file(self, index: int) -> Path | None:
         return self.base.source_file(int(self.indices[index]))
 
-    def _content_key(self) -> bytes:
-        return self.base._content_key()
+    def _content_key(self, version: int = FINGERPRINT_VERSION) -> bytes:
+        return self.base._content_key(version)
+
+    def content_digests(self) -> list[str] | None:
+        if isinstance(self.base, FileImageSet):  # only the chosen files are read
+            return [file_digest(self.base.paths[i]) for i in self.indices]
+        digests = self.base.content_digests()
+        return None if digests is None else [digests[i] for i in self.indices]
 
 
 def parse_subset(spec: str) -> dict[str | None, int]:
@@ -234,6 +314,10 @@ def subset(images: ImageSet, spec: str, seed: int = 0) -> ImageSet:
             pool = np.flatnonzero(np.asarray(images.splits) == split)
         if n < 1:
             raise UsageError(f"--subset sizes must be at least 1, not {n}")
+        if n > len(pool):
+            where = f"split {split!r} of {images.name}" if split else images.name
+            warnings.warn(f"--subset asks for {n} samples of {where}, which has {len(pool)}; using all {len(pool)}",
+                          stacklevel=3)
         chosen.append(rng.choice(pool, size=min(n, len(pool)), replace=False))
     indices = np.sort(np.concatenate(chosen))
     if len(indices) == len(images):  # asked for at least everything: the dataset itself, its own file
@@ -330,11 +414,16 @@ def dataset_names() -> list[str]:
     return list(BUILDERS) + [p + "PATH" for p in PREFIXES]
 
 
-def folder_dataset(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS, allow_outside: bool = False) -> FileImageSet:
+def folder_dataset(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS, allow_outside: bool = False,
+                   duplicates: str = "error") -> FileImageSet:
     """An ImageFolder tree; ``train/`` with ``val/`` or ``test/`` below it become the official split."""
     from torchvision.datasets.folder import make_dataset
 
     root = Path(root).resolve()
+    if root.is_file():
+        kind = "a CSV file" if root.suffix.lower() in (".csv", ".tsv", ".txt") else "a file"
+        raise UsageError(f"dataset folder {root} is {kind}, not a folder; pass folder:PATH to an ImageFolder tree"
+                         + (f" or csv:{root}" if kind == "a CSV file" else ""))
     if not root.is_dir():
         raise UsageError(f"dataset folder {root} does not exist; pass folder:PATH to an ImageFolder tree")
     split_dirs = [d for d in ("train", "val", "test") if (root / d).is_dir()]
@@ -352,14 +441,17 @@ def folder_dataset(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS, allow_outsi
                 found += [(split, c, Path(p)) for p, _ in make_dataset(str(d), {c: 0}, extensions=IMAGE_EXTENSIONS,
                                                                       allow_empty=True)
                           if not Path(p).name.startswith(".")]
-    classes = sorted({c for _, c, _ in found})  # a class folder without images is not a class
-    if not classes:
+    if not found:
         raise UsageError(f"dataset folder {root} has no images in its class folders")
-    index = {c: i for i, c in enumerate(classes)}
     for _, _, path in found:
         if not allow_outside and not path.resolve().is_relative_to(root):
             raise UsageError(f"{path} links outside {root} (to {path.resolve()}); pass --allow-outside-root to "
                              f"permit it")
+    keep = _unique_files([p.resolve() for _, _, p in found], [str(p.relative_to(root)) for _, _, p in found],
+                         f"dataset folder {root}", "links", duplicates)
+    found = [found[i] for i in keep]
+    classes = sorted({c for _, c, _ in found})  # a class folder without images is not a class
+    index = {c: i for i, c in enumerate(classes)}
     paths = [p for _, _, p in found]
     labels = [index[c] for _, c, _ in found]
     splits = [s for s, _, _ in found]
@@ -367,16 +459,82 @@ def folder_dataset(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS, allow_outsi
                         max_pixels=max_pixels)
 
 
-def csv_dataset(csv_path: Path, image_column: str | None = None, label_column: str | None = None,
-                allow_outside: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> FileImageSet:
-    """A CSV of image path and label; paths are relative to the CSV's folder or an ``images/`` folder beside it."""
+def _unique_files(paths: list[Path], where: list[str], source: str, what: str, duplicates: str) -> list[int]:
+    """Positions of the samples to keep: every one, unless a file is listed more than once (two
+    rows, or links to one file), which is refused (``error``) or kept at its first place (``first``):
+    a file on both sides of a split would test the classifier on an image it was trained on."""
+    choose("--duplicates", duplicates, DUPLICATES)
+    first: dict[Path, int] = {}
+    repeats: dict[Path, list[int]] = {}
+    for i, p in enumerate(paths):
+        if p in first:
+            repeats.setdefault(p, [first[p]]).append(i)
+        else:
+            first[p] = i
+    if not repeats:
+        return list(range(len(paths)))
+    extra = sum(len(v) - 1 for v in repeats.values())
+    if duplicates == "error":
+        shown = "; ".join(f"{p.name} ({', '.join(where[i] for i in v)})" for p, v in list(repeats.items())[:3])
+        raise UsageError(f"{source} {what} {len(repeats)} image file(s) more than once ({extra} repeats; e.g. "
+                         f"{shown}); remove the repeats, or pass --duplicates first to keep each file's first "
+                         f"occurrence")
+    warnings.warn(f"{source}: kept the first of {extra + len(repeats)} occurrences of {len(repeats)} image "
+                  f"file(s) listed more than once (--duplicates first)", stacklevel=3)
+    return sorted(first.values())
+
+
+def _read_csv(csv_path: Path, encoding: str) -> tuple[list[dict], list[str]]:
+    """The rows and columns of a CSV file, or one line naming the encoding problem and where it is."""
+    try:
+        with open(csv_path, newline="", encoding=encoding) as fh:
+            reader = csv.DictReader(fh)
+            return list(reader), list(reader.fieldnames or [])
+    except LookupError:
+        raise UsageError(f"unknown --encoding {encoding!r}; use a Python codec name such as utf-8, cp1252 or "
+                         f"latin-1") from None
+    except UnicodeDecodeError as exc:
+        raw = csv_path.read_bytes()
+        line = raw[:exc.start].count(b"\n") + 1
+        raise UsageError(f"CSV file {csv_path} is not {encoding} (byte {raw[exc.start]:#04x} on line {line}); "
+                         f"pass --encoding with the file's encoding (e.g. cp1252 or latin-1), or save it as "
+                         f"UTF-8") from None
+
+
+def _labels(rows: list[dict], column: str, csv_path: Path) -> list[str]:
+    """The label of each row with surrounding whitespace stripped; an empty label or one class written
+    two ways as a number (``1`` and ``1.0``) is refused, naming the lines."""
+    labels = [r[column].strip() for r in rows]
+    for number, label in enumerate(labels, start=2):
+        if not label:
+            raise UsageError(f"CSV file {csv_path} line {number} has an empty label in column {column!r}; "
+                             f"label that row or remove it")
+    spelled: dict[float, dict[str, int]] = {}
+    for number, label in enumerate(labels, start=2):
+        try:
+            value = float(label)
+        except ValueError:
+            continue
+        spelled.setdefault(value, {}).setdefault(label, number)
+    for ways in spelled.values():
+        if len(ways) > 1:
+            shown = " and ".join(f"{w!r} (line {n})" for w, n in list(ways.items())[:3])
+            raise UsageError(f"CSV file {csv_path} writes one number as {len(ways)} labels: {shown}; write each "
+                             f"class one way, or they become separate classes")
+    return labels
+
+
+def csv_dataset(csv_path: Path, *, image_column: str | None = None, label_column: str | None = None,
+                allow_outside: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS, duplicates: str = "error",
+                encoding: str = "utf-8-sig") -> FileImageSet:
+    """A CSV of image path and label; paths are relative to the CSV's folder or an ``images/`` folder beside it.
+
+    Labels are stripped of surrounding whitespace; ``encoding`` defaults to UTF-8 with or without
+    Excel's byte-order mark."""
     csv_path = Path(csv_path).resolve()
     if not csv_path.is_file():
         raise UsageError(f"CSV file {csv_path} does not exist; pass csv:PATH to a CSV of image path and label")
-    with open(csv_path, newline="", encoding="utf-8-sig") as fh:  # -sig: Excel's "CSV UTF-8" starts with a BOM
-        reader = csv.DictReader(fh)
-        rows = list(reader)
-        columns = list(reader.fieldnames or [])
+    rows, columns = _read_csv(csv_path, encoding)
     if not rows:
         raise UsageError(f"CSV file {csv_path} has no rows")
     if len(columns) < 2 and not (image_column and label_column):
@@ -394,8 +552,6 @@ def csv_dataset(csv_path: Path, image_column: str | None = None, label_column: s
                              f"({len([v for v in r.values() if v is not None])} of {len(columns)}); fix that row")
     root = csv_path.parent
     base = root / "images" if (root / "images").is_dir() and not (root / rows[0][image_column]).exists() else root
-    classes = sorted({r[label_column] for r in rows})
-    index = {c: i for i, c in enumerate(classes)}
     paths = []
     for r in rows:
         p = (base / r[image_column]).resolve()
@@ -405,7 +561,13 @@ def csv_dataset(csv_path: Path, image_column: str | None = None, label_column: s
     if not any(p.is_file() for p in paths):
         raise UsageError(f"no value of column {image_column!r} in {csv_path} is an existing file (first: "
                          f"{rows[0][image_column]!r}); set --image-column to the column of image paths")
-    return FileImageSet(f"csv-{csv_path.stem}", root, paths, classes, [index[r[label_column]] for r in rows],
+    labels = _labels(rows, label_column, csv_path)
+    keep = _unique_files(paths, [f"line {n}" for n in range(2, len(rows) + 2)],
+                         f"CSV file {csv_path}", "lists", duplicates)
+    paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+    classes = sorted(set(labels))
+    index = {c: i for i, c in enumerate(classes)}
+    return FileImageSet(f"csv-{csv_path.stem}", root, paths, classes, [index[label] for label in labels],
                         max_pixels=max_pixels)
 
 
@@ -421,7 +583,7 @@ def _load(spec: str, data_root: Path, download: bool, **options) -> ImageSet:
         kind, path = spec.split(":", 1)
         if kind == "folder":
             images = folder_dataset(Path(path), **{k: v for k, v in options.items()
-                                                   if k in ("max_pixels", "allow_outside")})
+                                                   if k in ("max_pixels", "allow_outside", "duplicates")})
         else:
             images = csv_dataset(Path(path), **options)
         images.name = dataset_slug(spec)  # two folders with the same basename never share a feature file

@@ -24,12 +24,12 @@ from tqdm.auto import tqdm
 
 from .backbones import Backbone, Tap
 from .blocks import Block, prepare_forward
-from .datasets import ImageSet
+from .datasets import CONTENT_FINGERPRINT, FINGERPRINT_VERSION, ImageSet
 from .engines import engine_class
 from .errors import TapsError, UsageError
-from .options import ExtractOptions, RunConfig
+from .options import CHOICES, EXPORTED_RUNTIME_PRECISIONS, VALID_PRECISIONS, ExtractOptions, RunConfig
 from .pooling import is_spatial, pooled_dim
-from .runtime import keep_freed_memory
+from .runtime import available_memory_bytes, keep_freed_memory
 from .store import FeatureFile, FeatureWriter, check_output_folder, exclusive_lock, feature_file_name, tap_key, versions
 
 
@@ -58,12 +58,60 @@ def feature_path(out: Path | str, dataset_name: str, backbone: Backbone) -> Path
     return Path(out) / dataset_name / name
 
 
-def feature_header(images: ImageSet, backbone: Backbone, batch_size: int) -> dict:
+def feature_header(images: ImageSet, backbone: Backbone, batch_size: int,
+                   fingerprint_version: int = FINGERPRINT_VERSION) -> dict:
     """The root attributes that say what a feature file was made from (see :mod:`features.store`)."""
     return {"backbone": backbone.name, "weights": backbone.weights.spec, "weights_sha256": backbone.weights.sha256,
             "transform": backbone.transform_spec(), "image_size": backbone.input_size, "dataset": images.name,
-            "dataset_fingerprint": images.fingerprint(), "n_samples": len(images), "batch_size": batch_size,
+            "dataset_fingerprint": images.fingerprint(fingerprint_version),
+            "fingerprint_version": fingerprint_version, "n_samples": len(images), "batch_size": batch_size,
             "versions": versions()}
+
+
+def _existing(path: Path, force: bool) -> FeatureFile | None:
+    """The feature file a run would add to or resume (None when it starts afresh)."""
+    if force or not path.is_file():
+        return None
+    try:
+        return FeatureFile(path)
+    except (TapsError, OSError):
+        return None  # the writer names what is wrong with it
+
+
+def check_dataset_matches(features: FeatureFile, images: ImageSet, fix: str, verify_content: bool = False) -> None:
+    """Refuse a feature file made from other contents of ``images`` than it has now, in one line with
+    ``fix``. The fingerprint is computed the way the file's was (its recorded version), so files
+    from before a fingerprint version keep working; ``verify_content`` compares each sample's bytes
+    with the digests the file recorded and names the first that changed."""
+    expected = {"dataset_fingerprint": images.fingerprint(features.fingerprint_version), "n_samples": len(images)}
+    features.check_made_from(expected, fix)
+    if not verify_content:
+        return
+    digests = images.content_digests()
+    if features.content is None or digests is None:
+        raise UsageError(f"--verify-content compares each image's bytes with the digests in {features.path}, but "
+                         f"{'that file has none (made before they were recorded)' if features.content is None else images.name + ' cannot be read as bytes'}; "
+                         f"{'rebuild it with --force' if features.content is None else 'drop --verify-content'}")
+    changed = [i for i, (old, new) in enumerate(zip(features.content, digests, strict=True)) if old != new]
+    if changed:
+        raise TapsError(f"{features.path} was made from other contents of the dataset: {len(changed)} image(s) changed "
+                        f"since (first: {images.ids[changed[0]]}); {fix}")
+
+
+def _adopt_recorded(cfg: RunConfig, options: ExtractOptions, existing: FeatureFile | None) -> RunConfig:
+    """``auto`` precision and decoder resolve to what the file's taps were made with (when they agree),
+    so that taps added to a file, or reused from it, match the ones already there."""
+    if existing is None or not existing.taps:
+        return cfg
+    adopted = {}
+    for name, valid in (("precision", VALID_PRECISIONS[cfg.device.type]), ("decode", CHOICES["decode"])):
+        recorded = {getattr(t, name) for t in existing.taps.values()}
+        if getattr(options, name) == "auto" and len(recorded) == 1 and (value := recorded.pop()) in valid:
+            adopted[name] = value
+    if cfg.runtime != "torch" and adopted.get("precision", cfg.precision) not in \
+            EXPORTED_RUNTIME_PRECISIONS.get(cfg.runtime, (adopted.get("precision", cfg.precision),)):
+        adopted.pop("precision", None)
+    return dataclasses.replace(cfg, **adopted)
 
 
 @dataclass(frozen=True)
@@ -92,20 +140,28 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
     options = dataclasses.replace(options, **settings) if options else ExtractOptions(**settings)
     resolved = backbone.resolve_taps(taps)
     backbone.check_pooling(resolved, options.pooling)
-    header = feature_header(images, backbone, options.batch_size)
     path = Path(options.path) if options.path else feature_path(options.out, images.name, backbone)
+    shard_attrs = {}
     if options.shard is not None:
         from .shards import shard_images, shard_path
 
-        images, shard_attrs = shard_images(images, *options.shard)
-        header = {**header, **shard_attrs, "dataset_fingerprint": images.fingerprint(), "n_samples": len(images)}
+        full, (images, shard_attrs) = images, shard_images(images, *options.shard)
         path = shard_path(path, *options.shard)
     check_output_folder(path.parent, "--out")
-    cfg = options.resolve(len(images))
+    existing = _existing(path, options.force)
+    version = existing.fingerprint_version if existing else \
+        CONTENT_FINGERPRINT if options.verify_content else FINGERPRINT_VERSION
+    if shard_attrs:  # every shard fingerprints the whole dataset the way its own file does
+        shard_attrs["full_dataset_fingerprint"] = full.fingerprint(version)
+    header = {**feature_header(images, backbone, options.batch_size, version), **shard_attrs}
+    if existing and options.verify_content:
+        check_dataset_matches(existing, images, "pass --force to rebuild it", verify_content=True)
+    cfg = _adopt_recorded(options.resolve(len(images)), options, existing)
+    check_batch_fits(backbone.input_size, cfg.batch_size, cfg.device)
     if cfg.runtime != "torch":  # exported and checked once (cached); auto also timed against torch
         from .runtimes import resolve_runtime
 
-        cfg = resolve_runtime(backbone, resolved, cfg, _recorded_runtime(path, resolved, options.pooling, options.force),
+        cfg = resolve_runtime(backbone, resolved, cfg, _recorded_runtime(existing, resolved, options.pooling),
                               torch_forward=lambda c: prepare_forward(backbone, resolved, c, len(images)))
     keys = {t.name: tap_key(t.name, options.pooling, is_spatial(t.shape)) for t in resolved}
     report = ExtractionReport(path=path, samples=len(images), device=str(cfg.device), precision=cfg.precision)
@@ -113,7 +169,7 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
     try:
         with exclusive_lock(path), keep_freed_memory():
             writer = FeatureWriter(path, header, images.labels, images.classes, images.ids, images.splits,
-                                   force=options.force)
+                                   force=options.force, content=_digests(images, existing))
             try:
                 # Blocks are the file's: a resumed file keeps the batch size it was made with.
                 cfg = dataclasses.replace(cfg, batch_size=writer.batch_size)
@@ -131,20 +187,39 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
     return report
 
 
-def _recorded_runtime(path: Path, taps: list[Tap], pooling: str, force: bool) -> str | None:
-    """The runtime a rerun keeps: that of the unfinished requested taps of an existing file (a resume
-    finishes them with it), or, when every requested tap is finished, the one they were made with,
-    so that a rerun which only reuses them neither exports nor times anything for ``auto``."""
-    if force or not path.is_file():
+# Bytes per input pixel of one image in a forward pass, roughly: the decoded uint8 RGB (3), its float
+# tensor (12) and the first feature maps (64 channels at stride 2 in float32: 64), which dominate.
+BYTES_PER_PIXEL = 80
+
+
+def check_batch_fits(image_size: int, batch_size: int, device) -> None:
+    """Refuse, before anything is allocated, a batch whose images alone cannot fit in this machine's
+    free memory (``--image-size 100000`` asks for terabytes), naming sizes that would."""
+    if getattr(device, "type", "cpu") != "cpu":
+        return  # the device's own allocator says so at the first batch, in one line
+    need, free = BYTES_PER_PIXEL * image_size ** 2 * batch_size, available_memory_bytes()
+    if need <= free:
+        return
+    fits = int((free / (BYTES_PER_PIXEL * batch_size)) ** 0.5)
+    raise UsageError(f"{batch_size} images of {image_size}x{image_size} px need about {need / 2 ** 30:.1f} GiB in a "
+                     f"forward pass, and {free / 2 ** 30:.1f} GiB are free; use --image-size {fits} or less, or a "
+                     f"smaller --batch-size")
+
+
+def _digests(images: ImageSet, existing: FeatureFile | None) -> list[str] | None:
+    """Each sample's content digest for a new file (read once, when the file is made)."""
+    return None if existing is not None else images.content_digests()
+
+
+def _recorded_runtime(existing: FeatureFile | None, taps: list[Tap], pooling: str) -> str | None:
+    """The runtime ``auto`` keeps on a rerun: the one the requested taps already in the file were made
+    or started with (a resume finishes them with it, a reuse neither exports nor times anything),
+    when they agree; None when none of them is in the file yet."""
+    if existing is None:
         return None
-    try:
-        records = FeatureFile(path).taps
-    except (TapsError, OSError):
-        return None
+    records = existing.taps
     keys = [tap_key(t.name, pooling, is_spatial(t.shape)) for t in taps]
-    finished = all(k in records and records[k].complete for k in keys)
-    started = {str(records[k].extra.get("runtime", "torch")) for k in keys
-               if k in records and (finished or not records[k].complete)}
+    started = {records[k].runtime for k in keys if k in records}
     return started.pop() if len(started) == 1 else None
 
 

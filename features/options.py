@@ -30,6 +30,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "decode": ("auto", "simplejpeg", "pil", "torchvision"),
     "runtime": ("torch", "onnxruntime", "openvino", "auto"),
 }
+# The precisions a torch forward can run on each device type (what ``auto`` may adopt from a file).
+VALID_PRECISIONS: dict[str, tuple[str, ...]] = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16", "bf16"),
+                                                "mps": ("fp32", "fp16")}
 # The runtimes that run taps' ONNX export (features.runtimes) and the precisions each runs on the CPU.
 EXPORTED_RUNTIME_PRECISIONS: dict[str, tuple[str, ...]] = {"onnxruntime": ("fp32",), "openvino": ("fp32", "bf16")}
 # `--loader auto` runs replicas on CPU datasets at least this large: below it their start-up
@@ -71,6 +74,7 @@ class ExtractOptions:
     path: Path | str | None = None    # write exactly here instead of under ``out``
     force: bool = False
     progress: bool = True
+    verify_content: bool = False      # fingerprint the dataset by its bytes, and compare them on a rerun
     shard: tuple[int, int] | None = None
     limit_batches: int | None = None  # stop after this many batches (tests of interruption)
 

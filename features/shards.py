@@ -41,8 +41,7 @@ def shard_images(images: ImageSet, index: int, shards: int) -> tuple[ImageSet, d
     lo, hi = int(bounds[index]), int(bounds[index + 1])
     if hi <= lo:
         raise UsageError(f"shard {index}/{shards} of {len(images)} samples is empty; use fewer shards")
-    attrs = {"shard": f"{index}/{shards}", "shard_start": lo, "full_n_samples": len(images),
-             "full_dataset_fingerprint": images.fingerprint()}
+    attrs = {"shard": f"{index}/{shards}", "shard_start": lo, "full_n_samples": len(images)}
     return SubsetImageSet(images, np.arange(lo, hi), images.name), attrs
 
 
@@ -76,7 +75,9 @@ def merge_shards(paths: list[Path], out: Path | None = None, force: bool = False
         errors.update({int(f.attrs["shard_start"]) + j: f.errors[f.ids[j]] for j in np.flatnonzero(~f.valid)})
     with exclusive_lock(out):
         writer = FeatureWriter(out, header, np.concatenate([f.labels for f in shards]), shards[0].classes,
-                               [i for f in shards for i in f.ids], splits, force=force)
+                               [i for f in shards for i in f.ids], splits, force=force,
+                               content=None if any(f.content is None for f in shards) else
+                               [c for f in shards for c in f.content])
         try:
             if writer.complete:
                 return out

@@ -4,15 +4,20 @@ Schema (format_version 2)::
 
     /                 attrs: format, format_version, backbone, weights, weights_sha256 (local files),
                              transform, image_size, dataset, dataset_fingerprint, n_samples,
-                             batch_size, created, versions (JSON), complete
+                             batch_size, created, versions (JSON), complete, fingerprint_version
+                             (what the dataset fingerprint hashes: 1 file sizes, 2 sizes and
+                             modification times, 3 bytes; absent in older files: 1)
     /labels           int64 (N,)
     /classes          str   (C,)
     /ids              str   (N,)   stable sample ids (relative paths or split/index)
     /split            str   (N,)   official split per sample, only where the dataset has one
+    /content          str   (N,)   a digest of each sample's bytes (BLAKE2b-128, hex): equal digests are
+                                   byte-identical images, kept on one side of every split; absent where
+                                   the dataset's bytes cannot be read cheaply, and in older files
     /valid            bool  (N,)   False for images that could not be decoded
     /errors           str   (N,)   '' or why the image was skipped
     /taps/<key>       float32 (N, D), chunked along N
-                      attrs: tap, node, pooling, dim, precision, decode, rows_done, complete
+                      attrs: tap, node, pooling, dim, precision, decode, runtime, rows_done, complete
     /blocks/<key>     uint32 (ceil(N / batch_size),)  CRC-32 of each written block of the tap
                       (its rows, then the block's /valid and /errors entries)
 
@@ -58,10 +63,25 @@ READABLE_VERSIONS = (1, 2)
 IDENTITY = ("backbone", "weights", "transform", "dataset", "dataset_fingerprint", "n_samples")
 STR = h5py.string_dtype()
 MEASURED = ("runtime_rates",)  # tap attributes that record a measurement, not a setting
+# The tap settings a rerun must match to reuse or resume a tap, and the flag that sets each.
+CHECKED_SETTINGS = {"precision": "--precision", "decode": "--decode", "runtime": "--runtime", "pooling": "--pool"}
+
+
+def _settings_text(settings: dict, names: list[str]) -> str:
+    return ", ".join(f"{name} {settings[name]}" for name in names)
+
+
+def _flags_text(settings: dict, names: list[str]) -> str:
+    return " ".join(f"{CHECKED_SETTINGS[name]} {settings[name]}" for name in names if settings[name] != "none")
 
 
 def tap_key(tap: str, pooling: str, spatial: bool) -> str:
     return f"{tap}@{pooling}" if spatial and pooling != "avg" else tap
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that puts block2 before block10 (numbers compared as numbers, not text)."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part)
 
 
 def path_safe(name: str) -> str:
@@ -246,7 +266,8 @@ class FeatureWriter:
     write anything more to it (see :meth:`_abandon`) and raises one :class:`TapsError`.
     """
 
-    def __init__(self, path: Path, header: dict, labels, classes, ids, splits, *, force: bool = False):
+    def __init__(self, path: Path, header: dict, labels, classes, ids, splits, *, force: bool = False,
+                 content: list[str] | None = None):
         self.path = Path(path)
         self.failed = False
         self.recovered: dict[str, int] = {}  # tap key -> rows found damaged on open, to be recomputed
@@ -265,9 +286,9 @@ class FeatureWriter:
                     self._recover(key)
                 self._flush()
         else:
-            self.h5 = self._create(header, labels, classes, ids, splits)
+            self.h5 = self._create(header, labels, classes, ids, splits, content)
 
-    def _create(self, header, labels, classes, ids, splits) -> h5py.File:
+    def _create(self, header, labels, classes, ids, splits, content) -> h5py.File:
         tmp = self.path.with_suffix(".creating")
         h5 = h5py.File(tmp, "w", locking=False)
         h5.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "complete": False,
@@ -279,6 +300,8 @@ class FeatureWriter:
         h5.create_dataset("ids", data=list(ids), dtype=STR)
         if splits is not None:
             h5.create_dataset("split", data=[s or "" for s in splits], dtype=STR)
+        if content is not None:
+            h5.create_dataset("content", data=list(content), dtype=STR)
         h5.create_dataset("valid", data=np.ones(n, dtype=bool))
         h5.create_dataset("errors", shape=(n,), dtype=STR)
         h5.create_group("taps")
@@ -343,14 +366,17 @@ class FeatureWriter:
         return self._open[name]
 
     def _check_tap(self, key: str, attrs: dict) -> None:
-        ds = self.h5["taps"][key]
-        for name, value in attrs.items():
-            # Files from before a setting was recorded resume without that check; measurements differ per run.
-            if name not in MEASURED and not ds.attrs["complete"] and name in ds.attrs and str(ds.attrs[name]) != str(value):
-                flag = {"precision": "--precision", "decode": "--decode", "runtime": "--runtime"}.get(name)
-                rerun = f"rerun with {flag} {ds.attrs[name]} or pass --force" if flag else "pass --force"
-                raise TapsError(f"tap {key} in {self.path} was started with {name}={ds.attrs[name]}, "
-                                f"not {value}; {rerun}")
+        """Refuse to resume or reuse a tap made with other settings than this run's: a file whose taps
+        were made two ways would be fused, compared and reported as if they were one."""
+        recorded = TapRecord.read(key, _plain(self.h5["taps"][key].attrs)).settings()
+        # Files from before a setting was recorded are checked without it; measurements differ per run.
+        differ = [name for name in CHECKED_SETTINGS if name in attrs and name in self.h5["taps"][key].attrs
+                  and str(recorded[name]) != str(attrs[name])]
+        if differ:
+            raise TapsError(f"tap {key} in {self.path} was {'started' if not self.h5['taps'][key].attrs['complete'] else 'made'} "
+                            f"with {_settings_text(recorded, differ)}, but this run resolves to "
+                            f"{_settings_text(attrs, differ)}; rerun with {_flags_text(recorded, differ)} to use it, "
+                            f"or pass --force to rebuild the file")
 
     def _recover(self, key: str) -> None:
         try:
@@ -487,6 +513,8 @@ class FeatureFile:
             self.ids = [i.decode() if isinstance(i, bytes) else i for i in h5["ids"][:]]
             self.split = ([s.decode() if isinstance(s, bytes) else s for s in h5["split"][:]]
                           if "split" in h5 else None)
+            self.content = ([c.decode() if isinstance(c, bytes) else c for c in h5["content"][:]]
+                            if "content" in h5 else None)
             self.valid = h5["valid"][:]
             self._raw_errors = h5["errors"][:]
             self.errors = {self.ids[i]: (e.decode() if isinstance(e, bytes) else e)
@@ -494,12 +522,25 @@ class FeatureFile:
             self.taps = {k: TapRecord.read(k, _plain(ds.attrs)) for k, ds in h5["taps"].items()}
             self._sums = {k: ds[:] for k, ds in h5["blocks"].items()} if "blocks" in h5 else {}
 
+    @property
+    def fingerprint_version(self) -> int:
+        """What the file's dataset fingerprint hashes (see :data:`features.datasets.FINGERPRINT_VERSIONS`)."""
+        return int(self.attrs.get("fingerprint_version", 1))
+
+    def duplicate_groups(self) -> np.ndarray | None:
+        """Per sample, the index of the first sample with byte-identical content (itself when it has
+        none), or None for files without content digests. Unreadable samples are their own group."""
+        if self.content is None:
+            return None
+        first: dict[str, int] = {}
+        return np.asarray([first.setdefault(c, i) if c else i for i, c in enumerate(self.content)], dtype=np.int64)
+
     def tap_key(self, tap: str, pooling: str = "avg") -> str:
         """The dataset key of a tap; raises naming what exists when it is not in the file."""
         for key in (tap_key(tap, pooling, True), tap):
             if key in self.taps and (key == tap_key(tap, pooling, True) or self.taps[key].pooling in (pooling, "none")):
                 return key
-        have = ", ".join(sorted(self.taps)) or "none"
+        have = ", ".join(sorted(self.taps, key=natural_key)) or "none"
         raise TapsError(f"tap {tap!r} (pooling {pooling}) is not in {self.path} (it has: {have}); "
                         f"run `taps extract ... --taps {tap} --pool {pooling}` first")
 
@@ -608,6 +649,15 @@ class TapRecord:
                    dim=int(attrs["dim"]), precision=str(attrs["precision"]), decode=str(attrs["decode"]),
                    rows_done=int(attrs["rows_done"]), complete=bool(attrs["complete"]),
                    extra={k: v for k, v in attrs.items() if k not in cls.KNOWN})
+
+    @property
+    def runtime(self) -> str:
+        """The runtime that computed the tap (files from before runtimes were recorded: torch)."""
+        return str(self.extra.get("runtime", "torch"))
+
+    def made_like(self) -> tuple[str, str, str]:
+        """(precision, decode, runtime): taps fused or compared together must agree on these."""
+        return self.precision, self.decode, self.runtime
 
     def settings(self) -> dict:
         """The attributes that make the tap what it is (to create it elsewhere: merge)."""

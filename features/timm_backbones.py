@@ -16,6 +16,7 @@ outputs are pooled by :func:`features.pooling.pool_tap` (``cls``, or the patch g
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import pickle
@@ -110,10 +111,14 @@ class TimmBackbone(Backbone):
         """The frozen model in eval mode with its weights loaded (on CPU)."""
         w = self.weights
         if w.hub is not None:
+            offline = False
             try:
-                model = self._create(w.hub, pretrained=True)
+                with _offline_unless_reachable() as offline:
+                    model = self._create(w.hub, pretrained=True)
             except Exception as exc:  # hub and network errors come in many types
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                if offline:
+                    reason = "the hub cannot be reached from here"
                 raise TapsError(f"weights {w.spec} are not cached and could not be downloaded ({reason}); download "
                                 f"them where there is internet and pass --weights FILE (.safetensors or .pth), "
                                 f"or pass --weights none") from None
@@ -205,3 +210,45 @@ class TimmBackbone(Backbone):
     def graph_nodes(self, model: nn.Module) -> list[str]:
         from timm.layers import get_graph_node_names
         return get_graph_node_names(model)[1]
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (or the mirror HF_ENDPOINT names) answers a TCP connection within
+    ``timeout`` seconds, name lookup included (which has no timeout of its own, hence the thread)."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    address = (url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
+    reached = threading.Event()
+
+    def connect() -> None:
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            reached.set()
+        except OSError:
+            pass
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout + 0.5)
+    return reached.is_set()
+
+
+@contextlib.contextmanager
+def _offline_unless_reachable():
+    """Hub downloads in offline mode (cache only) when the hub cannot be reached: without it a missing
+    checkpoint costs about a minute of retries and a screen of their messages before failing."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or hub_reachable():
+        yield False
+        return
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield True
+    finally:
+        constants.HF_HUB_OFFLINE = False

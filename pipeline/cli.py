@@ -7,11 +7,14 @@ the last line a successful command prints is the path of what it made.
 from __future__ import annotations
 
 import argparse
+import difflib
+import os
 import shlex
 import sys
 import warnings
 from pathlib import Path
 
+from features.datasets import DUPLICATES
 from features.errors import TapsError, UsageError
 from features.runtime import limit_openmp_spinning
 
@@ -43,6 +46,14 @@ def _add_dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-outside-root", action="store_true",
                    help="csv, folder: allow image paths (or links) that lead outside the dataset's folder")
     g.add_argument("--subset", help="a seeded random subset: N samples, or per split as train:5000,test:2000")
+    g.add_argument("--duplicates", default="error", choices=DUPLICATES,
+                   help="csv, folder: an image file listed more than once (repeated rows, links to one file) is "
+                        "refused (error) or kept once, at its first row (first) (default: %(default)s)")
+    g.add_argument("--encoding", default="utf-8-sig",
+                   help="csv: the file's text encoding, e.g. cp1252 or latin-1 (default: UTF-8, with or without a BOM)")
+    g.add_argument("--verify-content", action="store_true",
+                   help="fingerprint the dataset by its images' bytes (not their sizes and times), and on a rerun "
+                        "name each image whose bytes changed")
 
 
 def _add_backbone_args(p: argparse.ArgumentParser, many: bool = False) -> None:
@@ -105,6 +116,7 @@ def _extract_options(args):
         pooling=args.pool, device=args.device, precision=args.precision, batch_size=args.batch_size,
         workers=args.workers, channels_last=args.channels_last, on_error=args.on_error, loader=args.loader,
         compile=args.compile, decode=args.decode, runtime=args.runtime, out=args.features_root, progress=args.progress,
+        verify_content=args.verify_content,
         force=getattr(args, "force", False) and args.command == "extract",
         shard=parse_shard(args.shard) if getattr(args, "shard", None) else None,
         engine=getattr(args, "engine", "local"), ray_address=getattr(args, "ray_address", None),
@@ -114,9 +126,10 @@ def _extract_options(args):
 def _images(args):
     from features.datasets import load_dataset
 
-    options = {"allow_outside": args.allow_outside_root} if args.dataset.startswith(("csv:", "folder:")) else {}
+    options = ({"allow_outside": args.allow_outside_root, "duplicates": args.duplicates}
+               if args.dataset.startswith(("csv:", "folder:")) else {})
     if args.dataset.startswith("csv:"):
-        options.update(image_column=args.image_column, label_column=args.label_column)
+        options.update(image_column=args.image_column, label_column=args.label_column, encoding=args.encoding)
     return load_dataset(args.dataset, args.data_root, subset_spec=args.subset, **options)
 
 
@@ -169,7 +182,9 @@ def cmd_extract(args) -> None:
     options = _extract_options(args)
     backbone = _backbone(args)
     backbone.check_weights()  # before the dataset: a missing checkpoint is the cheaper thing to find out
-    report = extract(_images(args), backbone, args.taps, options)
+    images = _images(args)
+    print(f"read {images.name}: {images.class_counts()}")
+    report = extract(images, backbone, args.taps, options)
     print(describe_extraction(report))
     print(report.path)
 
@@ -210,6 +225,11 @@ def cmd_info(args) -> None:
     for k in ("backbone", "weights", "transform", "dataset", "dataset_fingerprint", "n_samples", "complete", "created",
               "format_version"):
         print(f"{k}: {f.attrs.get(k, 1 if k == 'format_version' else None)}")
+    print(f"fingerprint_version: {f.fingerprint_version}")
+    groups = f.duplicate_groups()
+    print("byte-identical images: not recorded (older file)" if groups is None else
+          f"byte-identical images: {(groups != range(len(groups))).sum()} copies of "
+          f"{len(set(groups[groups != range(len(groups))]))} images")
     if "shard" in f.attrs:
         start = int(f.attrs["shard_start"])
         print(f"shard: {f.attrs['shard']}, samples {start}..{start + len(f.labels) - 1} of {f.attrs['full_n_samples']}; "
@@ -218,7 +238,7 @@ def cmd_info(args) -> None:
           f"skipped images: {len(f.errors)}")
     for key, t in f.taps.items():
         print(f"tap {key}: node={t.node} pooling={t.pooling} dim={t.dim} precision={t.precision} "
-              f"decode={t.decode} runtime={t.extra.get('runtime', 'torch')} rows={t.rows_done}/{len(f.labels)} "
+              f"decode={t.decode} runtime={t.runtime} rows={t.rows_done}/{len(f.labels)} "
               f"complete={t.complete}")
     print(f.path)
 
@@ -234,7 +254,7 @@ def _fit_options(args, clf: str | None = None):
 def _protocol(args, features):
     from .protocols import parse_protocol
 
-    return parse_protocol(args.protocol, args.test_per_class, has_split=features.split is not None)
+    return parse_protocol(args.protocol, args.test_per_class, has_split=features.split or False)
 
 
 def extract_command(args, backbone: str | None = None) -> str:
@@ -247,19 +267,22 @@ def extract_command(args, backbone: str | None = None) -> str:
                 ("--label-column", getattr(args, "label_column", None), None),
                 ("--backbone", backbone or args.backbone, None), ("--weights", args.weights, "auto"),
                 ("--image-size", args.image_size, None), ("--taps", taps, None),
-                ("--pool", getattr(args, "pool", "avg"), "avg"), ("--features-root", args.features_root, FEATURES_ROOT)]
+                ("--pool", getattr(args, "pool", "avg"), "avg"), ("--features-root", args.features_root, FEATURES_ROOT),
+                ("--duplicates", getattr(args, "duplicates", "error"), "error"),
+                ("--encoding", getattr(args, "encoding", "utf-8-sig"), "utf-8-sig")]
     for flag, value, default in optional:
         if value is not None and value != default:
             parts += [flag, str(value)]
-    if getattr(args, "allow_outside_root", False):
-        parts.append("--allow-outside-root")
+    for flag in ("allow_outside_root", "verify_content"):
+        if getattr(args, flag, False):
+            parts.append("--" + flag.replace("_", "-"))
     return shlex.join(parts)
 
 
 def _features_file(args, backbone_name: str | None = None):
     """The feature file named by --features, or the one `extract` writes for the same settings, after
     checking that it was made from this dataset's current contents and the asked-for preprocessing."""
-    from features.extract import feature_path
+    from features.extract import check_dataset_matches, feature_path
     from features.store import FeatureFile
 
     if getattr(args, "features", None):  # the user's own file: taken as it is, but not with other preprocessing
@@ -280,9 +303,9 @@ def _features_file(args, backbone_name: str | None = None):
     if not path.is_file():
         raise TapsError(f"no feature file {path}; run `{command}` first")
     features = FeatureFile(path)
-    features.check_made_from({"dataset_fingerprint": images.fingerprint(), "n_samples": len(images),
-                              "weights": bb.weights.spec, "transform": bb.transform_spec()},
-                             f"rebuild it with `{command} --force`")
+    fix = f"rebuild it with `{command} --force`"
+    features.check_made_from({"weights": bb.weights.spec, "transform": bb.transform_spec()}, fix)
+    check_dataset_matches(features, images, fix, verify_content=args.verify_content)
     return features
 
 
@@ -290,9 +313,13 @@ def cmd_fit(args) -> None:
     from .evaluate import fit_run
     from .report import fmt
 
-    features = _features_file(args)
-    tap = args.tap or _backbone(args, features.attrs["backbone"]).default_tap
     options = _fit_options(args)
+    if not args.features:  # before reading the dataset: a tap the backbone lacks is a usage error
+        _check_tap_names(args, _backbone(args))
+    features = _features_file(args)
+    backbone = _backbone(args, features.attrs["backbone"])
+    _check_tap_names(args, backbone)
+    tap = args.tap or backbone.default_tap
     run_dir, results, reused = fit_run(features, tap, args.pool, options, _protocol(args, features), seeds=args.seeds,
                                        runs_root=args.out, force=args.force)
     m = results["metrics"]
@@ -309,7 +336,32 @@ def cmd_fit(args) -> None:
     print(f"{results['features']['tap']:<14}{results['features']['dim']:>6}  {options.clf:<7}{fmt(m.get('accuracy'), args.seeds):>12}"
           f"{fmt(m.get('mean_per_class_accuracy'), args.seeds):>12}{fmt(m.get('macro_f1'), args.seeds):>12}{fmt(m.get('top5_accuracy'), args.seeds):>12}  "
           f"{chosen:<13}{results['fit_seconds']['mean']:>7.1f}")
+    for note in result_notes(results, args.seeds):
+        print(note)
     print(run_dir)
+
+
+def _check_tap_names(args, backbone) -> None:
+    """Refuse a --tap naming a tap the backbone does not have, suggesting the closest of its taps."""
+    if args.tap and args.tap != "auto":
+        from .fusion import tap_set
+
+        backbone.resolve_taps(tap_set(args.tap))
+
+
+def result_notes(results: dict, seeds: int) -> list[str]:
+    """What a reader of a fit's numbers must know: what the ± varies over, duplicate images."""
+    notes = []
+    if seeds > 1 and results.get("seeds_vary", "").startswith("the CV folds only"):
+        notes.append(f"note: ± over {seeds} seeds varies {results['seeds_vary']}")
+    dup = results.get("duplicates") or {}
+    if dup.get("groups"):
+        notes.append(f"note: {dup['groups']} group(s) of byte-identical images ({dup['images']} images) in the file, "
+                     f"each kept on one side of every split")
+    elif dup and not dup.get("checked"):
+        notes.append("note: duplicate images were not checked (the file has no content digests; re-extract with "
+                     "--force to record them)")
+    return notes
 
 
 def cmd_predict(args) -> None:
@@ -332,8 +384,9 @@ def cmd_compare(args) -> None:
     from .report import format_gains, format_table
 
     images = _images(args)
+    print(f"read {images.name}: {images.class_counts()}")
     backbones = [_backbone(args, name) for name in _csv_list(args.backbone)]
-    protocol = parse_protocol(args.protocol, args.test_per_class, has_split=images.splits is not None)
+    protocol = parse_protocol(args.protocol, args.test_per_class, has_split=images.splits or False)
     if args.score:  # no fit: LogME per tap, ranked
         for bb in backbones:
             ranked = score_taps(images, bb, args.taps, protocol, extract_options=_extract_options(args))
@@ -356,6 +409,10 @@ def cmd_compare(args) -> None:
         if a["kendall_tau"] is not None:
             print(f"LogME against the fitted ranking of {a['taps']} {a['backbone']} taps ({a['clf']}): "
                   f"Kendall tau {a['kendall_tau']:.2f}")
+    from .runs import load_results
+
+    for note in result_notes(load_results(Path(rows[0]["run"])), args.seeds):
+        print(note)
     print(out)
 
 
@@ -445,12 +502,14 @@ def _add_info_command(sub) -> None:
 
 
 def _add_fit_command(sub) -> None:
+    from features.pooling import POOLINGS
+
     p = sub.add_parser("fit", help="fit a classifier on one cached tap and score it")
     _add_dataset_args(p)
     _add_backbone_args(p)
     p.add_argument("--tap", help="tap to fit on; taps joined by + are fused (block14+pooled); auto chooses the set "
                                  "among the file's taps on each training split (default: the standard embedding)")
-    p.add_argument("--pool", default="avg", help="pooling the tap was extracted with (default: %(default)s)")
+    p.add_argument("--pool", default="avg", choices=POOLINGS, help="pooling the tap was extracted with (default: %(default)s)")
     p.add_argument("--features", help="a feature file, instead of finding it from the settings")
     p.add_argument("--features-root", default=FEATURES_ROOT, help="where `extract` wrote (default: %(default)s)")
     p.add_argument("--device", default="auto", help="device for the torch solvers (default: %(default)s)")
@@ -530,7 +589,23 @@ def build_parser() -> argparse.ArgumentParser:
     for command in sub.choices.values():  # also after the command name
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the traceback of an unexpected error")
+    parser.set_defaults(commands=sub.choices)
     return parser
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments, with an unknown option blamed on the command it was given to, and the closest
+    options of that command suggested (``taps fit --datset`` -> did you mean --dataset?)."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = args.commands[args.command]
+        known = [o for action in command._actions for o in action.option_strings if o.startswith("--")]
+        flag = next((u.split("=", 1)[0] for u in unknown if u.startswith("-")), unknown[0])
+        close = difflib.get_close_matches(flag, known, n=2, cutoff=0.75)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    return args
 
 
 # Commands whose finished work survives an interruption and is picked up by the same command.
@@ -539,7 +614,7 @@ RESUMABLE = ("extract", "merge", "compare")
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit codes: 0, 1 (a failure named in one line), 2 (usage), 130 (Ctrl-C)."""
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     one_line = lambda message, category, *_, **__: f"taps {args.command}: warning: {message}\n"  # noqa: E731
     previous, warnings.formatwarning = warnings.formatwarning, one_line
     try:
@@ -547,6 +622,12 @@ def main(argv: list[str] | None = None) -> int:
     except TapsError as exc:
         print(f"taps {args.command}: error: {exc}", file=sys.stderr)
         return exc.code
+    except BrokenPipeError:  # the reader (`| head`) stopped reading: stop quietly, as Unix tools do
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        except (OSError, ValueError, AttributeError):  # stdout is no file (a test's capture)
+            pass
+        return 141
     except KeyboardInterrupt:
         kept = "; finished work is kept, rerun the same command to resume" if args.command in RESUMABLE else ""
         print(f"taps {args.command}: interrupted{kept}", file=sys.stderr)

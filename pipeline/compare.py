@@ -189,8 +189,9 @@ def _significance(rows: list[dict], runs: list[dict], seeds: int) -> list[dict]:
         row["interval_low"], row["interval_high"] = (round(v, 5) for v in interval(stats[i]))
         if i != best:
             d = paired_difference(stats, observed, correct, best, i)
-            row.update(tied=not d.significant, vs_best=round(-d.difference, 5), vs_best_low=round(-d.high, 5),
-                       vs_best_high=round(-d.low, 5), vs_best_mcnemar_p=list(d.mcnemar_p))
+            row.update(tied=not d.significant, vs_best=round(-d.difference, 5) + 0.0,  # + 0.0: never -0.0
+                       vs_best_low=round(-d.high, 5) + 0.0, vs_best_high=round(-d.low, 5) + 0.0,
+                       vs_best_mcnemar_p=list(d.mcnemar_p))
         if row["depth"] is None:  # a fused row against the best single tap of its backbone and classifier
             mine = [j for j, r in enumerate(rows) if r["depth"] is not None and r["backbone"] == row["backbone"]
                     and r["clf"] == row["clf"]]

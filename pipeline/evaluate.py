@@ -8,7 +8,11 @@ matrices over the memory budget), the metrics from :mod:`pipeline.metrics`, the 
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,7 +27,7 @@ from features.store import FeatureFile, check_output_folder
 from .fusion import AUTO, Groups, column_groups, tap_set
 from .metrics import score_predictions, summarize
 from .options import FitOptions
-from .protocols import Protocol, check_protocol, make_split, split_digest
+from .protocols import Protocol, check_protocol, duplicate_summary, make_split, split_digest
 from .report import plot_confusion, write_per_class
 from .runs import reusable, run_dir_for, run_settings, save_model, save_predictions, save_results
 from .selection import SelectedClassifier, cv_folds, selector
@@ -58,15 +62,26 @@ def tap_keys(features: FeatureFile, tap: str, pooling: str, candidates: list[str
     """The file keys a tap spec reads: one tap, a ``+`` set, or for ``auto`` the candidates of the
     selection: ``candidates``, or every complete tap of this pooling in the file (in depth order)."""
     if tap != AUTO:
-        return [features.tap_key(t, pooling) for t in tap_set(tap)]
+        return _made_alike(features, [features.tap_key(t, pooling) for t in tap_set(tap)])
     if candidates:
-        return [features.tap_key(t, pooling) for t in candidates]
+        return _made_alike(features, [features.tap_key(t, pooling) for t in candidates])
     keys = sorted((k for k, r in features.taps.items() if r.complete and r.pooling in (pooling, "none")),
                   key=_natural)
     if len(keys) < 2:
         raise UsageError(f"--tap auto chooses among the file's taps, but {features.path.name} has "
                          f"{len(keys)} complete tap(s) with pooling {pooling}; extract more with "
                          f"`taps extract ... --taps all`")
+    return _made_alike(features, keys)
+
+
+def _made_alike(features: FeatureFile, keys: list[str]) -> list[str]:
+    """``keys``, after refusing to fuse taps computed with different precisions, decoders or runtimes:
+    their columns would not mean what they mean at predict time, which rebuilds them in one pass."""
+    ways = {k: features.taps[k].made_like() for k in keys}
+    if len(set(ways.values())) > 1:
+        shown = "; ".join(f"{k}: precision {p}, decode {d}, runtime {r}" for k, (p, d, r) in ways.items())
+        raise UsageError(f"the taps to fuse in {features.path.name} were made differently ({shown}); re-extract "
+                         f"them together with the same `taps extract ... --force` settings")
     return keys
 
 
@@ -163,7 +178,8 @@ def evaluate_tap(features: FeatureFile, tap: str, pooling: str, options: FitOpti
     keys = tap_keys(features, tap, pooling, candidates)
     X, groups, streaming = _load(features, keys, options)
     y = features.labels
-    splits = [make_split(protocol, y, features.split, seed, features.valid) for seed in range(seeds)]
+    same_bytes = features.duplicate_groups()
+    splits = [make_split(protocol, y, features.split, seed, features.valid, same_bytes) for seed in range(seeds)]
     _check_splits(splits, y, tap, options)
     _check_pca(options, min(features.taps[k].dim for k in keys), min(len(train) for train, _ in splits))
     per_seed, model0, taps0, predictions = [], None, keys, {}
@@ -205,7 +221,7 @@ def features_record(features: FeatureFile, keys: list[str]) -> dict:
     ``+`` when fused; ``taps`` lists each)."""
     records = [features.taps[k] for k in keys]
     taps = [{"tap": r.key, "node": r.node, "pooling": r.pooling, "dim": r.dim, "precision": r.precision,
-             "decode": r.decode, "runtime": str(r.extra.get("runtime", "torch"))} for r in records]
+             "decode": r.decode, "runtime": r.runtime} for r in records]
     joined = {field: "+".join(dict.fromkeys(str(t[field]) for t in taps)) for field in ("precision", "decode", "runtime")}
     return {**features.settings(), "path": str(features.path.resolve()), "tap": "+".join(keys),
             "node": "+".join(r.node for r in records),
@@ -228,12 +244,46 @@ def fit_run(features: FeatureFile, tap: str, pooling: str, options: FitOptions, 
     if not force and (results := reusable(run_dir, settings)) is not None:
         return run_dir, results, True
     ev = evaluate_tap(features, tap, pooling, options, protocol, seeds, candidates=candidates)
+    with staged(run_dir) as stage:
+        results = _write_run(stage, features, settings, ev, options, protocol)
+    return run_dir, results, False
+
+
+@contextlib.contextmanager
+def staged(run_dir: Path):
+    """A folder to write a run into that becomes ``run_dir`` only when everything is written: a full
+    disk or a crash leaves no half-written run that a later command could take for a finished one."""
+    stage = run_dir.with_name(f".{run_dir.name}.partial-{os.getpid()}")
+    try:
+        stage.mkdir(parents=True, exist_ok=True)
+        yield stage
+        if run_dir.exists():  # --force over an earlier run: the old one goes only once the new one is whole
+            old = run_dir.with_name(f".{run_dir.name}.old-{os.getpid()}")
+            run_dir.rename(old)
+            shutil.rmtree(old, ignore_errors=True)
+        stage.rename(run_dir)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise TapsError(f"disk full while writing the run {run_dir}; free space and rerun the same command "
+                            f"(nothing of this run was kept)") from None
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _write_run(run_dir: Path, features: FeatureFile, settings: dict, ev: TapEvaluation, options: FitOptions,
+               protocol: Protocol) -> dict:
+    """Write a run's model, predictions, per-class table, confusion matrix and results.json; -> the results."""
     model = save_model(run_dir, ev.model)
+    varies = ("the CV folds only: the official split is the same for every seed" if protocol.kind == "official"
+              else "the train/test split and the CV folds")
     results = {
         "settings": settings,
         "features": features_record(features, ev.taps),
         "classes": features.classes,
         "split_seeds": [s["seed"] for s in ev.per_seed],
+        "seeds_vary": varies,
+        "duplicates": duplicate_summary(features.duplicate_groups()),
         "per_seed": ev.per_seed,
         "chosen": {options.param: [s["chosen"] for s in ev.per_seed]},
         "grid": {options.param: options.grid},
@@ -251,4 +301,4 @@ def fit_run(features: FeatureFile, tap: str, pooling: str, options: FitOptions, 
     plot_confusion(confusion_matrix(y_true, y_pred, labels=labels), features.classes, run_dir / "confusion.png",
                    f"{features.attrs['backbone']} {results['features']['tap']} {options.clf}: seed 0")
     save_results(run_dir, results)
-    return run_dir, results, False
+    return results

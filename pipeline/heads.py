@@ -371,6 +371,7 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
         X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
         check_classification_targets(y)
         self.classes_, self._y_index = np.unique(y, return_inverse=True)
+        self.n_neighbors_ = min(int(self.n_neighbors), len(X))  # the k used: at most the training rows
         self._bank = _l2_rows(np.asarray(X, dtype=np.float64))  # float64: a query's result never depends
         # on which other queries share its batch (float32 products round differently per batch shape)
         return self
@@ -380,7 +381,7 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
         X = _l2_rows(np.asarray(validate_data(self, X, reset=False, dtype=[np.float32, np.float64]), dtype=np.float64))
         dev = _device(self.device)
         bank, labels = torch.as_tensor(self._bank, device=dev), torch.as_tensor(self._y_index, device=dev)
-        k = min(int(self.n_neighbors), len(bank))
+        k = self.n_neighbors_
         step = max(1, self.max_similarities // len(bank))
         out = np.empty((len(X), len(self.classes_)))
         for lo in range(0, len(X), step):

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from features.errors import UsageError, choose
+from features.runtime import available_memory_bytes
 
 from .heads import DEFAULT_GRID, REGULARIZER, canonical, make_preprocess
 
 SELECTORS = ("forward", "group-lasso")  # pipeline.tapselect's selectors
-
-
-def available_memory_bytes() -> int:
-    """Free physical memory, or 8 GiB where the OS does not say."""
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +38,9 @@ class FitOptions:
         object.__setattr__(self, "grid", sorted(float(v) for v in (self.grid or DEFAULT_GRID[self.clf])))
         if not all(np.isfinite(v) and v > 0 for v in self.grid):
             raise UsageError(f"--grid values must be positive numbers, not {', '.join(f'{v:g}' for v in self.grid)}")
+        if self.param == "n_neighbors" and any(v != int(v) for v in self.grid):
+            bad = ", ".join(f"{v:g}" for v in self.grid if v != int(v))
+            raise UsageError(f"--grid for knn is k, a whole number of neighbours, not {bad}")
         choose("tap selector (--select)", self.select, SELECTORS)
         if not 0 <= self.select_threshold < 1:
             raise UsageError(f"--select-threshold is a CV-accuracy gain between 0 and 1, not {self.select_threshold}")

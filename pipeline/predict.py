@@ -18,7 +18,7 @@ from features.datasets import FileImageSet
 from features.errors import TapsError, UsageError
 from features.forward import Forward, build_extractor
 from features.options import RunConfig, resolve_device, resolve_precision
-from features.store import file_sha256
+from features.store import FeatureFile, file_sha256
 
 from .runs import load_model, load_results
 
@@ -61,15 +61,35 @@ def weights_for(features: dict, weights: str | None) -> str:
     return recorded
 
 
+def _check_record(f: dict) -> None:
+    """Refuse a run record whose backbone, weights or preprocessing are not those of the feature file it
+    names (when that file is still there): results.json was edited, and the model would be fed
+    features of another network."""
+    path = Path(str(f.get("path", "")))
+    if not path.is_file():
+        return
+    try:
+        made = FeatureFile(path).attrs
+    except TapsError:
+        return
+    for key in ("backbone", "weights", "transform"):
+        if key in made and str(made[key]) != str(f[key]):
+            raise TapsError(f"this run's results.json records {key} {f[key]}, but its feature file {path} was made "
+                            f"with {made[key]}: the record was edited; rerun `taps fit --force` to record it again")
+
+
 def backbone_for(results: dict, weights: str | None = None) -> Backbone:
     """Rebuild the backbone and preprocessing recorded in a run."""
     f = results["features"]
+    _check_record(f)
     spec = weights_for(f, weights)
     bb = Backbone(f["backbone"], weights=spec)
     if bb.transform_spec() != f["transform"]:
         bb = Backbone(f["backbone"], weights=spec, image_size=int(f["image_size"]))
     if bb.transform_spec() != f["transform"]:
-        raise TapsError(f"cannot rebuild the preprocessing of this run ({f['transform']})")
+        raise TapsError(f"this run's results.json records weights {f['weights']} with the preprocessing "
+                        f"{f['transform']}, which those weights do not have ({bb.transform_spec()}): the weights or "
+                        f"the preprocessing in it were edited; rerun `taps fit --force` to record them again")
     return bb
 
 

@@ -4,12 +4,19 @@
 - ``per-class:N``: N random training images per class, the rest tested (capped by ``test_per_class``);
   Caltech-101's standard protocol is ``per-class:30`` with at most 50 test images per class.
 - ``fraction:F``: a stratified random fraction F of the samples for training, the rest for testing.
-- ``auto``: ``official`` when the file has a split, else ``fraction:0.5``.
+- ``auto``: ``official`` when the file has a train split and a test (or val) split, else ``fraction:0.5``.
+
+Byte-identical images (equal content digests in the feature file) are one group, and every
+protocol keeps a group on one side: the random protocols draw groups (each represented by its
+first member), and ``official`` drops from the test side the images whose bytes are also in
+training. Without duplicates the splits are exactly those drawn sample by sample.
 """
 
 from __future__ import annotations
 
 import hashlib
+import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,12 +39,20 @@ class Protocol:
         return base + (f" test-per-class:{self.test_per_class}" if self.test_per_class else "")
 
 
-def parse_protocol(text: str, test_per_class: int | None = None, has_split: bool = True) -> Protocol:
-    """Parse and sanity-check a protocol string (no data needed)."""
+def parse_protocol(text: str, test_per_class: int | None = None,
+                   has_split: bool | Collection[str | None] = True) -> Protocol:
+    """Parse and sanity-check a protocol string. ``has_split``: whether the data has an official split,
+    or its split names per sample (``auto`` falls back to ``fraction:0.5``, with a warning, when
+    they lack a train or a test side, e.g. a subset of the training split)."""
     if test_per_class is not None and test_per_class < 1:
         raise UsageError(f"--test-per-class must be at least 1, not {test_per_class}")
     if text == "auto":
-        text = "official" if has_split else "fraction:0.5"
+        names = has_split if isinstance(has_split, bool) else set(has_split or ()) - {None, ""}
+        usable = names if isinstance(names, bool) else "train" in names and bool(names & {"test", "val"})
+        if not usable and names:
+            warnings.warn(f"--protocol auto: the data's split has only {', '.join(sorted(names))} (no train and "
+                          f"test sides), so it uses fraction:0.5", stacklevel=2)
+        text = "official" if usable else "fraction:0.5"
     if text == "official":
         return Protocol("official", 0, test_per_class)
     kind, _, value = text.partition(":")
@@ -82,31 +97,54 @@ def check_protocol(protocol: Protocol, labels: np.ndarray, classes: list[str], s
 
 
 def make_split(protocol: Protocol, labels: np.ndarray, split: list[str] | None, seed: int,
-               usable: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted, disjoint (train, test) sample indices for ``seed``; ``usable`` masks out skipped images."""
+               usable: np.ndarray | None = None, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted, disjoint (train, test) sample indices for ``seed``; ``usable`` masks out skipped images;
+    ``groups`` (per sample, the first sample with identical bytes) keeps identical images on one side."""
     usable = np.ones(len(labels), bool) if usable is None else usable
     rng = np.random.default_rng(seed)
+    first = None if groups is None or (groups == np.arange(len(labels))).all() else groups
     if protocol.kind == "official":
         names = np.asarray(split)
         train_names = ["train", "val"] if "test" in names else ["train"]
         test_name = "test" if "test" in names else "val"
         train = np.flatnonzero(np.isin(names, train_names) & usable)
         test = np.flatnonzero((names == test_name) & usable)
-    elif protocol.kind == "per-class":
+        if first is not None:  # a test image whose bytes are in training is no test of generalisation
+            test = test[~np.isin(first[test], first[train])]
+    else:
+        drawn = usable if first is None else usable & (first == np.arange(len(labels)))
+        train, test = _draw(protocol, labels, drawn, rng, seed)
+        if first is not None:  # every copy follows its group's first member
+            train = np.flatnonzero(np.isin(first, train) & usable)
+            test = np.flatnonzero(np.isin(first, test) & usable)
+    if protocol.test_per_class:
+        test = np.concatenate([rng.permutation(test[labels[test] == c])[:protocol.test_per_class]
+                               for c in np.unique(labels[test])])
+    return np.sort(train), np.sort(test)
+
+
+def _draw(protocol: Protocol, labels: np.ndarray, usable: np.ndarray, rng: np.random.Generator,
+          seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The random protocols' (train, test) draw among the ``usable`` samples."""
+    if protocol.kind == "per-class":
         n = int(protocol.value)
         train_parts, test_parts = [], []
         for c in np.unique(labels[usable]):
             members = rng.permutation(np.flatnonzero((labels == c) & usable))
             train_parts.append(members[:n])
             test_parts.append(members[n:])
-        train, test = np.concatenate(train_parts), np.concatenate(test_parts)
-    else:
-        idx = np.flatnonzero(usable)
-        train, test = train_test_split(idx, train_size=protocol.value, random_state=seed, stratify=labels[idx])
-    if protocol.test_per_class:
-        test = np.concatenate([rng.permutation(test[labels[test] == c])[:protocol.test_per_class]
-                               for c in np.unique(labels[test])])
-    return np.sort(train), np.sort(test)
+        return np.concatenate(train_parts), np.concatenate(test_parts)
+    idx = np.flatnonzero(usable)
+    train, test = train_test_split(idx, train_size=protocol.value, random_state=seed, stratify=labels[idx])
+    return train, test
+
+
+def duplicate_summary(groups: np.ndarray | None) -> dict:
+    """How many groups of byte-identical images a file has, and how many images are in them."""
+    if groups is None:
+        return {"checked": False, "groups": 0, "images": 0}
+    sizes = np.bincount(groups, minlength=len(groups))
+    return {"checked": True, "groups": int((sizes > 1).sum()), "images": int(sizes[sizes > 1].sum())}
 
 
 def split_digest(ids: list[str], indices: np.ndarray) -> str:

@@ -15,6 +15,17 @@ def fmt(metric: dict | None, seeds: int) -> str:
     return f"{100 * metric['mean']:.1f}" + (f"±{100 * metric['std']:.1f}" if seeds > 1 else "")
 
 
+def signed(fraction: float, digits: int = 1) -> str:
+    """A difference in points with its sign, never ``-0.0``: exactly 0 prints unsigned, and a value
+    too small for ``digits`` keeps its sign with two significant digits, so a bound next to 0 shows
+    which side of 0 it is on."""
+    points = 100 * fraction + 0.0
+    if points == 0:
+        return f"{0:.{digits}f}"
+    text = f"{points:+.{digits}f}"
+    return text if float(text) != 0 else f"{points:+.2g}"
+
+
 def write_per_class(path: Path, report: dict, classes: list[str]) -> None:
     """``per_class.csv`` from scikit-learn's ``classification_report(output_dict=True)``."""
     with open(path, "w", newline="") as fh:
@@ -107,7 +118,7 @@ def format_table(rows: list[dict], seeds: int) -> str:
     for r in rows:
         acc, mpc = ({"mean": r[f"{k}_mean"], "std": r[f"{k}_std"]} for k in ("accuracy", "mean_per_class_accuracy"))
         name = r["tap"] if r["tap"] != "auto" else f"auto: {r['taps'].split(';')[0]}"
-        vs = (f"{100 * r['vs_best']:+.1f} [{100 * r['vs_best_low']:+.1f}, {100 * r['vs_best_high']:+.1f}]"
+        vs = (f"{signed(r['vs_best'])} [{signed(r['vs_best_low'])}, {signed(r['vs_best_high'])}]"
               if r.get("vs_best") is not None else "")
         score = f"{r['logme']:.3f}" if r.get("logme") is not None else ""
         lines.append(f"{r['backbone']:<14}" + (f"{r['clf']:<8}" if several else "") + f"{name[:23]:<24}{r['dim']:>6}  "
@@ -123,7 +134,7 @@ def format_gains(rows: list[dict]) -> list[str]:
         g = r.get("gain_over_best_single")
         if g:
             lines.append(f"{r['backbone']} {r['clf']} {r['tap']} ({r['taps'].split(';')[0]}) against {g['tap']}: "
-                         f"{100 * g['difference']:+.2f} points mean per-class accuracy, 95% interval "
-                         f"[{100 * g['low']:+.2f}, {100 * g['high']:+.2f}], McNemar p per seed "
+                         f"{signed(g['difference'], 2)} points mean per-class accuracy, 95% interval "
+                         f"[{signed(g['low'], 2)}, {signed(g['high'], 2)}], McNemar p per seed "
                          f"{', '.join(f'{p:.3g}' for p in g['mcnemar_p'])}")
     return lines

@@ -80,6 +80,12 @@ class SelectedClassifier(ClassifierMixin, BaseEstimator):
         self.chosen_ = grid[int(np.argmax(self.cv_scores_))] if self.cv_scores_ is not None else grid[0]
         self.selection_ = describe_selection(self.param, grid, self.cv_folds_, self.folds)
         self.model_ = _with(clone(self.estimator), self.param, self.chosen_).fit(X, y)
+        # A head that caps its parameter on the data it saw (k-NN's k at the training rows) records
+        # the value it used; that is the value chosen.
+        effective = getattr(self.model_.steps[-1][1] if isinstance(self.model_, Pipeline) else self.model_,
+                            f"{self.param}_", None)
+        if effective is not None:
+            self.chosen_ = float(effective)
         self.classes_ = self.model_.classes_
         return self
 

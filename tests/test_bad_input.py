@@ -35,6 +35,12 @@ def world(tmp_path_factory, tiny_flat, image_folder):
         for i in range(3):
             (broken / c / f"{i}.jpg").write_bytes(b"not a jpeg")
     (root / "afile").write_text("")
+    (root / "twice.csv").write_text("path,label\n" + "\n".join(rows + rows[:1]) + "\n")
+    (root / "numbers.csv").write_text("path,label\n" + "\n".join(r.replace(",a", ",1").replace(",b", ",1.0")
+                                                                  for r in rows) + "\n")
+    (root / "nolabel.csv").write_text("path,label\n" + "\n".join(rows[:2] + [rows[2].split(",")[0] + ","]) + "\n")
+    (root / "latin.csv").write_bytes(("path,label\n" + "\n".join(rows[:4] + [r + "é" for r in rows[4:]]) + "\n")
+                                     .encode("latin-1"))
     return {"root": root, "data": data, "fs": fs, "run": run, "image": str(next(tiny_flat.glob("circle/*.jpg")))}
 
 
@@ -85,12 +91,30 @@ def cases(w: dict) -> list[tuple[list[str], int, str]]:
          "--grid is one classifier's grid"),
         (["compare", *data, "--clf", "logreg,forest", "--features-root", str(root / "cmpfs")], 2,
          "unknown classifier 'forest'"),
+        ([*csv, f"csv:{root / 'twice.csv'}"], 2, "lists 1 image file(s) more than once (1 repeats; e.g. img_000.jpg "
+                                                 "(line 2, line 8)); remove the repeats, or pass --duplicates first"),
+        ([*csv, f"csv:{root / 'numbers.csv'}"], 2, "writes one number as 2 labels: '1' (line 2) and '1.0' (line 5)"),
+        ([*csv, f"csv:{root / 'nolabel.csv'}"], 2, "line 4 has an empty label in column 'label'; label that row"),
+        ([*csv, f"csv:{root / 'latin.csv'}"], 2, "is not utf-8-sig (byte 0xe9 on line 6); pass --encoding"),
+        ([*csv, f"folder:{root / 'ok.csv'}"], 2, "is a CSV file, not a folder; pass folder:PATH to an ImageFolder "
+                                                 "tree or csv:"),
+        ([*fit, "--pool", "maxx"], 2, "argument --pool: invalid choice: 'maxx'"),
+        ([*fit, "--tap", "avgpol"], 2, "unknown tap 'avgpol' for resnet18; did you mean avgpool?"),
+        ([*fit, "--clf", "knn", "--grid", "2.5"], 2, "--grid for knn is k, a whole number of neighbours, not 2.5"),
+        (["fit", "--datset", "digits"], 2, "taps fit: error: unrecognized arguments: --datset digits; did you mean "
+                                          "--dataset?"),
+        (["extract", *data, *QUIET, "--image-size", "100000"], 2, "64 images of 100000x100000 px need about"),
+        (["extract", *data, *QUIET, "--decode", "pil"], 1, "was made with decode simplejpeg, but this run resolves "
+                                                          "to decode pil; rerun with --decode simplejpeg to use it"),
     ]
 
 
 def test_every_bad_input_is_one_line_with_the_right_exit_code(world, capsys):
     for args, code, message in cases(world):
-        got = main(args)
+        try:
+            got = main(args)
+        except SystemExit as exc:  # argparse's own refusals end the process, as on the command line
+            got = exc.code
         out, err = capsys.readouterr()
         assert (got, err.count("\n")) == (code, 1) and message in err and "Traceback" not in err, (args, err)
     assert not (world["root"] / "cmpfs").exists() and not (world["root"] / "runs2").exists()  # nothing started
@@ -113,6 +137,18 @@ def test_an_edited_results_json_is_one_line(world, capsys, tmp_path):
     (run / "results.json").write_text(json.dumps(results))
     assert main(["predict", "--run", str(run), world["image"]]) == 1
     assert "lacks model.file, model.sha256 (edited or from another tool)" in capsys.readouterr().err
+
+
+def test_edited_weights_in_results_json_are_named_as_such(world, capsys, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    results = json.loads((run / "results.json").read_text())
+    results["features"]["weights"] = "IMAGENET1K_V1"  # the run was made with --weights none at 32 px
+    (run / "results.json").write_text(json.dumps(results))
+    assert main(["predict", "--run", str(run), world["image"]]) in (1, 2)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "records weights IMAGENET1K_V1, but its feature file" in err
+    assert "was made with none: the record was edited; rerun `taps fit --force`" in err
 
 
 def test_every_image_skipped_is_refused_before_fitting(world, capsys):

@@ -20,7 +20,9 @@ def test_extract_prints_the_feature_file_last(tiny_flat, tmp_path, capsys):
                  "--out", str(tmp_path)])
     out = capsys.readouterr().out.strip().splitlines()
     assert code == 0 and Path(out[-1]).is_file() and re.search(r"/resnet18__none__32px-[0-9a-f]{8}\.h5$", out[-1])
-    assert "extracted layer1, avgpool for 30 samples" in out[0]
+    assert out[0].startswith("read folder-") and out[0].endswith(": 30 images in 3 classes (circle 10, square 10, "
+                                                                 "stripes 10)")
+    assert "extracted layer1, avgpool for 30 samples" in out[1]
 
 
 def test_usage_errors_are_one_line_exit_2():

@@ -189,7 +189,8 @@ def test_a_dead_replica_stops_the_run_in_one_line_and_the_rerun_resumes(long_set
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "a replica process died" in err and "Traceback" not in err
     resumed = subprocess.run(_extract_cmd(long_set, tmp_path, "replicas"), capture_output=True, text=True, check=True)
-    done = int(resumed.stdout.split(": ")[1].split(" images")[0])
+    extracted = next(line for line in resumed.stdout.splitlines() if line.startswith("extracted"))
+    done = int(extracted.split(": ")[1].split(" images")[0])
     assert 0 < done < 360  # only what the first run had not written
     assert FeatureFile(resumed.stdout.strip().splitlines()[-1]).attrs["complete"]
 

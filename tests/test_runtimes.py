@@ -103,7 +103,8 @@ def test_extract_records_the_runtime_refuses_to_resume_with_another_and_predict_
         0.1 if expected == "bf16" else 1e-4)
     # a tap started by torch is not finished by an exported runtime
     extract(images, bb, ["layer1"], out=tmp_path / "mixed", precision="fp32", limit_batches=1, **RUN)
-    with pytest.raises(TapsError, match=f"was started with runtime=torch, not {runtime}; rerun with --runtime torch"):
+    with pytest.raises(TapsError, match=f"was started with runtime torch, but this run resolves to runtime {runtime}; "
+                                        f"rerun with --runtime torch to use it"):
         extract(images, bb, ["layer1"], out=tmp_path / "mixed", runtime=runtime, precision="fp32", **RUN)
     run_dir, results, _ = fit_run(exported, "avgpool", "avg", FitOptions(clf="logreg", grid=[1.0], device="cpu"),
                                   parse_protocol("per-class:5"), runs_root=tmp_path / "runs")

@@ -105,9 +105,11 @@ def test_a_run_resumes_only_with_the_decoder_it_started_with(tiny_flat, tmp_path
     part = extract(images, resnet(), ["avgpool"], out=tmp_path, limit_batches=2, decode="pil", **RUN)
     with h5py.File(part.path) as h5:
         assert h5["taps/avgpool"].attrs["decode"] == "pil"
-    with pytest.raises(TapsError, match="started with decode=pil, not simplejpeg; rerun with --decode pil"):
-        extract(images, resnet(), ["avgpool"], out=tmp_path, **RUN)
-    assert extract(images, resnet(), ["avgpool"], out=tmp_path, decode="pil", **RUN).images == 30 - 8
+    with pytest.raises(TapsError, match="was started with decode pil, but this run resolves to decode simplejpeg; "
+                                        "rerun with --decode pil to use it, or pass --force"):
+        extract(images, resnet(), ["avgpool"], out=tmp_path, decode="simplejpeg", **RUN)
+    assert extract(images, resnet(), ["avgpool"], out=tmp_path, **RUN).images == 30 - 8  # auto: the file's decoder
+    assert FeatureFile(part.path).taps["avgpool"].decode == "pil"
     with pytest.raises(UsageError, match="with --engine ray use --decode simplejpeg or pil"):
         extract(images, resnet(), ["avgpool"], out=tmp_path / "ray", engine="ray", decode="torchvision", **RUN)
 

@@ -84,6 +84,17 @@ def test_pretrained_timm_weights_offline_are_one_line_naming_the_fix(tmp_path):
     assert "weights timm:resnet18." in proc.stderr and "pass --weights FILE (.safetensors or .pth)" in proc.stderr
 
 
+def test_without_a_network_missing_timm_weights_fail_at_once_without_retries(tmp_path):
+    """No HF_HUB_OFFLINE: the hub (here an address that refuses connections) is probed once, briefly,
+    instead of a minute of retries and their messages."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "extract", "--backbone", "timm:resnet18",
+                           "--features-root", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "(the hub cannot be reached from here)" in proc.stderr
+
+
 def test_compare_predict_across_a_torchvision_and_a_timm_backbone(tiny_flat, tmp_path, capsys):
     common = ["--dataset", f"folder:{tiny_flat}", "--weights", "none", "--image-size", "32",
               "--features-root", str(tmp_path / "fs")]

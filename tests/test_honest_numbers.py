@@ -1,0 +1,266 @@
+"""Numbers a user can defend on the inputs they really have: repeated rows, byte-identical images,
+label spellings, reruns with other settings and files edited in place are refused or handled, and
+the tool says which."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+from features.datasets import load_dataset
+from features.errors import TapsError, UsageError
+from features.store import FeatureFile
+from pipeline.cli import main
+from pipeline.protocols import make_split, parse_protocol
+from pipeline.report import format_table
+
+TINY = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32"]
+QUIET = ["--no-progress", "--workers", "0", "--device", "cpu"]
+FIT = ["--clf", "logreg", "--grid", "1", "--device", "cpu"]
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _csv(path, rows, header="path,label"):
+    path.write_text(header + "\n" + "\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture()
+def csv_world(tmp_path, image_folder):
+    """Six images in two classes, and a CSV of them."""
+    image_folder(tmp_path / "images", classes=("a", "b"), per_class=3)
+    rows = [f"{c}/img_{i:03d}.jpg,{c}" for c in "ab" for i in range(3)]
+    return tmp_path, rows
+
+
+def test_repeated_csv_rows_are_refused_or_kept_once(csv_world, capsys):
+    root, rows = csv_world
+    twice = _csv(root / "twice.csv", rows + rows[:2])
+    with pytest.raises(UsageError, match=r"lists 2 image file\(s\) more than once \(2 repeats; e\.g\. img_000\.jpg "
+                                         r"\(line 2, line 8\).*pass --duplicates first"):
+        load_dataset(f"csv:{twice}")
+    with pytest.warns(UserWarning, match="kept the first of 4 occurrences of 2 image file"):
+        images = load_dataset(f"csv:{twice}", duplicates="first")
+    assert len(images) == 6 and len(set(images.ids)) == 6
+    fs = root / "fs"
+    code, out, _ = cli(capsys, "extract", "--dataset", f"csv:{twice}", "--duplicates", "first", *TINY, *QUIET,
+                       "--features-root", fs)
+    assert code == 0 and "6 images in 2 classes (a 3, b 3)" in out
+    ids = FeatureFile(out.strip().splitlines()[-1]).ids
+    assert len(ids) == len(set(ids)) == 6
+    # fit reads the dataset the same way, and the command it suggests keeps --duplicates first
+    code, out, err = cli(capsys, "fit", "--dataset", f"csv:{twice}", "--duplicates", "first", *TINY, *FIT,
+                         "--protocol", "fraction:0.5", "--features-root", fs, "--out", root / "runs")
+    assert code == 0, err
+
+
+def test_csv_labels_are_stripped_and_ambiguous_ones_refused(csv_world):
+    root, rows = csv_world
+    spaced = [r.replace(",a", ",a ") if i % 2 else r for i, r in enumerate(rows)]
+    images = load_dataset(f"csv:{_csv(root / 'spaced.csv', spaced)}")
+    assert images.classes == ["a", "b"] and np.bincount(images.labels).tolist() == [3, 3]
+    numbers = [r.replace(",a", ",1").replace(",b", ",2") for r in rows]
+    numbers[1] = numbers[1].replace(",1", ",1.0")
+    with pytest.raises(UsageError, match=r"writes one number as 2 labels: '1' \(line 2\) and '1\.0' \(line 3\)"):
+        load_dataset(f"csv:{_csv(root / 'numbers.csv', numbers)}")
+    empty = rows[:3] + [rows[3].split(",")[0] + ",  "] + rows[4:]
+    with pytest.raises(UsageError, match=r"line 5 has an empty label in column 'label'"):
+        load_dataset(f"csv:{_csv(root / 'empty.csv', empty)}")
+
+
+def test_a_csv_in_another_encoding_names_the_line_and_reads_with_encoding(csv_world, tmp_path):
+    root, rows = csv_world
+    latin = root / "latin.csv"
+    latin.write_bytes(("path,label\n" + "\n".join(rows[:3] + [r.replace(",b", ",bé") for r in rows[3:]]) + "\n")
+                      .encode("latin-1"))
+    with pytest.raises(UsageError, match=r"is not utf-8-sig \(byte 0xe9 on line 5\); pass --encoding"):
+        load_dataset(f"csv:{latin}")
+    assert load_dataset(f"csv:{latin}", encoding="latin-1").classes == ["a", "bé"]
+
+
+@pytest.fixture()
+def copies(tmp_path, image_folder):
+    """A folder with byte-identical images: one copied within its class, one across two classes."""
+    root = tmp_path / "copies"
+    image_folder(root, classes=("a", "b", "c"), per_class=8)
+    shutil.copy(root / "a" / "img_000.jpg", root / "a" / "copy_of_000.jpg")
+    shutil.copy(root / "a" / "img_001.jpg", root / "b" / "copy_of_a001.jpg")
+    return root
+
+
+def test_byte_identical_images_stay_on_one_side_of_every_split(copies, tmp_path, capsys):
+    fs = tmp_path / "fs"
+    data = ["--dataset", f"folder:{copies}", *TINY, "--features-root", fs]
+    assert cli(capsys, "extract", *data, *QUIET)[0] == 0
+    features = FeatureFile(next(fs.rglob("*.h5")))
+    groups = features.duplicate_groups()
+    assert (groups != np.arange(len(groups))).sum() == 2  # two copies, each grouped with its original
+    for protocol in ("per-class:4", "fraction:0.5"):
+        for seed in range(5):
+            train, test = make_split(parse_protocol(protocol), features.labels, None, seed, groups=groups)
+            assert not set(groups[train]) & set(groups[test]), (protocol, seed)
+            assert len(train) + len(test) == len(groups)
+    code, out, _ = cli(capsys, "fit", *data, *FIT, "--protocol", "per-class:4", "--seeds", "2",
+                       "--out", tmp_path / "runs")
+    assert code == 0 and "2 group(s) of byte-identical images (4 images) in the file" in out
+    results = json.loads((tmp_path / "runs").rglob("results.json").__next__().read_text())
+    assert results["duplicates"] == {"checked": True, "groups": 2, "images": 4}
+
+
+def test_without_duplicates_the_splits_are_unchanged():
+    labels = np.repeat(np.arange(4), 10)
+    for protocol in ("per-class:3", "fraction:0.4"):
+        plain = make_split(parse_protocol(protocol), labels, None, 3)
+        grouped = make_split(parse_protocol(protocol), labels, None, 3, groups=np.arange(40))
+        assert all((a == b).all() for a, b in zip(plain, grouped, strict=True))
+
+
+def test_official_split_drops_test_images_whose_bytes_are_in_training(tmp_path, image_folder, capsys):
+    root = tmp_path / "split"
+    image_folder(root / "train", classes=("a", "b"), per_class=6, seed=1)
+    image_folder(root / "val", classes=("a", "b"), per_class=3, seed=2)
+    shutil.copy(root / "train" / "a" / "img_000.jpg", root / "val" / "a" / "leak.jpg")
+    fs = tmp_path / "fs"
+    assert cli(capsys, "extract", "--dataset", f"folder:{root}", *TINY, *QUIET, "--features-root", fs)[0] == 0
+    features = FeatureFile(next(fs.rglob("*.h5")))
+    train, test = make_split(parse_protocol("official"), features.labels, features.split, 0,
+                             groups=features.duplicate_groups())
+    assert len(train) == 12 and len(test) == 6 and "val/a/leak.jpg" not in [features.ids[i] for i in test]
+
+
+def test_a_rerun_with_other_settings_is_refused_and_auto_keeps_the_files_settings(tiny_flat, tmp_path, capsys):
+    fs = tmp_path / "fs"
+    data = ["--dataset", f"folder:{tiny_flat}", *TINY, "--features-root", fs, *QUIET]
+    assert cli(capsys, "extract", *data, "--taps", "layer1", "--decode", "pil")[0] == 0
+    code, _, err = cli(capsys, "extract", *data, "--taps", "layer1", "--decode", "simplejpeg")
+    assert code == 1 and err.count("\n") == 1
+    assert "tap layer1 in" in err and "was made with decode pil, but this run resolves to decode simplejpeg; " \
+        "rerun with --decode pil to use it, or pass --force" in err
+    code, out, _ = cli(capsys, "extract", *data, "--taps", "layer1,layer2")  # auto adopts pil
+    assert code == 0 and "reused layer1" in out
+    assert FeatureFile(out.strip().splitlines()[-1]).taps["layer2"].decode == "pil"
+    # a tap added with another decoder on purpose is kept, but not fused with the others
+    assert cli(capsys, "extract", *data, "--taps", "layer3", "--decode", "simplejpeg")[0] == 0
+    code, _, err = cli(capsys, "fit", *data[:-len(QUIET)], *FIT, "--tap", "layer1+layer3",
+                       "--protocol", "per-class:5", "--out", tmp_path / "runs")
+    assert code == 2 and "were made differently (layer1: precision fp32, decode pil, runtime torch; layer3: " \
+        "precision fp32, decode simplejpeg" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_edit_that_keeps_the_size_is_detected(tiny_flat, tmp_path, capsys):
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny_flat, data_dir)
+    common = ["--dataset", f"folder:{data_dir}", *TINY, "--features-root", tmp_path / "fs"]
+    fit = ["fit", *common, *FIT, "--protocol", "per-class:5", "--out", tmp_path / "runs"]
+    assert cli(capsys, "extract", *common, *QUIET)[0] == 0
+    assert cli(capsys, *fit)[0] == 0
+    target = data_dir / "square" / "img_001.jpg"
+    before = target.stat()
+    edited = bytearray(target.read_bytes())
+    edited[-10] ^= 0xFF  # same size, other bytes
+    target.write_bytes(bytes(edited))
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))
+    assert target.stat().st_size == before.st_size
+    code, _, err = cli(capsys, *fit)
+    assert code == 1 and "was made from other contents of the dataset" in err
+    # --verify-content compares bytes and names the image, even where the times were put back
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert cli(capsys, *fit)[0] == 0  # sizes and times as recorded: the fingerprint cannot tell
+    code, _, err = cli(capsys, *fit, "--verify-content")
+    assert code == 1 and "1 image(s) changed since (first: square/img_001.jpg)" in err
+
+
+def test_files_with_an_older_fingerprint_version_keep_working(tiny_flat, tmp_path, capsys):
+    import h5py
+
+    common = ["--dataset", f"folder:{tiny_flat}", *TINY, "--features-root", tmp_path / "fs"]
+    assert cli(capsys, "extract", *common, *QUIET)[0] == 0
+    path = next((tmp_path / "fs").rglob("*.h5"))
+    with h5py.File(path, "r+") as h5:  # as files before fingerprint versions were recorded: sizes only
+        del h5.attrs["fingerprint_version"]
+        h5.attrs["dataset_fingerprint"] = load_dataset(f"folder:{tiny_flat}").fingerprint(1)
+    assert FeatureFile(path).fingerprint_version == 1
+    code, out, err = cli(capsys, "fit", *common, *FIT, "--protocol", "per-class:5", "--out", tmp_path / "runs")
+    assert code == 0, err
+    assert cli(capsys, "extract", *common, *QUIET, "--taps", "layer2")[0] == 0  # and extend
+
+
+def test_auto_protocol_on_a_train_only_subset_falls_back_and_says_so():
+    with pytest.warns(UserWarning, match=r"split has only train \(no train and test sides\), so it uses fraction:0.5"):
+        assert str(parse_protocol("auto", has_split=["train"] * 5)) == "fraction:0.5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert str(parse_protocol("auto", has_split=["train", "test"])) == "official"
+
+
+def test_a_subset_larger_than_a_split_says_it_was_capped(tiny_folder):
+    with pytest.warns(UserWarning, match=r"--subset asks for 9999 samples of split 'train' of .*, which has 18; "
+                                         r"using all 18"):
+        images = load_dataset(f"folder:{tiny_folder}", subset_spec="train:9999,val:2")
+    assert len(images) == 20
+
+
+def test_knn_records_the_k_it_used_and_refuses_fractions(tiny_flat, tmp_path, capsys):
+    common = ["--dataset", f"folder:{tiny_flat}", *TINY, "--features-root", tmp_path / "fs"]
+    assert cli(capsys, "extract", *common, *QUIET)[0] == 0
+    code, out, err = cli(capsys, "fit", *common, "--clf", "knn", "--grid", "1000", "--device", "cpu",
+                         "--protocol", "per-class:5", "--out", tmp_path / "runs")
+    assert code == 0, err
+    results = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
+    assert results["chosen"]["n_neighbors"] == [15.0]  # 3 classes x 5 training images
+    code, _, err = cli(capsys, "fit", *common, "--clf", "knn", "--grid", "2.5", "--out", tmp_path / "runs")
+    assert code == 2 and "--grid for knn is k, a whole number of neighbours, not 2.5" in err
+
+
+def test_an_interval_that_touches_zero_never_prints_minus_zero():
+    row = {"backbone": "b", "clf": "logreg", "tap": "t", "taps": "t", "dim": 3, "pooling": "avg", "fit_seconds": 1,
+           "accuracy_mean": 0.5, "accuracy_std": 0, "mean_per_class_accuracy_mean": 0.5,
+           "mean_per_class_accuracy_std": 0, "vs_best": -0.012, "vs_best_low": -0.031, "vs_best_high": -0.0,
+           "best": False, "tied": True}
+    table = format_table([row], 1)
+    assert "-1.2 [-3.1, 0.0]" in table and "-0.0" not in table
+    row.update(vs_best_high=-0.0004, tied=False)
+    assert "[-3.1, -0.04]" in format_table([row], 1)
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    taps = shutil.which("taps", path=os.path.dirname(sys.executable))
+    proc = subprocess.Popen([taps, "list", "nodes", "vgg16"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader went away, as `| head -1` does
+    err = proc.stderr.read()
+    assert proc.wait() == 141 and err == b""
+
+
+def test_a_full_disk_while_writing_a_run_leaves_no_run(tiny_flat, tmp_path, capsys, monkeypatch):
+    import errno
+
+    common = ["--dataset", f"folder:{tiny_flat}", *TINY, "--features-root", tmp_path / "fs"]
+    assert cli(capsys, "extract", *common, *QUIET)[0] == 0
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez_compressed", full)
+    code, _, err = cli(capsys, "fit", *common, *FIT, "--protocol", "per-class:5", "--out", tmp_path / "runs")
+    assert code == 1 and err.count("\n") == 1 and "disk full while writing the run" in err
+    assert "nothing of this run was kept" in err
+    assert not [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
+
+
+def test_fingerprint_versions_differ_only_in_what_stands_for_content(tiny_flat):
+    images = load_dataset(f"folder:{tiny_flat}")
+    prints = {v: images.fingerprint(v) for v in (1, 2, 3)}
+    assert len(set(prints.values())) == 3 and images.fingerprint() == prints[2]
+    with pytest.raises(TapsError, match="fingerprint version 9 is newer than this taps knows"):
+        images.fingerprint(9)
