@@ -32,7 +32,7 @@ from torchvision.transforms._presets import ImageClassification
 from torchvision.transforms.v2 import functional as F2
 
 from .errors import TapsError, UsageError
-from .pooling import poolable, pooled_dim
+from .pooling import DEFAULT_POOLING, get_pooling, poolable, pooled_dim
 from .store import file_sha256
 
 DEFAULT_IMAGE_SIZE = 224
@@ -430,11 +430,11 @@ class Backbone:
 
     def check_pooling(self, taps: list[Tap], pooling: str) -> None:
         """``cls`` pooling needs a class token in every spatial tap."""
-        if pooling == "cls":
+        if get_pooling(pooling).class_token:
             bad = [t.name for t in taps if len(t.shape) == 3 and not (t.layout == "tokens" and t.prefix > 0)]
             if bad:
                 raise UsageError(f"--pool cls takes a transformer's class token, but {', '.join(bad)} of {self.name} "
-                                 f"{'is a feature map' if len(bad) == 1 else 'are feature maps'}; use --pool avg "
+                                 f"{'is a feature map' if len(bad) == 1 else 'are feature maps'}; use --pool {DEFAULT_POOLING} "
                                  f"(or another pooling)")
 
     @property
@@ -512,5 +512,5 @@ class Backbone:
     def node_names(self) -> list[str]:
         return list(self._graph[1])
 
-    def dim(self, tap: str, pooling: str = "avg") -> int:
+    def dim(self, tap: str, pooling: str = DEFAULT_POOLING) -> int:
         return pooled_dim(self.tap(tap).shape, pooling)

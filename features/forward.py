@@ -25,7 +25,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .backbones import Backbone, Tap
 from .errors import choose
-from .pooling import pool_tap
+from .pooling import DEFAULT_POOLING, pool_tap
 
 COMPILE = ("auto", "on", "off")
 # `--compile auto` compiles datasets of at least this many images: a compile costs seconds
@@ -73,7 +73,7 @@ def fold_sequential_batchnorm(model: nn.Module, keep: set[str]) -> nn.Module:
 
 
 def build_extractor(backbone: Backbone, taps: list[Tap], device: torch.device, channels_last: bool = True,
-                    pooling: str = "avg") -> TapExtractor:
+                    pooling: str = DEFAULT_POOLING) -> TapExtractor:
     """The pruned, BatchNorm-folded graph between normalisation and pooling, in eval mode on ``device``."""
     # Frozen BatchNorm is an affine map: folded into the convolution it costs nothing
     # (outputs agree to float rounding). It matters most in the early, high-resolution layers.

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError, choose
-from .pooling import POOLINGS
+from .pooling import DEFAULT_POOLING, POOLINGS
 
 # The valid values of each option, in the order help text lists them.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -54,7 +54,7 @@ class ExtractOptions:
     (``engine="ray"``); ``None`` is one per core, at most 8.
     """
 
-    pooling: str = "avg"
+    pooling: str = DEFAULT_POOLING
     device: str = "auto"
     precision: str = "auto"
     batch_size: int = 64

@@ -1,7 +1,10 @@
 """Reduce a spatial tap (B, C, H, W) to a vector (B, D); vector taps pass through.
 
-Every method has a fixed grid, so D depends only on C (never on image size):
-early high-resolution taps stay as small as their channel count allows.
+Each pooling is one :class:`Pooling` record, registered once (:func:`register_pooling`): it owns
+its name, its embedding size (a fixed multiple of C, so D never depends on the image size and
+early high-resolution taps stay as small as their channel count allows), what it computes, and
+whether it takes a transformer's class token instead of the feature map. Every table of valid
+values (the CLI's ``--pool`` choices, ``taps list taps`` columns) is read from the registry.
 
 Transformer taps come in other layouts, converted first (:func:`pool_tap`): a token
 sequence (B, prefix + H*W, C) has its patch tokens reshaped to their (B, C, H, W) grid
@@ -11,25 +14,65 @@ token; a channels-last map (B, H, W, C) (Swin) is permuted to (B, C, H, W).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from .errors import choose
 
-# D = multiplier x C for a spatial tap.
-MULTIPLIER = {
-    "avg": 1,      # global average: the standard embedding
-    "max": 1,      # global max: keeps the strongest response of each channel
-    "avgmax": 2,   # both, concatenated
-    "pyramid": 5,  # spatial pyramid: 1x1 + 2x2 average cells, keeps coarse layout
-    "cls": 1,      # token taps only: the class token
-}
+
+@dataclass(frozen=True)
+class Pooling:
+    """One way of pooling a spatial tap: ``reduce`` maps (B, C, H, W) to (B, multiplier * C)."""
+
+    name: str
+    multiplier: int
+    reduce: Callable[[torch.Tensor], torch.Tensor]
+    description: str
+    class_token: bool = False  # takes a token tap's class token instead of pooling its grid
+
+
+POOLING_REGISTRY: dict[str, Pooling] = {}
+
+
+def register_pooling(pooling: Pooling) -> Pooling:
+    POOLING_REGISTRY[pooling.name] = pooling
+    return pooling
+
+
+def _global_avg(x: torch.Tensor) -> torch.Tensor:
+    return x.mean(dim=(2, 3))
+
+
+def _global_max(x: torch.Tensor) -> torch.Tensor:
+    return x.amax(dim=(2, 3))
+
+
+def _no_grid(x: torch.Tensor) -> torch.Tensor:
+    raise ValueError("cls pooling needs a token tap with a class token")
+
+
+DEFAULT_POOLING = register_pooling(Pooling("avg", 1, _global_avg, "global average: the standard embedding")).name
+register_pooling(Pooling("max", 1, _global_max, "global max: the strongest response of each channel"))
+register_pooling(Pooling("avgmax", 2, lambda x: torch.cat([_global_avg(x), _global_max(x)], dim=1),
+                         "global average and max, concatenated"))
+register_pooling(Pooling("pyramid", 5, lambda x: torch.cat([_global_avg(x), F.adaptive_avg_pool2d(x, 2).flatten(1)],
+                                                           dim=1),
+                         "spatial pyramid: 1x1 + 2x2 average cells (channel-major), keeps coarse layout"))
+register_pooling(Pooling("cls", 1, _no_grid, "a transformer block's class token", class_token=True))
+POOLINGS = tuple(POOLING_REGISTRY)  # in the order help text lists them
 LAYOUTS = ("map", "tokens", "nhwc")  # how a tap's node returns it (see pool_tap)
-POOLINGS = tuple(MULTIPLIER)
+
+
+def get_pooling(name: str) -> Pooling:
+    choose("pooling", name, POOLING_REGISTRY)
+    return POOLING_REGISTRY[name]
 
 
 def check_pooling(method: str) -> None:
-    choose("pooling", method, POOLINGS)
+    get_pooling(method)
 
 
 def poolable(shape: tuple[int, ...]) -> bool:
@@ -39,10 +82,10 @@ def poolable(shape: tuple[int, ...]) -> bool:
 
 def pooled_dim(shape: tuple[int, ...], method: str) -> int:
     """Embedding size of a tap whose per-sample output shape is ``shape`` (C,H,W) or (D,)."""
-    check_pooling(method)
+    pooling = get_pooling(method)
     if len(shape) == 1:
         return int(shape[0])
-    return MULTIPLIER[method] * int(shape[0])
+    return pooling.multiplier * int(shape[0])
 
 
 def pool(x: torch.Tensor, method: str) -> torch.Tensor:
@@ -51,17 +94,7 @@ def pool(x: torch.Tensor, method: str) -> torch.Tensor:
         return x
     if x.dim() != 4:
         return x.flatten(1)
-    if method == "avg":
-        return x.mean(dim=(2, 3))
-    if method == "max":
-        return x.amax(dim=(2, 3))
-    if method == "avgmax":
-        return torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
-    if method == "pyramid":
-        cells = F.adaptive_avg_pool2d(x, 2).flatten(1)  # (B, 4C), channel-major cells
-        return torch.cat([x.mean(dim=(2, 3)), cells], dim=1)
-    check_pooling(method)
-    raise AssertionError("unreachable")
+    return get_pooling(method).reduce(x)
 
 
 def pool_tap(x: torch.Tensor, method: str, layout: str = "map", prefix: int = 0,
@@ -71,14 +104,13 @@ def pool_tap(x: torch.Tensor, method: str, layout: str = "map", prefix: int = 0,
     Vector taps (B, D) pass through whatever the method."""
     if x.dim() == 2:
         return x
+    pooling = get_pooling(method)
     if layout == "tokens":
-        if method == "cls":
+        if pooling.class_token:
             return x[:, 0]
         x = x[:, prefix:].transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
     elif layout == "nhwc":
         x = x.permute(0, 3, 1, 2)
-    if method == "cls":
-        raise ValueError("cls pooling needs a token tap with a class token")
     return pool(x, method)
 
 

@@ -55,6 +55,7 @@ import h5py
 import numpy as np
 
 from .errors import TapsError, UsageError
+from .pooling import DEFAULT_POOLING
 
 FORMAT = "taps-features"
 FORMAT_VERSION = 2
@@ -76,7 +77,7 @@ def _flags_text(settings: dict, names: list[str]) -> str:
 
 
 def tap_key(tap: str, pooling: str, spatial: bool) -> str:
-    return f"{tap}@{pooling}" if spatial and pooling != "avg" else tap
+    return f"{tap}@{pooling}" if spatial and pooling != DEFAULT_POOLING else tap
 
 
 def natural_key(name: str) -> tuple:
@@ -535,7 +536,7 @@ class FeatureFile:
         first: dict[str, int] = {}
         return np.asarray([first.setdefault(c, i) if c else i for i, c in enumerate(self.content)], dtype=np.int64)
 
-    def tap_key(self, tap: str, pooling: str = "avg") -> str:
+    def tap_key(self, tap: str, pooling: str = DEFAULT_POOLING) -> str:
         """The dataset key of a tap; raises naming what exists when it is not in the file."""
         for key in (tap_key(tap, pooling, True), tap):
             if key in self.taps and (key == tap_key(tap, pooling, True) or self.taps[key].pooling in (pooling, "none")):
@@ -544,7 +545,7 @@ class FeatureFile:
         raise TapsError(f"tap {tap!r} (pooling {pooling}) is not in {self.path} (it has: {have}); "
                         f"run `taps extract ... --taps {tap} --pool {pooling}` first")
 
-    def read(self, tap: str, pooling: str = "avg") -> np.ndarray:
+    def read(self, tap: str, pooling: str = DEFAULT_POOLING) -> np.ndarray:
         """The (N, D) float32 matrix of one tap; refuses a tap that is not completely written."""
         return self.matrix(self.tap_key(tap, pooling))
 

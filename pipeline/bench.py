@@ -43,6 +43,7 @@ from features.options import (
     resolve_loader,
     resolve_precision,
 )
+from features.pooling import DEFAULT_POOLING
 from features.runtime import keep_freed_memory
 from features.runtimes import installed_runtimes, prepare_export, runtime_precision
 
@@ -292,7 +293,7 @@ def _prepare(s: BenchSettings, work: Path) -> _Bench:
     taps = s.taps or [names[len(names) // 3], names[2 * len(names) // 3], bb.default_tap]
     dev = resolve_device(s.device)
     images, source = bench_images(s.images, s.data_root, work)
-    cfg = RunConfig(pooling="avg", device=dev, precision=resolve_precision(s.precision, dev), workers=default_workers(),
+    cfg = RunConfig(pooling=DEFAULT_POOLING, device=dev, precision=resolve_precision(s.precision, dev), workers=default_workers(),
                     channels_last=True, on_error="skip", draft=True, compile=s.compile, batch_size=s.batch_size,
                     loader=resolve_loader("auto", dev, max(s.images, REPLICAS_MIN_IMAGES)))  # as a large run here
     return _Bench(s, bb, _offline_or_random("resnet18"), taps, images, source, cfg, work,

@@ -67,10 +67,10 @@ def _add_backbone_args(p: argparse.ArgumentParser, many: bool = False) -> None:
 
 
 def _add_extract_args(p: argparse.ArgumentParser, out_alias: bool = True) -> None:
-    from features.options import CHOICES
+    from features.options import CHOICES, ExtractOptions
 
     g = p.add_argument_group("extraction")
-    g.add_argument("--pool", default="avg", choices=CHOICES["pooling"],
+    g.add_argument("--pool", default=ExtractOptions.pooling, choices=CHOICES["pooling"],
                    help="pooling of spatial taps (default: %(default)s)")
     g.add_argument("--device", default="auto", choices=CHOICES["device"], help="(default: %(default)s)")
     g.add_argument("--precision", default="auto", choices=CHOICES["precision"],
@@ -142,7 +142,7 @@ def _backbone(args, name: str | None = None):
 def cmd_list(args) -> None:
     from features.backbones import Backbone, backbone_names
     from features.datasets import dataset_names
-    from features.pooling import POOLINGS, poolable, pooled_dim
+    from features.pooling import POOLINGS, get_pooling, poolable, pooled_dim
 
     if args.what == "backbones":
         print(" ".join(backbone_names()))
@@ -169,7 +169,8 @@ def cmd_list(args) -> None:
                 continue
             if tap.layout == "tokens":
                 shape = f"{tap.prefix}+{tap.shape[1]}x{tap.shape[2]} tokens x{tap.shape[0]}"
-            dims = [pooled_dim(tap.shape, p) if p != "cls" or tap.layout == "tokens" or len(tap.shape) == 1 else "-"
+            dims = [pooled_dim(tap.shape, p) if not get_pooling(p).class_token or tap.layout == "tokens"
+                    or len(tap.shape) == 1 else "-"
                     for p in POOLINGS]
             print(f"{tap.name:<8} {tap.node:<10} {shape:<22}" + "".join(f"{d:>8}" for d in dims))
         print("columns avg..cls: embedding size per pooling (vector taps are not pooled; cls: transformer "
@@ -259,6 +260,8 @@ def _protocol(args, features):
 
 def extract_command(args, backbone: str | None = None) -> str:
     """The `taps extract` command that writes the feature file these arguments name."""
+    from features.pooling import DEFAULT_POOLING
+
     parts = ["taps", "extract", "--dataset", args.dataset]
     tap = getattr(args, "tap", None)  # fit's --tap: one tap, a fused set a+b (extract a,b) or auto (extract all)
     taps = None if not tap else "all" if tap == "auto" else tap.replace("+", ",")
@@ -267,7 +270,8 @@ def extract_command(args, backbone: str | None = None) -> str:
                 ("--label-column", getattr(args, "label_column", None), None),
                 ("--backbone", backbone or args.backbone, None), ("--weights", args.weights, "auto"),
                 ("--image-size", args.image_size, None), ("--taps", taps, None),
-                ("--pool", getattr(args, "pool", "avg"), "avg"), ("--features-root", args.features_root, FEATURES_ROOT),
+                ("--pool", getattr(args, "pool", DEFAULT_POOLING), DEFAULT_POOLING),
+                ("--features-root", args.features_root, FEATURES_ROOT),
                 ("--duplicates", getattr(args, "duplicates", "error"), "error"),
                 ("--encoding", getattr(args, "encoding", "utf-8-sig"), "utf-8-sig")]
     for flag, value, default in optional:
@@ -502,14 +506,14 @@ def _add_info_command(sub) -> None:
 
 
 def _add_fit_command(sub) -> None:
-    from features.pooling import POOLINGS
+    from features.pooling import DEFAULT_POOLING, POOLINGS
 
     p = sub.add_parser("fit", help="fit a classifier on one cached tap and score it")
     _add_dataset_args(p)
     _add_backbone_args(p)
     p.add_argument("--tap", help="tap to fit on; taps joined by + are fused (block14+pooled); auto chooses the set "
                                  "among the file's taps on each training split (default: the standard embedding)")
-    p.add_argument("--pool", default="avg", choices=POOLINGS, help="pooling the tap was extracted with (default: %(default)s)")
+    p.add_argument("--pool", default=DEFAULT_POOLING, choices=POOLINGS, help="pooling the tap was extracted with (default: %(default)s)")
     p.add_argument("--features", help="a feature file, instead of finding it from the settings")
     p.add_argument("--features-root", default=FEATURES_ROOT, help="where `extract` wrote (default: %(default)s)")
     p.add_argument("--device", default="auto", help="device for the torch solvers (default: %(default)s)")

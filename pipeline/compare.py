@@ -26,7 +26,7 @@ from features.datasets import ImageSet
 from features.errors import UsageError
 from features.extract import extract
 from features.options import ExtractOptions
-from features.pooling import is_spatial
+from features.pooling import DEFAULT_POOLING, is_spatial
 from features.store import FeatureFile, path_safe
 
 from .evaluate import fit_run, load_matrix
@@ -47,7 +47,7 @@ METRIC_NAMES = ("accuracy", "mean_per_class_accuracy", "macro_f1", "top5_accurac
 
 
 def plan_taps(backbone: Backbone, taps: list[str] | None, fuse: bool,
-              pooling: str = "avg") -> tuple[list[Tap], list[str], list[str]]:
+              pooling: str = DEFAULT_POOLING) -> tuple[list[Tap], list[str], list[str]]:
     """A backbone's rows: (single taps, shallow first; fused sets, ``auto`` last; every tap to extract)."""
     specs = taps or [backbone.default_tap]
     singles = [t for t in specs if not is_fused(t)]

@@ -18,6 +18,7 @@ from features.datasets import FileImageSet
 from features.errors import TapsError, UsageError
 from features.forward import Forward, build_extractor
 from features.options import RunConfig, resolve_device, resolve_precision
+from features.pooling import DEFAULT_POOLING
 from features.store import FeatureFile, file_sha256
 
 from .runs import load_model, load_results
@@ -126,7 +127,7 @@ def predict_images(run_dir: Path | str, images: list[str], device: str = "auto",
     records = f.get("taps") or [{k: f[k] for k in ("tap", "node", "dim", "pooling")}]  # one tap, or the fused ones
     taps = [_tap(bb, r) for r in records]
     spatial = {r["pooling"] for r in records} - {"none"}
-    pooling = spatial.pop() if spatial else "avg"
+    pooling = spatial.pop() if spatial else DEFAULT_POOLING
     dev = resolve_device(device)
     if "+" in f.get("decode", "") or "+" in f.get("precision", "") or "+" in f.get("runtime", ""):
         raise TapsError(f"the fused taps of this run were extracted with different decoders, precisions or "
