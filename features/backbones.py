@@ -32,8 +32,8 @@ from torchvision.transforms._presets import ImageClassification
 from torchvision.transforms.v2 import functional as F2
 
 from .errors import TapsError, UsageError
+from .files import file_sha256
 from .pooling import DEFAULT_POOLING, get_pooling, poolable, pooled_dim
-from .store import file_sha256
 
 DEFAULT_IMAGE_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

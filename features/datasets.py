@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import hashlib
 import shutil
 import warnings
 from collections.abc import Callable, Sequence
@@ -20,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import TapsError, UsageError, choose
+from .files import content_digest, digest, file_content_digest, short_digest
 
 # PIL's own list plus GIF: odd but decodable formats are converted, not skipped.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -35,23 +35,6 @@ FINGERPRINT_VERSIONS = (1, 2, 3)
 FINGERPRINT_VERSION = 2
 CONTENT_FINGERPRINT = 3
 DUPLICATES = ("error", "first")  # what a CSV or folder listing one image file twice gets
-
-
-def bytes_digest(data: bytes) -> str:
-    """128 bits of BLAKE2b: equal digests mean byte-identical samples."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-def file_digest(path: Path) -> str:
-    """:func:`bytes_digest` of a file's bytes ("" for a file that cannot be read)."""
-    h = hashlib.blake2b(digest_size=16)
-    try:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    except OSError:
-        return ""
-    return h.hexdigest()
 
 
 def _stat(path: Path):
@@ -153,17 +136,13 @@ class ImageSet:
         """
         if version not in FINGERPRINT_VERSIONS:
             raise TapsError(f"fingerprint version {version} is newer than this taps knows; upgrade taps")
-        h = hashlib.sha256()
-        for part in (self.name, "\x00".join(self.classes), "\x00".join(self.ids), "\x00".join(self.splits or [])):
-            h.update(part.encode())
-            h.update(b"\x01")
-        h.update(self.labels.tobytes())
+        texts = (self.name, "\x00".join(self.classes), "\x00".join(self.ids), "\x00".join(self.splits or []))
         if version == CONTENT_FINGERPRINT:
             digests = self.content_digests()
-            h.update("\x00".join(digests).encode() if digests is not None else self._content_key(1))
+            content = "\x00".join(digests).encode() if digests is not None else self._content_key(1)
         else:
-            h.update(self._content_key(version))
-        return h.hexdigest()[:16]
+            content = self._content_key(version)
+        return digest(*(p for text in texts for p in (text, b"\x01")), self.labels.tobytes(), content)
 
     def class_counts(self) -> str:
         """The classes read and their image counts, in one line (the extremes for many classes)."""
@@ -203,7 +182,7 @@ class FileImageSet(ImageSet):
         return np.asarray(fields, dtype=np.int64).tobytes()
 
     def content_digests(self) -> list[str] | None:
-        return [file_digest(p) for p in self.paths]
+        return [file_content_digest(p) for p in self.paths]
 
 
 class ArrayImageSet(ImageSet):
@@ -217,10 +196,10 @@ class ArrayImageSet(ImageSet):
         return to_rgb(Image.fromarray(self.pixels[index]))
 
     def _content_key(self, version: int = FINGERPRINT_VERSION) -> bytes:
-        return hashlib.sha256(self.pixels.tobytes()).digest()
+        return bytes.fromhex(digest(self.pixels.tobytes(), length=64))
 
     def content_digests(self) -> list[str] | None:
-        return [bytes_digest(row.tobytes()) for row in self.pixels]
+        return [content_digest(row.tobytes()) for row in self.pixels]
 
 
 class TorchvisionImageSet(ImageSet):
@@ -242,18 +221,18 @@ class TorchvisionImageSet(ImageSet):
         arrays = [getattr(ds, "data", None) for _, ds in self.parts]
         if not all(isinstance(a, np.ndarray) and len(a) == len(ds) for a, (_, ds) in zip(arrays, self.parts, strict=True)):
             return None
-        return [bytes_digest(np.ascontiguousarray(row).tobytes()) for a in arrays for row in a]
+        return [content_digest(np.ascontiguousarray(row).tobytes()) for a in arrays for row in a]
 
     def _content_key(self, version: int = FINGERPRINT_VERSION) -> bytes:
         """The pixels of up to 64 evenly spaced samples: torchvision hides its files behind each
         class's own layout, and a re-downloaded or edited set changes its pixels."""
-        h = hashlib.sha256()
+        parts = []
         for i in np.unique(np.linspace(0, len(self) - 1, min(64, len(self))).astype(int)):
             try:
-                h.update(np.asarray(self.image(int(i))).tobytes())
+                parts.append(np.asarray(self.image(int(i))).tobytes())
             except BadImage as exc:
-                h.update(str(exc).encode())
-        return h.digest()
+                parts.append(str(exc))
+        return bytes.fromhex(digest(*parts, length=64))
 
     def image(self, index: int, min_side: int | None = None) -> Image.Image:
         part = int(np.searchsorted(self.offsets, index, side="right") - 1)
@@ -284,7 +263,7 @@ class SubsetImageSet(ImageSet):
 
     def content_digests(self) -> list[str] | None:
         if isinstance(self.base, FileImageSet):  # only the chosen files are read
-            return [file_digest(self.base.paths[i]) for i in self.indices]
+            return [file_content_digest(self.base.paths[i]) for i in self.indices]
         digests = self.base.content_digests()
         return None if digests is None else [digests[i] for i in self.indices]
 
@@ -599,7 +578,7 @@ def dataset_slug(spec: str, subset_spec: str | None = None) -> str:
     if spec.startswith(PREFIXES):
         kind, path = spec.split(":", 1)
         resolved = str(Path(path).resolve())
-        name = f"{kind}-{Path(resolved).stem}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}"
+        name = f"{kind}-{Path(resolved).stem}-{short_digest(resolved)}"
     if subset_spec:
         name += "-" + "-".join(f"{k or 'n'}{v}" for k, v in parse_subset(subset_spec).items())
     return name

@@ -11,8 +11,6 @@ size, torch and opset versions). Which runtime may run a file is decided by
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import warnings
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, Tap
+from .files import KEY_DIGITS, digest
 from .forward import build_extractor
 
 OPSET = 17
@@ -39,7 +38,7 @@ def export_key(backbone: Backbone, taps: list[Tap], pooling: str) -> str:
               "transform": backbone.transform_spec(), "input": backbone.input_size, "pooling": pooling,
               "taps": [[t.name, t.node, t.layout, t.prefix, list(t.shape)] for t in taps],
               "torch": torch.__version__, "opset": OPSET}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+    return digest(fields, length=KEY_DIGITS)
 
 
 def calibration_batch(size: int, n: int = CALIBRATION_IMAGES) -> torch.Tensor:

@@ -24,13 +24,16 @@ from tqdm.auto import tqdm
 
 from .backbones import Backbone, Tap
 from .blocks import Block, prepare_forward
+from .catalog import check_dataset_matches, feature_path
 from .datasets import CONTENT_FINGERPRINT, FINGERPRINT_VERSION, ImageSet
 from .engines import engine_class
 from .errors import TapsError, UsageError
+from .files import check_output_folder, exclusive_lock
+from .identity import FileIdentity
 from .options import CHOICES, EXPORTED_RUNTIME_PRECISIONS, VALID_PRECISIONS, ExtractOptions, RunConfig
 from .pooling import is_spatial, pooled_dim
 from .runtime import available_memory_bytes, keep_freed_memory
-from .store import FeatureFile, FeatureWriter, check_output_folder, exclusive_lock, feature_file_name, tap_key, versions
+from .store import FeatureFile, FeatureWriter, tap_key, versions
 
 
 @dataclass
@@ -52,19 +55,11 @@ class ExtractionReport:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
-def feature_path(out: Path | str, dataset_name: str, backbone: Backbone) -> Path:
-    """One file per (dataset, backbone, weights, preprocessing); ``dataset_name`` as from ``dataset_slug``."""
-    name = feature_file_name(backbone.name, backbone.weights.spec, backbone.input_size, backbone.transform_spec())
-    return Path(out) / dataset_name / name
-
-
 def feature_header(images: ImageSet, backbone: Backbone, batch_size: int,
                    fingerprint_version: int = FINGERPRINT_VERSION) -> dict:
-    """The root attributes that say what a feature file was made from (see :mod:`features.store`)."""
-    return {"backbone": backbone.name, "weights": backbone.weights.spec, "weights_sha256": backbone.weights.sha256,
-            "transform": backbone.transform_spec(), "image_size": backbone.input_size, "dataset": images.name,
-            "dataset_fingerprint": images.fingerprint(fingerprint_version),
-            "fingerprint_version": fingerprint_version, "n_samples": len(images), "batch_size": batch_size,
+    """The root attributes that say what a feature file was made from (see :mod:`features.identity`)
+    and how (its block size, the library versions)."""
+    return {**FileIdentity.of(images, backbone, fingerprint_version).attrs(), "batch_size": batch_size,
             "versions": versions()}
 
 
@@ -76,26 +71,6 @@ def _existing(path: Path, force: bool) -> FeatureFile | None:
         return FeatureFile(path)
     except (TapsError, OSError):
         return None  # the writer names what is wrong with it
-
-
-def check_dataset_matches(features: FeatureFile, images: ImageSet, fix: str, verify_content: bool = False) -> None:
-    """Refuse a feature file made from other contents of ``images`` than it has now, in one line with
-    ``fix``. The fingerprint is computed the way the file's was (its recorded version), so files
-    from before a fingerprint version keep working; ``verify_content`` compares each sample's bytes
-    with the digests the file recorded and names the first that changed."""
-    expected = {"dataset_fingerprint": images.fingerprint(features.fingerprint_version), "n_samples": len(images)}
-    features.check_made_from(expected, fix)
-    if not verify_content:
-        return
-    digests = images.content_digests()
-    if features.content is None or digests is None:
-        raise UsageError(f"--verify-content compares each image's bytes with the digests in {features.path}, but "
-                         f"{'that file has none (made before they were recorded)' if features.content is None else images.name + ' cannot be read as bytes'}; "
-                         f"{'rebuild it with --force' if features.content is None else 'drop --verify-content'}")
-    changed = [i for i, (old, new) in enumerate(zip(features.content, digests, strict=True)) if old != new]
-    if changed:
-        raise TapsError(f"{features.path} was made from other contents of the dataset: {len(changed)} image(s) changed "
-                        f"since (first: {images.ids[changed[0]]}); {fix}")
 
 
 def _adopt_recorded(cfg: RunConfig, options: ExtractOptions, existing: FeatureFile | None) -> RunConfig:

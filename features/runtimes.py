@@ -39,9 +39,9 @@ from .export import (
     largest_difference,
     reference_outputs,
 )
+from .files import file_sha256
 from .forward import Forward, build_extractor
 from .options import EXPORTED_RUNTIME_PRECISIONS
-from .store import file_sha256
 
 TOLERANCE = 1e-3
 

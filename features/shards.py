@@ -16,7 +16,9 @@ import numpy as np
 
 from .datasets import ImageSet, SubsetImageSet
 from .errors import TapsError, UsageError
-from .store import IDENTITY, FeatureFile, FeatureWriter, exclusive_lock
+from .files import exclusive_lock
+from .identity import COMPARED
+from .store import FeatureFile, FeatureWriter
 
 SHARD_SUFFIX = re.compile(r"\.shard(\d+)of(\d+)$")
 
@@ -97,7 +99,7 @@ def _check_same_extraction(paths: list[Path], files: list[FeatureFile]) -> None:
     for p, f in zip(paths, files, strict=True):
         if "shard" not in f.attrs:
             raise UsageError(f"{p} is not a shard file (made without --shard)")
-        for key in [k for k in IDENTITY if k not in ("dataset_fingerprint", "n_samples")] + [
+        for key in [k for k in COMPARED if k not in ("dataset_fingerprint", "n_samples")] + [
                 "full_dataset_fingerprint", "full_n_samples", "batch_size"]:
             if str(f.attrs.get(key)) != str(first.get(key)):
                 raise TapsError(f"{p} has {key}={f.attrs.get(key)}, but {paths[0]} has {first.get(key)}; "

@@ -38,15 +38,10 @@ Version-1 files (no ``/blocks``) are read and resumed without that check.
 from __future__ import annotations
 
 import errno
-import fcntl
-import hashlib
 import json
 import os
 import re
-import shutil
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,14 +49,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import TapsError, UsageError
+from .errors import TapsError
+from .files import check_free_space
+from .identity import FileIdentity
 from .pooling import DEFAULT_POOLING
 
 FORMAT = "taps-features"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-# Settings that define a feature file: if any differs, the file is a different one.
-IDENTITY = ("backbone", "weights", "transform", "dataset", "dataset_fingerprint", "n_samples")
 STR = h5py.string_dtype()
 MEASURED = ("runtime_rates",)  # tap attributes that record a measurement, not a setting
 # The tap settings a rerun must match to reuse or resume a tap, and the flag that sets each.
@@ -83,33 +78,6 @@ def tap_key(tap: str, pooling: str, spatial: bool) -> str:
 def natural_key(name: str) -> tuple:
     """Sort key that puts block2 before block10 (numbers compared as numbers, not text)."""
     return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part)
-
-
-def path_safe(name: str) -> str:
-    """A name as a file or folder name on every OS (``timm:resnet18`` -> ``timm_resnet18``)."""
-    return re.sub(r"[^A-Za-z0-9_.+@-]", "_", name)
-
-
-def short_digest(text: str) -> str:
-    """Eight hex digits of SHA-256: enough to tell settings apart in a file or folder name."""
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
-
-
-def feature_file_name(backbone: str, weights_spec: str, input_size: int, transform_spec: str) -> str:
-    """The file name of one (backbone, weights, preprocessing): every setting that changes the features.
-
-    The weights part is the enum member (``IMAGENET1K_V1``), ``none``, or ``file-<stem>-<digest>``
-    for a local file; the preprocessing part is the input size and a digest of the whole
-    transform (resize, crop, interpolation, mean, std), so ``--image-size 224`` (resize 224) and
-    the weights' preset (resize 256, crop 224) never share a file.
-    """
-    if weights_spec.startswith("file:"):
-        _, name, digest = weights_spec.split(":", 2)
-        weights = f"file-{Path(name).stem}-{digest[:8]}"
-    else:
-        weights = weights_spec.split(".")[-1]
-    weights = re.sub(r"[^A-Za-z0-9_.-]", "_", weights)
-    return f"{path_safe(backbone)}__{weights}__{input_size}px-{short_digest(transform_spec)}.h5"
 
 
 def _chunk_rows(n: int, dim: int) -> int:
@@ -168,47 +136,6 @@ def _reason(exc: BaseException) -> str:
     if found:
         return found.group(1)
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def check_output_folder(folder: Path, flag: str) -> None:
-    """Refuse, before any work, a folder that cannot be made or written: a file in the way, a
-    read-only file system, no permission. Nothing is created here."""
-    folder = Path(folder).absolute()
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir():
-        raise UsageError(f"{flag} {folder}: {existing} is a file, in the way of that folder; pass a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {folder} is not writable ({existing} is read-only or not yours); pass a "
-                         f"writable folder")
-
-
-def check_free_space(folder: Path, needed: int, what: str) -> None:
-    """Refuse (before any work) to start writing ``needed`` bytes where fewer are free."""
-    free = shutil.disk_usage(folder).free
-    if needed > free:
-        raise TapsError(f"not enough disk space for {what}: about {needed / 2 ** 20:.1f} MiB needed, "
-                        f"{free / 2 ** 20:.1f} MiB free in {folder}; free space or pass --out to another disk")
-
-
-@contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock beside ``path`` so two writers never touch the same file.
-
-    A POSIX record lock, not flock: DataLoader workers forked while it is held do not
-    inherit it, so a killed writer's orphaned workers cannot keep the next run out.
-    """
-    lock_path = Path(str(path) + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except (BlockingIOError, PermissionError):
-            raise TapsError(f"another taps process is writing {path}; wait for it to finish, "
-                            f"then rerun (finished batches are kept)") from None
-        yield
-    finally:
-        os.close(fd)
 
 
 # HDF5 records the file's size in its superblock; a file cut short after that (a full disk while
@@ -318,11 +245,8 @@ class FeatureWriter:
         if int(attrs.get("format_version", 1)) not in READABLE_VERSIONS:
             raise TapsError(f"{self.path} has format_version {attrs.get('format_version')}, newer than this taps "
                             f"reads; upgrade taps, or pass --force to rebuild it")
-        for key in IDENTITY:
-            old, new = attrs.get(key), header.get(key)
-            if new is not None and str(old) != str(new):
-                raise TapsError(f"{self.path} {describe_change(key, old, new)}; pass --force to rebuild it "
-                                f"or --out to write elsewhere")
+        FileIdentity.recorded(_plain(attrs)).refuse_other(header, self.path, "pass --force to rebuild it or --out "
+                                                                                "to write elsewhere")
 
     @property
     def batch_size(self) -> int:
@@ -484,15 +408,6 @@ class FeatureWriter:
             self.h5.close()
 
 
-def describe_change(key: str, old, new) -> str:
-    """'was made from another dataset ...': one clause saying what changed, values never cut."""
-    if key == "dataset_fingerprint":
-        return f"was made from other contents of the dataset (fingerprint {old}, now {new}: images added, removed or changed)"
-    if key == "n_samples":
-        return f"was made from {old} samples, the dataset now has {new}"
-    return f"was made with {key} {old}, not {new}"
-
-
 class FeatureFile:
     """Read-only view of a feature file for stage two: labels, classes, split and tap matrices."""
 
@@ -526,7 +441,7 @@ class FeatureFile:
     @property
     def fingerprint_version(self) -> int:
         """What the file's dataset fingerprint hashes (see :data:`features.datasets.FINGERPRINT_VERSIONS`)."""
-        return int(self.attrs.get("fingerprint_version", 1))
+        return self.identity.fingerprint_version
 
     def duplicate_groups(self) -> np.ndarray | None:
         """Per sample, the index of the first sample with byte-identical content (itself when it has
@@ -603,25 +518,16 @@ class FeatureFile:
         keys = ("backbone", "weights", "weights_sha256", "transform", "image_size", "dataset", "dataset_fingerprint")
         return {k: self.attrs.get(k) for k in keys}
 
+    @property
+    def identity(self) -> FileIdentity:
+        """What the file records it was made from."""
+        return FileIdentity.recorded(self.attrs)
+
     def check_made_from(self, expected: dict, fix: str) -> None:
         """Refuse a file made from other data or settings than ``expected`` (attribute -> value),
         in one line that says what changed and ``fix``."""
-        for key in ("dataset_fingerprint", "n_samples", "backbone", "weights", "transform"):
-            if key in expected and str(self.attrs.get(key)) != str(expected[key]):
-                change = (describe_change("n_samples", self.attrs.get("n_samples"), expected["n_samples"])
-                          if key == "dataset_fingerprint" and "n_samples" in expected
-                          and int(self.attrs.get("n_samples", -1)) != int(expected["n_samples"])
-                          else describe_change(key, self.attrs.get(key), expected[key]))
-                raise TapsError(f"{self.path} {change}; {fix}")
-
-
-def file_sha256(path: Path | str) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        self.identity.refuse_other(expected, self.path, fix, keys=("dataset_fingerprint", "n_samples", "backbone",
+                                                                   "weights", "transform"))
 
 
 @dataclass(frozen=True)

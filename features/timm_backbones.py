@@ -31,7 +31,7 @@ from torchvision.transforms._presets import ImageClassification
 
 from .backbones import Backbone, TapScheme, WeightsChoice, register_source, register_tap_scheme
 from .errors import TapsError, UsageError
-from .store import file_sha256
+from .files import file_sha256
 
 PREFIX = "timm"
 

@@ -32,9 +32,10 @@ from torchvision import transforms as T
 
 from features.backbones import Backbone
 from features.blocks import prepare_forward
+from features.catalog import feature_path
 from features.datasets import FileImageSet, folder_dataset
 from features.engines.replicas import ReplicaEngine
-from features.extract import extract, feature_path
+from features.extract import extract
 from features.options import (
     REPLICAS_MIN_IMAGES,
     RunConfig,

@@ -284,12 +284,12 @@ def extract_command(args, backbone: str | None = None) -> str:
 
 
 def _features_file(args, backbone_name: str | None = None):
-    """The feature file named by --features, or the one `extract` writes for the same settings, after
-    checking that it was made from this dataset's current contents and the asked-for preprocessing."""
-    from features.extract import check_dataset_matches, feature_path
+    """The feature file named by --features (taken as it is, but not with other preprocessing), or the
+    one `extract` writes for the same settings, checked against the dataset as it is now."""
+    from features.catalog import find_feature_file
     from features.store import FeatureFile
 
-    if getattr(args, "features", None):  # the user's own file: taken as it is, but not with other preprocessing
+    if getattr(args, "features", None):
         features = FeatureFile(args.features)
         if args.image_size:
             bb = _backbone(args, features.attrs["backbone"])
@@ -302,15 +302,8 @@ def _features_file(args, backbone_name: str | None = None):
     except TapsError as exc:
         raise type(exc)(f"{exc} (fit reads the dataset to check that its feature file still matches it; pass "
                         f"--features FILE to fit on a file as it is)") from None
-    path = feature_path(args.features_root, images.name, bb)
-    command = extract_command(args, bb.name)
-    if not path.is_file():
-        raise TapsError(f"no feature file {path}; run `{command}` first")
-    features = FeatureFile(path)
-    fix = f"rebuild it with `{command} --force`"
-    features.check_made_from({"weights": bb.weights.spec, "transform": bb.transform_spec()}, fix)
-    check_dataset_matches(features, images, fix, verify_content=args.verify_content)
-    return features
+    return find_feature_file(images, bb, args.features_root, extract_command(args, bb.name),
+                             verify_content=args.verify_content)
 
 
 def cmd_fit(args) -> None:

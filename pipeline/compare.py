@@ -25,9 +25,10 @@ from features.backbones import Backbone, Tap
 from features.datasets import ImageSet
 from features.errors import UsageError
 from features.extract import extract
+from features.files import path_safe
 from features.options import ExtractOptions
 from features.pooling import DEFAULT_POOLING, is_spatial
-from features.store import FeatureFile, path_safe
+from features.store import FeatureFile
 
 from .evaluate import fit_run, load_matrix
 from .fusion import AUTO, is_fused, tap_set

@@ -22,7 +22,8 @@ import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix
 
 from features.errors import TapsError, UsageError
-from features.store import FeatureFile, check_output_folder
+from features.files import check_output_folder
+from features.store import FeatureFile
 
 from .fusion import AUTO, Groups, column_groups, tap_set
 from .metrics import score_predictions, summarize

@@ -16,10 +16,11 @@ from features.backbones import Backbone, Tap
 from features.blocks import BlockSource
 from features.datasets import FileImageSet
 from features.errors import TapsError, UsageError
+from features.files import file_sha256
 from features.forward import Forward, build_extractor
 from features.options import RunConfig, resolve_device, resolve_precision
 from features.pooling import DEFAULT_POOLING
-from features.store import FeatureFile, file_sha256
+from features.store import FeatureFile
 
 from .runs import load_model, load_results
 

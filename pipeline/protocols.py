@@ -14,7 +14,6 @@ training. Without duplicates the splits are exactly those drawn sample by sample
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from features.errors import UsageError
+from features.files import digest
 
 KINDS = ("official", "per-class:N", "fraction:F", "auto")
 
@@ -149,4 +149,4 @@ def duplicate_summary(groups: np.ndarray | None) -> dict:
 
 def split_digest(ids: list[str], indices: np.ndarray) -> str:
     """Short hash of the sample ids in a split: equal digests mean identical splits."""
-    return hashlib.sha256("\n".join(ids[i] for i in indices).encode()).hexdigest()[:16]
+    return digest("\n".join(ids[i] for i in indices))

@@ -9,7 +9,6 @@ and ``per_class.csv``. Identical settings reuse the folder.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -17,7 +16,8 @@ import joblib
 import numpy as np
 
 from features.errors import TapsError, UsageError
-from features.store import FeatureFile, file_sha256, path_safe
+from features.files import NAME_DIGITS, digest, file_sha256, path_safe
+from features.store import FeatureFile
 
 from .fusion import AUTO, SEPARATOR, tap_set
 
@@ -36,7 +36,7 @@ def run_settings(features: FeatureFile, tap: str, pooling: str, fit: dict, proto
 
 def settings_digest(settings: dict) -> str:
     """Short stable id of a settings dict: equal settings, equal folder names."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    return digest(settings, length=NAME_DIGITS)
 
 
 def run_dir_for(runs_root: Path, features: FeatureFile, settings: dict) -> Path:

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from features.backbones import Backbone
+from features.catalog import feature_path
 from features.datasets import load_dataset
 from features.errors import TapsError
-from features.extract import extract, feature_path
+from features.extract import extract
 from features.options import ExtractOptions
 from features.shards import merge_shards
 from features.store import FeatureFile

@@ -198,7 +198,7 @@ def test_a_dead_replica_stops_the_run_in_one_line_and_the_rerun_resumes(long_set
 def test_second_writer_is_refused_while_the_first_holds_the_lock(tiny_flat, tmp_path):
     images = load_dataset(f"folder:{tiny_flat}")
     path = tmp_path / "busy.h5"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from features.store import exclusive_lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from features.files import exclusive_lock\n"
                                f"with exclusive_lock({str(path)!r}):\n print('locked', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     try:

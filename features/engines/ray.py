@@ -116,7 +116,7 @@ class RayEngine(Engine):
             n_actors = max(1, int(ray.cluster_resources().get("GPU", 0) // cfg.gpus_per_worker))
         export = None
         if cfg.runtime != "torch":  # the checked export travels through the object store (nested: not fetched
-            from ..store import file_sha256  # by actors whose machine has the file already)
+            from ..files import file_sha256  # by actors whose machine has the file already)
 
             export = (file_sha256(cfg.onnx_path), ray.put(Path(cfg.onnx_path).read_bytes()))
         ds = ray.data.range(len(images) - start, override_num_blocks=max(1, (len(images) - start) // (4 * batch_size)))

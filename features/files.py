@@ -1,0 +1,112 @@
+"""The file-system chores around taps' files, apart from what is in them: digests, the writers'
+lock, and the checks that an output folder can be written and has room.
+
+Every digest taps computes goes through :func:`digest` (SHA-256 of its parts, in order, its hex
+cut to a length by what it is for) or, for files and samples, :func:`file_sha256` and
+:func:`content_digest`, so what a digest covers and how long it is are decided here.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import TapsError, UsageError
+
+NAME_DIGITS = 8     # in a file or folder name: enough to tell settings apart
+RECORD_DIGITS = 16  # recorded in a file: fingerprints, split digests
+KEY_DIGITS = 20     # keys of cached exports
+
+
+def digest(*parts: str | bytes | dict | list, length: int = RECORD_DIGITS) -> str:
+    """SHA-256 of ``parts`` fed in order (text as UTF-8, settings as sorted JSON), as ``length`` hex digits."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, (dict, list)):
+            part = json.dumps(part, sort_keys=True)
+        h.update(part.encode() if isinstance(part, str) else part)
+    return h.hexdigest()[:length]
+
+
+def short_digest(text: str) -> str:
+    """:func:`digest` for a file or folder name."""
+    return digest(text, length=NAME_DIGITS)
+
+
+def content_digest(data: bytes) -> str:
+    """128 bits of BLAKE2b of one sample's bytes: equal digests mean byte-identical samples."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def file_content_digest(path: Path) -> str:
+    """:func:`content_digest` of a file, read in 1 MiB blocks ("" for a file that cannot be read)."""
+    h = hashlib.blake2b(digest_size=16)
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        return ""
+    return h.hexdigest()
+
+
+def file_sha256(path: Path | str) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def path_safe(name: str) -> str:
+    """A name as a file or folder name on every OS (``timm:resnet18`` -> ``timm_resnet18``)."""
+    return re.sub(r"[^A-Za-z0-9_.+@-]", "_", name)
+
+
+def check_output_folder(folder: Path, flag: str) -> None:
+    """Refuse, before any work, a folder that cannot be made or written: a file in the way, a
+    read-only file system, no permission. Nothing is created here."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {folder}: {existing} is a file, in the way of that folder; pass a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {folder} is not writable ({existing} is read-only or not yours); pass a "
+                         f"writable folder")
+
+
+def check_free_space(folder: Path, needed: int, what: str) -> None:
+    """Refuse (before any work) to start writing ``needed`` bytes where fewer are free."""
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise TapsError(f"not enough disk space for {what}: about {needed / 2 ** 20:.1f} MiB needed, "
+                        f"{free / 2 ** 20:.1f} MiB free in {folder}; free space or pass --out to another disk")
+
+
+@contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock beside ``path`` so two writers never touch the same file.
+
+    A POSIX record lock, not flock: DataLoader workers forked while it is held do not
+    inherit it, so a killed writer's orphaned workers cannot keep the next run out.
+    """
+    lock_path = Path(str(path) + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
+            raise TapsError(f"another taps process is writing {path}; wait for it to finish, "
+                            f"then rerun (finished batches are kept)") from None
+        yield
+    finally:
+        os.close(fd)
