@@ -19,7 +19,7 @@ from . import jpeg
 from .backbones import Backbone, Tap
 from .datasets import BadImage, ImageSet
 from .forward import Forward, build_extractor, compiled, resolve_compile
-from .options import RunConfig
+from .options import TORCH, RunConfig
 from .turbojpeg import sample_pixels
 
 
@@ -98,7 +98,7 @@ def prepare_forward(backbone: Backbone, taps: list[Tap], cfg: RunConfig, n_image
     Compiled graphs get NCHW input: Inductor picks its own layouts, and the bench
     measured channels_last input slower there, while it is much faster eagerly.
     """
-    if cfg.runtime != "torch":  # extract() exported and checked it (cfg.onnx_path): each engine loads it
+    if cfg.runtime != TORCH:  # extract() exported and checked it (cfg.onnx_path): each engine loads it
         from .runtimes import load_exported
 
         return load_exported(cfg.runtime, cfg.onnx_path, [t.name for t in taps], cfg.precision)

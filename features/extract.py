@@ -30,7 +30,7 @@ from .engines import engine_class
 from .errors import TapsError, UsageError
 from .files import check_output_folder, exclusive_lock
 from .identity import FileIdentity
-from .options import CHOICES, EXPORTED_RUNTIME_PRECISIONS, VALID_PRECISIONS, ExtractOptions, RunConfig
+from .options import CHOICES, EXPORTED_RUNTIME_PRECISIONS, TORCH, VALID_PRECISIONS, ExtractOptions, RunConfig
 from .pooling import is_spatial, pooled_dim
 from .runtime import available_memory_bytes, keep_freed_memory
 from .store import FeatureFile, FeatureWriter, tap_key, versions
@@ -83,7 +83,7 @@ def _adopt_recorded(cfg: RunConfig, options: ExtractOptions, existing: FeatureFi
         recorded = {getattr(t, name) for t in existing.taps.values()}
         if getattr(options, name) == "auto" and len(recorded) == 1 and (value := recorded.pop()) in valid:
             adopted[name] = value
-    if cfg.runtime != "torch" and adopted.get("precision", cfg.precision) not in \
+    if cfg.runtime != TORCH and adopted.get("precision", cfg.precision) not in \
             EXPORTED_RUNTIME_PRECISIONS.get(cfg.runtime, (adopted.get("precision", cfg.precision),)):
         adopted.pop("precision", None)
     return dataclasses.replace(cfg, **adopted)
@@ -133,7 +133,7 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
         check_dataset_matches(existing, images, "pass --force to rebuild it", verify_content=True)
     cfg = _adopt_recorded(options.resolve(len(images)), options, existing)
     check_batch_fits(backbone.input_size, cfg.batch_size, cfg.device)
-    if cfg.runtime != "torch":  # exported and checked once (cached); auto also timed against torch
+    if cfg.runtime != TORCH:  # exported and checked once (cached); auto also timed against torch
         from .runtimes import resolve_runtime
 
         cfg = resolve_runtime(backbone, resolved, cfg, _recorded_runtime(existing, resolved, options.pooling),

@@ -18,6 +18,9 @@ import torch
 from .errors import UsageError, choose
 from .pooling import DEFAULT_POOLING, POOLINGS
 
+TORCH = "torch"  # the runtime that runs the forward in this process with torch (the default)
+AUTO = "auto"    # an option this machine decides (features.options.ExtractOptions.resolve)
+
 # The valid values of each option, in the order help text lists them.
 CHOICES: dict[str, tuple[str, ...]] = {
     "pooling": POOLINGS,
@@ -28,7 +31,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loader": ("auto", "inline", "workers", "replicas"),
     "compile": ("auto", "on", "off"),
     "decode": ("auto", "simplejpeg", "pil", "torchvision"),
-    "runtime": ("torch", "onnxruntime", "openvino", "auto"),
+    "runtime": (TORCH, "onnxruntime", "openvino", AUTO),
 }
 # The precisions a torch forward can run on each device type (what ``auto`` may adopt from a file).
 VALID_PRECISIONS: dict[str, tuple[str, ...]] = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16", "bf16"),
@@ -65,7 +68,7 @@ class ExtractOptions:
     loader: str = "auto"
     compile: str = "auto"
     decode: str = "auto"
-    runtime: str = "torch"  # onnxruntime | openvino: the extractor exported to ONNX (features.runtimes), on
+    runtime: str = TORCH  # onnxruntime | openvino: the extractor exported to ONNX (features.runtimes), on
     # the CPU; auto: the fastest installed runtime on a calibration batch (on the CPU; on a GPU, torch)
     engine: str = "local"
     ray_address: str | None = None
@@ -103,7 +106,7 @@ class ExtractOptions:
         precision = resolve_precision(self.precision, device)
         if exported and precision not in exported:  # auto on a bf16 CPU, for a runtime that runs fp32 only
             precision = "fp32"
-        runtime = "torch" if self.runtime == "auto" and (device.type != "cpu" or self.gpus_per_worker) else self.runtime
+        runtime = TORCH if self.runtime == AUTO and (device.type != "cpu" or self.gpus_per_worker) else self.runtime
         return RunConfig(pooling=self.pooling, device=device, precision=precision, runtime=runtime,
                          workers=default_workers() if self.workers is None else self.workers,
                          channels_last=self.channels_last, on_error=self.on_error, draft=self.draft,
@@ -127,7 +130,7 @@ class RunConfig:
     draft: bool
     loader: str = "inline"      # inline | workers | replicas
     compile: str = "off"        # auto | on | off (decided by dataset size, see features.forward)
-    runtime: str = "torch"      # torch | onnxruntime | openvino | auto (decided by features.runtimes.resolve_runtime)
+    runtime: str = TORCH        # torch | onnxruntime | openvino | auto (decided by features.runtimes.resolve_runtime)
     runtime_rates: str = ""     # auto: what the calibration timing measured, recorded beside the choice
     onnx_path: str = ""         # an exported runtime: the export it checked (loaded by each engine)
     decode: str = "simplejpeg"  # simplejpeg | pil | torchvision

@@ -41,7 +41,7 @@ from .export import (
 )
 from .files import file_sha256
 from .forward import Forward, build_extractor
-from .options import EXPORTED_RUNTIME_PRECISIONS
+from .options import EXPORTED_RUNTIME_PRECISIONS, TORCH
 
 TOLERANCE = 1e-3
 
@@ -221,7 +221,7 @@ def installed_runtimes() -> list[str]:
 
 def runtime_precision(runtime: str, precision: str) -> str:
     """The precision ``runtime`` runs a ``precision`` request in: its own when it has it, else fp32."""
-    return precision if runtime == "torch" or precision in RUNTIMES[runtime].precisions else "fp32"
+    return precision if runtime == TORCH or precision in RUNTIMES[runtime].precisions else "fp32"
 
 
 def _rate(forward, pixels: torch.Tensor, repeats: int = 3) -> float:
@@ -246,20 +246,20 @@ def resolve_runtime(backbone: Backbone, taps: list[Tap], cfg, recorded: str | No
     torch can beat the exported runtimes, and eager timing would hide it); default: eager."""
     if cfg.runtime == "auto" and recorded is not None:
         cfg = with_(cfg, runtime=recorded, precision=runtime_precision(recorded, cfg.precision))
-    if cfg.runtime == "torch":
+    if cfg.runtime == TORCH:
         return cfg
     if cfg.runtime != "auto":
         path, why, _ = prepare_export(backbone, taps, cfg.pooling, cfg.runtime)
         if path is None:
             warnings.warn(f"--runtime {cfg.runtime}: {why}; extracting with torch", stacklevel=3)
-            return with_(cfg, runtime="torch")
+            return with_(cfg, runtime=TORCH)
         return with_(cfg, onnx_path=str(path))
     pixels = calibration_batch(backbone.input_size, cfg.batch_size)
     names = [t.name for t in taps]
-    forward = (torch_forward(with_(cfg, runtime="torch")) if torch_forward else
+    forward = (torch_forward(with_(cfg, runtime=TORCH)) if torch_forward else
                Forward(build_extractor(backbone, taps, cfg.device, cfg.channels_last, cfg.pooling), cfg.device,
                        cfg.precision, cfg.channels_last))
-    rates = {"torch": _rate(forward, pixels)}
+    rates = {TORCH: _rate(forward, pixels)}
     paths = {}
     for name in installed_runtimes():
         path, _, _ = prepare_export(backbone, taps, cfg.pooling, name)

@@ -52,6 +52,7 @@ import numpy as np
 from .errors import TapsError
 from .files import check_free_space
 from .identity import FileIdentity
+from .options import TORCH
 from .pooling import DEFAULT_POOLING
 
 FORMAT = "taps-features"
@@ -543,9 +544,10 @@ class TapRecord:
     decode: str
     rows_done: int
     complete: bool
+    runtime: str = TORCH  # files from before runtimes were recorded ran torch
     extra: dict = field(default_factory=dict)  # attributes this version does not know, kept by merge
 
-    KNOWN = ("tap", "node", "pooling", "dim", "precision", "decode", "rows_done", "complete")
+    KNOWN = ("tap", "node", "pooling", "dim", "precision", "decode", "rows_done", "complete", "runtime")
 
     @classmethod
     def read(cls, key: str, attrs: dict) -> TapRecord:
@@ -555,12 +557,7 @@ class TapRecord:
         return cls(key=key, tap=str(attrs["tap"]), node=str(attrs["node"]), pooling=str(attrs["pooling"]),
                    dim=int(attrs["dim"]), precision=str(attrs["precision"]), decode=str(attrs["decode"]),
                    rows_done=int(attrs["rows_done"]), complete=bool(attrs["complete"]),
-                   extra={k: v for k, v in attrs.items() if k not in cls.KNOWN})
-
-    @property
-    def runtime(self) -> str:
-        """The runtime that computed the tap (files from before runtimes were recorded: torch)."""
-        return str(self.extra.get("runtime", "torch"))
+                   runtime=str(attrs.get("runtime", TORCH)), extra={k: v for k, v in attrs.items() if k not in cls.KNOWN})
 
     def made_like(self) -> tuple[str, str, str]:
         """(precision, decode, runtime): taps fused or compared together must agree on these."""
@@ -569,7 +566,7 @@ class TapRecord:
     def settings(self) -> dict:
         """The attributes that make the tap what it is (to create it elsewhere: merge)."""
         return {"tap": self.tap, "node": self.node, "pooling": self.pooling, "precision": self.precision,
-                "decode": self.decode, **self.extra}
+                "decode": self.decode, "runtime": self.runtime, **self.extra}
 
 
 def _plain(attrs) -> dict:

@@ -193,7 +193,7 @@ def stage_two_times(features_root: str, reference: bool) -> dict:
 
     from features.store import FeatureFile
 
-    from .heads import DEFAULT_GRID
+    from .heads import get_classifier
     from .protocols import make_split, parse_protocol
     from .selection import selector
 
@@ -212,7 +212,7 @@ def stage_two_times(features_root: str, reference: bool) -> dict:
     out = {"source": source, "train_shape": list(X[train].shape)}
     for clf in ("svm", "logreg"):
         t0 = time.perf_counter()
-        selected = selector(clf, DEFAULT_GRID[clf]).fit(X[train], y[train])
+        selected = selector(clf, list(get_classifier(clf).grid)).fit(X[train], y[train])
         model, value = selected.model_, selected.chosen_
         seconds = time.perf_counter() - t0
         acc = balanced_accuracy_score(y[test], model.predict(X[test]))

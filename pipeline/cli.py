@@ -94,7 +94,7 @@ def _add_extract_args(p: argparse.ArgumentParser, out_alias: bool = True) -> Non
                         "(draft-mode JPEG decoding, box resize) or torchvision (decode_jpeg and resizing on the "
                         "model's device: nvJPEG on CUDA); auto: torchvision on CUDA, else simplejpeg "
                         "(default: %(default)s)")
-    g.add_argument("--runtime", default="torch", choices=CHOICES["runtime"],
+    g.add_argument("--runtime", default=ExtractOptions.runtime, choices=CHOICES["runtime"],
                    help="onnxruntime (fp32) or openvino (fp32, or bf16 where the CPU has it): the extractor "
                         "exported to ONNX once (checked against torch, cached) and run by that runtime on the CPU; "
                         "falls back to torch with a warning if it does not export; auto: the fastest installed "
@@ -428,14 +428,14 @@ def cmd_bench(args) -> None:
 
 def _add_fit_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     from .heads import CLASSIFIERS
-    from .options import SELECTORS
+    from .options import SELECTORS, FitOptions
 
     g = p.add_argument_group("classifier and protocol")
     if many:
-        g.add_argument("--clf", default="svm", help=f"{', '.join(CLASSIFIERS)}, or several comma-separated (rows for "
+        g.add_argument("--clf", default=FitOptions.clf, help=f"{', '.join(CLASSIFIERS)}, or several comma-separated (rows for "
                                                     f"each, on the same splits) (default: %(default)s)")
     else:
-        g.add_argument("--clf", default="svm", choices=CLASSIFIERS,
+        g.add_argument("--clf", default=FitOptions.clf, choices=CLASSIFIERS,
                        help="softmax is an alias of logreg; knn is a weighted k-NN probe (default: %(default)s)")
     g.add_argument("--preprocess", default="standard", help="standard, l2, none, pca:K, or a comma list (default: %(default)s)")
     g.add_argument("--protocol", default="auto",

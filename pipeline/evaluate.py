@@ -26,6 +26,7 @@ from features.files import check_output_folder
 from features.store import FeatureFile
 
 from .fusion import AUTO, Groups, column_groups, tap_set
+from .heads import get_classifier, streaming_classifiers
 from .metrics import score_predictions, summarize
 from .options import FitOptions
 from .protocols import Protocol, check_protocol, duplicate_summary, make_split, split_digest
@@ -108,9 +109,10 @@ def _check_streaming(features: FeatureFile, key: str, options: FitOptions) -> bo
     need, budget = matrix_bytes(int(features.valid.sum()), dim), options.budget_bytes()
     if need <= budget:
         return False
-    if options.clf != "linear":
+    if not get_classifier(options.clf).streams:
+        streaming = " or ".join(f"--clf {c}" for c in streaming_classifiers())
         raise TapsError(f"tap {key}: an in-memory {options.clf} fit of {int(features.valid.sum())} x {dim} needs about "
-                        f"{need / 2 ** 20:.0f} MiB, over the budget of {budget / 2 ** 20:.0f} MiB; use --clf linear "
+                        f"{need / 2 ** 20:.0f} MiB, over the budget of {budget / 2 ** 20:.0f} MiB; use {streaming} "
                         f"(streams from the HDF5 file) or raise --memory-budget")
     if options.preprocess != "standard":
         raise TapsError(f"streaming fits (tap {key} is over the memory budget) standardize only; "

@@ -14,6 +14,8 @@ mini-batches, weight decay and early stopping.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from dataclasses import dataclass
 from numbers import Integral, Real
 
 import numpy as np
@@ -31,9 +33,6 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from features.errors import UsageError, choose
-
-CLASSIFIERS = ("svm", "logreg", "softmax", "linear", "knn")
-ALIASES = {"softmax": "logreg"}
 
 
 def _device(name: str) -> torch.device:
@@ -406,32 +405,63 @@ def _l2_rows(X: np.ndarray) -> np.ndarray:
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
 
-# ------------------------------------------------------------ factory
+# ------------------------------------------------------------ the classifiers, one record each
 
-# The parameter each classifier's grid selects, and its default grid.
-REGULARIZER = {"svm": "C", "logreg": "C", "linear": "weight_decay", "knn": "n_neighbors"}
-DEFAULT_GRID = {
-    "svm": [10.0 ** e for e in range(-5, 1)],
-    "logreg": [10.0 ** e for e in range(-4, 3)],
-    "linear": [1e-5, 1e-4, 1e-3, 1e-2, 1e-1],
-    "knn": [5, 10, 20, 50],
-}
+
+@dataclass(frozen=True)
+class Classifier:
+    """One classifier of ``--clf``: its name and aliases, the parameter its grid selects and that
+    grid's default, and how its head is built (an unfitted scikit-learn estimator)."""
+
+    name: str
+    param: str                      # what the grid selects: C, weight_decay, n_neighbors
+    grid: tuple[float, ...]         # the default grid
+    build: Callable[..., BaseEstimator]  # (solver=, hidden=, device=) -> the head
+    aliases: tuple[str, ...] = ()
+    whole_numbers: bool = False     # grid values are counts (k), not strengths
+    streams: bool = False           # can train from the HDF5 file chunk by chunk (pipeline.streaming)
+
+
+CLASSIFIER_REGISTRY: dict[str, Classifier] = {}
+
+
+def register_classifier(classifier: Classifier) -> Classifier:
+    for name in (classifier.name, *classifier.aliases):
+        CLASSIFIER_REGISTRY[name] = classifier
+    return classifier
+
+
+DEFAULT_CLASSIFIER = register_classifier(Classifier(
+    "svm", "C", tuple(10.0 ** e for e in range(-5, 1)),
+    lambda solver, hidden, device: LinearSVM(solver=solver, device=device))).name
+register_classifier(Classifier(
+    "logreg", "C", tuple(10.0 ** e for e in range(-4, 3)),
+    lambda solver, hidden, device: SoftmaxRegression(solver=solver, device=device), aliases=("softmax",)))
+register_classifier(Classifier(
+    "linear", "weight_decay", (1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
+    lambda solver, hidden, device: TorchLinearHead(hidden=hidden, device=device), streams=True))
+register_classifier(Classifier(
+    "knn", "n_neighbors", (5, 10, 20, 50), lambda solver, hidden, device: KNNProbe(device=device),
+    whole_numbers=True))
+CLASSIFIERS = tuple(CLASSIFIER_REGISTRY)  # names and aliases, as --clf takes them
+
+
+def get_classifier(name: str) -> Classifier:
+    """The record of a --clf value (an alias gives its classifier's record)."""
+    choose("classifier", name, CLASSIFIERS)
+    return CLASSIFIER_REGISTRY[name]
+
+
+def streaming_classifiers() -> list[str]:
+    return [name for name, c in CLASSIFIER_REGISTRY.items() if c.streams and c.name == name]
 
 
 def canonical(clf: str) -> str:
-    choose("classifier", clf, CLASSIFIERS)
-    return ALIASES.get(clf, clf)
+    return get_classifier(clf).name
 
 
 def make_head(clf: str, solver: str = "torch", hidden: int = 0, device: str = "auto") -> BaseEstimator:
-    clf = canonical(clf)
-    if clf == "svm":
-        return LinearSVM(solver=solver, device=device)
-    if clf == "logreg":
-        return SoftmaxRegression(solver=solver, device=device)
-    if clf == "knn":
-        return KNNProbe(device=device)
-    return TorchLinearHead(hidden=hidden, device=device)
+    return get_classifier(clf).build(solver=solver, hidden=hidden, device=device)
 
 
 def make_preprocess(spec: str) -> list[tuple[str, BaseEstimator]]:

@@ -9,7 +9,7 @@ import numpy as np
 from features.errors import UsageError, choose
 from features.runtime import available_memory_bytes
 
-from .heads import DEFAULT_GRID, REGULARIZER, canonical, make_preprocess
+from .heads import DEFAULT_CLASSIFIER, get_classifier, make_preprocess
 
 SELECTORS = ("forward", "group-lasso")  # pipeline.tapselect's selectors
 
@@ -18,7 +18,7 @@ SELECTORS = ("forward", "group-lasso")  # pipeline.tapselect's selectors
 class FitOptions:
     """Everything that defines a fit besides the data; equal options + equal file = reusable run."""
 
-    clf: str = "svm"
+    clf: str = DEFAULT_CLASSIFIER
     preprocess: str = "standard"
     grid: list[float] | None = None
     folds: int = 3
@@ -31,16 +31,16 @@ class FitOptions:
 
     def __post_init__(self):
         # Normalised once here (frozen afterwards): the canonical classifier name, a sorted float grid.
-        object.__setattr__(self, "clf", canonical(self.clf))
+        object.__setattr__(self, "clf", get_classifier(self.clf).name)
         make_preprocess(self.preprocess)  # validate early
         if self.folds < 2:
             raise UsageError(f"--folds must be at least 2, not {self.folds}")
-        object.__setattr__(self, "grid", sorted(float(v) for v in (self.grid or DEFAULT_GRID[self.clf])))
+        object.__setattr__(self, "grid", sorted(float(v) for v in (self.grid or get_classifier(self.clf).grid)))
         if not all(np.isfinite(v) and v > 0 for v in self.grid):
             raise UsageError(f"--grid values must be positive numbers, not {', '.join(f'{v:g}' for v in self.grid)}")
-        if self.param == "n_neighbors" and any(v != int(v) for v in self.grid):
+        if get_classifier(self.clf).whole_numbers and any(v != int(v) for v in self.grid):
             bad = ", ".join(f"{v:g}" for v in self.grid if v != int(v))
-            raise UsageError(f"--grid for knn is k, a whole number of neighbours, not {bad}")
+            raise UsageError(f"--grid for {self.clf} is {self.param}, a whole number, not {bad}")
         choose("tap selector (--select)", self.select, SELECTORS)
         if not 0 <= self.select_threshold < 1:
             raise UsageError(f"--select-threshold is a CV-accuracy gain between 0 and 1, not {self.select_threshold}")
@@ -50,7 +50,7 @@ class FitOptions:
     @property
     def param(self) -> str:
         """The regularisation the grid is over: ``C`` or ``weight_decay``."""
-        return REGULARIZER[self.clf]
+        return get_classifier(self.clf).param
 
     def as_dict(self) -> dict:
         return {"clf": self.clf, "preprocess": self.preprocess, "grid": self.grid, "folds": self.folds,

@@ -18,7 +18,7 @@ from features.datasets import FileImageSet
 from features.errors import TapsError, UsageError
 from features.files import file_sha256
 from features.forward import Forward, build_extractor
-from features.options import RunConfig, resolve_device, resolve_precision
+from features.options import TORCH, RunConfig, resolve_device, resolve_precision
 from features.pooling import DEFAULT_POOLING
 from features.store import FeatureFile
 
@@ -103,7 +103,7 @@ def _tap(bb: Backbone, record: dict) -> Tap:
 
 
 def _forward(bb: Backbone, taps: list[Tap], runtime: str, device, precision: str, pooling: str):
-    if runtime != "torch":
+    if runtime != TORCH:
         from features.runtimes import load_exported, prepare_export
 
         path, why, _ = prepare_export(bb, taps, pooling, runtime)
@@ -139,7 +139,7 @@ def predict_images(run_dir: Path | str, images: list[str], device: str = "auto",
     cfg = RunConfig(pooling=pooling, device=dev, precision=precision, workers=0, channels_last=True,
                     on_error="skip", draft=True, loader="inline", compile="off", decode=decode)
     # every tap the model reads, in one forward pass, by the runtime that made the training features
-    forward = _forward(bb, taps, f.get("runtime", "torch"), dev, precision, pooling)
+    forward = _forward(bb, taps, f.get("runtime", TORCH), dev, precision, pooling)
     files = FileImageSet("predict", Path("/"), [Path(p).absolute() for p in images], ["?"], np.zeros(len(images)))
     source = BlockSource.of(files, bb.pixel_transform(), cfg)
     classes = results["classes"]

@@ -14,7 +14,7 @@ from sklearn.utils._param_validation import HasMethods, Interval
 from sklearn.utils.validation import check_is_fitted
 
 from .fusion import Groups, fusion_transformer
-from .heads import REGULARIZER, canonical, make_classifier, make_head
+from .heads import get_classifier, make_classifier, make_head
 
 
 def cv_folds(y: np.ndarray, folds: int, n_grid: int) -> int:
@@ -133,4 +133,4 @@ def selector(clf: str, grid: list[float], *, folds: int = 3, preprocess: str = "
         model = Pipeline([("fuse", fusion_transformer(groups, preprocess)),
                           ("head", make_head(clf, solver, hidden, device))])
     return SelectedClassifier(model,
-                              param=REGULARIZER[canonical(clf)], grid=grid, folds=folds, random_state=random_state)
+                              param=get_classifier(clf).param, grid=grid, folds=folds, random_state=random_state)

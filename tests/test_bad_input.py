@@ -100,7 +100,7 @@ def cases(w: dict) -> list[tuple[list[str], int, str]]:
                                                  "tree or csv:"),
         ([*fit, "--pool", "maxx"], 2, "argument --pool: invalid choice: 'maxx'"),
         ([*fit, "--tap", "avgpol"], 2, "unknown tap 'avgpol' for resnet18; did you mean avgpool?"),
-        ([*fit, "--clf", "knn", "--grid", "2.5"], 2, "--grid for knn is k, a whole number of neighbours, not 2.5"),
+        ([*fit, "--clf", "knn", "--grid", "2.5"], 2, "--grid for knn is n_neighbors, a whole number, not 2.5"),
         (["fit", "--datset", "digits"], 2, "taps fit: error: unrecognized arguments: --datset digits; did you mean "
                                           "--dataset?"),
         (["extract", *data, *QUIET, "--image-size", "100000"], 2, "64 images of 100000x100000 px need about"),

@@ -220,7 +220,7 @@ def test_knn_records_the_k_it_used_and_refuses_fractions(tiny_flat, tmp_path, ca
     results = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
     assert results["chosen"]["n_neighbors"] == [15.0]  # 3 classes x 5 training images
     code, _, err = cli(capsys, "fit", *common, "--clf", "knn", "--grid", "2.5", "--out", tmp_path / "runs")
-    assert code == 2 and "--grid for knn is k, a whole number of neighbours, not 2.5" in err
+    assert code == 2 and "--grid for knn is n_neighbors, a whole number, not 2.5" in err
 
 
 def test_an_interval_that_touches_zero_never_prints_minus_zero():

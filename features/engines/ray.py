@@ -20,7 +20,7 @@ from ..backbones import Backbone, Tap
 from ..blocks import Block
 from ..datasets import BadImage, ImageSet
 from ..errors import UsageError
-from ..options import RunConfig
+from ..options import TORCH, RunConfig
 from ..turbojpeg import sample_pixels
 from . import Engine
 
@@ -115,7 +115,7 @@ class RayEngine(Engine):
         if not cfg.actors and cfg.gpus_per_worker:  # one actor per GPU slot
             n_actors = max(1, int(ray.cluster_resources().get("GPU", 0) // cfg.gpus_per_worker))
         export = None
-        if cfg.runtime != "torch":  # the checked export travels through the object store (nested: not fetched
+        if cfg.runtime != TORCH:  # the checked export travels through the object store (nested: not fetched
             from ..files import file_sha256  # by actors whose machine has the file already)
 
             export = (file_sha256(cfg.onnx_path), ray.put(Path(cfg.onnx_path).read_bytes()))
