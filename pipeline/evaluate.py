@@ -278,8 +278,8 @@ def _write_run(run_dir: Path, features: FeatureFile, settings: dict, ev: TapEval
                protocol: Protocol) -> dict:
     """Write a run's model, predictions, per-class table, confusion matrix and results.json; -> the results."""
     model = save_model(run_dir, ev.model)
-    varies = ("the CV folds only: the official split is the same for every seed" if protocol.kind == "official"
-              else "the train/test split and the CV folds")
+    varies = ("the train/test split and the CV folds" if protocol.record.random
+              else f"the CV folds only: the {protocol} split is the same for every seed")
     results = {
         "settings": settings,
         "features": features_record(features, ev.taps),

@@ -6,6 +6,10 @@
 - ``fraction:F``: a stratified random fraction F of the samples for training, the rest for testing.
 - ``auto``: ``official`` when the file has a train split and a test (or val) split, else ``fraction:0.5``.
 
+Each kind is one :class:`ProtocolKind` record (its syntax, how its value is read and written,
+what data it needs, how it splits), registered once; parsing, checking and splitting look the
+kind up instead of switching on its name.
+
 Byte-identical images (equal content digests in the feature file) are one group, and every
 protocol keeps a group on one side: the random protocols draw groups (each represented by its
 first member), and ``official`` drops from the test side the images whose bytes are also in
@@ -15,7 +19,7 @@ training. Without duplicates the splits are exactly those drawn sample by sample
 from __future__ import annotations
 
 import warnings
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,19 +28,138 @@ from sklearn.model_selection import train_test_split
 from features.errors import UsageError
 from features.files import digest
 
-KINDS = ("official", "per-class:N", "fraction:F", "auto")
+AUTO = "auto"
+OFFICIAL = "official"
+
+
+@dataclass(frozen=True)
+class ProtocolKind:
+    """One kind of protocol. ``value`` reads the text after ``name:`` (None when it is not valid);
+    ``check`` refuses data the protocol cannot split; ``split`` returns (train, test) indices among
+    the ``usable`` samples (``random``: drawn with ``rng``, so duplicate groups are drawn whole)."""
+
+    name: str
+    syntax: str
+    hint: str
+    value: Callable[[str], float | None]
+    text: Callable[[float], str]
+    check: Callable[..., None]
+    split: Callable[..., tuple[np.ndarray, np.ndarray]]
+    random: bool = True
+
+
+PROTOCOL_REGISTRY: dict[str, ProtocolKind] = {}
+
+
+def register_protocol(kind: ProtocolKind) -> ProtocolKind:
+    PROTOCOL_REGISTRY[kind.name] = kind
+    return kind
 
 
 @dataclass(frozen=True)
 class Protocol:
-    kind: str            # official | per-class | fraction
+    kind: str            # a registered ProtocolKind's name
     value: float = 0.0   # N or F
     test_per_class: int | None = None
 
+    @property
+    def record(self) -> ProtocolKind:
+        return PROTOCOL_REGISTRY[self.kind]
+
     def __str__(self) -> str:
-        base = {"official": "official", "per-class": f"per-class:{int(self.value)}",
-                "fraction": f"fraction:{self.value:g}"}[self.kind]
-        return base + (f" test-per-class:{self.test_per_class}" if self.test_per_class else "")
+        return self.record.text(self.value) + (f" test-per-class:{self.test_per_class}" if self.test_per_class else "")
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+# ------------------------------------------------------------------ official
+
+def _check_official(protocol: Protocol, counts: np.ndarray, classes: list[str], split: list[str] | None) -> None:
+    if split is None or not any(s == "train" for s in split):
+        raise UsageError("protocol official needs a dataset with a train split; use per-class:N or fraction:F")
+    if not any(s in ("test", "val") for s in split):
+        raise UsageError("protocol official needs a test or val split; use per-class:N or fraction:F")
+
+
+def _split_official(protocol: Protocol, labels: np.ndarray, split: list[str], usable: np.ndarray,
+                    rng: np.random.Generator, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    names = np.asarray(split)
+    train_names = ["train", "val"] if "test" in names else ["train"]
+    test_name = "test" if "test" in names else "val"
+    return np.flatnonzero(np.isin(names, train_names) & usable), np.flatnonzero((names == test_name) & usable)
+
+
+register_protocol(ProtocolKind(
+    OFFICIAL, OFFICIAL, "", value=lambda text: 0.0 if text == "" else None, text=lambda value: OFFICIAL,
+    check=_check_official, split=_split_official, random=False))
+
+
+# ------------------------------------------------------------------ per-class:N
+
+def _check_per_class(protocol: Protocol, counts: np.ndarray, classes: list[str], split: list[str] | None) -> None:
+    n = int(protocol.value)
+    short = [(classes[c], int(counts[c])) for c in np.flatnonzero(counts) if counts[c] <= n]
+    if short:
+        name, count = min(short, key=lambda t: t[1])
+        raise UsageError(f"protocol per-class:{n} needs more than {n} images in every class, but {name!r} has "
+                         f"{count} ({len(short)} classes too small); lower N")
+
+
+def _split_per_class(protocol: Protocol, labels: np.ndarray, split, usable: np.ndarray, rng: np.random.Generator,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+    n = int(protocol.value)
+    train_parts, test_parts = [], []
+    for c in np.unique(labels[usable]):
+        members = rng.permutation(np.flatnonzero((labels == c) & usable))
+        train_parts.append(members[:n])
+        test_parts.append(members[n:])
+    return np.concatenate(train_parts), np.concatenate(test_parts)
+
+
+register_protocol(ProtocolKind(
+    "per-class", "per-class:N", "per-class:N needs a whole N >= 1",
+    value=lambda text: v if (v := _number(text)) is not None and v == int(v) and v >= 1 else None,
+    text=lambda value: f"per-class:{int(value)}", check=_check_per_class, split=_split_per_class))
+
+
+# ------------------------------------------------------------------ fraction:F
+
+def _check_fraction(protocol: Protocol, counts: np.ndarray, classes: list[str], split: list[str] | None) -> None:
+    present = counts[counts > 0]
+    if present.min() < 2:
+        name = classes[int(np.flatnonzero(counts == present.min())[0])]
+        raise UsageError(f"protocol fraction needs at least 2 images per class, but {name!r} has 1")
+    n, k = int(counts.sum()), len(present)  # a stratified split puts every class on both sides
+    low, high = k / n, 1 - k / n
+    if not low <= protocol.value <= high:
+        raise UsageError(f"protocol fraction:{protocol.value:g} leaves {'training' if protocol.value < low else 'test'}"
+                         f" split smaller than the {k} classes ({n} images); use a fraction between "
+                         f"{low:.3f} and {high:.3f}")
+
+
+def _split_fraction(protocol: Protocol, labels: np.ndarray, split, usable: np.ndarray, rng: np.random.Generator,
+                    seed: int) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.flatnonzero(usable)
+    try:
+        train, test = train_test_split(idx, train_size=protocol.value, random_state=seed, stratify=labels[idx])
+    except ValueError as exc:  # e.g. a class whose images are all copies of one image
+        raise UsageError(f"protocol fraction:{protocol.value:g} cannot split these images ({exc}); use per-class:N "
+                         f"or another fraction") from None
+    return train, test
+
+
+register_protocol(ProtocolKind(
+    "fraction", "fraction:F", "fraction:F needs 0 < F < 1",
+    value=lambda text: v if (v := _number(text)) is not None and 0 < v < 1 else None,
+    text=lambda value: f"fraction:{value:g}", check=_check_fraction, split=_split_fraction))
+
+KINDS = (*(k.syntax for k in PROTOCOL_REGISTRY.values()), AUTO)
+FALLBACK = "fraction:0.5"  # what auto uses without an official split
 
 
 def parse_protocol(text: str, test_per_class: int | None = None,
@@ -46,54 +169,25 @@ def parse_protocol(text: str, test_per_class: int | None = None,
     they lack a train or a test side, e.g. a subset of the training split)."""
     if test_per_class is not None and test_per_class < 1:
         raise UsageError(f"--test-per-class must be at least 1, not {test_per_class}")
-    if text == "auto":
+    if text == AUTO:
         names = has_split if isinstance(has_split, bool) else set(has_split or ()) - {None, ""}
         usable = names if isinstance(names, bool) else "train" in names and bool(names & {"test", "val"})
         if not usable and names:
             warnings.warn(f"--protocol auto: the data's split has only {', '.join(sorted(names))} (no train and "
-                          f"test sides), so it uses fraction:0.5", stacklevel=2)
-        text = "official" if usable else "fraction:0.5"
-    if text == "official":
-        return Protocol("official", 0, test_per_class)
-    kind, _, value = text.partition(":")
-    try:
-        number = float(value)
-    except ValueError:
-        number = None
-    if kind == "per-class" and number is not None and number == int(number) and number >= 1:
-        return Protocol("per-class", int(number), test_per_class)
-    if kind == "fraction" and number is not None and 0 < number < 1:
-        return Protocol("fraction", number, test_per_class)
-    hint = {"per-class": "per-class:N needs a whole N >= 1", "fraction": "fraction:F needs 0 < F < 1"}.get(kind, "")
-    raise UsageError(f"bad protocol {text!r}{'; ' + hint if hint else ''}; valid: {', '.join(KINDS)}")
+                          f"test sides), so it uses {FALLBACK}", stacklevel=2)
+        text = OFFICIAL if usable else FALLBACK
+    name, _, value = text.partition(":")
+    kind = PROTOCOL_REGISTRY.get(name)
+    number = kind.value(value) if kind else None
+    if number is None:
+        hint = kind.hint if kind else ""
+        raise UsageError(f"bad protocol {text!r}{'; ' + hint if hint else ''}; valid: {', '.join(KINDS)}")
+    return Protocol(name, int(number) if number == int(number) and name != "fraction" else number, test_per_class)
 
 
 def check_protocol(protocol: Protocol, labels: np.ndarray, classes: list[str], split: list[str] | None) -> None:
     """Reject protocols the data cannot satisfy, naming the class or split at fault."""
-    if protocol.kind == "official":
-        if split is None or not any(s == "train" for s in split):
-            raise UsageError("protocol official needs a dataset with a train split; use per-class:N or fraction:F")
-        if not any(s in ("test", "val") for s in split):
-            raise UsageError("protocol official needs a test or val split; use per-class:N or fraction:F")
-    counts = np.bincount(labels, minlength=len(classes))
-    present = counts[counts > 0]
-    if protocol.kind == "per-class":
-        n = int(protocol.value)
-        short = [(classes[c], int(counts[c])) for c in np.flatnonzero(counts) if counts[c] <= n]
-        if short:
-            name, count = min(short, key=lambda t: t[1])
-            raise UsageError(f"protocol per-class:{n} needs more than {n} images in every class, but {name!r} has "
-                             f"{count} ({len(short)} classes too small); lower N")
-    if protocol.kind == "fraction" and present.min() < 2:
-        name = classes[int(np.flatnonzero(counts == present.min())[0])]
-        raise UsageError(f"protocol fraction needs at least 2 images per class, but {name!r} has 1")
-    if protocol.kind == "fraction":  # a stratified split puts every class on both sides
-        n, k = int(counts.sum()), len(present)
-        low, high = k / n, 1 - k / n
-        if not low <= protocol.value <= high:
-            raise UsageError(f"protocol fraction:{protocol.value:g} leaves {'training' if protocol.value < low else 'test'}"
-                             f" split smaller than the {k} classes ({n} images); use a fraction between "
-                             f"{low:.3f} and {high:.3f}")
+    protocol.record.check(protocol, np.bincount(labels, minlength=len(classes)), classes, split)
 
 
 def make_split(protocol: Protocol, labels: np.ndarray, split: list[str] | None, seed: int,
@@ -103,17 +197,14 @@ def make_split(protocol: Protocol, labels: np.ndarray, split: list[str] | None, 
     usable = np.ones(len(labels), bool) if usable is None else usable
     rng = np.random.default_rng(seed)
     first = None if groups is None or (groups == np.arange(len(labels))).all() else groups
-    if protocol.kind == "official":
-        names = np.asarray(split)
-        train_names = ["train", "val"] if "test" in names else ["train"]
-        test_name = "test" if "test" in names else "val"
-        train = np.flatnonzero(np.isin(names, train_names) & usable)
-        test = np.flatnonzero((names == test_name) & usable)
+    kind = protocol.record
+    if not kind.random:
+        train, test = kind.split(protocol, labels, split, usable, rng, seed)
         if first is not None:  # a test image whose bytes are in training is no test of generalisation
             test = test[~np.isin(first[test], first[train])]
     else:
         drawn = usable if first is None else usable & (first == np.arange(len(labels)))
-        train, test = _draw(protocol, labels, drawn, rng, seed)
+        train, test = kind.split(protocol, labels, split, drawn, rng, seed)
         if first is not None:  # every copy follows its group's first member
             train = np.flatnonzero(np.isin(first, train) & usable)
             test = np.flatnonzero(np.isin(first, test) & usable)
@@ -121,22 +212,6 @@ def make_split(protocol: Protocol, labels: np.ndarray, split: list[str] | None, 
         test = np.concatenate([rng.permutation(test[labels[test] == c])[:protocol.test_per_class]
                                for c in np.unique(labels[test])])
     return np.sort(train), np.sort(test)
-
-
-def _draw(protocol: Protocol, labels: np.ndarray, usable: np.ndarray, rng: np.random.Generator,
-          seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The random protocols' (train, test) draw among the ``usable`` samples."""
-    if protocol.kind == "per-class":
-        n = int(protocol.value)
-        train_parts, test_parts = [], []
-        for c in np.unique(labels[usable]):
-            members = rng.permutation(np.flatnonzero((labels == c) & usable))
-            train_parts.append(members[:n])
-            test_parts.append(members[n:])
-        return np.concatenate(train_parts), np.concatenate(test_parts)
-    idx = np.flatnonzero(usable)
-    train, test = train_test_split(idx, train_size=protocol.value, random_state=seed, stratify=labels[idx])
-    return train, test
 
 
 def duplicate_summary(groups: np.ndarray | None) -> dict:
