@@ -437,7 +437,8 @@ def _add_fit_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     else:
         g.add_argument("--clf", default=FitOptions.clf, choices=CLASSIFIERS,
                        help="softmax is an alias of logreg; knn is a weighted k-NN probe (default: %(default)s)")
-    g.add_argument("--preprocess", default="standard", help="standard, l2, none, pca:K, or a comma list (default: %(default)s)")
+    g.add_argument("--preprocess", default=FitOptions.preprocess,
+                   help="standard, l2, none, pca:K, or a comma list (default: %(default)s)")
     g.add_argument("--protocol", default="auto",
                    help="official, per-class:N, fraction:F or auto (official if the file has a split, else fraction:0.5)")
     g.add_argument("--test-per-class", type=int, help="cap on test images per class")

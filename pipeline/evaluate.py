@@ -26,7 +26,7 @@ from features.files import check_output_folder
 from features.store import FeatureFile
 
 from .fusion import AUTO, Groups, column_groups, tap_set
-from .heads import get_classifier, streaming_classifiers
+from .heads import DEFAULT_PREPROCESS, get_classifier, streaming_classifiers
 from .metrics import score_predictions, summarize
 from .options import FitOptions
 from .protocols import Protocol, check_protocol, duplicate_summary, make_split, split_digest
@@ -114,7 +114,7 @@ def _check_streaming(features: FeatureFile, key: str, options: FitOptions) -> bo
         raise TapsError(f"tap {key}: an in-memory {options.clf} fit of {int(features.valid.sum())} x {dim} needs about "
                         f"{need / 2 ** 20:.0f} MiB, over the budget of {budget / 2 ** 20:.0f} MiB; use {streaming} "
                         f"(streams from the HDF5 file) or raise --memory-budget")
-    if options.preprocess != "standard":
+    if options.preprocess != DEFAULT_PREPROCESS:
         raise TapsError(f"streaming fits (tap {key} is over the memory budget) standardize only; "
                         f"drop --preprocess {options.preprocess}")
     features.verify(key)

@@ -15,7 +15,7 @@ from sklearn.preprocessing import StandardScaler
 
 from features.errors import UsageError
 
-from .heads import make_preprocess
+from .heads import DEFAULT_PREPROCESS, make_preprocess
 
 AUTO = "auto"
 SEPARATOR = "+"
@@ -52,13 +52,13 @@ def column_groups(dims: dict[str, int]) -> Groups:
 def per_tap_steps(preprocess: str) -> list:
     """One tap's preprocessing in a fusion: standardisation first, then ``--preprocess``'s other steps
     (``l2`` to give every tap the same norm, ``pca:K`` to give every tap K dimensions)."""
-    steps = [s for s in make_preprocess(preprocess) if s[0] != "standard"]
+    steps = [s for s in make_preprocess(preprocess) if s[0] != DEFAULT_PREPROCESS]
     if not steps or steps[0][0] != "pca_standard":
-        steps.insert(0, ("standard", StandardScaler()))
+        steps.insert(0, (DEFAULT_PREPROCESS, StandardScaler()))
     return steps
 
 
-def fusion_transformer(groups: Groups, preprocess: str = "standard") -> ColumnTransformer:
+def fusion_transformer(groups: Groups, preprocess: str = DEFAULT_PREPROCESS) -> ColumnTransformer:
     """The fused matrix's preprocessing: each tap's columns through its own :func:`per_tap_steps`."""
     return ColumnTransformer([(tap, Pipeline(per_tap_steps(preprocess)), slice(lo, hi))
                               for tap, (lo, hi) in groups.items()])

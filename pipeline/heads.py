@@ -464,28 +464,48 @@ def make_head(clf: str, solver: str = "torch", hidden: int = 0, device: str = "a
     return get_classifier(clf).build(solver=solver, hidden=hidden, device=device)
 
 
+@dataclass(frozen=True)
+class Preprocess:
+    """One preprocessing step of ``--preprocess``: its name (``pca`` takes ``:K``), and the named
+    scikit-learn steps it adds (``argument`` is K for ``pca``, else None)."""
+
+    name: str
+    steps: Callable[[int | None], list[tuple[str, BaseEstimator]]]
+    takes_count: bool = False  # written NAME:K with a positive integer K
+
+
+PREPROCESS_REGISTRY: dict[str, Preprocess] = {}
+
+
+def register_preprocess(preprocess: Preprocess) -> Preprocess:
+    PREPROCESS_REGISTRY[preprocess.name] = preprocess
+    return preprocess
+
+
+DEFAULT_PREPROCESS = register_preprocess(Preprocess("standard", lambda _: [("standard", StandardScaler())])).name
+register_preprocess(Preprocess("l2", lambda _: [("l2", Normalizer())]))
+register_preprocess(Preprocess("none", lambda _: []))
+register_preprocess(Preprocess("pca", lambda k: [("pca_standard", StandardScaler()),
+                                                 ("pca", PCA(n_components=k, random_state=0))], takes_count=True))
+
+
 def make_preprocess(spec: str) -> list[tuple[str, BaseEstimator]]:
     """``standard`` (default), ``l2``, ``none``, ``pca:K``, or a comma list applied in order (``l2,standard``)."""
+    valid = ", ".join(f"{n}:K" if p.takes_count else n for n, p in PREPROCESS_REGISTRY.items())
     steps = []
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
-        if part == "standard":
-            steps.append(("standard", StandardScaler()))
-        elif part == "l2":
-            steps.append(("l2", Normalizer()))
-        elif part.startswith("pca:"):
-            try:
-                k = int(part[4:])
-            except ValueError:
-                k = 0
-            if k < 1:
-                raise UsageError(f"bad preprocessing {part!r}: use pca:K with a positive integer K")
-            steps += [("pca_standard", StandardScaler()), ("pca", PCA(n_components=k, random_state=0))]
-        elif part != "none":
-            raise UsageError(f"unknown preprocessing {part!r}; valid: standard, l2, none, pca:K (comma-separated)")
+        name, colon, argument = part.partition(":")
+        record = PREPROCESS_REGISTRY.get(name)
+        if record is None or bool(colon) != record.takes_count:
+            raise UsageError(f"unknown preprocessing {part!r}; valid: {valid} (comma-separated)")
+        count = int(argument) if record.takes_count and argument.isdigit() else 0
+        if record.takes_count and count < 1:
+            raise UsageError(f"bad preprocessing {part!r}: use {name}:K with a positive integer K")
+        steps += record.steps(count if record.takes_count else None)
     return steps
 
 
-def make_classifier(clf: str, preprocess: str = "standard", solver: str = "torch", hidden: int = 0,
+def make_classifier(clf: str, preprocess: str = DEFAULT_PREPROCESS, solver: str = "torch", hidden: int = 0,
                     device: str = "auto", **params) -> Pipeline:
     """Preprocessing steps followed by the head, as one Pipeline; ``params`` set on the head."""
     head = make_head(clf, solver, hidden, device).set_params(**params)

@@ -9,7 +9,7 @@ import numpy as np
 from features.errors import UsageError, choose
 from features.runtime import available_memory_bytes
 
-from .heads import DEFAULT_CLASSIFIER, get_classifier, make_preprocess
+from .heads import DEFAULT_CLASSIFIER, DEFAULT_PREPROCESS, get_classifier, make_preprocess
 
 SELECTORS = ("forward", "group-lasso")  # pipeline.tapselect's selectors
 
@@ -19,7 +19,7 @@ class FitOptions:
     """Everything that defines a fit besides the data; equal options + equal file = reusable run."""
 
     clf: str = DEFAULT_CLASSIFIER
-    preprocess: str = "standard"
+    preprocess: str = DEFAULT_PREPROCESS
     grid: list[float] | None = None
     folds: int = 3
     solver: str = "torch"
