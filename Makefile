@@ -20,7 +20,7 @@ EXTRA     ?=
 COMMON := --dataset $(DATASET) --data-root $(DATA_ROOT) --backbone $(BACKBONE) --weights $(WEIGHTS) \
           $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE))
 
-.PHONY: install weights demo extract fit compare bench test lint clean
+.PHONY: install weights demo extract fit compare bench test test-fast lint clean
 
 install: $(VENV)/.installed weights
 
@@ -52,8 +52,14 @@ BENCH_ARGS ?=
 bench: install
 	$(CLI) bench $(if $(wildcard $(DATA_ROOT)/caltech101),--data-root $(DATA_ROOT)) $(BENCH_ARGS)
 
+# The whole suite, with its 25 slowest tests listed (CI runs this).
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
+
+# The fast tier for a development loop: every test not marked slow (pyproject.toml's markers:
+# subprocess runs, replica processes, Ray, torch.compile, exported runtimes, the benchmark).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # ruff (pyflakes, import order, bugbear, pyupgrade, size limits) and the import-linter
 # contracts of the architecture (pyproject.toml); CI runs it before the tests.

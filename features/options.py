@@ -17,8 +17,8 @@ import torch
 
 from .errors import UsageError, choose
 from .pooling import DEFAULT_POOLING, POOLINGS
+from .runtime_records import RUNTIME_REGISTRY, TORCH, exported_runtimes
 
-TORCH = "torch"  # the runtime that runs the forward in this process with torch (the default)
 AUTO = "auto"    # an option this machine decides (features.options.ExtractOptions.resolve)
 
 # The valid values of each option, in the order help text lists them.
@@ -31,13 +31,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loader": ("auto", "inline", "workers", "replicas"),
     "compile": ("auto", "on", "off"),
     "decode": ("auto", "simplejpeg", "pil", "torchvision"),
-    "runtime": (TORCH, "onnxruntime", "openvino", AUTO),
+    "runtime": (*RUNTIME_REGISTRY, AUTO),
 }
 # The precisions a torch forward can run on each device type (what ``auto`` may adopt from a file).
 VALID_PRECISIONS: dict[str, tuple[str, ...]] = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16", "bf16"),
                                                 "mps": ("fp32", "fp16")}
 # The runtimes that run taps' ONNX export (features.runtimes) and the precisions each runs on the CPU.
-EXPORTED_RUNTIME_PRECISIONS: dict[str, tuple[str, ...]] = {"onnxruntime": ("fp32",), "openvino": ("fp32", "bf16")}
+EXPORTED_RUNTIME_PRECISIONS: dict[str, tuple[str, ...]] = {n: r.precisions for n, r in exported_runtimes().items()}
 # `--loader auto` runs replicas on CPU datasets at least this large: below it their start-up
 # (spawning processes, building and compiling one model each) outweighs what they save.
 REPLICAS_MIN_IMAGES = 20_000

@@ -1,5 +1,5 @@
 """``--runtime``: who runs the frozen forward on the CPU. ``torch`` runs the extractor itself;
-the exported runtimes (:data:`RUNTIMES`: ONNX Runtime, OpenVINO) run its ONNX export
+the exported runtimes (records in :mod:`features.runtime_records`: ONNX Runtime, OpenVINO) run its ONNX export
 (:mod:`features.export`); ``auto`` times them all on a calibration batch and keeps the fastest.
 
 On CPUs without bf16 kernels the torch forward, not the data path, limits extraction, and the
@@ -15,8 +15,6 @@ A backbone that does not export cleanly falls back to torch with one warning nam
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
 import json
 import os
 import time
@@ -40,8 +38,7 @@ from .export import (
     reference_outputs,
 )
 from .files import file_sha256
-from .forward import Forward, build_extractor
-from .options import EXPORTED_RUNTIME_PRECISIONS, TORCH
+from .runtime_records import AUTO, TORCH, exported_runtimes
 
 TOLERANCE = 1e-3
 
@@ -49,47 +46,10 @@ TOLERANCE = 1e-3
 Session = Callable[[np.ndarray], list[np.ndarray]]
 
 
-@dataclass(frozen=True)
-class ExportedRuntime:
-    """A runtime for the ONNX export: the package it needs, the extra that installs it, the
-    precisions it runs (:data:`features.options.EXPORTED_RUNTIME_PRECISIONS`) and how it opens a
-    session on a file with a number of threads."""
-
-    name: str
-    package: str
-    extra: str
-    open: Callable[[Path, list[str], str, int], Session]
-
-    @property
-    def precisions(self) -> tuple[str, ...]:
-        return EXPORTED_RUNTIME_PRECISIONS[self.name]
-
-    def version(self) -> str | None:
-        """The installed version, or None when it is not installed."""
-        try:
-            return importlib.metadata.version(self.package)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    def module(self):
-        try:
-            return importlib.import_module(self.package)
-        except ImportError:
-            raise UsageError(f"--runtime {self.name} needs {self.package}: pip install -e '.[{self.extra}]' "
-                             "(`make install` installs it)") from None
+RUNTIMES = exported_runtimes()  # the runtimes of the export, by name (features.runtime_records)
 
 
-RUNTIMES: dict[str, ExportedRuntime] = {}
-
-
-def register_runtime(runtime: ExportedRuntime) -> ExportedRuntime:
-    if runtime.name not in EXPORTED_RUNTIME_PRECISIONS:
-        raise ValueError(f"add {runtime.name!r} to features.options.EXPORTED_RUNTIME_PRECISIONS first")
-    RUNTIMES[runtime.name] = runtime
-    return runtime
-
-
-def _onnxruntime(path: Path, names: list[str], precision: str, threads: int) -> Session:
+def open_onnxruntime(path: Path, names: list[str], precision: str, threads: int) -> Session:
     ort = RUNTIMES["onnxruntime"].module()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -98,7 +58,7 @@ def _onnxruntime(path: Path, names: list[str], precision: str, threads: int) -> 
     return lambda x: session.run(names, {"pixels": x})
 
 
-def _openvino(path: Path, names: list[str], precision: str, threads: int) -> Session:
+def open_openvino(path: Path, names: list[str], precision: str, threads: int) -> Session:
     ov = RUNTIMES["openvino"].module()
     core = ov.Core()
     if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
@@ -130,8 +90,6 @@ def _openvino(path: Path, names: list[str], precision: str, threads: int) -> Ses
     return run
 
 
-register_runtime(ExportedRuntime("onnxruntime", "onnxruntime", "onnx", _onnxruntime))
-register_runtime(ExportedRuntime("openvino", "openvino", "openvino", _openvino))
 
 
 @dataclass
@@ -153,7 +111,7 @@ class ExportedForward:
 def load_exported(runtime: str, path: Path | str, names: list[str], precision: str = "fp32") -> ExportedForward:
     """``runtime``'s session on the export at ``path``, with as many threads as torch is given here
     (the cores this engine gives the model: all of them inline, one per replica)."""
-    return ExportedForward(RUNTIMES[runtime].open(Path(path), names, precision, torch.get_num_threads()), names,
+    return ExportedForward(RUNTIMES[runtime].open()(Path(path), names, precision, torch.get_num_threads()), names,
                            runtime, precision)
 
 
@@ -235,20 +193,19 @@ def _rate(forward, pixels: torch.Tensor, repeats: int = 3) -> float:
     return len(pixels) / sorted(times)[len(times) // 2]
 
 
-def resolve_runtime(backbone: Backbone, taps: list[Tap], cfg, recorded: str | None,
-                    torch_forward: Callable | None = None):
+def resolve_runtime(backbone: Backbone, taps: list[Tap], cfg, recorded: str | None, torch_forward: Callable):
     """The run config with its runtime decided. An exported runtime: its checked export (else
     torch, with a warning). ``auto``: the runtime the file's unfinished taps were started with;
     else torch and every installed exported runtime whose export checks out are timed on a
     calibration batch of ``cfg.batch_size`` images, each at the precision it would run, and the
     fastest is used; the rates are recorded beside the choice. ``torch_forward(cfg)`` builds
     torch's forward as the run would (compiled when the run compiles: on a bf16 CPU a compiled
-    torch can beat the exported runtimes, and eager timing would hide it); default: eager."""
-    if cfg.runtime == "auto" and recorded is not None:
+    torch can beat the exported runtimes, and eager timing would hide it)."""
+    if cfg.runtime == AUTO and recorded is not None:
         cfg = with_(cfg, runtime=recorded, precision=runtime_precision(recorded, cfg.precision))
     if cfg.runtime == TORCH:
         return cfg
-    if cfg.runtime != "auto":
+    if cfg.runtime != AUTO:
         path, why, _ = prepare_export(backbone, taps, cfg.pooling, cfg.runtime)
         if path is None:
             warnings.warn(f"--runtime {cfg.runtime}: {why}; extracting with torch", stacklevel=3)
@@ -256,9 +213,7 @@ def resolve_runtime(backbone: Backbone, taps: list[Tap], cfg, recorded: str | No
         return with_(cfg, onnx_path=str(path))
     pixels = calibration_batch(backbone.input_size, cfg.batch_size)
     names = [t.name for t in taps]
-    forward = (torch_forward(with_(cfg, runtime=TORCH)) if torch_forward else
-               Forward(build_extractor(backbone, taps, cfg.device, cfg.channels_last, cfg.pooling), cfg.device,
-                       cfg.precision, cfg.channels_last))
+    forward = torch_forward(with_(cfg, runtime=TORCH))
     rates = {TORCH: _rate(forward, pixels)}
     paths = {}
     for name in installed_runtimes():

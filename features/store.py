@@ -52,8 +52,8 @@ import numpy as np
 from .errors import TapsError
 from .files import check_free_space
 from .identity import FileIdentity
-from .options import TORCH
 from .pooling import DEFAULT_POOLING
+from .runtime_records import TORCH
 
 FORMAT = "taps-features"
 FORMAT_VERSION = 2

@@ -7,17 +7,17 @@ sees exactly what the classifier was trained on.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from features.backbones import Backbone, Tap
-from features.blocks import BlockSource
+from features.blocks import BlockSource, prepare_forward
 from features.datasets import FileImageSet
 from features.errors import TapsError, UsageError
 from features.files import file_sha256
-from features.forward import Forward, build_extractor
 from features.options import TORCH, RunConfig, resolve_device, resolve_precision
 from features.pooling import DEFAULT_POOLING
 from features.store import FeatureFile
@@ -102,15 +102,16 @@ def _tap(bb: Backbone, record: dict) -> Tap:
     return Tap(record["tap"], tap.node, tap.shape, tap.depth, tap.layout, tap.prefix)
 
 
-def _forward(bb: Backbone, taps: list[Tap], runtime: str, device, precision: str, pooling: str):
-    if runtime != TORCH:
-        from features.runtimes import load_exported, prepare_export
+def _forward(bb: Backbone, taps: list[Tap], cfg: RunConfig):
+    """The forward the extraction built, by the same function: the runtime's checked export, or torch."""
+    if cfg.runtime != TORCH:
+        from features.runtimes import prepare_export
 
-        path, why, _ = prepare_export(bb, taps, pooling, runtime)
+        path, why, _ = prepare_export(bb, taps, cfg.pooling, cfg.runtime)
         if path is None:
-            raise TapsError(f"this run's features came from {runtime}, which cannot be rebuilt here: {why}")
-        return load_exported(runtime, path, [t.name for t in taps], precision)
-    return Forward(build_extractor(bb, taps, device, channels_last=True, pooling=pooling), device, precision)
+            raise TapsError(f"this run's features came from {cfg.runtime}, which cannot be rebuilt here: {why}")
+        cfg = dataclasses.replace(cfg, onnx_path=str(path))
+    return prepare_forward(bb, taps, cfg, 0)
 
 
 def predict_images(run_dir: Path | str, images: list[str], device: str = "auto", batch_size: int = 32,
@@ -137,9 +138,10 @@ def predict_images(run_dir: Path | str, images: list[str], device: str = "auto",
     precision = f.get("precision") or resolve_precision("auto", dev)
     decode = f.get("decode", "pil")  # runs from before the decoder was recorded decoded with PIL
     cfg = RunConfig(pooling=pooling, device=dev, precision=precision, workers=0, channels_last=True,
-                    on_error="skip", draft=True, loader="inline", compile="off", decode=decode)
+                    on_error="skip", draft=True, loader="inline", compile="off", decode=decode,
+                    runtime=f.get("runtime", TORCH))
     # every tap the model reads, in one forward pass, by the runtime that made the training features
-    forward = _forward(bb, taps, f.get("runtime", TORCH), dev, precision, pooling)
+    forward = _forward(bb, taps, cfg)
     files = FileImageSet("predict", Path("/"), [Path(p).absolute() for p in images], ["?"], np.zeros(len(images)))
     source = BlockSource.of(files, bb.pixel_transform(), cfg)
     classes = results["classes"]

@@ -1,5 +1,7 @@
-"""Tiny synthetic datasets: a few small images per class, made fresh for each test session."""
+"""Tiny synthetic datasets (a few small images per class, made fresh for each test session) and the
+settings the tests share."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -63,3 +65,150 @@ def tiny_flat(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("flat")
     _make_images(root, per_class=10, seed=3)
     return root
+
+
+# How most tests extract: on the CPU in fp32 (bit-stable), decoding inline, no progress bar, small
+# blocks (several per tiny dataset, so resuming and checksums are exercised).
+CPU_RUN = {"device": "cpu", "precision": "fp32", "workers": 0, "progress": False, "batch_size": 4}
+# The same through the CLI: a tiny random-weights network, quietly on the CPU.
+TINY = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32"]
+QUIET = ["--no-progress", "--workers", "0", "--device", "cpu"]
+FUSED_TAPS = ["layer1", "layer2", "layer3", "avgpool"]  # split_features' taps (test_fusion.TAPS)
+
+
+@pytest.fixture(scope="session")
+def cpu_run():
+    """``cpu_run(**overrides)`` -> the shared extraction settings, as keyword arguments of ``extract``;
+    an override of None leaves that option at its default (a test then passes it itself)."""
+    return lambda **overrides: {k: v for k, v in {**CPU_RUN, **overrides}.items() if v is not None}
+
+
+@pytest.fixture()
+def csv_world(tmp_path, image_folder):
+    """Six images in two classes under ``tmp_path/images``, and their CSV rows (path,label)."""
+    image_folder(tmp_path / "images", classes=("a", "b"), per_class=3)
+    rows = [f"{c}/img_{i:03d}.jpg,{c}" for c in "ab" for i in range(3)]
+    return tmp_path, rows
+
+
+@pytest.fixture()
+def copies(tmp_path, image_folder):
+    """A folder with byte-identical images: one copied within its class, one across two classes."""
+    root = tmp_path / "copies"
+    image_folder(root, classes=("a", "b", "c"), per_class=8)
+    shutil.copy(root / "a" / "img_000.jpg", root / "a" / "copy_of_000.jpg")
+    shutil.copy(root / "a" / "img_001.jpg", root / "b" / "copy_of_a001.jpg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def torchvision_resnet18_file(tmp_path_factory):
+    """A torchvision resnet18 (seeded random weights) and its state dict as .pth and .safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    from features.backbones import Backbone
+
+    tv = Backbone("resnet18", weights="none", image_size=64)
+    state = tv.build().state_dict()
+    folder = tmp_path_factory.mktemp("weights")
+    torch.save(state, folder / "resnet18.pth")
+    save_file({k: v.contiguous() for k, v in state.items()}, folder / "resnet18.safetensors")
+    return tv, folder
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory, image_folder) -> Path:
+    """A folder dataset with every kind of odd or broken image."""
+    root = tmp_path_factory.mktemp("messy")
+    image_folder(root, classes=("good", "odd"), per_class=4)
+    odd = root / "odd"
+    rgb = np.random.default_rng(0).integers(0, 255, (30, 30, 3), dtype=np.uint8)
+    Image.fromarray(rgb).convert("CMYK").save(odd / "cmyk.jpg")
+    Image.fromarray(rgb).convert("P").save(odd / "palette.png")
+    Image.fromarray(np.dstack([rgb, np.full((30, 30), 128, np.uint8)])).save(odd / "rgba.png")
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(odd / "deep16.png")
+    Image.fromarray(rgb[..., 0]).save(odd / "grey.jpg")
+    Image.fromarray(rgb).save(odd / "anim.gif")
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "empty.jpg").write_bytes(b"")
+    whole = (root / "good" / "img_000.jpg").read_bytes()
+    (bad / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    (bad / "notes.jpg").write_text("this is not an image")
+    Image.new("RGB", (1100, 1000)).save(bad / "bomb.png")
+    (bad / "readme.txt").write_text("ignored: not an image extension")
+    return root
+
+
+@pytest.fixture(scope="module")
+def long_set(tmp_path_factory, image_folder) -> Path:
+    """360 small images: long enough for a run to be killed halfway."""
+    root = tmp_path_factory.mktemp("long")
+    image_folder(root, per_class=120, size=24, seed=5)
+    return root
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_flat, image_folder):
+    """A folder dataset with its features and a fitted run, CSV variants, and a set of broken images."""
+    from pipeline.cli import main
+
+    root = tmp_path_factory.mktemp("world")
+    fs, runs = root / "fs", root / "runs"
+    data = ["--dataset", f"folder:{tiny_flat}", *TINY, "--features-root", str(fs)]
+    assert main(["extract", *data, *QUIET]) == 0
+    assert main(["fit", *data, "--clf", "logreg", "--grid", "1", "--device", "cpu", "--protocol", "per-class:5",
+                 "--out", str(runs)]) == 0
+    run = next(runs.rglob("results.json")).parent
+    image_folder(root / "images", classes=("a", "b"), per_class=3)
+    rows = [f"{c}/img_{i:03d}.jpg,{c}" for c in "ab" for i in range(3)]
+    (root / "ok.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    (root / "bom.csv").write_bytes(b"\xef\xbb\xbf" + (root / "ok.csv").read_bytes())
+    (root / "short.csv").write_text("path,label\n" + rows[0] + "\n" + "b/img_000.jpg\n")
+    (root / "one.csv").write_text("path\n" + "\n".join(r.split(",")[0] for r in rows) + "\n")
+    (root / "swapped.csv").write_text("label,path\n" + "\n".join(",".join(reversed(r.split(","))) for r in rows))
+    broken = root / "broken"
+    for c in ("x", "y"):
+        (broken / c).mkdir(parents=True)
+        for i in range(3):
+            (broken / c / f"{i}.jpg").write_bytes(b"not a jpeg")
+    (root / "afile").write_text("")
+    (root / "twice.csv").write_text("path,label\n" + "\n".join(rows + rows[:1]) + "\n")
+    (root / "numbers.csv").write_text("path,label\n" + "\n".join(r.replace(",a", ",1").replace(",b", ",1.0")
+                                                                  for r in rows) + "\n")
+    (root / "nolabel.csv").write_text("path,label\n" + "\n".join(rows[:2] + [rows[2].split(",")[0] + ","]) + "\n")
+    (root / "latin.csv").write_bytes(("path,label\n" + "\n".join(rows[:4] + [r + "é" for r in rows[4:]]) + "\n")
+                                     .encode("latin-1"))
+    return {"root": root, "data": data, "fs": fs, "run": run, "image": str(next(tiny_flat.glob("circle/*.jpg")))}
+
+
+@pytest.fixture(scope="module")
+def tiny_features(tiny_flat, tmp_path_factory, cpu_run):
+    """resnet18 (random weights) layer1, layer2 and avgpool of the flat dataset: (images, file, root)."""
+    from features.backbones import Backbone
+    from features.datasets import load_dataset
+    from features.extract import extract
+    from features.store import FeatureFile
+
+    RUN = cpu_run(batch_size=8)
+    out = tmp_path_factory.mktemp("fs")
+    images = load_dataset(f"folder:{tiny_flat}")
+    report = extract(images, Backbone("resnet18", weights="none", image_size=32), ["layer1", "layer2", "avgpool"],
+                     out=out, **RUN)
+    return images, FeatureFile(report.path), out
+
+
+@pytest.fixture(scope="module")
+def split_features(tiny_folder, tmp_path_factory, cpu_run):
+    """resnet18 (random weights) taps of a dataset with an official train/val split."""
+    from features.backbones import Backbone
+    from features.datasets import load_dataset
+    from features.extract import extract
+    from features.store import FeatureFile
+
+    RUN = cpu_run(batch_size=8)
+    images = load_dataset(f"folder:{tiny_folder}")
+    report = extract(images, Backbone("resnet18", weights="none", image_size=32), FUSED_TAPS,
+                     out=tmp_path_factory.mktemp("fs"), **RUN)
+    return images, FeatureFile(report.path)

@@ -12,36 +12,6 @@ TINY = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32"]
 QUIET = ["--no-progress", "--workers", "0", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_flat, image_folder):
-    """A folder dataset with its features and a fitted run, CSV variants, and a set of broken images."""
-    root = tmp_path_factory.mktemp("world")
-    fs, runs = root / "fs", root / "runs"
-    data = ["--dataset", f"folder:{tiny_flat}", *TINY, "--features-root", str(fs)]
-    assert main(["extract", *data, *QUIET]) == 0
-    assert main(["fit", *data, "--clf", "logreg", "--grid", "1", "--device", "cpu", "--protocol", "per-class:5",
-                 "--out", str(runs)]) == 0
-    run = next(runs.rglob("results.json")).parent
-    image_folder(root / "images", classes=("a", "b"), per_class=3)
-    rows = [f"{c}/img_{i:03d}.jpg,{c}" for c in "ab" for i in range(3)]
-    (root / "ok.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
-    (root / "bom.csv").write_bytes(b"\xef\xbb\xbf" + (root / "ok.csv").read_bytes())
-    (root / "short.csv").write_text("path,label\n" + rows[0] + "\n" + "b/img_000.jpg\n")
-    (root / "one.csv").write_text("path\n" + "\n".join(r.split(",")[0] for r in rows) + "\n")
-    (root / "swapped.csv").write_text("label,path\n" + "\n".join(",".join(reversed(r.split(","))) for r in rows))
-    broken = root / "broken"
-    for c in ("x", "y"):
-        (broken / c).mkdir(parents=True)
-        for i in range(3):
-            (broken / c / f"{i}.jpg").write_bytes(b"not a jpeg")
-    (root / "afile").write_text("")
-    (root / "twice.csv").write_text("path,label\n" + "\n".join(rows + rows[:1]) + "\n")
-    (root / "numbers.csv").write_text("path,label\n" + "\n".join(r.replace(",a", ",1").replace(",b", ",1.0")
-                                                                  for r in rows) + "\n")
-    (root / "nolabel.csv").write_text("path,label\n" + "\n".join(rows[:2] + [rows[2].split(",")[0] + ","]) + "\n")
-    (root / "latin.csv").write_bytes(("path,label\n" + "\n".join(rows[:4] + [r + "é" for r in rows[4:]]) + "\n")
-                                     .encode("latin-1"))
-    return {"root": root, "data": data, "fs": fs, "run": run, "image": str(next(tiny_flat.glob("circle/*.jpg")))}
 
 
 def cases(w: dict) -> list[tuple[list[str], int, str]]:

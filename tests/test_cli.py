@@ -25,6 +25,7 @@ def test_extract_prints_the_feature_file_last(tiny_flat, tmp_path, capsys):
     assert "extracted layer1, avgpool for 30 samples" in out[1]
 
 
+@pytest.mark.slow
 def test_usage_errors_are_one_line_exit_2():
     for args, needle in ([["extract", "--dataset", "nope"], "unknown dataset 'nope'"],
                          [["extract", "--backbone", "resnet19"], "unknown backbone"],
@@ -41,6 +42,7 @@ def test_usage_errors_are_one_line_exit_2():
         assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_list_taps_shows_dimensions():
     proc = run("list", "taps", "resnet18")
     assert proc.returncode == 0
@@ -58,6 +60,7 @@ def test_every_subcommand_parses():
         assert parser.parse_args(argv).func.__name__ == f"cmd_{argv[0]}"
 
 
+@pytest.mark.slow
 def test_fit_without_features_names_the_extract_command(tmp_path):
     proc = run("fit", "--dataset", "digits", "--features-root", str(tmp_path))
     assert proc.returncode == 1 and "run `taps extract --dataset digits --backbone mobilenet_v2" in proc.stderr

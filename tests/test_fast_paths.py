@@ -22,8 +22,6 @@ from features.options import REPLICAS_MIN_IMAGES, resolve_loader
 from features.pooling import pool
 from features.store import FeatureFile
 
-RUN = dict(device="cpu", precision="fp32", progress=False, batch_size=4)
-
 
 @pytest.mark.parametrize("size", [(300, 240), (240, 300), (500, 375), (256, 256), (180, 90), (1023, 257), (224, 600)])
 def test_box_resize_matches_resize_then_crop(size, photo):
@@ -95,7 +93,8 @@ def test_padding_a_short_batch_keeps_its_rows():
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
-def test_inline_threads_and_worker_processes_write_identical_files(tiny_flat, tmp_path):
+def test_inline_threads_and_worker_processes_write_identical_files(tiny_flat, tmp_path, cpu_run):
+    RUN = cpu_run(workers=None)
     images = load_dataset(f"folder:{tiny_flat}")
     bb = Backbone("resnet18", weights="none", image_size=32)
     runs = [extract(images, bb, ["layer2", "avgpool"], out=tmp_path / name, loader=loader, workers=workers,
@@ -106,7 +105,9 @@ def test_inline_threads_and_worker_processes_write_identical_files(tiny_flat, tm
         assert all(np.array_equal(files[0].read(tap), f.read(tap)) for f in files[1:])
 
 
-def test_replicas_write_the_inline_values_and_resume_to_identical_rows(tiny_flat, tmp_path):
+@pytest.mark.slow
+def test_replicas_write_the_inline_values_and_resume_to_identical_rows(tiny_flat, tmp_path, cpu_run):
+    RUN = cpu_run(workers=None)
     images = load_dataset(f"folder:{tiny_flat}")  # 30 images in blocks of 4
     bb = Backbone("resnet18", weights="none", image_size=32)
     taps, run = ["layer2", "avgpool"], dict(compile="off", **RUN)
@@ -122,7 +123,8 @@ def test_replicas_write_the_inline_values_and_resume_to_identical_rows(tiny_flat
         assert np.array_equal(FeatureFile(whole.path).read(tap), FeatureFile(resumed.path).read(tap))
 
 
-def test_a_dataset_replicas_cannot_receive_is_a_usage_error(tiny_flat, tmp_path):
+def test_a_dataset_replicas_cannot_receive_is_a_usage_error(tiny_flat, tmp_path, cpu_run):
+    RUN = cpu_run(workers=None)
     images = load_dataset(f"folder:{tiny_flat}")
     images.reader = lambda path: path  # a local function does not pickle
     with pytest.raises(UsageError, match="cannot be sent to replica processes .* use --loader inline"):
@@ -130,7 +132,9 @@ def test_a_dataset_replicas_cannot_receive_is_a_usage_error(tiny_flat, tmp_path)
                 loader="replicas", workers=2, compile="off", **RUN)
 
 
-def test_compiled_extraction_matches_eager_and_reports_its_compile_time(tiny_flat, tmp_path):
+@pytest.mark.slow
+def test_compiled_extraction_matches_eager_and_reports_its_compile_time(tiny_flat, tmp_path, cpu_run):
+    RUN = cpu_run(workers=None)
     if forward.can_compile(torch.device("cpu")):
         pytest.fail(f"this machine should be able to compile: {forward.can_compile(torch.device('cpu'))}")
     images = load_dataset(f"folder:{tiny_flat}")  # 30 images in batches of 4: the last one is short
@@ -143,7 +147,8 @@ def test_compiled_extraction_matches_eager_and_reports_its_compile_time(tiny_fla
                                    rtol=1e-3, atol=1e-4)
 
 
-def test_a_failing_compile_falls_back_to_eager_with_a_warning(tiny_flat, tmp_path, monkeypatch):
+def test_a_failing_compile_falls_back_to_eager_with_a_warning(tiny_flat, tmp_path, monkeypatch, cpu_run):
+    RUN = cpu_run(workers=None)
     def broken(module, **options):  # what Inductor raises without a working toolchain
         raise RuntimeError("C++ compile error: cannot find Python.h\nlong log ...")
 
@@ -176,9 +181,10 @@ def test_compile_and_loader_choices(monkeypatch):
         resolve_loader("replicas", torch.device("cuda"), 10)
 
 
-def test_other_decoders_match_pil_and_keep_the_error_handling(tmp_path, image_folder):
+def test_other_decoders_match_pil_and_keep_the_error_handling(tmp_path, image_folder, cpu_run):
     """simplejpeg (the CPU default) and decode_jpeg + tensor resizing (the CUDA default, here
     on the CPU) against PIL's path."""
+    RUN = cpu_run(workers=None)
     image_folder(tmp_path / "data", per_class=4, size=90)
     Image.fromarray(np.full((70, 50, 3), 120, np.uint8)).save(tmp_path / "data" / "circle" / "flat.png")
     (tmp_path / "data" / "square" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 40)

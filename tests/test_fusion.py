@@ -7,9 +7,6 @@ import numpy as np
 import pytest
 from scipy.stats import multivariate_normal
 
-from features.backbones import Backbone
-from features.datasets import load_dataset
-from features.extract import extract
 from features.store import FeatureFile
 from pipeline.cli import main
 from pipeline.evaluate import evaluate_tap, fit_run
@@ -22,17 +19,9 @@ from pipeline.significance import bootstrap, mcnemar, paired_difference
 from pipeline.tapselect import group_lasso_ranking, select_taps
 from pipeline.transfer import logme, logme_parameters
 
-RUN = dict(device="cpu", precision="fp32", workers=0, progress=False, batch_size=8)
 TAPS = ["layer1", "layer2", "layer3", "avgpool"]
 
 
-@pytest.fixture(scope="module")
-def split_features(tiny_folder, tmp_path_factory):
-    """resnet18 (random weights) taps of a dataset with an official train/val split."""
-    images = load_dataset(f"folder:{tiny_folder}")
-    report = extract(images, Backbone("resnet18", weights="none", image_size=32), TAPS,
-                     out=tmp_path_factory.mktemp("fs"), **RUN)
-    return images, FeatureFile(report.path)
 
 
 def test_a_fused_fit_standardises_each_tap_and_equals_the_hand_concatenated_matrix(split_features, tmp_path):
@@ -172,6 +161,7 @@ def test_logme_is_the_maximised_log_evidence_and_ranks_informative_features_firs
     assert logme(wide, y40) == pytest.approx(np.mean(per_class), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_compare_fuse_marks_best_and_ties_and_writes_every_pair(tiny_folder, tmp_path, capsys):
     args = ["compare", "--dataset", f"folder:{tiny_folder}", "--backbone", "resnet18", "--weights", "none",
             "--image-size", "32", "--taps", "layer1,layer2,avgpool,layer1+avgpool", "--fuse", "--clf", "logreg,knn",

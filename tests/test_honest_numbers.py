@@ -35,14 +35,6 @@ def _csv(path, rows, header="path,label"):
     return path
 
 
-@pytest.fixture()
-def csv_world(tmp_path, image_folder):
-    """Six images in two classes, and a CSV of them."""
-    image_folder(tmp_path / "images", classes=("a", "b"), per_class=3)
-    rows = [f"{c}/img_{i:03d}.jpg,{c}" for c in "ab" for i in range(3)]
-    return tmp_path, rows
-
-
 def test_repeated_csv_rows_are_refused_or_kept_once(csv_world, capsys):
     root, rows = csv_world
     twice = _csv(root / "twice.csv", rows + rows[:2])
@@ -86,16 +78,6 @@ def test_a_csv_in_another_encoding_names_the_line_and_reads_with_encoding(csv_wo
     with pytest.raises(UsageError, match=r"is not utf-8-sig \(byte 0xe9 on line 5\); pass --encoding"):
         load_dataset(f"csv:{latin}")
     assert load_dataset(f"csv:{latin}", encoding="latin-1").classes == ["a", "bé"]
-
-
-@pytest.fixture()
-def copies(tmp_path, image_folder):
-    """A folder with byte-identical images: one copied within its class, one across two classes."""
-    root = tmp_path / "copies"
-    image_folder(root, classes=("a", "b", "c"), per_class=8)
-    shutil.copy(root / "a" / "img_000.jpg", root / "a" / "copy_of_000.jpg")
-    shutil.copy(root / "a" / "img_001.jpg", root / "b" / "copy_of_a001.jpg")
-    return root
 
 
 def test_byte_identical_images_stay_on_one_side_of_every_split(copies, tmp_path, capsys):
@@ -234,6 +216,7 @@ def test_an_interval_that_touches_zero_never_prints_minus_zero():
     assert "[-3.1, -0.04]" in format_table([row], 1)
 
 
+@pytest.mark.slow
 def test_output_into_a_closed_pipe_ends_quietly():
     taps = shutil.which("taps", path=os.path.dirname(sys.executable))
     proc = subprocess.Popen([taps, "list", "nodes", "vgg16"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)

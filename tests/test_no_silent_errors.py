@@ -25,7 +25,6 @@ from pipeline.predict import predict_images
 from pipeline.protocols import parse_protocol
 from pipeline.runs import load_model, load_results
 
-RUN = dict(device="cpu", precision="fp32", workers=0, progress=False, batch_size=4)
 TINY = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32"]
 FIT = ["--clf", "logreg", "--grid", "0.1,1", "--device", "cpu", "--protocol", "per-class:5"]
 
@@ -64,7 +63,8 @@ def test_fit_refuses_features_of_a_dataset_that_changed_and_names_the_command_th
     assert code == 1 and "was made from other contents of the dataset" in one_error_line(err)
 
 
-def test_every_preprocessing_has_its_own_file_and_messages_keep_whole_values(tiny_flat, tmp_path, capsys):
+def test_every_preprocessing_has_its_own_file_and_messages_keep_whole_values(tiny_flat, tmp_path, capsys, cpu_run):
+    RUN = cpu_run()
     preset, square = Backbone("resnet18", weights="none"), Backbone("resnet18", weights="none", image_size=224)
     assert preset.input_size == square.input_size == 224 and preset.transform_spec() != square.transform_spec()
     assert feature_path(tmp_path, "d", preset) != feature_path(tmp_path, "d", square)
@@ -84,7 +84,9 @@ def test_every_preprocessing_has_its_own_file_and_messages_keep_whole_values(tin
     assert code == 1 and "was made with transform resize=32 crop=32" in one_error_line(err)
 
 
-def test_each_comparison_setting_gets_its_own_folder_and_is_recorded(tiny_flat, tmp_path):
+@pytest.mark.slow
+def test_each_comparison_setting_gets_its_own_folder_and_is_recorded(tiny_flat, tmp_path, cpu_run):
+    RUN = cpu_run()
     images = load_dataset(f"folder:{tiny_flat}")
     options, protocol = FitOptions(clf="logreg", grid=[1.0], device="cpu"), parse_protocol("per-class:5")
     weights = tmp_path / "other.pth"
@@ -135,7 +137,8 @@ def test_predict_takes_a_local_weights_file_by_path_and_checks_its_sha256(tiny_f
 
 
 @pytest.mark.parametrize("decode", ["pil", "simplejpeg", "torchvision"])
-def test_predict_decodes_as_the_training_features_were_decoded(tiny_flat, tmp_path, decode):
+def test_predict_decodes_as_the_training_features_were_decoded(tiny_flat, tmp_path, decode, cpu_run):
+    RUN = cpu_run()
     images = load_dataset(f"folder:{tiny_flat}")
     bb = Backbone("resnet18", weights="none", image_size=32)
     features = FeatureFile(extract(images, bb, ["avgpool"], out=tmp_path, decode=decode, **RUN).path)
@@ -147,7 +150,8 @@ def test_predict_decodes_as_the_training_features_were_decoded(tiny_flat, tmp_pa
     assert np.allclose([p.confidence for p in preds], expected, rtol=0, atol=1e-6)
 
 
-def test_merged_shards_keep_every_tap_attribute(tiny_folder, tmp_path):
+def test_merged_shards_keep_every_tap_attribute(tiny_folder, tmp_path, cpu_run):
+    RUN = cpu_run()
     images = load_dataset(f"folder:{tiny_folder}")
     bb = Backbone("resnet18", weights="none", image_size=32)
     single = FeatureFile(extract(images, bb, ["layer1", "avgpool"], out=tmp_path / "one", decode="pil", **RUN).path)

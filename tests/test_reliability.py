@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
 from features.backbones import Backbone
 from features.datasets import folder_dataset, load_dataset
@@ -24,39 +23,17 @@ from features.extract import extract
 from features.options import resolve_device
 from features.store import FeatureFile, FeatureWriter
 
-RUN = dict(device="cpu", precision="fp32", workers=0, progress=False, batch_size=4)
-
 
 def tiny_resnet():
     return Backbone("resnet18", weights="none", image_size=32)
 
 
-@pytest.fixture(scope="module")
-def messy(tmp_path_factory, image_folder) -> Path:
-    """A folder dataset with every kind of odd or broken image."""
-    root = tmp_path_factory.mktemp("messy")
-    image_folder(root, classes=("good", "odd"), per_class=4)
-    odd = root / "odd"
-    rgb = np.random.default_rng(0).integers(0, 255, (30, 30, 3), dtype=np.uint8)
-    Image.fromarray(rgb).convert("CMYK").save(odd / "cmyk.jpg")
-    Image.fromarray(rgb).convert("P").save(odd / "palette.png")
-    Image.fromarray(np.dstack([rgb, np.full((30, 30), 128, np.uint8)])).save(odd / "rgba.png")
-    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(odd / "deep16.png")
-    Image.fromarray(rgb[..., 0]).save(odd / "grey.jpg")
-    Image.fromarray(rgb).save(odd / "anim.gif")
-    bad = root / "bad"
-    bad.mkdir()
-    (bad / "empty.jpg").write_bytes(b"")
-    whole = (root / "good" / "img_000.jpg").read_bytes()
-    (bad / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
-    (bad / "notes.jpg").write_text("this is not an image")
-    Image.new("RGB", (1100, 1000)).save(bad / "bomb.png")
-    (bad / "readme.txt").write_text("ignored: not an image extension")
-    return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", [{}, {"loader": "replicas", "workers": 2}], ids=["inline", "replicas"])
-def test_bad_images_are_skipped_with_reasons_and_odd_ones_converted(messy, tmp_path, loader):
+def test_bad_images_are_skipped_with_reasons_and_odd_ones_converted(messy, tmp_path, loader, cpu_run):
+    RUN = cpu_run()
     images = folder_dataset(messy, max_pixels=1_000_000)
     assert len(images) == 8 + 6 + 4  # the .txt file is not a sample
     report = extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, **{**RUN, **loader})
@@ -69,7 +46,8 @@ def test_bad_images_are_skipped_with_reasons_and_odd_ones_converted(messy, tmp_p
     assert np.abs(f.read("avgpool")[odd]).sum(axis=1).min() > 0
 
 
-def test_on_error_fail_stops_with_the_file_name(messy, tmp_path):
+def test_on_error_fail_stops_with_the_file_name(messy, tmp_path, cpu_run):
+    RUN = cpu_run()
     images = folder_dataset(messy, max_pixels=1_000_000)
     with pytest.raises(TapsError, match=r"cannot decode bad/\w+\.\w+"):
         extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, on_error="fail", **RUN)
@@ -130,13 +108,9 @@ def _alive(pids: set[int]) -> set[int]:
     return alive
 
 
-@pytest.fixture(scope="module")
-def long_set(tmp_path_factory, image_folder) -> Path:
-    root = tmp_path_factory.mktemp("long")
-    image_folder(root, per_class=120, size=24, seed=5)
-    return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("sig", "loader"), [(signal.SIGKILL, "inline"), (signal.SIGINT, "inline"),
                                              (signal.SIGKILL, "replicas"), (signal.SIGINT, "replicas")])
 def test_killed_extract_resumes_to_identical_arrays(long_set, tmp_path, sig, loader):
@@ -178,6 +152,7 @@ def test_killed_extract_resumes_to_identical_arrays(long_set, tmp_path, sig, loa
         assert np.array_equal(a.read(tap), b.read(tap))
 
 
+@pytest.mark.slow
 def test_a_dead_replica_stops_the_run_in_one_line_and_the_rerun_resumes(long_set, tmp_path):
     proc = subprocess.Popen(_extract_cmd(long_set, tmp_path, "replicas", slowed=True), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -195,7 +170,8 @@ def test_a_dead_replica_stops_the_run_in_one_line_and_the_rerun_resumes(long_set
     assert FeatureFile(resumed.stdout.strip().splitlines()[-1]).attrs["complete"]
 
 
-def test_second_writer_is_refused_while_the_first_holds_the_lock(tiny_flat, tmp_path):
+def test_second_writer_is_refused_while_the_first_holds_the_lock(tiny_flat, tmp_path, cpu_run):
+    RUN = cpu_run()
     images = load_dataset(f"folder:{tiny_flat}")
     path = tmp_path / "busy.h5"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from features.files import exclusive_lock\n"
@@ -211,7 +187,8 @@ def test_second_writer_is_refused_while_the_first_holds_the_lock(tiny_flat, tmp_
     assert extract(images, tiny_resnet(), ["avgpool"], path=path, **RUN).computed == ["avgpool"]
 
 
-def test_a_cut_short_file_is_refused_by_readers_and_repaired_by_extract(tiny_flat, tmp_path):
+def test_a_cut_short_file_is_refused_by_readers_and_repaired_by_extract(tiny_flat, tmp_path, cpu_run):
+    RUN = cpu_run()
     images = load_dataset(f"folder:{tiny_flat}")
     report = extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, **RUN)
     clean = FeatureFile(report.path).read("avgpool")
@@ -238,6 +215,7 @@ def _file_size_limit(limit: int):
     return apply
 
 
+@pytest.mark.slow
 def test_a_write_that_fails_mid_run_is_one_line_and_the_rerun_recomputes_what_did_not_reach_the_disk(
         long_set, tmp_path):
     """A real failed flush (the OS refuses the write), not a mocked one: HDF5's dirty cache must not
@@ -267,8 +245,9 @@ def test_a_write_that_fails_mid_run_is_one_line_and_the_rerun_recomputes_what_di
         assert np.array_equal(a.read(tap), b.read(tap))
 
 
-def test_disk_full_is_one_line_and_resume_equals_an_uninterrupted_run(tiny_flat, tmp_path, monkeypatch):
+def test_disk_full_is_one_line_and_resume_equals_an_uninterrupted_run(tiny_flat, tmp_path, monkeypatch, cpu_run):
     """ENOSPC at the third block's flush, with every later flush failing too until space is freed."""
+    RUN = cpu_run()
     images = load_dataset(f"folder:{tiny_flat}")
     clean = FeatureFile(extract(images, tiny_resnet(), ["layer1", "avgpool"], out=tmp_path / "clean", **RUN).path)
     real_flush, calls, full = h5py.File.flush, [], [True]
@@ -293,7 +272,9 @@ def test_disk_full_is_one_line_and_resume_equals_an_uninterrupted_run(tiny_flat,
         assert np.abs(X[resumed.valid]).sum(axis=1).min() > 0  # no zero row is marked valid
 
 
-def test_a_block_whose_data_did_not_reach_the_disk_is_refused_then_recomputed(tiny_flat, tmp_path):
+@pytest.mark.slow
+def test_a_block_whose_data_did_not_reach_the_disk_is_refused_then_recomputed(tiny_flat, tmp_path, cpu_run):
+    RUN = cpu_run()
     images = load_dataset(f"folder:{tiny_flat}")
     report = extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, **RUN)
     clean = FeatureFile(report.path).read("avgpool")
@@ -312,7 +293,8 @@ def test_a_block_whose_data_did_not_reach_the_disk_is_refused_then_recomputed(ti
     assert np.array_equal(FeatureFile(report.path).read("avgpool"), clean)
 
 
-def test_a_disk_too_small_for_the_new_taps_is_refused_before_any_work(tiny_flat, tmp_path, monkeypatch):
+def test_a_disk_too_small_for_the_new_taps_is_refused_before_any_work(tiny_flat, tmp_path, monkeypatch, cpu_run):
+    RUN = cpu_run()
     import shutil
 
     images = load_dataset(f"folder:{tiny_flat}")
@@ -340,7 +322,8 @@ def test_environment_errors_are_usage_errors(tmp_path, monkeypatch):
         load_dataset(f"folder:{tmp_path / 'empty'}")
 
 
-def test_nan_features_and_single_class_training_are_reported(tiny_flat, tmp_path):
+def test_nan_features_and_single_class_training_are_reported(tiny_flat, tmp_path, cpu_run):
+    RUN = cpu_run()
     from pipeline.evaluate import fit_run
     from pipeline.options import FitOptions
     from pipeline.protocols import parse_protocol
@@ -414,8 +397,9 @@ def test_interrupted_writes_always_end_in_the_clean_arrays(tmp_path_factory, n, 
     assert np.array_equal(f.read("t"), _rows(0, n, dim))
 
 
-def test_unwritable_output_is_a_usage_error(tiny_flat, tmp_path, monkeypatch):
+def test_unwritable_output_is_a_usage_error(tiny_flat, tmp_path, monkeypatch, cpu_run):
     """Root ignores file modes, so the refusal is simulated where the writer opens the file."""
+    RUN = cpu_run()
     images = load_dataset(f"folder:{tiny_flat}")
 
     def denied(self, *args, **kwargs):

@@ -22,7 +22,6 @@ from pipeline.predict import predict_images
 from pipeline.protocols import parse_protocol
 from pipeline.runs import load_model
 
-RUN = dict(device="cpu", workers=0, progress=False, batch_size=8)
 EXPORTED = ["onnxruntime", "openvino"]
 CASES = [("mobilenet_v2", "none", 32, ["block3", "block14", "pooled"], "avg"),
          ("resnet18", "none", 32, ["stem", "layer3", "avgpool"], "pyramid"),
@@ -35,6 +34,7 @@ CASES = [("mobilenet_v2", "none", 32, ["block3", "block14", "pooled"], "avg"),
          ("mobilenet_v2", "IMAGENET1K_V1", 64, ["block7", "pooled"], "avg")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runtime", EXPORTED)
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[1]}-{c[4]}" for c in CASES])
 def test_exported_extractor_equals_torch(case, runtime, tmp_path, monkeypatch):
@@ -56,6 +56,7 @@ def test_exported_extractor_equals_torch(case, runtime, tmp_path, monkeypatch):
     assert largest_difference(reference, got) < TOLERANCE
 
 
+@pytest.mark.slow
 def test_the_export_cache_is_reused_invalidated_and_never_trusted_when_damaged(tmp_path, monkeypatch):
     monkeypatch.setenv("TAPS_CACHE", str(tmp_path))
     bb = Backbone("resnet18", weights="none", image_size=32)
@@ -81,9 +82,11 @@ def test_the_export_cache_is_reused_invalidated_and_never_trusted_when_damaged(t
     assert out["avgpool"].shape == (8, 512)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runtime", EXPORTED)
 def test_extract_records_the_runtime_refuses_to_resume_with_another_and_predict_rebuilds_it(
-        runtime, tiny_flat, tmp_path, monkeypatch):
+        runtime, tiny_flat, tmp_path, monkeypatch, cpu_run):
+    RUN = cpu_run(batch_size=8, precision=None)
     monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
     images = load_dataset(f"folder:{tiny_flat}")
     bb = Backbone("resnet18", weights="none", image_size=32)
@@ -91,8 +94,8 @@ def test_extract_records_the_runtime_refuses_to_resume_with_another_and_predict_
                                    precision="fp32", **RUN).path)
     torch_file = FeatureFile(extract(images, bb, ["layer2", "avgpool"], out=tmp_path / "torch", precision="fp32",
                                      **RUN).path)
-    assert exported.taps["avgpool"].extra["runtime"] == runtime and exported.taps["avgpool"].precision == "fp32"
-    assert torch_file.taps["avgpool"].extra["runtime"] == "torch"
+    assert exported.taps["avgpool"].runtime == runtime and exported.taps["avgpool"].precision == "fp32"
+    assert torch_file.taps["avgpool"].runtime == "torch"
     for tap in ("layer2", "avgpool"):
         np.testing.assert_allclose(exported.read(tap), torch_file.read(tap), rtol=1e-4, atol=1e-5)
     # precision auto: the CPU's (bf16 where it has bf16 kernels) if the runtime runs it, else fp32
@@ -114,7 +117,8 @@ def test_extract_records_the_runtime_refuses_to_resume_with_another_and_predict_
     np.testing.assert_allclose([p.confidence for p in preds], expected_confidence, rtol=0, atol=1e-5)
 
 
-def test_a_backbone_that_does_not_export_falls_back_to_torch_with_one_warning(tiny_flat, tmp_path, monkeypatch):
+def test_a_backbone_that_does_not_export_falls_back_to_torch_with_one_warning(tiny_flat, tmp_path, monkeypatch, cpu_run):
+    RUN = cpu_run(batch_size=8, precision=None)
     monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
 
     def unsupported(*args, **kwargs):
@@ -126,11 +130,12 @@ def test_a_backbone_that_does_not_export_falls_back_to_torch_with_one_warning(ti
                                          "with torch"):
         report = extract(images, Backbone("resnet18", weights="none", image_size=32), ["avgpool"],
                          out=tmp_path / "fs", runtime="openvino", **RUN)
-    assert FeatureFile(report.path).taps["avgpool"].extra["runtime"] == "torch"
+    assert FeatureFile(report.path).taps["avgpool"].runtime == "torch"
     assert not list((tmp_path / "cache").rglob("*.tmp"))
 
 
-def test_auto_times_every_runtime_records_its_choice_and_a_resume_keeps_it(tiny_flat, tmp_path, monkeypatch):
+def test_auto_times_every_runtime_records_its_choice_and_a_resume_keeps_it(tiny_flat, tmp_path, monkeypatch, cpu_run):
+    RUN = cpu_run(batch_size=8, precision=None)
     monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
     images = load_dataset(f"folder:{tiny_flat}")
     bb = Backbone("resnet18", weights="none", image_size=32)
@@ -139,14 +144,14 @@ def test_auto_times_every_runtime_records_its_choice_and_a_resume_keeps_it(tiny_
              re.findall(r"(\w+) ([\d.]+) img/s \((\w+)\)", record.extra["runtime_rates"])}
     assert sorted(rates) == ["onnxruntime", "openvino", "torch"]
     chosen = max(rates, key=lambda name: rates[name][0])
-    assert record.extra["runtime"] == chosen and record.precision == rates[chosen][1]
+    assert record.runtime == chosen and record.precision == rates[chosen][1]
     cpu = resolve_precision("auto", torch.device("cpu"))
     assert rates["torch"][1] == cpu and rates["onnxruntime"][1] == "fp32" and rates["openvino"][1] == cpu
     # an unfinished tap started by one runtime is finished by it, whatever a new timing would say
     for runtime in ("onnxruntime", "torch"):
         extract(images, bb, ["layer1"], out=tmp_path / runtime, runtime=runtime, limit_batches=1, **RUN)
         resumed = extract(images, bb, ["layer1"], out=tmp_path / runtime, runtime="auto", **RUN)
-        assert FeatureFile(resumed.path).taps["layer1"].extra["runtime"] == runtime
+        assert FeatureFile(resumed.path).taps["layer1"].runtime == runtime
         assert FeatureFile(resumed.path).taps["layer1"].complete
 
 

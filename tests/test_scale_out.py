@@ -10,7 +10,6 @@ from features.extract import extract
 from features.shards import merge_shards
 from features.store import FeatureFile
 
-RUN = dict(device="cpu", precision="fp32", progress=False, batch_size=8)
 TAPS = ["layer2", "avgpool"]
 
 
@@ -27,7 +26,8 @@ def assert_same_file(a, b):
         np.testing.assert_allclose(fa.read(tap), fb.read(tap), rtol=1e-5, atol=1e-5)
 
 
-def test_three_shards_merged_equal_a_single_run(tiny_folder, tmp_path):
+def test_three_shards_merged_equal_a_single_run(tiny_folder, tmp_path, cpu_run):
+    RUN = cpu_run(batch_size=8, workers=None)
     images = load_dataset(f"folder:{tiny_folder}")
     single = extract(images, resnet(), TAPS, out=tmp_path / "single", workers=0, **RUN)
     shards = [extract(images, resnet(), TAPS, out=tmp_path / "sharded", shard=(i, 3), workers=0, **RUN).path
@@ -45,8 +45,11 @@ def test_three_shards_merged_equal_a_single_run(tiny_folder, tmp_path):
     assert again.path == merged and again.computed == []
 
 
+@pytest.mark.slow
 @pytest.mark.ray
-def test_ray_engine_writes_the_local_engines_file(tiny_folder, tmp_path):
+@pytest.mark.ray
+def test_ray_engine_writes_the_local_engines_file(tiny_folder, tmp_path, cpu_run):
+    RUN = cpu_run(batch_size=8, workers=None)
     pytest.importorskip("ray", reason="Ray is the optional extra taps[ray]")
     images = load_dataset(f"folder:{tiny_folder}")
     local = extract(images, resnet(), TAPS, out=tmp_path / "local", workers=0, **RUN)
@@ -54,18 +57,22 @@ def test_ray_engine_writes_the_local_engines_file(tiny_folder, tmp_path):
     assert_same_file(local.path, remote.path)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.ray
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
-def test_ray_actors_run_the_exported_runtime_of_a_local_run(runtime, tiny_folder, tmp_path, monkeypatch):
+def test_ray_actors_run_the_exported_runtime_of_a_local_run(runtime, tiny_folder, tmp_path, monkeypatch, cpu_run):
+    RUN = cpu_run(batch_size=8, workers=None)
     pytest.importorskip("ray", reason="Ray is the optional extra taps[ray]")
     monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
     images = load_dataset(f"folder:{tiny_folder}")
     local = extract(images, resnet(), TAPS, out=tmp_path / "local", workers=0, runtime=runtime, **RUN)
     remote = extract(images, resnet(), TAPS, out=tmp_path / "ray", workers=2, engine="ray", runtime=runtime, **RUN)
     assert_same_file(local.path, remote.path)
-    assert {FeatureFile(remote.path).taps[t].extra["runtime"] for t in TAPS} == {runtime}
+    assert {FeatureFile(remote.path).taps[t].runtime for t in TAPS} == {runtime}
 
 
+@pytest.mark.slow
 def test_streaming_linear_fit_matches_in_memory_fit(tmp_path):
     from sklearn.datasets import make_classification
 
@@ -108,7 +115,8 @@ def test_streaming_linear_fit_matches_in_memory_fit(tmp_path):
                 runs_root=tmp_path / "runs")
 
 
-def test_info_says_a_shard_is_a_shard(tiny_folder, tmp_path, capsys):
+def test_info_says_a_shard_is_a_shard(tiny_folder, tmp_path, capsys, cpu_run):
+    RUN = cpu_run(batch_size=8, workers=None)
     from pipeline.cli import main
 
     images = load_dataset(f"folder:{tiny_folder}")

@@ -12,8 +12,6 @@ from features.extract import extract
 from features.pooling import POOLINGS, pool, pooled_dim
 from features.store import FeatureFile
 
-RUN = dict(device="cpu", precision="fp32", workers=0, progress=False, batch_size=4)
-
 
 def resnet(size=32):
     return Backbone("resnet18", weights="none", image_size=size)
@@ -58,7 +56,8 @@ def test_pooling_dimensions(method):
         torch.testing.assert_close(pool_tap(x.permute(0, 2, 3, 1), method, "nhwc"), pool(x, method))
 
 
-def test_one_pass_writes_every_tap_with_listed_dims(tiny_folder, tmp_path):
+def test_one_pass_writes_every_tap_with_listed_dims(tiny_folder, tmp_path, cpu_run):
+    RUN = cpu_run()
     images = load_dataset(f"folder:{tiny_folder}")
     bb = resnet()
     report = extract(images, bb, ["layer2", "stem", "avgpool", "logits"], pooling="avgmax", out=tmp_path, **RUN)
@@ -73,8 +72,9 @@ def test_one_pass_writes_every_tap_with_listed_dims(tiny_folder, tmp_path):
     assert np.bincount(f.labels).tolist() == [9, 9, 9]
 
 
-def test_matches_a_direct_forward_pass(tiny_flat, tmp_path):
+def test_matches_a_direct_forward_pass(tiny_flat, tmp_path, cpu_run):
     """PIL decoding: the file holds what the model gives on the preset's PIL path."""
+    RUN = cpu_run()
     images = load_dataset(f"folder:{tiny_flat}")
     bb = resnet()
     report = extract(images, bb, ["logits"], out=tmp_path, decode="pil", **RUN)
@@ -84,9 +84,10 @@ def test_matches_a_direct_forward_pass(tiny_flat, tmp_path):
     np.testing.assert_allclose(FeatureFile(report.path).read("logits")[:3], direct, rtol=1e-4, atol=1e-4)
 
 
-def test_default_decoder_matches_the_presets_tensor_path(tiny_flat, tmp_path):
+def test_default_decoder_matches_the_presets_tensor_path(tiny_flat, tmp_path, cpu_run):
     """simplejpeg (the CPU default) against the preset on decoded uint8 tensors: the loader
     rounds its resized pixels to uint8, so logits agree to that rounding."""
+    RUN = cpu_run()
     from torchvision.transforms.functional import pil_to_tensor
 
     images = load_dataset(f"folder:{tiny_flat}")
@@ -99,8 +100,9 @@ def test_default_decoder_matches_the_presets_tensor_path(tiny_flat, tmp_path):
     assert np.abs(got - direct).max() < 0.01 * np.abs(direct).max()
 
 
-def test_a_run_resumes_only_with_the_decoder_it_started_with(tiny_flat, tmp_path):
+def test_a_run_resumes_only_with_the_decoder_it_started_with(tiny_flat, tmp_path, cpu_run):
     """Decoders differ at the rounding level: one tap's rows all come from one of them."""
+    RUN = cpu_run()
     images = load_dataset(f"folder:{tiny_flat}")
     part = extract(images, resnet(), ["avgpool"], out=tmp_path, limit_batches=2, decode="pil", **RUN)
     with h5py.File(part.path) as h5:
@@ -114,7 +116,8 @@ def test_a_run_resumes_only_with_the_decoder_it_started_with(tiny_flat, tmp_path
         extract(images, resnet(), ["avgpool"], out=tmp_path / "ray", engine="ray", decode="torchvision", **RUN)
 
 
-def test_interrupted_run_resumes_to_identical_arrays(tiny_flat, tmp_path):
+def test_interrupted_run_resumes_to_identical_arrays(tiny_flat, tmp_path, cpu_run):
+    RUN = cpu_run()
     images = load_dataset(f"folder:{tiny_flat}")
     clean = extract(images, resnet(), ["layer3", "avgpool"], out=tmp_path / "clean", **RUN)
     part = extract(images, resnet(), ["layer3", "avgpool"], out=tmp_path / "part", limit_batches=3, **RUN)
@@ -127,7 +130,8 @@ def test_interrupted_run_resumes_to_identical_arrays(tiny_flat, tmp_path):
         assert np.array_equal(a.read(tap), b.read(tap))
 
 
-def test_rerun_reuses_and_new_taps_are_added(tiny_flat, tmp_path):
+def test_rerun_reuses_and_new_taps_are_added(tiny_flat, tmp_path, cpu_run):
+    RUN = cpu_run()
     images = load_dataset(f"folder:{tiny_flat}")
     first = extract(images, resnet(), ["avgpool"], out=tmp_path, **RUN)
     again = extract(images, resnet(), ["avgpool"], out=tmp_path, **RUN)
@@ -138,7 +142,8 @@ def test_rerun_reuses_and_new_taps_are_added(tiny_flat, tmp_path):
     assert np.array_equal(FeatureFile(more.path).read("avgpool"), before)
 
 
-def test_mismatched_or_foreign_files_are_refused(tiny_flat, tmp_path):
+def test_mismatched_or_foreign_files_are_refused(tiny_flat, tmp_path, cpu_run):
+    RUN = cpu_run()
     images = load_dataset(f"folder:{tiny_flat}")
     path = tmp_path / "f.h5"
     extract(images, resnet(32), ["avgpool"], path=path, **RUN)
@@ -187,8 +192,9 @@ def test_a_registered_tap_scheme_names_a_familys_taps():
     assert Backbone("regnet_y_400mf", weights="none").scheme.name == "generic"
 
 
-def test_version_1_files_are_read_and_resumed_as_before(tiny_flat, tmp_path):
+def test_version_1_files_are_read_and_resumed_as_before(tiny_flat, tmp_path, cpu_run):
     """Files from before format_version 2 have no block checksums and may lack the decoder attribute."""
+    RUN = cpu_run()
     images = load_dataset(f"folder:{tiny_flat}")
     part = extract(images, resnet(), ["avgpool"], out=tmp_path, limit_batches=2, decode="pil", **RUN)
     with h5py.File(part.path, "r+") as h5:  # as version 1 wrote it

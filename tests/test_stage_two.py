@@ -8,9 +8,7 @@ import pytest
 from features.backbones import Backbone
 from features.datasets import load_dataset
 from features.errors import UsageError
-from features.extract import extract
 from features.options import ExtractOptions
-from features.store import FeatureFile
 from pipeline.compare import compare_taps
 from pipeline.evaluate import fit_run
 from pipeline.options import FitOptions
@@ -18,8 +16,6 @@ from pipeline.predict import predict_images
 from pipeline.protocols import check_protocol, make_split, parse_protocol
 from pipeline.report import format_table
 from pipeline.runs import load_results
-
-RUN = dict(device="cpu", precision="fp32", workers=0, progress=False, batch_size=8)
 
 
 def test_per_class_splits_are_disjoint_seed_stable_and_counted():
@@ -57,13 +53,6 @@ def test_infeasible_protocols_name_the_class():
         check_protocol(parse_protocol("official"), labels, ["a", "b"], None)
 
 
-@pytest.fixture(scope="module")
-def tiny_features(tiny_flat, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fs")
-    images = load_dataset(f"folder:{tiny_flat}")
-    report = extract(images, Backbone("resnet18", weights="none", image_size=32), ["layer1", "layer2", "avgpool"],
-                     out=out, **RUN)
-    return images, FeatureFile(report.path), out
 
 
 @pytest.mark.parametrize("clf", ["svm", "logreg", "linear"])
@@ -102,7 +91,8 @@ def test_predict_returns_training_labels_and_refuses_tampered_models(tiny_featur
     assert results["model"]["sha256"] != ""
 
 
-def test_compare_gives_one_row_per_tap_with_identical_splits(tiny_features, tmp_path):
+def test_compare_gives_one_row_per_tap_with_identical_splits(tiny_features, tmp_path, cpu_run):
+    RUN = cpu_run(batch_size=8)
     images, _, out = tiny_features
     bb = Backbone("resnet18", weights="none", image_size=32)
     folder, rows = compare_taps(images, [bb], ["stem", "layer1", "layer2", "avgpool"],
@@ -122,7 +112,8 @@ def test_compare_gives_one_row_per_tap_with_identical_splits(tiny_features, tmp_
     assert "±" in format_table(rows, 2) and "±" not in format_table(rows, 1)  # no spread shown for one seed
 
 
-def test_compare_checks_protocol_seeds_and_every_backbones_taps_before_extracting(tiny_flat, tmp_path):
+def test_compare_checks_protocol_seeds_and_every_backbones_taps_before_extracting(tiny_flat, tmp_path, cpu_run):
+    RUN = cpu_run(batch_size=8)
     images = load_dataset(f"folder:{tiny_flat}")
     resnet = Backbone("resnet18", weights="none", image_size=32)
     mobilenet = Backbone("mobilenet_v2", weights="none", image_size=32)

@@ -16,19 +16,6 @@ from features.forward import build_extractor
 from pipeline.cli import main
 
 
-@pytest.fixture(scope="module")
-def torchvision_resnet18_file(tmp_path_factory):
-    """A torchvision resnet18 (seeded random weights) and its state dict as .pth and .safetensors."""
-    from safetensors.torch import save_file
-
-    tv = Backbone("resnet18", weights="none", image_size=64)
-    state = tv.build().state_dict()
-    folder = tmp_path_factory.mktemp("weights")
-    torch.save(state, folder / "resnet18.pth")
-    save_file({k: v.contiguous() for k, v in state.items()}, folder / "resnet18.safetensors")
-    return tv, folder
-
-
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_timm_resnet18_with_torchvision_weights_gives_torchvision_embeddings(torchvision_resnet18_file, suffix):
     tv, folder = torchvision_resnet18_file
@@ -76,6 +63,7 @@ def test_unknown_timm_names_and_unfit_weights_are_one_line(torchvision_resnet18_
         Backbone("timm:resnet34", weights=str(folder / "resnet18.pth")).build()
 
 
+@pytest.mark.slow
 def test_pretrained_timm_weights_offline_are_one_line_naming_the_fix(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     proc = subprocess.run([sys.executable, "-m", "pipeline", "extract", "--backbone", "timm:resnet18",
@@ -84,6 +72,7 @@ def test_pretrained_timm_weights_offline_are_one_line_naming_the_fix(tmp_path):
     assert "weights timm:resnet18." in proc.stderr and "pass --weights FILE (.safetensors or .pth)" in proc.stderr
 
 
+@pytest.mark.slow
 def test_without_a_network_missing_timm_weights_fail_at_once_without_retries(tmp_path):
     """No HF_HUB_OFFLINE: the hub (here an address that refuses connections) is probed once, briefly,
     instead of a minute of retries and their messages."""
@@ -95,6 +84,7 @@ def test_without_a_network_missing_timm_weights_fail_at_once_without_retries(tmp
     assert "(the hub cannot be reached from here)" in proc.stderr
 
 
+@pytest.mark.slow
 def test_compare_predict_across_a_torchvision_and_a_timm_backbone(tiny_flat, tmp_path, capsys):
     common = ["--dataset", f"folder:{tiny_flat}", "--weights", "none", "--image-size", "32",
               "--features-root", str(tmp_path / "fs")]
@@ -127,6 +117,7 @@ def _raw_outputs(model, modules: dict[str, torch.nn.Module], x: torch.Tensor) ->
     return seen
 
 
+@pytest.mark.slow
 def test_vit_blocks_from_one_pass_equal_separate_passes_and_hand_pooled_tokens():
     from features.pooling import POOLINGS
 
@@ -168,6 +159,7 @@ def test_torchvision_transformers_pool_over_the_right_axes():
     assert "block11" in [t.name for t in vit.resolve_taps(["all"])]
 
 
+@pytest.mark.slow
 def test_timm_shards_and_replica_workers_write_a_single_runs_file(tiny_folder, tmp_path):
     import numpy as np
 
@@ -198,6 +190,7 @@ def test_image_size_builds_a_timm_transformer_for_that_size():
     assert out["block3"].shape == (1, vit.dim("block3", "pyramid")) == (1, 5 * 192)
 
 
+@pytest.mark.slow
 def test_timm_swin_stages_are_channels_last_and_pooled_over_their_grid():
     swin = Backbone("timm:swin_tiny_patch4_window7_224", weights="none")
     tap = swin.tap("stage4")

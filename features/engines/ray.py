@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backbones import Backbone, Tap
-from ..blocks import Block
+from ..blocks import Block, prepare_forward
 from ..datasets import BadImage, ImageSet
 from ..errors import UsageError
 from ..options import TORCH, RunConfig
@@ -44,9 +44,10 @@ class _Embed:
     this machine has it intact, else its bytes from the object store (``export``: sha256, ref)."""
 
     def __init__(self, backbone_args: tuple, taps: list[Tap], cfg: RunConfig, export: tuple | None = None):
+        import dataclasses
+
         import torch
 
-        from ..forward import Forward, build_extractor
         from ..runtime import keep_freed_memory
 
         self._memory = keep_freed_memory()  # for the actor's lifetime, as extract() does for a local run
@@ -55,17 +56,16 @@ class _Embed:
         if export is not None:
             import ray
 
-            from ..runtimes import load_exported, local_export
+            from ..runtimes import local_export
 
             sha256, ref = export
-            path = local_export(cfg.onnx_path, sha256, lambda: ray.get(ref))
-            self.forward = load_exported(cfg.runtime, path, [t.name for t in taps], cfg.precision)
-            return
-        # The driver's device (a GPU when actors are given GPUs) and the precision it records in the file.
+            cfg = dataclasses.replace(cfg, onnx_path=str(local_export(cfg.onnx_path, sha256, lambda: ray.get(ref))))
+        # The driver's device (a GPU when actors are given GPUs) and the precision it records in the file;
+        # eager: an actor's share of a run is too short to repay compiling.
         device = torch.device("cuda" if cfg.gpus_per_worker else cfg.device.type)
         name, weights, image_size = backbone_args
-        self.forward = Forward(build_extractor(Backbone(name, weights, image_size), taps, device, cfg.channels_last,
-                                               cfg.pooling), device, cfg.precision, cfg.channels_last)
+        self.forward = prepare_forward(Backbone(name, weights, image_size), taps,
+                                       dataclasses.replace(cfg, device=device, compile="off"), 0)
 
     def __call__(self, batch: dict) -> dict:
         import torch
