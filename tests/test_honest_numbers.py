@@ -247,3 +247,21 @@ def test_fingerprint_versions_differ_only_in_what_stands_for_content(tiny_flat):
     assert len(set(prints.values())) == 3 and images.fingerprint() == prints[2]
     with pytest.raises(TapsError, match="fingerprint version 9 is newer than this taps knows"):
         images.fingerprint(9)
+
+
+def test_seeds_over_an_official_split_say_what_varies(tiny_folder, tmp_path, capsys):
+    common = ["--dataset", f"folder:{tiny_folder}", *TINY, "--features-root", tmp_path / "fs"]
+    assert cli(capsys, "extract", *common, *QUIET)[0] == 0
+    code, out, _ = cli(capsys, "fit", *common, "--clf", "logreg", "--grid", "0.1,1", "--device", "cpu",
+                       "--seeds", "2", "--out", tmp_path / "runs")
+    assert code == 0 and "note: ± over 2 seeds varies the CV folds only: the official split is the same" in out
+    results = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
+    assert results["seeds_vary"].startswith("the CV folds only")
+    assert len({s["test_digest"] for s in results["per_seed"]}) == 1  # the same test rows for every seed
+
+
+def test_tap_lists_sort_numbers_as_numbers():
+    from features.store import natural_key
+
+    assert sorted(["block10", "block2", "pooled", "block1", "block0"], key=natural_key) == \
+        ["block0", "block1", "block2", "block10", "pooled"]
