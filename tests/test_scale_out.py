@@ -22,6 +22,8 @@ def assert_same_file(a, b):
     assert fa.ids == fb.ids and np.array_equal(fa.labels, fb.labels) and fa.split == fb.split
     assert fa.attrs["dataset_fingerprint"] == fb.attrs["dataset_fingerprint"] and fb.attrs["complete"]
     assert np.array_equal(fa.valid, fb.valid) and fa.errors == fb.errors
+    assert fa.content == fb.content and fa.content is not None  # every sample's digest, in sample order
+    assert fa.attrs["fingerprint_version"] == fb.attrs["fingerprint_version"]
     for tap in TAPS:
         np.testing.assert_allclose(fa.read(tap), fb.read(tap), rtol=1e-5, atol=1e-5)
 
@@ -47,7 +49,6 @@ def test_three_shards_merged_equal_a_single_run(tiny_folder, tmp_path, cpu_run):
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.ray
 def test_ray_engine_writes_the_local_engines_file(tiny_folder, tmp_path, cpu_run):
     RUN = cpu_run(batch_size=8, workers=None)
     pytest.importorskip("ray", reason="Ray is the optional extra taps[ray]")
@@ -58,7 +59,6 @@ def test_ray_engine_writes_the_local_engines_file(tiny_folder, tmp_path, cpu_run
 
 
 @pytest.mark.slow
-@pytest.mark.ray
 @pytest.mark.ray
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
 def test_ray_actors_run_the_exported_runtime_of_a_local_run(runtime, tiny_folder, tmp_path, monkeypatch, cpu_run):
