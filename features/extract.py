@@ -81,7 +81,8 @@ def _adopt_recorded(cfg: RunConfig, options: ExtractOptions, existing: FeatureFi
     adopted = {}
     for name, valid in (("precision", VALID_PRECISIONS[cfg.device.type]), ("decode", CHOICES["decode"])):
         recorded = {getattr(t, name) for t in existing.taps.values()}
-        if getattr(options, name) == "auto" and len(recorded) == 1 and (value := recorded.pop()) in valid:
+        if getattr(options, name) == "auto" and len(recorded) == 1 and (value := recorded.pop()) in valid \
+                and not (value == "torchvision" and options.engine == "ray"):  # Ray decodes in CPU tasks
             adopted[name] = value
     if cfg.runtime != TORCH and adopted.get("precision", cfg.precision) not in \
             EXPORTED_RUNTIME_PRECISIONS.get(cfg.runtime, (adopted.get("precision", cfg.precision),)):
@@ -171,7 +172,7 @@ def check_batch_fits(image_size: int, batch_size: int, device) -> None:
     """Refuse, before anything is allocated, a batch whose images alone cannot fit in this machine's
     free memory (``--image-size 100000`` asks for terabytes), naming sizes that would."""
     if getattr(device, "type", "cpu") != "cpu":
-        return  # the device's own allocator says so at the first batch, in one line
+        return  # an accelerator's free memory is not this machine's; its allocator decides
     need, free = BYTES_PER_PIXEL * image_size ** 2 * batch_size, available_memory_bytes()
     if need <= free:
         return

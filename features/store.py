@@ -294,15 +294,16 @@ class FeatureWriter:
     def _check_tap(self, key: str, attrs: dict) -> None:
         """Refuse to resume or reuse a tap made with other settings than this run's: a file whose taps
         were made two ways would be fused, compared and reported as if they were one."""
-        recorded = TapRecord.read(key, _plain(self.h5["taps"][key].attrs)).settings()
+        ds = self.h5["taps"][key]
+        recorded = TapRecord.read(key, _plain(ds.attrs)).settings()
         # Files from before a setting was recorded are checked without it; measurements differ per run.
-        differ = [name for name in CHECKED_SETTINGS if name in attrs and name in self.h5["taps"][key].attrs
+        differ = [name for name in CHECKED_SETTINGS if name in attrs and name in ds.attrs
                   and str(recorded[name]) != str(attrs[name])]
         if differ:
-            raise TapsError(f"tap {key} in {self.path} was {'started' if not self.h5['taps'][key].attrs['complete'] else 'made'} "
-                            f"with {_settings_text(recorded, differ)}, but this run resolves to "
-                            f"{_settings_text(attrs, differ)}; rerun with {_flags_text(recorded, differ)} to use it, "
-                            f"or pass --force to rebuild the file")
+            state = "made" if ds.attrs["complete"] else "started"
+            raise TapsError(f"tap {key} in {self.path} was {state} with {_settings_text(recorded, differ)}, but this "
+                            f"run resolves to {_settings_text(attrs, differ)}; rerun with "
+                            f"{_flags_text(recorded, differ)} to use it, or pass --force to rebuild the file")
 
     def _recover(self, key: str) -> None:
         try:
