@@ -218,7 +218,8 @@ def _fill(writer: FeatureWriter, job: _Job, report: ExtractionReport) -> None:
     start -= start % cfg.batch_size
     name = "ray" if job.options.engine == "ray" else cfg.loader
     bar = tqdm(total=len(job.images), initial=start, unit="img", dynamic_ncols=True, file=sys.stderr,
-               desc=f"{job.backbone.name} {','.join(t.name for t in todo)}", disable=not job.options.progress)
+               desc=f"{job.backbone.name} {','.join(t.name for t in todo)}",
+               disable=None if job.options.progress else True)  # None: only on a terminal, not in a log file
     t0 = time.perf_counter()
     try:
         with engine_class(name)(job.images, job.backbone, todo, cfg) as engine, \

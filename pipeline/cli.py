@@ -587,6 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
     for command in sub.choices.values():  # also after the command name
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the traceback of an unexpected error")
+        if not any("--no-progress" in action.option_strings for action in command._actions):
+            # accepted everywhere, so a script can pass it to every command; these show no bar
+            command.add_argument("--no-progress", dest="progress", action="store_false", help=argparse.SUPPRESS)
     parser.set_defaults(commands=sub.choices)
     return parser
 

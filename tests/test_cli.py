@@ -93,3 +93,17 @@ def test_an_unexpected_error_is_one_line_naming_debug(monkeypatch, capsys):
                    "for the traceback\n")
     with pytest.raises(RuntimeError, match="nobody planned"):
         main(["extract", "--weights", "none", "--debug"])
+
+
+def test_every_command_accepts_no_progress_and_bars_stay_out_of_logs(tiny_flat, tmp_path, capsys):
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["fit"], ["info", "f.h5"], ["list", "datasets"], ["merge", "a.h5"], ["predict", "--run", "r", "a"],
+                 ["bench"], ["extract"], ["compare"]):
+        assert parser.parse_args([*argv, "--no-progress"]).progress is False
+    # progress left on, but stderr is not a terminal (a log file, a pipe): no bar, no carriage returns
+    assert main(["extract", "--dataset", f"folder:{tiny_flat}", "--backbone", "resnet18", "--weights", "none",
+                 "--image-size", "32", "--workers", "0", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "img/s]" not in err
