@@ -265,3 +265,14 @@ def test_tap_lists_sort_numbers_as_numbers():
 
     assert sorted(["block10", "block2", "pooled", "block1", "block0"], key=natural_key) == \
         ["block0", "block1", "block2", "block10", "pooled"]
+
+
+def test_a_folder_linking_one_file_twice_is_refused_or_kept_once(tmp_path, image_folder):
+    root = tmp_path / "linked"
+    image_folder(root, classes=("a", "b"), per_class=3)
+    (root / "b" / "same_as_a0.jpg").symlink_to(root / "a" / "img_000.jpg")
+    with pytest.raises(UsageError, match=r"links 1 image file\(s\) more than once .*a/img_000\.jpg, b/same_as_a0\.jpg"):
+        load_dataset(f"folder:{root}")
+    with pytest.warns(UserWarning, match="kept the first of 2 occurrences"):
+        images = load_dataset(f"folder:{root}", duplicates="first")
+    assert len(images) == 6 and "b/same_as_a0.jpg" not in images.ids
