@@ -356,8 +356,8 @@ def result_notes(results: dict, seeds: int) -> list[str]:
         notes.append(f"note: {dup['groups']} group(s) of byte-identical images ({dup['images']} images) in the file, "
                      f"each kept on one side of every split")
     elif dup and not dup.get("checked"):
-        notes.append("note: duplicate images were not checked (the file has no content digests; re-extract with "
-                     "--force to record them)")
+        notes.append("note: duplicate images were not checked (the file has no content digests: a file from "
+                     "before they were recorded, which `extract --force` rebuilds, or a dataset without a pixel array)")
     return notes
 
 
