@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .backbones import Backbone
-from .datasets import ImageSet
+from .datasets import CONTENT_FINGERPRINT, ImageSet
 from .errors import TapsError, UsageError
 from .identity import feature_file_name
 from .store import FeatureFile
@@ -23,20 +23,26 @@ def feature_path(out: Path | str, dataset_name: str, backbone: Backbone) -> Path
     return Path(out) / dataset_name / name
 
 
-def check_dataset_matches(features: FeatureFile, images: ImageSet, fix: str, verify_content: bool = False) -> None:
+def check_dataset_matches(features: FeatureFile, images: ImageSet, fix: str, verify_content: bool = False,
+                          digests: list[str] | None = None) -> None:
     """Refuse a feature file made from other contents of ``images`` than it has now, in one line with
     ``fix``. The fingerprint is computed the way the file's was (its recorded version), so files
     from before a fingerprint version keep working; ``verify_content`` compares each sample's bytes
-    with the digests the file recorded and names the first that changed."""
-    expected = {"dataset_fingerprint": images.fingerprint(features.fingerprint_version), "n_samples": len(images)}
+    with the digests the file recorded and names the first that changed. ``digests``: the dataset's
+    content digests when the caller has read them already (each sample's bytes are read once)."""
+    if digests is None and (verify_content or features.fingerprint_version == CONTENT_FINGERPRINT):
+        digests = images.content_digests()
+    expected = {"dataset_fingerprint": images.fingerprint(features.fingerprint_version, digests),
+                "n_samples": len(images)}
     features.check_made_from(expected, fix)
     if not verify_content:
         return
-    digests = images.content_digests()
-    if features.content is None or digests is None:
+    if features.content is None:
         raise UsageError(f"--verify-content compares each image's bytes with the digests in {features.path}, but "
-                         f"{'that file has none (made before they were recorded)' if features.content is None else images.name + ' cannot be read as bytes'}; "
-                         f"{'rebuild it with --force' if features.content is None else 'drop --verify-content'}")
+                         f"that file has none (made before they were recorded); rebuild it with --force")
+    if digests is None:
+        raise UsageError(f"--verify-content compares each image's bytes, but {images.name} cannot be read as bytes; "
+                         f"drop --verify-content")
     changed = [i for i, (old, new) in enumerate(zip(features.content, digests, strict=True)) if old != new]
     if changed:
         raise TapsError(f"{features.path} was made from other contents of the dataset: {len(changed)} image(s) changed "

@@ -127,18 +127,19 @@ class ImageSet:
         cannot read its samples' bytes cheaply (a torchvision dataset without an array)."""
         return None
 
-    def fingerprint(self, version: int = FINGERPRINT_VERSION) -> str:
+    def fingerprint(self, version: int = FINGERPRINT_VERSION, digests: list[str] | None = None) -> str:
         """Hash of names, labels, ids, splits and content key: equal sets give equal prints.
 
         ``version`` says what stands for the content of file-backed sets (see
         :data:`FINGERPRINT_VERSIONS`); a feature file records the version it was made with, and
-        is checked with that version, so files from before a version keep working.
+        is checked with that version, so files from before a version keep working. ``digests``:
+        :meth:`content_digests`, when the caller has read them already (version 3 reads every byte).
         """
         if version not in FINGERPRINT_VERSIONS:
             raise TapsError(f"fingerprint version {version} is newer than this taps knows; upgrade taps")
         texts = (self.name, "\x00".join(self.classes), "\x00".join(self.ids), "\x00".join(self.splits or []))
         if version == CONTENT_FINGERPRINT:
-            digests = self.content_digests()
+            digests = self.content_digests() if digests is None else digests
             content = "\x00".join(digests).encode() if digests is not None else self._content_key(1)
         else:
             content = self._content_key(version)
@@ -422,11 +423,11 @@ def folder_dataset(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS, allow_outsi
                           if not Path(p).name.startswith(".")]
     if not found:
         raise UsageError(f"dataset folder {root} has no images in its class folders")
-    for _, _, path in found:
-        if not allow_outside and not path.resolve().is_relative_to(root):
-            raise UsageError(f"{path} links outside {root} (to {path.resolve()}); pass --allow-outside-root to "
-                             f"permit it")
-    keep = _unique_files([p.resolve() for _, _, p in found], [str(p.relative_to(root)) for _, _, p in found],
+    resolved = [p.resolve() for _, _, p in found]
+    for (_, _, path), target in zip(found, resolved, strict=True):
+        if not allow_outside and not target.is_relative_to(root):
+            raise UsageError(f"{path} links outside {root} (to {target}); pass --allow-outside-root to permit it")
+    keep = _unique_files(resolved, [str(p.relative_to(root)) for _, _, p in found],
                          f"dataset folder {root}", "links", duplicates)
     found = [found[i] for i in keep]
     classes = sorted({c for _, c, _ in found})  # a class folder without images is not a class

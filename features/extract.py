@@ -56,10 +56,10 @@ class ExtractionReport:
 
 
 def feature_header(images: ImageSet, backbone: Backbone, batch_size: int,
-                   fingerprint_version: int = FINGERPRINT_VERSION) -> dict:
+                   fingerprint_version: int = FINGERPRINT_VERSION, digests: list[str] | None = None) -> dict:
     """The root attributes that say what a feature file was made from (see :mod:`features.identity`)
     and how (its block size, the library versions)."""
-    return {**FileIdentity.of(images, backbone, fingerprint_version).attrs(), "batch_size": batch_size,
+    return {**FileIdentity.of(images, backbone, fingerprint_version, digests).attrs(), "batch_size": batch_size,
             "versions": versions()}
 
 
@@ -129,9 +129,12 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
         CONTENT_FINGERPRINT if options.verify_content else FINGERPRINT_VERSION
     if shard_attrs:  # every shard fingerprints the whole dataset the way its own file does
         shard_attrs["full_dataset_fingerprint"] = full.fingerprint(version)
-    header = {**feature_header(images, backbone, options.batch_size, version), **shard_attrs}
+    # Each sample's bytes are read once: for a new file's /content, a content fingerprint, a check.
+    digests = (images.content_digests() if existing is None or version == CONTENT_FINGERPRINT
+               or options.verify_content else None)
+    header = {**feature_header(images, backbone, options.batch_size, version, digests), **shard_attrs}
     if existing and options.verify_content:
-        check_dataset_matches(existing, images, "pass --force to rebuild it", verify_content=True)
+        check_dataset_matches(existing, images, "pass --force to rebuild it", verify_content=True, digests=digests)
     cfg = _adopt_recorded(options.resolve(len(images)), options, existing)
     check_batch_fits(backbone.input_size, cfg.batch_size, cfg.device)
     if cfg.runtime != TORCH:  # exported and checked once (cached); auto also timed against torch
@@ -145,7 +148,7 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
     try:
         with exclusive_lock(path), keep_freed_memory():
             writer = FeatureWriter(path, header, images.labels, images.classes, images.ids, images.splits,
-                                   force=options.force, content=_digests(images, existing))
+                                   force=options.force, content=digests if existing is None else None)
             try:
                 # Blocks are the file's: a resumed file keeps the batch size it was made with.
                 cfg = dataclasses.replace(cfg, batch_size=writer.batch_size)
@@ -180,11 +183,6 @@ def check_batch_fits(image_size: int, batch_size: int, device) -> None:
     raise UsageError(f"{batch_size} images of {image_size}x{image_size} px need about {need / 2 ** 30:.1f} GiB in a "
                      f"forward pass, and {free / 2 ** 30:.1f} GiB are free; use --image-size {fits} or less, or a "
                      f"smaller --batch-size")
-
-
-def _digests(images: ImageSet, existing: FeatureFile | None) -> list[str] | None:
-    """Each sample's content digest for a new file (read once, when the file is made)."""
-    return None if existing is not None else images.content_digests()
 
 
 def _recorded_runtime(existing: FeatureFile | None, taps: list[Tap], pooling: str) -> str | None:

@@ -37,11 +37,13 @@ class FileIdentity:
     weights_sha256: str | None = None  # local weights files: their full digest
 
     @classmethod
-    def of(cls, images: Any, backbone: Any, fingerprint_version: int = FINGERPRINT_VERSION) -> FileIdentity:
-        """The identity of the file that ``backbone`` makes of ``images`` (an ImageSet)."""
+    def of(cls, images: Any, backbone: Any, fingerprint_version: int = FINGERPRINT_VERSION,
+           digests: list[str] | None = None) -> FileIdentity:
+        """The identity of the file that ``backbone`` makes of ``images`` (an ImageSet; ``digests``: its
+        content digests when already read)."""
         return cls(backbone=backbone.name, weights=backbone.weights.spec, transform=backbone.transform_spec(),
                    image_size=backbone.input_size, dataset=images.name,
-                   dataset_fingerprint=images.fingerprint(fingerprint_version), n_samples=len(images),
+                   dataset_fingerprint=images.fingerprint(fingerprint_version, digests), n_samples=len(images),
                    fingerprint_version=fingerprint_version, weights_sha256=backbone.weights.sha256)
 
     @classmethod
