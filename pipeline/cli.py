@@ -140,17 +140,12 @@ def _backbone(args, name: str | None = None):
 
 
 def cmd_list(args) -> None:
-    from features.backbones import Backbone, backbone_names
+    from features.backbones import Backbone, source_listings
     from features.datasets import dataset_names
     from features.pooling import POOLINGS, get_pooling, poolable, pooled_dim
 
     if args.what == "backbones":
-        print(" ".join(backbone_names()))
-        try:
-            from features.timm_backbones import timm_names
-            print(f"timm:NAME for any of the {len(timm_names())} models of timm.list_models(), e.g. timm:resnet18")
-        except TapsError:
-            print("timm:NAME needs timm: pip install -e '.[timm]'")
+        print("\n".join(source_listings()))
     elif args.what == "datasets":
         print(" ".join(dataset_names()))
     elif args.what in ("taps", "nodes"):

@@ -1,0 +1,228 @@
+"""The interface a model source implements, and the registry of sources by name prefix.
+
+A source (torchvision's registry, timm's, later other hubs) answers what a model *is*: whether
+a name exists, what ``--weights`` means for it, how to build it with those weights, its
+preprocessing preset and how to trace its graph. Which of its nodes are taps is the
+resolver's job (:mod:`.taps`), the same for every source.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+from torchvision.transforms._presets import ImageClassification
+
+from ..errors import UsageError
+from ..files import file_sha256
+from .preprocess import UInt8Crop
+from .schemes import Tap, TapScheme, tap_scheme
+
+DEFAULT_IMAGE_SIZE = 224
+
+
+@dataclass(frozen=True)
+class WeightsChoice:
+    """What ``--weights`` resolved to: an enum member, a local file, a hub name, or random init."""
+
+    enum: object | None      # a torchvision WeightsEnum member
+    path: Path | None        # a local state-dict file
+    spec: str                # the stable id recorded in feature files
+    sha256: str | None = None  # the local file's full SHA-256, recorded beside the spec
+    hub: str | None = None   # another source's pretrained name (timm: "resnet18.a1_in1k")
+
+    @property
+    def pretrained(self) -> bool:
+        return self.enum is not None or self.path is not None or self.hub is not None
+
+
+RANDOM = WeightsChoice(None, None, "none")
+
+
+# Sources by the prefix of their names ("timm:resnet18"; torchvision's names have none): the module
+# that registers each source, imported only when such a name is used.
+SOURCE_MODULES = {"": "features.models.torchvision_source", "timm": "features.models.timm_source"}
+SOURCES: dict[str, type[ModelSource]] = {}
+
+
+def register_source(prefix: str):
+    """Class decorator: names with this prefix (``PREFIX:name``) are built by this source (as
+    torchvision's ``register_model`` registers a builder)."""
+    def register(cls):
+        cls.prefix = prefix
+        SOURCES[prefix] = cls
+        return cls
+    return register
+
+
+def source_class(prefix: str) -> type[ModelSource]:
+    if prefix not in SOURCE_MODULES:
+        raise UsageError(f"unknown backbone source {prefix!r}; valid: a torchvision name, or "
+                         f"{', '.join(p + ':NAME' for p in SOURCE_MODULES if p)}")
+    importlib.import_module(SOURCE_MODULES[prefix])
+    return SOURCES[prefix]
+
+
+def get_source(name: str, weights: str | None = "auto", image_size: int | None = None) -> ModelSource:
+    """The source that builds ``name`` (``timm:NAME`` -> timm, a plain name -> torchvision)."""
+    prefix = name.split(":", 1)[0] if ":" in name else ""
+    if prefix not in SOURCE_MODULES:
+        raise UsageError(f"unknown backbone source {prefix!r} in {name!r}; valid: a torchvision name, or "
+                         f"{', '.join(p + ':NAME' for p in SOURCE_MODULES if p)}")
+    return source_class(prefix)(name, weights, image_size)
+
+
+def seeded(build):
+    """``build()`` under a fixed seed: random-init (``--weights none``) files are reproducible and resumable."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build()
+
+
+def local_weights(spec: str, suffixes: tuple[str, ...], kinds: str) -> WeightsChoice | None:
+    """``--weights FILE``: the file with its SHA-256, or None when ``spec`` names no file."""
+    if not (spec.endswith(suffixes) or Path(spec).is_file()):
+        return None
+    path = Path(spec)
+    if not path.is_file():
+        raise UsageError(f"weights file {path} does not exist; pass an existing {kinds} state dict")
+    digest = file_sha256(path)
+    return WeightsChoice(None, path.resolve(), f"file:{path.name}:{digest[:16]}", digest)
+
+
+def load_state_file(path: Path, kinds: str) -> dict:
+    """A state dict from ``.safetensors`` or a torch file (``weights_only``: a file holding code is refused)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UsageError(f"weights file {path} holds more than tensors ({str(exc).splitlines()[0]}); it is loaded "
+                         f"with weights_only=True, which refuses code: pass a plain state dict") from None
+    except Exception as exc:
+        raise UsageError(f"weights file {path} is not a state dict ({str(exc).splitlines()[0]}); pass a "
+                         f"{kinds} state dict") from None
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+class ModelSource:
+    """One model of one source, with resolved weights and an optional square input size.
+
+    Subclasses implement :meth:`check_name`, :meth:`resolve_weights`, :meth:`build`,
+    :meth:`weights_arg`, :meth:`preset` and :meth:`architecture`; the graph hooks default to
+    torchvision's ``feature_extraction``."""
+
+    prefix: ClassVar[str] = ""
+
+    def __init__(self, name: str, weights: str | None = "auto", image_size: int | None = None):
+        self.check_name(name)
+        if image_size is not None and image_size < 1:
+            raise UsageError(f"--image-size must be a positive number of pixels, not {image_size}")
+        self.name = name
+        self.image_size = image_size
+        self.weights = RANDOM if weights is None or weights.lower() in ("none", "random") else \
+            self.resolve_weights(weights)
+
+    # ------------------------------------------------------------ what a source implements
+    @classmethod
+    def check_name(cls, name: str) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def listing(cls) -> str:
+        """One line for ``taps list backbones``."""
+        raise NotImplementedError
+
+    def resolve_weights(self, spec: str) -> WeightsChoice:
+        """``--weights`` other than none/random."""
+        raise NotImplementedError
+
+    def build(self) -> nn.Module:
+        """The frozen model in eval mode with its weights loaded (on CPU)."""
+        raise NotImplementedError
+
+    def weights_arg(self) -> str:
+        """The ``--weights`` value that resolves to these weights again, in another process."""
+        raise NotImplementedError
+
+    def preset(self) -> ImageClassification:
+        """The weights' own eval preprocessing, as a torchvision preset."""
+        raise NotImplementedError
+
+    def architecture(self) -> nn.Module:
+        """The model without weights, on meta tensors where possible (for names and shapes)."""
+        raise NotImplementedError
+
+    def check_weights(self) -> None:
+        """Fail early (one line) when pretrained weights are neither cached nor downloadable."""
+
+    def tap_scheme(self, model: nn.Module) -> TapScheme:
+        return tap_scheme(self.name, model)
+
+    def feature_graph(self, model: nn.Module, nodes: dict[str, str]) -> nn.Module:
+        """``model`` traced and pruned to return ``nodes``."""
+        return create_feature_extractor(model, nodes)
+
+    def graph_nodes(self, model: nn.Module) -> list[str]:
+        """The eval-mode graph's node names, in execution order."""
+        return get_graph_node_names(model)[1]
+
+    def token_grid(self, model: nn.Module) -> tuple[int, int, int] | None:
+        """(prefix tokens, grid height, grid width) of a vision transformer's token sequences, else None."""
+        return None
+
+    def channels_last(self, model: nn.Module, tap: Tap) -> bool:
+        """Whether this (C, H, W)-looking tap is really returned as (H, W, C)."""
+        return False
+
+    # ------------------------------------------------------------ shared by every source
+    @cached_property
+    def meta(self) -> nn.Module:
+        """The architecture, built once (names, shapes, configs)."""
+        return self.architecture()
+
+    def spec_args(self) -> tuple[str, str, int | None]:
+        """Constructor arguments that rebuild this model in another process."""
+        return self.name, self.weights_arg(), self.image_size
+
+    def transform(self) -> ImageClassification:
+        """The weights' preprocessing, or the same with a square ``image_size``."""
+        preset = self.preset()
+        if self.image_size is None:
+            return preset
+        # An explicit size: resize the shorter side to it and crop the square (no border lost on square inputs).
+        return ImageClassification(crop_size=self.image_size, resize_size=self.image_size, mean=preset.mean,
+                                   std=preset.std, interpolation=preset.interpolation)
+
+    def pixel_transform(self) -> UInt8Crop:
+        """The geometric half of :meth:`transform`: PIL image -> resized, cropped HWC uint8 array.
+
+        Loaders move uint8 (a quarter of float32's bytes);
+        :class:`features.forward.TapExtractor` does the arithmetic half on whole batches
+        on the model's device, with the same ops in the same order as ``ImageClassification``.
+        """
+        return UInt8Crop(self.transform())
+
+    @property
+    def input_size(self) -> int:
+        return int(self.transform().crop_size[0])
+
+    def transform_spec(self) -> str:
+        t = self.transform()
+        return (f"resize={t.resize_size[0]} crop={t.crop_size[0]} interpolation={t.interpolation.value} "
+                f"mean={list(t.mean)} std={list(t.std)}")
