@@ -13,10 +13,14 @@ import shlex
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from features.datasets import DUPLICATES
 from features.errors import TapsError, UsageError
 from features.runtime import limit_openmp_spinning
+
+if TYPE_CHECKING:  # the CLI imports its jobs lazily: `taps --help` must not pay for torch
+    from .results import RunResult
 
 limit_openmp_spinning()  # libgomp reads it when torch loads it, so before anything imports torch
 
@@ -314,20 +318,19 @@ def cmd_fit(args) -> None:
     tap = args.tap or backbone.default_tap
     run_dir, results, reused = fit_run(features, tap, args.pool, options, _protocol(args, features), seeds=args.seeds,
                                        runs_root=args.out, force=args.force)
-    m = results["metrics"]
-    chosen = ", ".join(f"{v:g}" for v in results["chosen"][options.param])
-    selection = "; ".join(dict.fromkeys(s["selection"] for s in results["per_seed"]))
-    print(f"{'reused' if reused else 'fitted'} {options.clf} on {results['features']['tap']} "
-          f"({results['features']['dim']}-D) of {features.path.name}, protocol {results['settings']['protocol']}, "
-          f"{args.seeds} seed(s), {options.param} by {selection}")
-    if "tap_selection" in results["per_seed"][0]:
+    m, used = results.metrics, results.features
+    chosen = ", ".join(f"{v:g}" for v in results.chosen[options.param])
+    selection = "; ".join(dict.fromkeys(s.selection for s in results.per_seed))
+    print(f"{'reused' if reused else 'fitted'} {options.clf} on {used.tap} ({used.dim}-D) of {features.path.name}, "
+          f"protocol {results.settings['protocol']}, {args.seeds} seed(s), {options.param} by {selection}")
+    if results.per_seed[0].tap_selection:
         print(f"--tap auto ({options.select}) chose: " + "; ".join(
-            f"seed {s['seed']} {'+'.join(s['taps'])} ({s['tap_selection']['seconds']:.1f} s)" for s in results["per_seed"]))
+            f"seed {s.seed} {'+'.join(s.taps)} ({s.tap_selection['seconds']:.1f} s)" for s in results.per_seed))
     header = f"{'tap':<14}{'dim':>6}  {'clf':<7}{'accuracy':>12}{'mean/class':>12}{'macro F1':>12}{'top-5':>12}  {options.param:<13}{'fit s':>7}"
     print(header)
-    print(f"{results['features']['tap']:<14}{results['features']['dim']:>6}  {options.clf:<7}{fmt(m.get('accuracy'), args.seeds):>12}"
+    print(f"{used.tap:<14}{used.dim:>6}  {options.clf:<7}{fmt(m.get('accuracy'), args.seeds):>12}"
           f"{fmt(m.get('mean_per_class_accuracy'), args.seeds):>12}{fmt(m.get('macro_f1'), args.seeds):>12}{fmt(m.get('top5_accuracy'), args.seeds):>12}  "
-          f"{chosen:<13}{results['fit_seconds']['mean']:>7.1f}")
+          f"{chosen:<13}{results.fit_seconds['mean']:>7.1f}")
     for note in result_notes(results, args.seeds):
         print(note)
     print(run_dir)
@@ -341,12 +344,12 @@ def _check_tap_names(args, backbone) -> None:
         backbone.resolve_taps(tap_set(args.tap))
 
 
-def result_notes(results: dict, seeds: int) -> list[str]:
+def result_notes(results: RunResult, seeds: int) -> list[str]:
     """What a reader of a fit's numbers must know: what the ± varies over, duplicate images."""
     notes = []
-    if seeds > 1 and results.get("seeds_vary", "").startswith("the CV folds only"):
-        notes.append(f"note: ± over {seeds} seeds varies {results['seeds_vary']}")
-    dup = results.get("duplicates") or {}
+    if seeds > 1 and results.seeds_vary.startswith("the CV folds only"):
+        notes.append(f"note: ± over {seeds} seeds varies {results.seeds_vary}")
+    dup = results.duplicates
     if dup.get("groups"):
         notes.append(f"note: {dup['groups']} group(s) of byte-identical images ({dup['images']} images) in the file, "
                      f"each kept on one side of every split")

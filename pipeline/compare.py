@@ -35,6 +35,7 @@ from .fusion import AUTO, is_fused, tap_set
 from .options import FitOptions
 from .protocols import Protocol, check_protocol, make_split
 from .report import plot_comparison
+from .results import RunResult
 from .runs import load_predictions, settings_digest
 from .significance import bootstrap, interval, paired_difference, sample_weights
 from .transfer import logme
@@ -83,7 +84,7 @@ def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | 
     check_protocol(protocol, images.labels, images.classes, images.splits)
     planned = {bb.name: plan_taps(bb, taps, fuse, pooling) for bb in backbones}
     rows: list[dict] = []
-    runs: list[dict] = []  # each row's results.json
+    runs: list[RunResult] = []  # each row's run
     made_from: list[dict] = []  # per backbone: what its features were made from
     for bb in backbones:
         singles, sets, needed = planned[bb.name]
@@ -125,21 +126,20 @@ def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | 
 
 
 def _fit_row(features: FeatureFile, tap: str, fit: FitOptions, *, pooling: str, protocol: Protocol, seeds: int,
-             runs_root, force: bool, log, candidates: list[str] | None = None) -> tuple[dict, dict]:
+             runs_root, force: bool, log, candidates: list[str] | None = None) -> tuple[dict, RunResult]:
     """One row of the table, and its run's results."""
     run_dir, results, reused = fit_run(features, tap, pooling, fit, protocol, seeds=seeds, runs_root=runs_root,
                                        force=force, candidates=candidates)
-    m = results["metrics"]
-    chosen = ";".join("+".join(s["taps"]) for s in results["per_seed"])
+    m = results.metrics
+    chosen = ";".join("+".join(s.taps) for s in results.per_seed)
     log(f"{'reused' if reused else 'fitted'} {features.attrs['backbone']} {tap} {fit.clf}: mean per-class accuracy "
         f"{100 * m[METRIC]['mean']:.1f}%" + (f" (chose {chosen})" if tap == AUTO else ""))
-    return {"clf": fit.clf, "tap": tap, "taps": chosen, "node": results["features"]["node"],
-            "dim": results["features"]["dim"],
+    return {"clf": fit.clf, "tap": tap, "taps": chosen, "node": results.features.node, "dim": results.features.dim,
             **{f"{k}_{s}": round(m[k][s], 5) for k in METRIC_NAMES if k in m for s in ("mean", "std")},
-            "fit_seconds": round(results["fit_seconds"]["mean"], 2),
-            "predict_seconds": round(float(np.mean([s.get("predict_seconds", 0) for s in results["per_seed"]])), 3),
+            "fit_seconds": round(results.fit_seconds["mean"], 2),
+            "predict_seconds": round(float(np.mean([s.predict_seconds for s in results.per_seed])), 3),
             "best": False, "tied": False, "run": str(run_dir),
-            "split_digests": [s["test_digest"] for s in results["per_seed"]]}, results
+            "split_digests": [s.test_digest for s in results.per_seed]}, results
 
 
 def _logme_scores(features: FeatureFile, taps: list[Tap], pooling: str, protocol: Protocol) -> dict[str, float]:
@@ -169,7 +169,7 @@ def score_taps(images: ImageSet, backbone: Backbone, taps: list[str] | None, pro
              "logme": scores[t.name], "seconds": round(seconds, 2)} for i, t in enumerate(ranked)]
 
 
-def _significance(rows: list[dict], runs: list[dict], seeds: int) -> list[dict]:
+def _significance(rows: list[dict], runs: list[RunResult], seeds: int) -> list[dict]:
     """Mark the best row and the rows tied with it; each fused row's gain over its best single tap;
     -> every pair's paired difference (all rows share their test samples)."""
     best = max(range(len(rows)), key=lambda i: rows[i][f"{METRIC}_mean"])
@@ -179,7 +179,7 @@ def _significance(rows: list[dict], runs: list[dict], seeds: int) -> list[dict]:
     correct, weights, labels = [], [], {}
     for row, results in zip(rows, runs, strict=True):
         by_seed = load_predictions(Path(row["run"]), results)
-        path = results["features"]["path"]  # one feature file serves every row of its backbone
+        path = results.features.path  # one feature file serves every row of its backbone
         y = labels[path] if path in labels else labels.setdefault(path, FeatureFile(path).labels)
         correct.append([y[by_seed[s][0]] == by_seed[s][1] for s in range(seeds)])
         if not weights:

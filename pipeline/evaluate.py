@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,7 +31,8 @@ from .metrics import score_predictions, summarize
 from .options import FitOptions
 from .protocols import Protocol, check_protocol, duplicate_summary, make_split, split_digest
 from .report import plot_confusion, write_per_class
-from .runs import reusable, run_dir_for, run_settings, save_model, save_predictions, save_results
+from .results import FeaturesUsed, RunResult, SeedResult, TapUsed
+from .runs import reusable, run_dir_for, run_settings, save_model, save_predictions
 from .selection import SelectedClassifier, cv_folds, selector
 from .streaming import StreamedLinear, matrix_bytes
 from .tapselect import select_taps
@@ -95,12 +96,15 @@ def _natural(key: str) -> tuple:
 
 @dataclass
 class TapEvaluation:
-    per_seed: list[dict]
+    per_seed: list[SeedResult]
     metrics: dict
     model: object  # the seed-0 model
     taps: list[str]  # the file keys the seed-0 model reads, side by side
     predictions: dict[str, np.ndarray]  # per seed: test rows (test_S) and their predictions (pred_S)
-    fit_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def fit_seconds(self) -> list[float]:
+        return [s.fit_seconds for s in self.per_seed]
 
 
 def _check_streaming(features: FeatureFile, key: str, options: FitOptions) -> bool:
@@ -188,13 +192,13 @@ def evaluate_tap(features: FeatureFile, tap: str, pooling: str, options: FitOpti
     per_seed, model0, taps0, predictions = [], None, keys, {}
     for seed, (train, test) in enumerate(splits):
         t0 = time.perf_counter()
-        record, chosen, Xs, fused = {}, keys, X, groups
+        record, chosen, Xs, fused = None, keys, X, groups
         if tap == AUTO:  # chosen from this seed's training rows only
             picked = select_taps(X[train], y[train], groups, method=options.select, folds=options.folds,
                                  threshold=options.select_threshold, random_state=seed)
             chosen = picked.taps
             Xs, fused = _columns(X, groups, chosen) if len(chosen) > 1 else (X[:, np.arange(*groups[chosen[0]])], None)
-            record["tap_selection"] = {"method": picked.method, "seconds": picked.seconds, "path": picked.path}
+            record = {"method": picked.method, "seconds": picked.seconds, "path": picked.path}
         # In memory the estimator sees the rows; streaming, the rows' indices in the file.
         Xtr, Xte = (train[:, None], test[:, None]) if streaming else (Xs[train], Xs[test])
         selected = selecting_model(features, keys[0], options, seed, streaming, fused).fit(Xtr, y[train])
@@ -204,37 +208,32 @@ def evaluate_tap(features: FeatureFile, tap: str, pooling: str, options: FitOpti
         ranks = selected.decision_function(Xte) if len(selected.classes_) > 5 else None  # for top-5
         metrics = score_predictions(y[test], pred, ranks, selected.classes_)
         predictions.update({f"test_{seed}": test, f"pred_{seed}": pred})
-        per_seed.append({"seed": seed, "n_train": int(len(train)), "n_test": int(len(test)),
-                         "train_digest": split_digest(features.ids, train),
-                         "test_digest": split_digest(features.ids, test), "taps": chosen, **record,
-                         "chosen": selected.chosen_, "cv_folds": selected.cv_folds_,
-                         "selection": selected.selection_ + (", streaming" if streaming else ""),
-                         "cv_accuracy": None if selected.cv_scores_ is None else [float(s) for s in selected.cv_scores_],
-                         "fit_seconds": round(seconds, 3), "predict_seconds": round(predict_seconds, 3),
-                         "metrics": metrics})
+        per_seed.append(SeedResult(
+            seed=seed, n_train=int(len(train)), n_test=int(len(test)), train_digest=split_digest(features.ids, train),
+            test_digest=split_digest(features.ids, test), taps=chosen, tap_selection=record, chosen=selected.chosen_,
+            cv_folds=selected.cv_folds_, selection=selected.selection_ + (", streaming" if streaming else ""),
+            cv_accuracy=None if selected.cv_scores_ is None else [float(s) for s in selected.cv_scores_],
+            fit_seconds=round(seconds, 3), predict_seconds=round(predict_seconds, 3), metrics=metrics))
         if seed == 0:
             model0 = selected.model_.to_array_model() if streaming else selected.model_
             taps0 = chosen
-    return TapEvaluation(per_seed, summarize(per_seed), model0, taps0, predictions,
-                         [s["fit_seconds"] for s in per_seed])
+    return TapEvaluation(per_seed, summarize([s.metrics for s in per_seed]), model0, taps0, predictions)
 
 
-def features_record(features: FeatureFile, keys: list[str]) -> dict:
-    """results.json's ``features``: the file's settings and the taps the saved model reads (joined by
-    ``+`` when fused; ``taps`` lists each)."""
+def features_record(features: FeatureFile, keys: list[str]) -> FeaturesUsed:
+    """The file's settings and the taps the saved model reads (joined by ``+`` when fused; ``taps`` lists each)."""
     records = [features.taps[k] for k in keys]
-    taps = [{"tap": r.key, "node": r.node, "pooling": r.pooling, "dim": r.dim, "precision": r.precision,
-             "decode": r.decode, "runtime": r.runtime} for r in records]
-    joined = {field: "+".join(dict.fromkeys(str(t[field]) for t in taps)) for field in ("precision", "decode", "runtime")}
-    return {**features.settings(), "path": str(features.path.resolve()), "tap": "+".join(keys),
-            "node": "+".join(r.node for r in records),
-            "pooling": "+".join(dict.fromkeys(r.pooling for r in records)), "dim": sum(r.dim for r in records),
-            **joined, "taps": taps}
+    taps = tuple(TapUsed(tap=r.key, node=r.node, pooling=r.pooling, dim=r.dim, precision=r.precision,
+                         decode=r.decode, runtime=r.runtime) for r in records)
+    joined = {name: "+".join(dict.fromkeys(str(getattr(t, name)) for t in taps))
+              for name in ("pooling", "precision", "decode", "runtime")}
+    return FeaturesUsed(**features.settings(), path=str(features.path.resolve()), tap="+".join(keys),
+                        node="+".join(r.node for r in records), dim=sum(r.dim for r in records), **joined, taps=taps)
 
 
 def fit_run(features: FeatureFile, tap: str, pooling: str, options: FitOptions, protocol: Protocol, *,
             seeds: int = 1, runs_root: Path | str = "runs", force: bool = False,
-            candidates: list[str] | None = None) -> tuple[Path, dict, bool]:
+            candidates: list[str] | None = None) -> tuple[Path, RunResult, bool]:
     """Evaluate one tap, tap set or ``auto`` (choosing among ``candidates``) and write its run folder;
     returns (folder, results, reused)."""
     if seeds < 1:
@@ -275,33 +274,24 @@ def staged(run_dir: Path):
 
 
 def _write_run(run_dir: Path, features: FeatureFile, settings: dict, ev: TapEvaluation, options: FitOptions,
-               protocol: Protocol) -> dict:
+               protocol: Protocol) -> RunResult:
     """Write a run's model, predictions, per-class table, confusion matrix and results.json; -> the results."""
-    model = save_model(run_dir, ev.model)
     varies = ("the train/test split and the CV folds" if protocol.record.random
               else f"the CV folds only: the {protocol} split is the same for every seed")
-    results = {
-        "settings": settings,
-        "features": features_record(features, ev.taps),
-        "classes": features.classes,
-        "split_seeds": [s["seed"] for s in ev.per_seed],
-        "seeds_vary": varies,
-        "duplicates": duplicate_summary(features.duplicate_groups()),
-        "per_seed": ev.per_seed,
-        "chosen": {options.param: [s["chosen"] for s in ev.per_seed]},
-        "grid": {options.param: options.grid},
-        "fit_seconds": {"mean": float(np.mean(ev.fit_seconds)), "total": float(np.sum(ev.fit_seconds))},
-        "metrics": ev.metrics,
-        "model": model,
-        "predictions": save_predictions(run_dir, ev.predictions),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    results = RunResult(
+        settings=settings, features=features_record(features, ev.taps), classes=features.classes,
+        split_seeds=[s.seed for s in ev.per_seed], seeds_vary=varies,
+        duplicates=duplicate_summary(features.duplicate_groups()), per_seed=ev.per_seed,
+        chosen={options.param: [s.chosen for s in ev.per_seed]}, grid={options.param: options.grid},
+        fit_seconds={"mean": float(np.mean(ev.fit_seconds)), "total": float(np.sum(ev.fit_seconds))},
+        metrics=ev.metrics, model=save_model(run_dir, ev.model), predictions=save_predictions(run_dir, ev.predictions),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     y_true, y_pred = features.labels[ev.predictions["test_0"]], ev.predictions["pred_0"]
     labels = np.arange(len(features.classes))
     write_per_class(run_dir / "per_class.csv", classification_report(
         y_true, y_pred, labels=labels, target_names=features.classes, output_dict=True, zero_division=0),
         features.classes)
     plot_confusion(confusion_matrix(y_true, y_pred, labels=labels), features.classes, run_dir / "confusion.png",
-                   f"{features.attrs['backbone']} {results['features']['tap']} {options.clf}: seed 0")
-    save_results(run_dir, results)
+                   f"{features.attrs['backbone']} {results.features.tap} {options.clf}: seed 0")
+    results.save(run_dir)
     return results

@@ -17,8 +17,8 @@ def score_predictions(y: np.ndarray, pred: np.ndarray, scores: np.ndarray | None
     return {k: float(v) for k, v in out.items()}
 
 
-def summarize(per_seed: list[dict]) -> dict[str, dict[str, float]]:
-    """Mean and std over seeds of each metric present in every seed."""
-    names = [m for m in METRICS if all(m in s["metrics"] for s in per_seed)]
-    return {m: {"mean": float(np.mean([s["metrics"][m] for s in per_seed])),
-                "std": float(np.std([s["metrics"][m] for s in per_seed]))} for m in names}
+def summarize(per_seed: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Mean and std over seeds (one dict of metrics each) of each metric present in every seed."""
+    names = [m for m in METRICS if all(m in s for s in per_seed)]
+    return {m: {"mean": float(np.mean([s[m] for s in per_seed])), "std": float(np.std([s[m] for s in per_seed]))}
+            for m in names}

@@ -22,6 +22,7 @@ from features.options import TORCH, RunConfig, resolve_device, resolve_precision
 from features.pooling import DEFAULT_POOLING
 from features.store import FeatureFile
 
+from .results import FeaturesUsed, RunResult, TapUsed
 from .runs import load_model, load_results
 
 
@@ -34,17 +35,17 @@ class Prediction:
     error: str = ""
 
 
-def weights_for(features: dict, weights: str | None) -> str:
+def weights_for(features: FeaturesUsed, weights: str | None) -> str:
     """The ``--weights`` value that rebuilds a run's backbone.
 
     A run on a local weights file needs that file again: ``weights`` must name it, and its
     SHA-256 must be the one recorded at extraction. A run on torchvision weights takes them
     from the record; a ``weights`` that names other weights is refused.
     """
-    spec = features["weights"]
+    spec = features.weights
     if spec.startswith("file:"):
         _, name, digest = spec.split(":", 2)
-        want = features.get("weights_sha256") or digest  # runs before the full digest was kept: 16 hex digits
+        want = features.weights_sha256 or digest  # runs before the full digest was kept: 16 hex digits
         if not weights:
             raise UsageError(f"this run's features came from the local weights file {name} (SHA-256 {want[:16]}...); "
                              f"pass --weights PATH to that file")
@@ -58,48 +59,48 @@ def weights_for(features: dict, weights: str | None) -> str:
                             f"from ({name}, SHA-256 {want[:16]}...); pass that file")
         return str(path)
     recorded = spec if spec == "none" else spec.split(".")[-1]
-    if weights and Backbone(features["backbone"], weights=weights).weights.spec != spec:
+    if weights and Backbone(features.backbone, weights=weights).weights.spec != spec:
         raise UsageError(f"this run's features came from weights {spec}, not {weights}; drop --weights")
     return recorded
 
 
-def _check_record(f: dict) -> None:
+def _check_record(f: FeaturesUsed) -> None:
     """Refuse a run record whose backbone, weights or preprocessing are not those of the feature file it
     names (when that file is still there): results.json was edited, and the model would be fed
     features of another network."""
-    path = Path(str(f.get("path", "")))
-    if not path.is_file():
+    path = Path(str(f.path or ""))
+    if not f.path or not path.is_file():
         return
     try:
         made = FeatureFile(path).attrs
     except TapsError:
         return
     for key in ("backbone", "weights", "transform"):
-        if key in made and str(made[key]) != str(f[key]):
-            raise TapsError(f"this run's results.json records {key} {f[key]}, but its feature file {path} was made "
+        if key in made and str(made[key]) != str(getattr(f, key)):
+            raise TapsError(f"this run's results.json records {key} {getattr(f, key)}, but its feature file {path} was made "
                             f"with {made[key]}: the record was edited; rerun `taps fit --force` to record it again")
 
 
-def backbone_for(results: dict, weights: str | None = None) -> Backbone:
+def backbone_for(results: RunResult, weights: str | None = None) -> Backbone:
     """Rebuild the backbone and preprocessing recorded in a run."""
-    f = results["features"]
+    f = results.features
     _check_record(f)
     spec = weights_for(f, weights)
-    bb = Backbone(f["backbone"], weights=spec)
-    if bb.transform_spec() != f["transform"]:
-        bb = Backbone(f["backbone"], weights=spec, image_size=int(f["image_size"]))
-    if bb.transform_spec() != f["transform"]:
-        raise TapsError(f"this run's results.json records weights {f['weights']} with the preprocessing "
-                        f"{f['transform']}, which those weights do not have ({bb.transform_spec()}): the weights or "
+    bb = Backbone(f.backbone, weights=spec)
+    if bb.transform_spec() != f.transform:
+        bb = Backbone(f.backbone, weights=spec, image_size=int(f.image_size))
+    if bb.transform_spec() != f.transform:
+        raise TapsError(f"this run's results.json records weights {f.weights} with the preprocessing "
+                        f"{f.transform}, which those weights do not have ({bb.transform_spec()}): the weights or "
                         f"the preprocessing in it were edited; rerun `taps fit --force` to record them again")
     return bb
 
 
-def _tap(bb: Backbone, record: dict) -> Tap:
+def _tap(bb: Backbone, record: TapUsed) -> Tap:
     """The tap a run's record names, rebuilt from its backbone (its node's layout included), under
     the record's key so the forward returns it by that name."""
-    tap = bb.tap(record["node"])
-    return Tap(record["tap"], tap.node, tap.shape, tap.depth, tap.layout, tap.prefix)
+    tap = bb.tap(record.node)
+    return Tap(record.tap, tap.node, tap.shape, tap.depth, tap.layout, tap.prefix)
 
 
 def _forward(bb: Backbone, taps: list[Tap], cfg: RunConfig):
@@ -125,26 +126,28 @@ def predict_images(run_dir: Path | str, images: list[str], device: str = "auto",
     results = load_results(Path(run_dir))
     model = load_model(Path(run_dir), results)
     bb = backbone_for(results, weights)
-    f = results["features"]
-    records = f.get("taps") or [{k: f[k] for k in ("tap", "node", "dim", "pooling")}]  # one tap, or the fused ones
+    f = results.features
+    records = f.taps or [TapUsed(tap=f.tap, node=f.node, dim=f.dim, pooling=f.pooling, precision=f.precision,
+                                 decode=f.decode, runtime=f.runtime)]  # runs from before fused taps were listed
     taps = [_tap(bb, r) for r in records]
-    spatial = {r["pooling"] for r in records} - {"none"}
+    spatial = {r.pooling for r in records} - {"none"}
     pooling = spatial.pop() if spatial else DEFAULT_POOLING
     dev = resolve_device(device)
-    if "+" in f.get("decode", "") or "+" in f.get("precision", "") or "+" in f.get("runtime", ""):
+    runtime = f.runtime or TORCH  # runs from before the runtime was recorded ran torch
+    if any("+" in (value or "") for value in (f.decode, f.precision, f.runtime)):
         raise TapsError(f"the fused taps of this run were extracted with different decoders, precisions or "
-                        f"runtimes ({f['decode']}, {f['precision']}, {f.get('runtime', 'torch')}), which one pass "
+                        f"runtimes ({f.decode}, {f.precision}, {runtime}), which one pass "
                         f"cannot reproduce; re-extract them together with `taps extract --force` and refit")
-    precision = f.get("precision") or resolve_precision("auto", dev)
-    decode = f.get("decode", "pil")  # runs from before the decoder was recorded decoded with PIL
+    precision = f.precision or resolve_precision("auto", dev)
+    decode = f.decode or "pil"  # runs from before the decoder was recorded decoded with PIL
     cfg = RunConfig(pooling=pooling, device=dev, precision=precision, workers=0, channels_last=True,
                     on_error="skip", draft=True, loader="inline", compile="off", decode=decode,
-                    runtime=f.get("runtime", TORCH))
+                    runtime=runtime)
     # every tap the model reads, in one forward pass, by the runtime that made the training features
     forward = _forward(bb, taps, cfg)
     files = FileImageSet("predict", Path("/"), [Path(p).absolute() for p in images], ["?"], np.zeros(len(images)))
     source = BlockSource.of(files, bb.pixel_transform(), cfg)
-    classes = results["classes"]
+    classes = results.classes
     out: list[Prediction] = []
     has_proba = hasattr(model, "predict_proba")
     for start in range(0, len(images), batch_size):

@@ -9,19 +9,18 @@ and ``per_class.csv``. Identical settings reuse the folder.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import joblib
 import numpy as np
 
-from features.errors import TapsError, UsageError
+from features.errors import TapsError
 from features.files import NAME_DIGITS, digest, file_sha256, path_safe
 from features.store import FeatureFile
 
 from .fusion import AUTO, SEPARATOR, tap_set
+from .results import RESULTS, Artifact, RunResult
 
-RESULTS = "results.json"
 MODEL = "model.joblib"
 PREDICTIONS = "predictions.npz"
 
@@ -44,92 +43,61 @@ def run_dir_for(runs_root: Path, features: FeatureFile, settings: dict) -> Path:
     return Path(runs_root) / str(features.attrs["dataset"]) / name
 
 
-def load_results(run_dir: Path) -> dict:
-    path = Path(run_dir) / RESULTS
-    if not path.is_file():
-        raise UsageError(f"{run_dir} is not a run folder (no {RESULTS}); pass the folder `taps fit` printed")
-    try:
-        results = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise TapsError(f"{path} is not valid JSON ({exc}); rerun `taps fit --force`") from None
-    missing = [k for k in REQUIRED if not _has(results, k)]
-    if missing:
-        raise TapsError(f"{path} lacks {', '.join(missing)} (edited or from another tool); rerun `taps fit --force`")
-    return results
+def load_results(run_dir: Path) -> RunResult:
+    """The run's results.json, checked (see :class:`pipeline.results.RunResult`)."""
+    return RunResult.load(run_dir)
 
 
-# What predict and reuse read from results.json ("a.b" is key b inside a).
-REQUIRED = ("settings", "classes", "model.file", "model.sha256", "features.backbone", "features.weights",
-            "features.transform", "features.image_size", "features.tap", "features.node", "features.pooling",
-            "features.dim")
-
-
-def _has(results: dict, dotted: str) -> bool:
-    node = results
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
-
-
-def load_model(run_dir: Path, results: dict):
+def load_model(run_dir: Path, results: RunResult):
     """The run's model, after checking its SHA-256 against the run record (joblib files run code on load)."""
-    path = Path(run_dir) / results["model"]["file"]
+    path = Path(run_dir) / results.model.file
     if not path.is_file():
         raise TapsError(f"model file {path} is missing; rerun `taps fit --force`")
     digest = file_sha256(path)
-    if digest != results["model"]["sha256"]:
+    if digest != results.model.sha256:
         raise TapsError(f"model file {path} does not match the SHA-256 in its {RESULTS}; refusing to load it "
                         f"(rerun `taps fit --force` if you changed it yourself)")
     model = joblib.load(path)
-    if len(getattr(model, "classes_", [])) > len(results["classes"]):
-        raise TapsError(f"{Path(run_dir) / RESULTS} names {len(results['classes'])} classes but its model predicts "
+    if len(getattr(model, "classes_", [])) > len(results.classes):
+        raise TapsError(f"{Path(run_dir) / RESULTS} names {len(results.classes)} classes but its model predicts "
                         f"{len(model.classes_)}; rerun `taps fit --force`")
     return model
 
 
-def reusable(run_dir: Path, settings: dict) -> dict | None:
+def reusable(run_dir: Path, settings: dict) -> RunResult | None:
     """The results of an earlier run with exactly these settings and an intact model, or None."""
     if not (run_dir / RESULTS).is_file():
         return None
     try:
         results = load_results(run_dir)
-        kept = [(run_dir / MODEL, results["model"]["sha256"]),
-                (run_dir / PREDICTIONS, results.get("predictions", {}).get("sha256"))]
-        if results.get("settings") == settings and all(file_sha256(p) == digest for p, digest in kept):
+        kept = [(run_dir / MODEL, results.model.sha256),
+                (run_dir / PREDICTIONS, results.predictions and results.predictions.sha256)]
+        if results.settings == settings and all(file_sha256(p) == digest for p, digest in kept):
             return results
     except (TapsError, OSError, KeyError):
         pass  # unreadable or stale: recompute
     return None
 
 
-def save_model(run_dir: Path, model) -> dict:
-    """Write the model file; -> its record for results.json (file name and SHA-256)."""
+def save_model(run_dir: Path, model) -> Artifact:
+    """Write the model file (fitted on seed 0's split); -> its record (file name and SHA-256)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     joblib.dump(model, run_dir / MODEL)
-    return {"file": MODEL, "sha256": file_sha256(run_dir / MODEL), "seed": 0}
+    return Artifact(file=MODEL, sha256=file_sha256(run_dir / MODEL), seed=0)
 
 
-def save_predictions(run_dir: Path, predictions: dict[str, np.ndarray]) -> dict:
+def save_predictions(run_dir: Path, predictions: dict[str, np.ndarray]) -> Artifact:
     """Write every seed's test rows and predictions (what paired significance tests compare); -> their record."""
     run_dir.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(run_dir / PREDICTIONS, **predictions)
-    return {"file": PREDICTIONS, "sha256": file_sha256(run_dir / PREDICTIONS)}
+    return Artifact(file=PREDICTIONS, sha256=file_sha256(run_dir / PREDICTIONS))
 
 
-def load_predictions(run_dir: Path, results: dict) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def load_predictions(run_dir: Path, results: RunResult) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Per seed: (test rows of the feature file, predicted labels), checked against the run record."""
     path = Path(run_dir) / PREDICTIONS
-    record = results.get("predictions")
-    if not record or not path.is_file() or file_sha256(path) != record["sha256"]:
+    record = results.predictions
+    if not record or not path.is_file() or file_sha256(path) != record.sha256:
         raise TapsError(f"{path} is missing or does not match its {RESULTS}; rerun `taps fit --force`")
     with np.load(path) as saved:
-        return {s["seed"]: (saved[f"test_{s['seed']}"], saved[f"pred_{s['seed']}"]) for s in results["per_seed"]}
-
-
-def save_results(run_dir: Path, results: dict) -> None:
-    """Write results.json whole or not at all (it marks the run as finished)."""
-    tmp = run_dir / (RESULTS + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(run_dir / RESULTS)
+        return {s.seed: (saved[f"test_{s.seed}"], saved[f"pred_{s.seed}"]) for s in results.per_seed}

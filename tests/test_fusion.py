@@ -14,7 +14,7 @@ from pipeline.fusion import column_groups, fusion_transformer
 from pipeline.options import FitOptions
 from pipeline.predict import predict_images
 from pipeline.protocols import make_split, parse_protocol
-from pipeline.runs import load_model
+from pipeline.runs import load_model, load_results
 from pipeline.significance import bootstrap, mcnemar, paired_difference
 from pipeline.tapselect import group_lasso_ranking, select_taps
 from pipeline.transfer import logme, logme_parameters
@@ -29,8 +29,8 @@ def test_a_fused_fit_standardises_each_tap_and_equals_the_hand_concatenated_matr
     protocol = parse_protocol("official")
     run_dir, results, _ = fit_run(features, "layer1+avgpool", "avg", FitOptions(clf="logreg", grid=[1.0], device="cpu"),
                                   protocol, runs_root=tmp_path)
-    assert results["features"]["tap"] == "layer1+avgpool" and results["features"]["dim"] == 64 + 512
-    assert [t["tap"] for t in results["features"]["taps"]] == ["layer1", "avgpool"]
+    assert results.features.tap == "layer1+avgpool" and results.features.dim == 64 + 512
+    assert [t.tap for t in results.features.taps] == ["layer1", "avgpool"]
     X = np.hstack([features.read("layer1"), features.read("avgpool")])
     train, test = make_split(protocol, features.labels, features.split, 0)
     model = load_model(run_dir, results)
@@ -75,13 +75,13 @@ def test_auto_chooses_its_taps_without_reading_the_test_split(split_features, se
     poisoned = PoisonedTestRows(features.path)
     poisoned.test_rows = make_split(protocol, features.labels, features.split, 0)[1]
     dirty = evaluate_tap(poisoned, "auto", "avg", options, protocol, 2)
-    assert [s["taps"] for s in dirty.per_seed] == [s["taps"] for s in clean.per_seed]
-    assert [s["tap_selection"]["path"] for s in dirty.per_seed] == [s["tap_selection"]["path"] for s in clean.per_seed]
-    assert [s["chosen"] for s in dirty.per_seed] == [s["chosen"] for s in clean.per_seed]
+    assert [s.taps for s in dirty.per_seed] == [s.taps for s in clean.per_seed]
+    assert [s.tap_selection["path"] for s in dirty.per_seed] == [s.tap_selection["path"] for s in clean.per_seed]
+    assert [s.chosen for s in dirty.per_seed] == [s.chosen for s in clean.per_seed]
     # ... while the test rows really were read, for scoring only
     assert not np.array_equal(dirty.predictions["pred_0"], clean.predictions["pred_0"]) or \
         dirty.metrics != clean.metrics
-    assert all(set(s["taps"]) <= set(TAPS) and s["tap_selection"]["method"] == select for s in clean.per_seed)
+    assert all(set(s.taps) <= set(TAPS) and s.tap_selection["method"] == select for s in clean.per_seed)
 
 
 def _two_bit_problem(n=400, seed=0):
@@ -220,7 +220,7 @@ def test_fit_tap_auto_through_the_cli_prints_the_sets_it_chose(tiny_folder, tmp_
                  "--out", str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
     assert "--tap auto (forward) chose: seed 0 " in out and "; seed 1 " in out
-    results = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
-    assert results["settings"]["candidates"] == TAPS
-    assert all(s["tap_selection"]["path"] for s in results["per_seed"])
-    assert results["features"]["tap"] == "+".join(results["per_seed"][0]["taps"])
+    results = load_results(next((tmp_path / "runs").rglob("results.json")).parent)
+    assert results.settings["candidates"] == TAPS
+    assert all(s.tap_selection["path"] for s in results.per_seed)
+    assert results.features.tap == "+".join(results.per_seed[0].taps)

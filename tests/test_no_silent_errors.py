@@ -123,7 +123,7 @@ def test_predict_takes_a_local_weights_file_by_path_and_checks_its_sha256(tiny_f
     assert cli(capsys, "extract", *common, "--no-progress", "--workers", "0")[0] == 0
     code, out, _ = cli(capsys, "fit", *common, *FIT, "--out", str(tmp_path / "runs"))
     run = out.strip().splitlines()[-1]
-    assert code == 0 and load_results(run)["features"]["weights_sha256"] is not None
+    assert code == 0 and load_results(run).features.weights_sha256 is not None
     image = str(sorted(tiny_flat.glob("square/*.jpg"))[0])
     code, _, err = cli(capsys, "predict", "--run", run, image)
     assert code == 2 and "came from the local weights file mine.pth" in one_error_line(err)
@@ -144,7 +144,7 @@ def test_predict_decodes_as_the_training_features_were_decoded(tiny_flat, tmp_pa
     features = FeatureFile(extract(images, bb, ["avgpool"], out=tmp_path, decode=decode, **RUN).path)
     run_dir, results, _ = fit_run(features, "avgpool", "avg", FitOptions(clf="logreg", grid=[1.0], device="cpu"),
                                   parse_protocol("per-class:5"), runs_root=tmp_path / "runs")
-    assert results["features"]["decode"] == decode
+    assert results.features.decode == decode
     preds = predict_images(run_dir, [str(tiny_flat / i) for i in images.ids], device="cpu")
     expected = load_model(run_dir, results).predict_proba(features.read("avgpool")).max(axis=1)
     assert np.allclose([p.confidence for p in preds], expected, rtol=0, atol=1e-6)
@@ -172,13 +172,13 @@ def test_results_record_the_folds_really_used_and_impossible_cv_is_refused(tiny_
     fit = ["fit", *common, "--clf", "logreg", "--device", "cpu", "--out", str(tmp_path / "runs")]
     code, out, _ = cli(capsys, *fit, "--grid", "0.1,1", "--protocol", "per-class:6", "--folds", "50")
     assert code == 0 and "C by 6-fold CV (asked for 50; the smallest class has 6 training images)" in out
-    per_seed = load_results(out.strip().splitlines()[-1])["per_seed"][0]
-    assert per_seed["cv_folds"] == 6 and len(per_seed["cv_accuracy"]) == 2
+    per_seed = load_results(out.strip().splitlines()[-1]).per_seed[0]
+    assert per_seed.cv_folds == 6 and len(per_seed.cv_accuracy) == 2
     code, _, err = cli(capsys, *fit, "--grid", "0.1,1", "--protocol", "per-class:1")
     line = one_error_line(err)
     assert code == 1 and "needs at least 2 training images in every class, but the smallest class has 1" in line
     code, out, _ = cli(capsys, *fit, "--grid", "0.5", "--protocol", "per-class:1")
     assert code == 0 and "C by fixed C=0.5 (one grid value, no selection)" in out
     results = load_results(out.strip().splitlines()[-1])
-    assert results["per_seed"][0]["cv_folds"] == 1 and results["per_seed"][0]["cv_accuracy"] is None
+    assert results.per_seed[0].cv_folds == 1 and results.per_seed[0].cv_accuracy is None
 

@@ -111,7 +111,7 @@ def test_extract_records_the_runtime_refuses_to_resume_with_another_and_predict_
         extract(images, bb, ["layer1"], out=tmp_path / "mixed", runtime=runtime, precision="fp32", **RUN)
     run_dir, results, _ = fit_run(exported, "avgpool", "avg", FitOptions(clf="logreg", grid=[1.0], device="cpu"),
                                   parse_protocol("per-class:5"), runs_root=tmp_path / "runs")
-    assert results["features"]["runtime"] == runtime
+    assert results.features.runtime == runtime
     preds = predict_images(run_dir, [str(tiny_flat / i) for i in images.ids], device="cpu")
     expected_confidence = load_model(run_dir, results).predict_proba(exported.read("avgpool")).max(axis=1)
     np.testing.assert_allclose([p.confidence for p in preds], expected_confidence, rtol=0, atol=1e-5)

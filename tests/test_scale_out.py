@@ -100,16 +100,16 @@ def test_streaming_linear_fit_matches_in_memory_fit(tmp_path):
         _, res, _ = fit_run(features, "emb", "avg", options, protocol, runs_root=tmp_path / "runs")
         results[budget] = res
     in_memory, streamed = results.values()
-    assert in_memory["per_seed"][0]["selection"] == "fixed weight_decay=0.0001 (one grid value, no selection)"
-    assert streamed["per_seed"][0]["selection"] == "fixed weight_decay=0.0001 (one grid value, no selection), streaming"
-    assert in_memory["metrics"]["accuracy"]["mean"] > 0.8
-    assert abs(in_memory["metrics"]["accuracy"]["mean"] - streamed["metrics"]["accuracy"]["mean"]) <= 0.01
+    assert in_memory.per_seed[0].selection == "fixed weight_decay=0.0001 (one grid value, no selection)"
+    assert streamed.per_seed[0].selection == "fixed weight_decay=0.0001 (one grid value, no selection), streaming"
+    assert in_memory.metrics["accuracy"]["mean"] > 0.8
+    assert abs(in_memory.metrics["accuracy"]["mean"] - streamed.metrics["accuracy"]["mean"]) <= 0.01
     # Streaming selects as the in-memory path does: k-fold CV over the grid, recorded.
     options = FitOptions(clf="linear", grid=[1e-4, 1e-1], folds=2, device="cpu", memory_budget_mb=matrix_mib / 4)
     _, selected, _ = fit_run(features, "emb", "avg", options, protocol, runs_root=tmp_path / "runs")
-    record = selected["per_seed"][0]
-    assert record["selection"] == "2-fold CV, streaming" and len(record["cv_accuracy"]) == 2
-    assert record["chosen"] == [1e-4, 1e-1][int(np.argmax(record["cv_accuracy"]))]
+    record = selected.per_seed[0]
+    assert record.selection == "2-fold CV, streaming" and len(record.cv_accuracy) == 2
+    assert record.chosen == [1e-4, 1e-1][int(np.argmax(record.cv_accuracy))]
     with pytest.raises(TapsError, match="use --clf linear"):
         fit_run(features, "emb", "avg", FitOptions(clf="svm", memory_budget_mb=matrix_mib / 4), protocol,
                 runs_root=tmp_path / "runs")

@@ -62,12 +62,12 @@ def test_fit_run_writes_a_round_tripping_run_and_reuses_it(tiny_features, tmp_pa
     run_dir, results, reused = fit_run(features, "avgpool", "avg", options, parse_protocol("per-class:5"), seeds=2,
                                        runs_root=tmp_path)
     assert not reused and (run_dir / "model.joblib").is_file() and (run_dir / "confusion.png").is_file()
-    assert load_results(run_dir) == json.loads(json.dumps(results))
+    assert load_results(run_dir) == results  # the typed record survives results.json unchanged
     for metric in ("accuracy", "mean_per_class_accuracy", "macro_f1"):
-        per_seed = [s["metrics"][metric] for s in results["per_seed"]]
-        assert results["metrics"][metric] == {"mean": pytest.approx(np.mean(per_seed)), "std": pytest.approx(np.std(per_seed))}
-    assert [s["seed"] for s in results["per_seed"]] == [0, 1] and results["per_seed"][0]["n_train"] == 15
-    assert results["chosen"][options.param][0] in options.grid
+        per_seed = [s.metrics[metric] for s in results.per_seed]
+        assert results.metrics[metric] == {"mean": pytest.approx(np.mean(per_seed)), "std": pytest.approx(np.std(per_seed))}
+    assert [s.seed for s in results.per_seed] == [0, 1] and results.per_seed[0].n_train == 15
+    assert results.chosen[options.param][0] in options.grid
     again_dir, _, reused = fit_run(features, "avgpool", "avg", options, parse_protocol("per-class:5"), seeds=2,
                                    runs_root=tmp_path)
     assert reused and again_dir == run_dir
@@ -78,7 +78,7 @@ def test_predict_returns_training_labels_and_refuses_tampered_models(tiny_featur
     options = FitOptions(clf="logreg", grid=[1.0], device="cpu")
     run_dir, _, _ = fit_run(features, "avgpool", "avg", options, parse_protocol("fraction:0.9"), runs_root=tmp_path)
     results = load_results(run_dir)
-    assert results["features"]["decode"] == features.taps["avgpool"].decode  # predict decodes the same way
+    assert results.features.decode == features.taps["avgpool"].decode  # predict decodes the same way
     images = sorted(tiny_flat.glob("*/img_00[0-2].jpg"))
     preds = predict_images(run_dir, [str(p) for p in images], device="cpu")
     assert [p.label for p in preds] == [p.parent.name for p in images]
@@ -88,7 +88,7 @@ def test_predict_returns_training_labels_and_refuses_tampered_models(tiny_featur
     from features.errors import TapsError
     with pytest.raises(TapsError, match="SHA-256"):
         predict_images(run_dir, [str(images[0])], device="cpu")
-    assert results["model"]["sha256"] != ""
+    assert results.model.sha256 != ""
 
 
 def test_compare_gives_one_row_per_tap_with_identical_splits(tiny_features, tmp_path, cpu_run):
@@ -137,3 +137,22 @@ def test_torchvision_datasets_are_fingerprinted_by_their_pixels():
         return TorchvisionImageSet("fake", [("train", FakeData(20, (3, 8, 8), 2, random_offset=offset))], ["a", "b"])
 
     assert fake(0).fingerprint() == fake(0).fingerprint() != fake(1).fingerprint()
+
+
+def test_a_run_folder_from_before_the_newer_fields_still_predicts(tiny_features, tiny_flat, tmp_path):
+    """results.json written before duplicates, seeds_vary, per-tap records and the runtime were kept:
+    read with defaults, and predict rebuilds the same chain (torch runtime, one tap)."""
+    _, features, _ = tiny_features
+    run_dir, _, _ = fit_run(features, "avgpool", "avg", FitOptions(clf="logreg", grid=[1.0], device="cpu"),
+                            parse_protocol("fraction:0.9"), runs_root=tmp_path)
+    images = [str(p) for p in sorted(tiny_flat.glob("*/img_00[0-2].jpg"))]
+    now = [p.label for p in predict_images(run_dir, images, device="cpu")]
+    old = json.loads((run_dir / "results.json").read_text())
+    for key in ("duplicates", "seeds_vary", "created"):
+        del old[key]
+    for key in ("taps", "runtime", "weights_sha256", "dataset", "dataset_fingerprint"):
+        del old["features"][key]
+    (run_dir / "results.json").write_text(json.dumps(old))
+    results = load_results(run_dir)
+    assert results.features.taps == () and results.features.runtime is None and results.duplicates == {}
+    assert [p.label for p in predict_images(run_dir, images, device="cpu")] == now
