@@ -31,7 +31,7 @@ from .errors import TapsError, UsageError
 from .files import check_output_folder, exclusive_lock
 from .identity import FileIdentity
 from .options import CHOICES, EXPORTED_RUNTIME_PRECISIONS, TORCH, VALID_PRECISIONS, ExtractOptions, RunConfig
-from .pooling import is_spatial, pooled_dim
+from .pooling import is_spatial, pooled_dim, recorded_pooling
 from .runtime import available_memory_bytes, keep_freed_memory
 from .store import FeatureFile, FeatureWriter, tap_key, versions
 
@@ -201,7 +201,7 @@ def _fill(writer: FeatureWriter, job: _Job, report: ExtractionReport) -> None:
     """Create or check the job's taps in the file, then write every block they still miss."""
     cfg, keys = job.cfg, job.keys
     dims = {t.name: pooled_dim(t.shape, cfg.pooling) for t in job.taps}
-    attrs = {t.name: {"tap": t.name, "node": t.node, "pooling": cfg.pooling if is_spatial(t.shape) else "none",
+    attrs = {t.name: {"tap": t.name, "node": t.node, "pooling": recorded_pooling(t.shape, cfg.pooling),
                       "precision": cfg.precision, "decode": cfg.decode, "runtime": cfg.runtime,
                       **({"runtime_rates": cfg.runtime_rates} if cfg.runtime_rates else {})} for t in job.taps}
     writer.ensure_taps({keys[t.name]: (dims[t.name], attrs[t.name]) for t in job.taps})

@@ -116,3 +116,16 @@ def pool_tap(x: torch.Tensor, method: str, layout: str = "map", prefix: int = 0,
 
 def is_spatial(shape: tuple[int, ...]) -> bool:
     return len(shape) == 3
+
+
+UNPOOLED = "none"  # what a vector tap records as its pooling: it is taken as it is
+
+
+def recorded_pooling(shape: tuple[int, ...], method: str) -> str:
+    """The pooling a tap of this shape is recorded with: ``method`` for a map, :data:`UNPOOLED` for a vector."""
+    return method if is_spatial(shape) else UNPOOLED
+
+
+def matches_pooling(recorded: str, method: str) -> bool:
+    """Whether a tap recorded with ``recorded`` serves a run that pools by ``method`` (vectors serve every run)."""
+    return recorded in (method, UNPOOLED)

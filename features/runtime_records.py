@@ -72,5 +72,7 @@ def exported_runtimes() -> dict[str, Runtime]:
 
 
 TORCH = register_runtime(Runtime("torch", ("fp32", "bf16", "fp16"))).name
-register_runtime(Runtime("onnxruntime", ("fp32",), "onnxruntime", "onnx", "features.runtimes:open_onnxruntime"))
-register_runtime(Runtime("openvino", ("fp32", "bf16"), "openvino", "openvino", "features.runtimes:open_openvino"))
+ONNXRUNTIME = register_runtime(Runtime("onnxruntime", ("fp32",), "onnxruntime", "onnx",
+                                       "features.runtimes:open_onnxruntime"))
+OPENVINO = register_runtime(Runtime("openvino", ("fp32", "bf16"), "openvino", "openvino",
+                                    "features.runtimes:open_openvino"))

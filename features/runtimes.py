@@ -38,7 +38,7 @@ from .export import (
     reference_outputs,
 )
 from .files import file_sha256
-from .runtime_records import AUTO, TORCH, exported_runtimes
+from .runtime_records import AUTO, ONNXRUNTIME, OPENVINO, TORCH, exported_runtimes
 
 TOLERANCE = 1e-3
 
@@ -50,7 +50,7 @@ RUNTIMES = exported_runtimes()  # the runtimes of the export, by name (features.
 
 
 def open_onnxruntime(path: Path, names: list[str], precision: str, threads: int) -> Session:
-    ort = RUNTIMES["onnxruntime"].module()
+    ort = ONNXRUNTIME.module()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
@@ -59,7 +59,7 @@ def open_onnxruntime(path: Path, names: list[str], precision: str, threads: int)
 
 
 def open_openvino(path: Path, names: list[str], precision: str, threads: int) -> Session:
-    ov = RUNTIMES["openvino"].module()
+    ov = OPENVINO.module()
     core = ov.Core()
     if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         raise UsageError("--runtime openvino --precision bf16 needs a CPU with bf16 support (AVX512_BF16 or AMX); "
@@ -115,8 +115,7 @@ def load_exported(runtime: str, path: Path | str, names: list[str], precision: s
                            runtime, precision)
 
 
-def prepare_export(backbone: Backbone, taps: list[Tap], pooling: str, runtime: str = "onnxruntime"
-                   ) -> tuple[Path | None, str, dict]:
+def prepare_export(backbone: Backbone, taps: list[Tap], pooling: str, runtime: str) -> tuple[Path | None, str, dict]:
     """The export of this extractor, checked by ``runtime``: (path, "", record) or (None, why not, {}).
     A file is exported once; each runtime (and version) checks it once, recorded in ``record["checks"]``."""
     rt = RUNTIMES[runtime]

@@ -52,7 +52,7 @@ import numpy as np
 from .errors import TapsError
 from .files import check_free_space
 from .identity import FileIdentity
-from .pooling import DEFAULT_POOLING
+from .pooling import DEFAULT_POOLING, matches_pooling
 from .runtime_records import TORCH
 
 FORMAT = "taps-features"
@@ -456,7 +456,7 @@ class FeatureFile:
     def tap_key(self, tap: str, pooling: str = DEFAULT_POOLING) -> str:
         """The dataset key of a tap; raises naming what exists when it is not in the file."""
         for key in (tap_key(tap, pooling, True), tap):
-            if key in self.taps and (key == tap_key(tap, pooling, True) or self.taps[key].pooling in (pooling, "none")):
+            if key in self.taps and (key == tap_key(tap, pooling, True) or matches_pooling(self.taps[key].pooling, pooling)):
                 return key
         have = ", ".join(sorted(self.taps, key=natural_key)) or "none"
         raise TapsError(f"tap {tap!r} (pooling {pooling}) is not in {self.path} (it has: {have}); "
@@ -539,7 +539,7 @@ class TapRecord:
     key: str
     tap: str
     node: str
-    pooling: str        # "none" for vector taps
+    pooling: str        # UNPOOLED for vector taps
     dim: int
     precision: str
     decode: str

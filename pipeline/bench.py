@@ -46,6 +46,7 @@ from features.options import (
 )
 from features.pooling import DEFAULT_POOLING
 from features.runtime import keep_freed_memory
+from features.runtime_records import TORCH
 from features.runtimes import installed_runtimes, prepare_export, runtime_precision
 
 
@@ -186,14 +187,12 @@ def peak_rss_mb(n: int, work: Path, backbone: str, weights: str, compile: str, l
 def stage_two_times(features_root: str, reference: bool) -> dict:
     """Grid-searched svm and logreg fits at Caltech-101 scale (real features when cached, else synthetic)."""
     from sklearn.datasets import make_classification
-    from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score
     from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import LinearSVC
 
     from features.store import FeatureFile
 
-    from .heads import get_classifier
+    from .heads import referenced_classifiers
     from .protocols import make_split, parse_protocol
     from .selection import selector
 
@@ -210,16 +209,17 @@ def stage_two_times(features_root: str, reference: bool) -> dict:
         train, test = np.arange(3030), np.arange(3030, 6000)
         source = "synthetic 3,030 x 1,280, 101 classes"
     out = {"source": source, "train_shape": list(X[train].shape)}
-    for clf in ("svm", "logreg"):
+    for record in referenced_classifiers():
+        clf = record.name
         t0 = time.perf_counter()
-        selected = selector(clf, list(get_classifier(clf).grid)).fit(X[train], y[train])
+        selected = selector(clf, list(record.grid)).fit(X[train], y[train])
         model, value = selected.model_, selected.chosen_
         seconds = time.perf_counter() - t0
         acc = balanced_accuracy_score(y[test], model.predict(X[test]))
         out[clf] = {"seconds": round(seconds, 2), "chosen_C": value, "mean_per_class_accuracy": round(acc, 4)}
         if reference:
             scaler = StandardScaler().fit(X[train])
-            ref = (LinearSVC(C=value) if clf == "svm" else LogisticRegression(C=value, max_iter=1000))
+            ref = record.reference(value)
             t0 = time.perf_counter()
             ref.fit(scaler.transform(X[train]), y[train])
             out[clf]["sklearn_one_fit_seconds"] = round(time.perf_counter() - t0, 2)
@@ -399,7 +399,7 @@ def _summary(runs: dict, ablations, precisions: dict[str, str]) -> dict:
         return float(np.median([x / y for x, y in zip(runs[a], runs[b], strict=True)]))
 
     med = {name: float(np.median(v)) for name, v in runs.items()}
-    keys = {name: ("ceiling", "pipeline") if name == "torch" else (f"ceiling:{name}", f"pipeline:{name}")
+    keys = {name: ("ceiling", "pipeline") if name == TORCH else (f"ceiling:{name}", f"pipeline:{name}")
             for name in precisions}
     runtimes = {name: {"precision": precisions[name], "ceiling": med[c], "pipeline": med[p],
                        "pipeline/ceiling": ratio(p, c), "pipeline/torch pipeline": ratio(p, "pipeline")}
@@ -434,7 +434,7 @@ def run_bench(settings: BenchSettings | None = None, log=print, **fields) -> tup
     log(f"bench: {bb.name}, {b.source}, taps {', '.join(b.taps)}, {cfg.device}, {cfg.precision}, {s.rounds} rounds")
     ablations = _ablations(b)
     runs, samples = _interleave(_measures(b, ablations), s.rounds, log, _brackets(b.runtimes))
-    r.update(_summary(runs, ablations, {"torch": cfg.precision, **{k: c.precision for k, c in b.runtimes.items()}}))
+    r.update(_summary(runs, ablations, {TORCH: cfg.precision, **{k: c.precision for k, c in b.runtimes.items()}}))
     r["rates_per_round"], r["bracketing_rates"] = runs, samples
     r["compile_seconds"] = [round(c, 1) for c in b.compile_times]
     r["seed_style"] = seed_style(bb, b.images, b.taps, cfg.device, s.batch_size)  # slow: one round
@@ -467,7 +467,7 @@ def _runtime_rows(r: dict) -> list[str]:
     for name, x in r["runtimes"].items():
         lines.append(f"{name + ' (' + x['precision'] + ')':<26}{x['ceiling']:>9.1f}{x['pipeline']:>10.1f}  "
                      f"{x['pipeline/ceiling']:>16.2f}  {x['pipeline/torch pipeline']:>23.2f}")
-    c, p = ("ceiling", "pipeline") if fastest == "torch" else (f"ceiling:{fastest}", f"pipeline:{fastest}")
+    c, p = ("ceiling", "pipeline") if fastest == TORCH else (f"ceiling:{fastest}", f"pipeline:{fastest}")
     lines.append(f"ceiling = the fastest forward ({fastest}) {r['ceiling']:.1f} img/s; its pipeline: pipeline/ceiling = "
                  f"{r['pipeline/ceiling']:.2f}{_per_round(r, p, c)}, {r['runtimes'][fastest]['pipeline/torch pipeline']:.2f}"
                  f"x the torch pipeline{_per_round(r, p, 'pipeline')}")
@@ -512,8 +512,7 @@ def format_bench(r: dict) -> str:
         f"{r['page_faults']['kept']:.0f} with the setting extraction runs under",
         f"stage two on {s2['source']}:",
     ]
-    for clf in ("svm", "logreg"):
-        s = s2[clf]
+    for clf, s in ((k, v) for k, v in s2.items() if isinstance(v, dict)):  # one entry per classifier timed
         ref = (f"; sklearn one fit at that C {s['sklearn_one_fit_seconds']:.1f} s, "
                f"{100 * s['sklearn_mean_per_class_accuracy']:.1f}%") if "sklearn_one_fit_seconds" in s else ""
         lines.append(f"  {clf:<7} grid search + refit {s['seconds']:.1f} s, C={s['chosen_C']:g}, "

@@ -425,7 +425,7 @@ def cmd_bench(args) -> None:
 
 
 def _add_fit_args(p: argparse.ArgumentParser, many: bool = False) -> None:
-    from .heads import CLASSIFIERS
+    from .heads import CLASSIFIERS, SOLVERS
     from .options import SELECTORS, FitOptions
 
     g = p.add_argument_group("classifier and protocol")
@@ -444,12 +444,12 @@ def _add_fit_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     g.add_argument("--grid", type=lambda s: [float(v) for v in _csv_list(s)],
                    help="comma-separated C (svm, logreg), weight decay (linear) or k (knn) values; default: a log grid")
     g.add_argument("--folds", type=int, default=3, help="cross-validation folds for the grid (default: %(default)s)")
-    g.add_argument("--solver", default="torch", choices=("torch", "sklearn"),
+    g.add_argument("--solver", default=FitOptions.solver, choices=SOLVERS,
                    help="torch (L-BFGS) or sklearn (LinearSVC/LogisticRegression reference) (default: %(default)s)")
     g.add_argument("--hidden", type=int, default=0, help="linear: hidden units (0: a plain linear head)")
     g.add_argument("--memory-budget", type=float, help="MiB for an in-memory fit (default: half the free RAM); "
                                                         "above it linear streams from HDF5, svm/logreg refuse")
-    g.add_argument("--select", default="forward", choices=SELECTORS,
+    g.add_argument("--select", default=FitOptions.select, choices=SELECTORS,
                    help="how --tap auto chooses the taps to fuse on each training split: forward (greedy, by CV) or "
                         "group-lasso (Head2Toe's ranking, the count by CV) (default: %(default)s)")
     g.add_argument("--select-threshold", type=float, default=0.002,

@@ -27,7 +27,7 @@ from features.errors import UsageError
 from features.extract import extract
 from features.files import path_safe
 from features.options import ExtractOptions
-from features.pooling import DEFAULT_POOLING, is_spatial
+from features.pooling import DEFAULT_POOLING, recorded_pooling
 from features.store import FeatureFile
 
 from .evaluate import fit_run, load_matrix
@@ -104,7 +104,7 @@ def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | 
                 row, results = _fit_row(features, tap.name, fit, **job)
                 rows.append({**row, "backbone": bb.name, "node": tap.node, "logme": scores[tap.name],
                              "depth": round(position / max(len(singles) - 1, 1), 4),
-                             "pooling": pooling if is_spatial(tap.shape) else "none"})
+                             "pooling": recorded_pooling(tap.shape, pooling)})
                 runs.append(results)
             for spec in sets:
                 row, results = _fit_row(features, spec, fit, **job, candidates=[t.name for t in singles])

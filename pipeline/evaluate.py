@@ -23,6 +23,7 @@ from sklearn.metrics import classification_report, confusion_matrix
 
 from features.errors import TapsError, UsageError
 from features.files import check_output_folder
+from features.pooling import matches_pooling
 from features.store import FeatureFile
 
 from .fusion import AUTO, Groups, column_groups, tap_set
@@ -68,7 +69,7 @@ def tap_keys(features: FeatureFile, tap: str, pooling: str, candidates: list[str
         return _made_alike(features, [features.tap_key(t, pooling) for t in tap_set(tap)])
     if candidates:
         return _made_alike(features, [features.tap_key(t, pooling) for t in candidates])
-    keys = sorted((k for k, r in features.taps.items() if r.complete and r.pooling in (pooling, "none")),
+    keys = sorted((k for k, r in features.taps.items() if r.complete and matches_pooling(r.pooling, pooling)),
                   key=_natural)
     if len(keys) < 2:
         raise UsageError(f"--tap auto chooses among the file's taps, but {features.path.name} has "

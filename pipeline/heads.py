@@ -41,6 +41,13 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# --solver: who fits the L-BFGS heads (svm, logreg): torch (any device), or scikit-learn's own
+# estimator (LinearSVC, LogisticRegression), the reference it is tested against.
+DEFAULT_SOLVER = "torch"
+REFERENCE_SOLVER = "sklearn"
+SOLVERS = (DEFAULT_SOLVER, REFERENCE_SOLVER)
+
+
 class _LBFGSLinear(ClassifierMixin, BaseEstimator):
     """Shared machinery: L2-regularised linear model fitted by full-batch L-BFGS."""
 
@@ -49,12 +56,12 @@ class _LBFGSLinear(ClassifierMixin, BaseEstimator):
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
         "warm_start": ["boolean"],
-        "solver": [StrOptions({"torch", "sklearn"})],
+        "solver": [StrOptions(set(SOLVERS))],
         "device": [str],
     }
 
     def __init__(self, *, C: float = 1.0, max_iter: int = 300, tol: float = 1e-4, warm_start: bool = False,
-                 solver: str = "torch", device: str = "auto"):
+                 solver: str = DEFAULT_SOLVER, device: str = "auto"):
         self.C = C
         self.max_iter = max_iter
         self.tol = tol
@@ -82,7 +89,7 @@ class _LBFGSLinear(ClassifierMixin, BaseEstimator):
         self.classes_, y_index = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
             raise ValueError(f"the training data has only one class ({self.classes_[0]!r}); need at least 2 classes")
-        if self.solver == "sklearn":
+        if self.solver == REFERENCE_SOLVER:
             ref = self._reference().fit(X, y_index)
             self.coef_ = ref.coef_.astype(np.float64)
             self.intercept_ = np.atleast_1d(ref.intercept_).astype(np.float64)
@@ -420,6 +427,7 @@ class Classifier:
     aliases: tuple[str, ...] = ()
     whole_numbers: bool = False     # grid values are counts (k), not strengths
     streams: bool = False           # can train from the HDF5 file chunk by chunk (pipeline.streaming)
+    reference: Callable[[float], BaseEstimator] | None = None  # scikit-learn's own at one grid value (bench)
 
 
 CLASSIFIER_REGISTRY: dict[str, Classifier] = {}
@@ -433,10 +441,12 @@ def register_classifier(classifier: Classifier) -> Classifier:
 
 DEFAULT_CLASSIFIER = register_classifier(Classifier(
     "svm", "C", tuple(10.0 ** e for e in range(-5, 1)),
-    lambda solver, hidden, device: LinearSVM(solver=solver, device=device))).name
+    lambda solver, hidden, device: LinearSVM(solver=solver, device=device),
+    reference=lambda C: LinearSVC(C=C))).name
 register_classifier(Classifier(
     "logreg", "C", tuple(10.0 ** e for e in range(-4, 3)),
-    lambda solver, hidden, device: SoftmaxRegression(solver=solver, device=device), aliases=("softmax",)))
+    lambda solver, hidden, device: SoftmaxRegression(solver=solver, device=device), aliases=("softmax",),
+    reference=lambda C: LogisticRegression(C=C, max_iter=1000)))
 register_classifier(Classifier(
     "linear", "weight_decay", (1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
     lambda solver, hidden, device: TorchLinearHead(hidden=hidden, device=device), streams=True))
@@ -452,6 +462,11 @@ def get_classifier(name: str) -> Classifier:
     return CLASSIFIER_REGISTRY[name]
 
 
+def referenced_classifiers() -> list[Classifier]:
+    """The classifiers with a scikit-learn reference to time against, each once."""
+    return [c for name, c in CLASSIFIER_REGISTRY.items() if c.reference is not None and c.name == name]
+
+
 def streaming_classifiers() -> list[str]:
     return [name for name, c in CLASSIFIER_REGISTRY.items() if c.streams and c.name == name]
 
@@ -460,7 +475,7 @@ def canonical(clf: str) -> str:
     return get_classifier(clf).name
 
 
-def make_head(clf: str, solver: str = "torch", hidden: int = 0, device: str = "auto") -> BaseEstimator:
+def make_head(clf: str, solver: str = DEFAULT_SOLVER, hidden: int = 0, device: str = "auto") -> BaseEstimator:
     return get_classifier(clf).build(solver=solver, hidden=hidden, device=device)
 
 
@@ -505,7 +520,7 @@ def make_preprocess(spec: str) -> list[tuple[str, BaseEstimator]]:
     return steps
 
 
-def make_classifier(clf: str, preprocess: str = DEFAULT_PREPROCESS, solver: str = "torch", hidden: int = 0,
+def make_classifier(clf: str, preprocess: str = DEFAULT_PREPROCESS, solver: str = DEFAULT_SOLVER, hidden: int = 0,
                     device: str = "auto", **params) -> Pipeline:
     """Preprocessing steps followed by the head, as one Pipeline; ``params`` set on the head."""
     head = make_head(clf, solver, hidden, device).set_params(**params)

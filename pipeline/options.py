@@ -9,7 +9,7 @@ import numpy as np
 from features.errors import UsageError, choose
 from features.runtime import available_memory_bytes
 
-from .heads import DEFAULT_CLASSIFIER, DEFAULT_PREPROCESS, get_classifier, make_preprocess
+from .heads import DEFAULT_CLASSIFIER, DEFAULT_PREPROCESS, DEFAULT_SOLVER, get_classifier, make_preprocess
 
 SELECTORS = ("forward", "group-lasso")  # pipeline.tapselect's selectors
 
@@ -22,7 +22,7 @@ class FitOptions:
     preprocess: str = DEFAULT_PREPROCESS
     grid: list[float] | None = None
     folds: int = 3
-    solver: str = "torch"
+    solver: str = DEFAULT_SOLVER
     hidden: int = 0
     device: str = "auto"
     memory_budget_mb: float | None = None  # above it, linear streams from HDF5 and svm/logreg refuse

@@ -19,7 +19,7 @@ from features.datasets import FileImageSet
 from features.errors import TapsError, UsageError
 from features.files import file_sha256
 from features.options import TORCH, RunConfig, resolve_device, resolve_precision
-from features.pooling import DEFAULT_POOLING
+from features.pooling import DEFAULT_POOLING, UNPOOLED
 from features.store import FeatureFile
 
 from .results import FeaturesUsed, RunResult, TapUsed
@@ -130,7 +130,7 @@ def predict_images(run_dir: Path | str, images: list[str], device: str = "auto",
     records = f.taps or [TapUsed(tap=f.tap, node=f.node, dim=f.dim, pooling=f.pooling, precision=f.precision,
                                  decode=f.decode, runtime=f.runtime)]  # runs from before fused taps were listed
     taps = [_tap(bb, r) for r in records]
-    spatial = {r.pooling for r in records} - {"none"}
+    spatial = {r.pooling for r in records} - {UNPOOLED}
     pooling = spatial.pop() if spatial else DEFAULT_POOLING
     dev = resolve_device(device)
     runtime = f.runtime or TORCH  # runs from before the runtime was recorded ran torch

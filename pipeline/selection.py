@@ -14,7 +14,7 @@ from sklearn.utils._param_validation import HasMethods, Interval
 from sklearn.utils.validation import check_is_fitted
 
 from .fusion import Groups, fusion_transformer
-from .heads import DEFAULT_PREPROCESS, get_classifier, make_classifier, make_head
+from .heads import DEFAULT_PREPROCESS, DEFAULT_SOLVER, get_classifier, make_classifier, make_head
 
 
 def cv_folds(y: np.ndarray, folds: int, n_grid: int) -> int:
@@ -122,7 +122,7 @@ def _with(model, param: str, value: float):
     return model
 
 
-def selector(clf: str, grid: list[float], *, folds: int = 3, preprocess: str = DEFAULT_PREPROCESS, solver: str = "torch",
+def selector(clf: str, grid: list[float], *, folds: int = 3, preprocess: str = DEFAULT_PREPROCESS, solver: str = DEFAULT_SOLVER,
              hidden: int = 0, device: str = "auto", random_state: int = 0,
              groups: Groups | None = None) -> SelectedClassifier:
     """The selecting estimator of an in-memory fit: preprocessing + head, C or weight decay by CV.

@@ -69,10 +69,10 @@ def test_the_export_cache_is_reused_invalidated_and_never_trusted_when_damaged(t
     same, _, both = prepare_export(bb, taps, "avg", "openvino")
     assert same == first and first.stat().st_mtime_ns == stamp
     assert sorted(k.split()[0] for k in both["checks"]) == ["onnxruntime", "openvino"]
-    changed = [prepare_export(bb, taps, "avgmax")[0],  # any key that changes: another file
-               prepare_export(Backbone("resnet18", weights="none", image_size=48), taps, "avg")[0],
-               prepare_export(bb, [bb.tap("layer3"), bb.tap("avgpool")], "avg")[0],
-               prepare_export(Backbone("resnet34", weights="none", image_size=32), taps, "avg")[0]]
+    changed = [prepare_export(bb, taps, "avgmax", "onnxruntime")[0],  # any key that changes: another file
+               prepare_export(Backbone("resnet18", weights="none", image_size=48), taps, "avg", "onnxruntime")[0],
+               prepare_export(bb, [bb.tap("layer3"), bb.tap("avgpool")], "avg", "onnxruntime")[0],
+               prepare_export(Backbone("resnet34", weights="none", image_size=32), taps, "avg", "onnxruntime")[0]]
     assert len({first, *changed}) == 1 + len(changed)
     first.write_bytes(b"not an ONNX model")  # damaged on disk: rebuilt and checked again
     rebuilt, _, record2 = prepare_export(bb, taps, "avg", "openvino")
