@@ -61,6 +61,8 @@ register_pooling(Pooling("avgmax", 2, lambda x: torch.cat([_global_avg(x), _glob
 register_pooling(Pooling("pyramid", 5, lambda x: torch.cat([_global_avg(x), F.adaptive_avg_pool2d(x, 2).flatten(1)],
                                                            dim=1),
                          "spatial pyramid: 1x1 + 2x2 average cells (channel-major), keeps coarse layout"))
+register_pooling(Pooling("gem", 1, lambda x: x.clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3),
+                         "generalised mean, p=3 (Radenovic et al.): between avg and max; negatives count as 0"))
 register_pooling(Pooling("cls", 1, _no_grid, "a transformer block's class token", class_token=True))
 POOLINGS = tuple(POOLING_REGISTRY)  # in the order help text lists them
 LAYOUTS = ("map", "tokens", "nhwc")  # how a tap's node returns it (see pool_tap)

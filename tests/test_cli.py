@@ -30,7 +30,7 @@ def test_usage_errors_are_one_line_exit_2(capsys):
                          [["extract", "--backbone", "resnet19"], "unknown backbone"],
                          [["list", "taps", "resnet18", "--bogus"], "unrecognized arguments"],
                          [["extract", "--pool", "median"],
-                          "--pool: invalid choice: 'median' (choose from 'avg', 'max', 'avgmax', 'pyramid', 'cls')"],
+                          "--pool: invalid choice: 'median' (choose from 'avg', 'max', 'avgmax', 'pyramid', 'gem', 'cls')"],
                          [["compare", "--loader", "fast"], "--loader: invalid choice: 'fast'"],
                          [["bench", "--runtimes", "tensorrt"],
                           "unknown runtime 'tensorrt'; choose from onnxruntime, openvino or none"],

@@ -40,6 +40,14 @@ def test_unknown_names_list_valid_choices():
         Backbone("resnet18", weights="IMAGENET9K")
 
 
+def test_gem_pooling_is_the_cubic_mean_between_average_and_max():
+    x = torch.rand(2, 4, 3, 5)
+    want = (x.numpy().astype(np.float64) ** 3).mean(axis=(2, 3)) ** (1 / 3)
+    np.testing.assert_allclose(pool(x, "gem").numpy(), want, rtol=1e-5)
+    assert (pool(x, "avg") <= pool(x, "gem") + 1e-6).all() and (pool(x, "gem") <= pool(x, "max") + 1e-6).all()
+    assert (pool(-x, "gem") < 1e-5).all()  # negative responses count as zero, not as NaN
+
+
 @pytest.mark.parametrize("method", POOLINGS)
 def test_pooling_dimensions(method):
     from features.pooling import pool_tap

@@ -1,0 +1,48 @@
+"""Walk `taps fit`'s arguments: which project functions a fit runs, in the order a reader meets them.
+
+Run: .venv/bin/python .ci/walk_fit.py FEATURES.h5 [fit arguments...]
+Prints each project function the first time it is called (file:function), then the counts the
+structure issue measures: steps (distinct functions), files, and re-entries (entering a file the
+walk already left: each is a jump back to a place read before). sklearn, torch and numpy frames
+are not steps; a function called again later is not a new step.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT = (str(ROOT / "features"), str(ROOT / "pipeline"))
+
+
+def main(argv: list[str]) -> int:
+    from pipeline.cli import main as taps
+
+    seen: dict[tuple[str, str], int] = {}
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.startswith(PROJECT):
+            key = (str(Path(frame.f_code.co_filename).relative_to(ROOT)), frame.f_code.co_qualname)
+            if "<" not in key[1]:  # comprehensions and lambdas are part of the function that holds them
+                seen.setdefault(key, len(seen))
+
+    sys.setprofile(profile)
+    try:
+        code = taps(["fit", "--features", argv[0], "--no-progress", *argv[1:]])
+    finally:
+        sys.setprofile(None)
+    walk = sorted(seen, key=seen.get)
+    files, reentries, last = [], 0, None
+    for file, function in walk:
+        print(f"{file}:{function}")
+        if file != last:
+            reentries += file in files
+            files += [file] if file not in files else []
+            last = file
+    print(f"exit {code}; steps {len(walk)}, files {len(files)}, re-entries {reentries}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
