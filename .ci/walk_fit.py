@@ -1,14 +1,17 @@
 """Walk `taps fit`'s arguments: which project functions a fit runs, in the order a reader meets them.
 
 Run: .venv/bin/python .ci/walk_fit.py FEATURES.h5 [fit arguments...]
-Prints each project function the first time it is called (file:function), then the counts the
+Prints each project function the first time it is called (file:function) from ``cmd_fit`` (the
+parsed arguments) to the estimator's first ``fit`` (where every argument has arrived), then the counts the
 structure issue measures: steps (distinct functions), files, and re-entries (entering a file the
-walk already left: each is a jump back to a place read before). sklearn, torch and numpy frames
-are not steps; a function called again later is not a new step.
+walk already left: a jump back to a place read before). Library frames (sklearn, torch, numpy) are
+not steps; a function called again is not a new step; what runs after the fit (scoring, writing
+the run folder) is not part of the arguments' walk.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 
@@ -22,7 +25,9 @@ def main(argv: list[str]) -> int:
     seen: dict[tuple[str, str], int] = {}
 
     def profile(frame, event, arg):
-        if event == "call" and frame.f_code.co_filename.startswith(PROJECT):
+        # functions only: module and class bodies run at import, they are declarations, not steps
+        if event == "call" and frame.f_code.co_flags & inspect.CO_OPTIMIZED and \
+                frame.f_code.co_filename.startswith(PROJECT):
             key = (str(Path(frame.f_code.co_filename).relative_to(ROOT)), frame.f_code.co_qualname)
             if "<" not in key[1]:  # comprehensions and lambdas are part of the function that holds them
                 seen.setdefault(key, len(seen))
@@ -33,6 +38,8 @@ def main(argv: list[str]) -> int:
     finally:
         sys.setprofile(None)
     walk = sorted(seen, key=seen.get)
+    arrived = next(i for i, (_, function) in enumerate(walk) if function.endswith(".fit"))
+    walk = walk[next(i for i, (_, function) in enumerate(walk) if function == "cmd_fit"):arrived + 1]
     files, reentries, last = [], 0, None
     for file, function in walk:
         print(f"{file}:{function}")

@@ -37,6 +37,7 @@ Version-1 files (no ``/blocks``) are read and resumed without that check.
 
 from __future__ import annotations
 
+import difflib
 import errno
 import json
 import os
@@ -49,7 +50,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import TapsError
+from .errors import TapsError, UsageError
 from .files import check_free_space
 from .identity import FileIdentity
 from .pooling import DEFAULT_POOLING, matches_pooling
@@ -459,6 +460,10 @@ class FeatureFile:
             if key in self.taps and (key == tap_key(tap, pooling, True) or matches_pooling(self.taps[key].pooling, pooling)):
                 return key
         have = ", ".join(sorted(self.taps, key=natural_key)) or "none"
+        names = sorted({r.tap for r in self.taps.values()})
+        close = difflib.get_close_matches(tap, names, n=2, cutoff=0.75)
+        if close and tap not in names:  # a misspelt tap: a usage error, not a missing extraction
+            raise UsageError(f"tap {tap!r} is not in {self.path}; did you mean {' or '.join(close)}? (it has: {have})")
         raise TapsError(f"tap {tap!r} (pooling {pooling}) is not in {self.path} (it has: {have}); "
                         f"run `taps extract ... --taps {tap} --pool {pooling}` first")
 

@@ -313,9 +313,12 @@ def cmd_fit(args) -> None:
     if not args.features:  # before reading the dataset: a tap the backbone lacks is a usage error
         _check_tap_names(args, _backbone(args))
     features = _features_file(args)
-    backbone = _backbone(args, features.attrs["backbone"])
-    _check_tap_names(args, backbone)
-    tap = args.tap or backbone.default_tap
+    if args.features and args.tap:  # the file names the taps it has when one is missing: no network to build
+        tap = args.tap
+    else:
+        backbone = _backbone(args, features.attrs["backbone"])
+        _check_tap_names(args, backbone)
+        tap = args.tap or backbone.default_tap
     run_dir, results, reused = fit_run(features, tap, args.pool, options, _protocol(args, features), seeds=args.seeds,
                                        runs_root=args.out, force=args.force)
     m, used = results.metrics, results.features
