@@ -63,10 +63,13 @@ def _add_dataset_args(p: argparse.ArgumentParser) -> None:
 def _add_backbone_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     g = p.add_argument_group("backbone")
     g.add_argument("--backbone", default=DEFAULT_BACKBONE,
-                   help="torchvision model name" + (", or several comma-separated" if many else "") + " (default: %(default)s)")
+                   help="torchvision model name or timm:NAME" + (", or several comma-separated" if many else "")
+                        + " (default: %(default)s)")
     g.add_argument("--weights", default="auto",
                    help="auto (DEFAULT, or the cached pretrained weights offline), DEFAULT, an enum name such as "
-                        "IMAGENET1K_V1, none, or a local .pth state dict (default: %(default)s)")
+                        "IMAGENET1K_V1 or timm tag, none, or a local .pth state dict" +
+                        ("; one for all backbones or one per backbone, comma-separated" if many else "")
+                        + " (default: %(default)s)")
     g.add_argument("--image-size", type=int, help="square input size instead of the weights' preprocessing")
 
 
@@ -138,9 +141,18 @@ def _images(args):
 
 
 def _backbone(args, name: str | None = None):
+    """``name`` (default: the first of --backbone) with its --weights: one value for every backbone, or
+    one per backbone in the order of --backbone."""
     from features.backbones import Backbone
 
-    return Backbone(name or args.backbone, weights=args.weights, image_size=args.image_size)
+    names = _csv_list(args.backbone)
+    name = name or names[0]
+    weights = _csv_list(args.weights) if args.weights else [args.weights]
+    if len(weights) not in (1, len(names)):
+        raise UsageError(f"--weights has {len(weights)} values for {len(names)} backbones; pass one for all, "
+                         f"or one per backbone in the order of --backbone")
+    chosen = weights[names.index(name)] if len(weights) > 1 and name in names else weights[0]
+    return Backbone(name, weights=chosen, image_size=args.image_size)
 
 
 def cmd_list(args) -> None:
@@ -282,27 +294,54 @@ def extract_command(args, backbone: str | None = None) -> str:
     return shlex.join(parts)
 
 
-def _features_file(args, backbone_name: str | None = None):
+def _features_file(args):
     """The feature file named by --features (taken as it is, but not with other preprocessing), or the
-    one `extract` writes for the same settings, checked against the dataset as it is now."""
+    one `extract` writes for the same settings, checked against the dataset as it is now; with several
+    backbones (or files), their files joined (:class:`features.joined.JoinedFeatures`)."""
     from features.catalog import find_feature_file
+    from features.joined import JoinedFeatures
     from features.store import FeatureFile
 
     if getattr(args, "features", None):
-        features = FeatureFile(args.features)
+        files = [FeatureFile(path) for path in _csv_list(args.features)]
         if args.image_size:
-            bb = _backbone(args, features.attrs["backbone"])
-            features.check_made_from({"transform": bb.transform_spec()}, "drop --image-size, or pass the file "
-                                     "extracted with it")
-        return features
-    bb = _backbone(args, backbone_name)
-    try:
-        images = _images(args)
-    except TapsError as exc:
-        raise type(exc)(f"{exc} (fit reads the dataset to check that its feature file still matches it; pass "
-                        f"--features FILE to fit on a file as it is)") from None
-    return find_feature_file(images, bb, args.features_root, extract_command(args, bb.name),
-                             verify_content=args.verify_content)
+            for features in files:
+                bb = _backbone(args, features.attrs["backbone"])
+                features.check_made_from({"transform": bb.transform_spec()}, "drop --image-size, or pass the file "
+                                         "extracted with it")
+    else:
+        backbones = [_backbone(args, name) for name in _csv_list(args.backbone)]
+        try:
+            images = _images(args)
+        except TapsError as exc:
+            raise type(exc)(f"{exc} (fit reads the dataset to check that its feature file still matches it; pass "
+                            f"--features FILE to fit on a file as it is)") from None
+        files = [find_feature_file(images, bb, args.features_root, extract_command(args, bb.name),
+                                   verify_content=args.verify_content) for bb in backbones]
+    return files[0] if len(files) == 1 else JoinedFeatures(files)
+
+
+def _fit_tap(args, features) -> str:
+    """--tap, checked against the backbones where that needs no network; without it each backbone's
+    standard embedding (fused when there are several)."""
+    from features.joined import BACKBONE_SEPARATOR, JoinedFeatures
+
+    if args.features and args.tap:  # the file names the taps it has when one is missing: no network to build
+        return args.tap
+    if not isinstance(features, JoinedFeatures):
+        backbone = _backbone(args, features.attrs["backbone"])
+        _check_tap_names(args, backbone)
+        return args.tap or backbone.default_tap
+    backbones = {name: _backbone(args, name) for name in features.files}
+    if args.tap and args.tap != "auto":
+        from features.joined import split_key
+
+        from .fusion import tap_set
+        for member in tap_set(args.tap):
+            name, tap = split_key(member)
+            if name in backbones:
+                backbones[name].resolve_taps([tap])
+    return args.tap or "+".join(f"{name}{BACKBONE_SEPARATOR}{bb.default_tap}" for name, bb in backbones.items())
 
 
 def cmd_fit(args) -> None:
@@ -310,21 +349,17 @@ def cmd_fit(args) -> None:
     from .report import fmt
 
     options = _fit_options(args)
-    if not args.features:  # before reading the dataset: a tap the backbone lacks is a usage error
+    if not args.features and "," not in args.backbone:  # before the dataset: a tap the backbone lacks is a usage error
         _check_tap_names(args, _backbone(args))
     features = _features_file(args)
-    if args.features and args.tap:  # the file names the taps it has when one is missing: no network to build
-        tap = args.tap
-    else:
-        backbone = _backbone(args, features.attrs["backbone"])
-        _check_tap_names(args, backbone)
-        tap = args.tap or backbone.default_tap
+    tap = _fit_tap(args, features)
     run_dir, results, reused = fit_run(features, tap, args.pool, options, _protocol(args, features), seeds=args.seeds,
                                        runs_root=args.out, force=args.force)
     m, used = results.metrics, results.features
     chosen = ", ".join(f"{v:g}" for v in results.chosen[options.param])
     selection = "; ".join(dict.fromkeys(s.selection for s in results.per_seed))
-    print(f"{'reused' if reused else 'fitted'} {options.clf} on {used.tap} ({used.dim}-D) of {features.path.name}, "
+    files = " + ".join(p.name for p in getattr(features, "paths", [features.path]))
+    print(f"{'reused' if reused else 'fitted'} {options.clf} on {used.tap} ({used.dim}-D) of {files}, "
           f"protocol {results.settings['protocol']}, {args.seeds} seed(s), {options.param} by {selection}")
     if results.per_seed[0].tap_selection:
         print(f"--tap auto ({options.select}) chose: " + "; ".join(
@@ -505,11 +540,11 @@ def _add_fit_command(sub) -> None:
 
     p = sub.add_parser("fit", help="fit a classifier on one cached tap and score it")
     _add_dataset_args(p)
-    _add_backbone_args(p)
+    _add_backbone_args(p, many=True)
     p.add_argument("--tap", help="tap to fit on; taps joined by + are fused (block14+pooled); auto chooses the set "
                                  "among the file's taps on each training split (default: the standard embedding)")
     p.add_argument("--pool", default=DEFAULT_POOLING, choices=POOLINGS, help="pooling the tap was extracted with (default: %(default)s)")
-    p.add_argument("--features", help="a feature file, instead of finding it from the settings")
+    p.add_argument("--features", help="a feature file (or several, comma-separated: one per backbone), instead of finding it from the settings")
     p.add_argument("--features-root", default=FEATURES_ROOT, help="where `extract` wrote (default: %(default)s)")
     p.add_argument("--device", default="auto", help="device for the torch solvers (default: %(default)s)")
     _add_fit_args(p)

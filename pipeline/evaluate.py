@@ -23,8 +23,8 @@ from sklearn.metrics import classification_report, confusion_matrix
 
 from features.errors import TapsError, UsageError
 from features.files import check_output_folder
+from features.joined import BACKBONE_SEPARATOR, Features, owner
 from features.pooling import matches_pooling
-from features.store import FeatureFile
 
 from .fusion import AUTO, Groups, column_groups, tap_set
 from .heads import DEFAULT_PREPROCESS, get_classifier, streaming_classifiers
@@ -39,7 +39,7 @@ from .streaming import StreamedLinear, matrix_bytes
 from .tapselect import select_taps
 
 
-def load_matrix(features: FeatureFile, key: str) -> np.ndarray:
+def load_matrix(features: Features, key: str) -> np.ndarray:
     """The matrix of tap ``key``, refusing NaN or inf with the tap name and count."""
     X = features.matrix(key)
     bad = ~np.isfinite(X).all(axis=1) & features.valid
@@ -49,7 +49,7 @@ def load_matrix(features: FeatureFile, key: str) -> np.ndarray:
     return X
 
 
-def selecting_model(features: FeatureFile, key: str, options: FitOptions, seed: int,
+def selecting_model(features: Features, key: str, options: FitOptions, seed: int,
                     streaming: bool, groups: Groups | None = None) -> SelectedClassifier:
     """The estimator that chooses C or weight decay by CV and refits: in memory on the tap's matrix, or
     streaming from the file, where its X are row indices. Both select the same way."""
@@ -62,7 +62,7 @@ def selecting_model(features: FeatureFile, key: str, options: FitOptions, seed: 
                     groups=groups)
 
 
-def tap_keys(features: FeatureFile, tap: str, pooling: str, candidates: list[str] | None = None) -> list[str]:
+def tap_keys(features: Features, tap: str, pooling: str, candidates: list[str] | None = None) -> list[str]:
     """The file keys a tap spec reads: one tap, a ``+`` set, or for ``auto`` the candidates of the
     selection: ``candidates``, or every complete tap of this pooling in the file (in depth order)."""
     if tap != AUTO:
@@ -78,11 +78,12 @@ def tap_keys(features: FeatureFile, tap: str, pooling: str, candidates: list[str
     return _made_alike(features, keys)
 
 
-def _made_alike(features: FeatureFile, keys: list[str]) -> list[str]:
-    """``keys``, after refusing to fuse taps computed with different precisions, decoders or runtimes:
-    their columns would not mean what they mean at predict time, which rebuilds them in one pass."""
+def _made_alike(features: Features, keys: list[str]) -> list[str]:
+    """``keys``, after refusing to fuse taps of one backbone computed with different precisions, decoders
+    or runtimes: their columns would not mean what they mean at predict time, which rebuilds each
+    backbone's taps in one pass."""
     ways = {k: features.taps[k].made_like() for k in keys}
-    if len(set(ways.values())) > 1:
+    if any(len({w for k, w in ways.items() if owner(k) == o}) > 1 for o in {owner(k) for k in keys}):
         shown = "; ".join(f"{k}: precision {p}, decode {d}, runtime {r}" for k, (p, d, r) in ways.items())
         raise UsageError(f"the taps to fuse in {features.path.name} were made differently ({shown}); re-extract "
                          f"them together with the same `taps extract ... --force` settings")
@@ -90,9 +91,10 @@ def _made_alike(features: FeatureFile, keys: list[str]) -> list[str]:
 
 
 def _natural(key: str) -> tuple:
-    """block2 before block10, numbered blocks before named taps."""
-    match = re.fullmatch(r"(\D*)(\d+)", key.split("@")[0])
-    return (0, match[1], int(match[2])) if match else (1, key, 0)
+    """By backbone, then block2 before block10 (block3.1 before block3, the end of its stage), then named taps."""
+    backbone, tap = owner(key), key.rpartition(BACKBONE_SEPARATOR)[2]
+    match = re.fullmatch(r"(\D*)(\d+)(?:\.(\d+))?", tap.split("@")[0])
+    return (backbone, 0, match[1], int(match[2]), int(match[3] or 1e9)) if match else (backbone, 1, tap, 0, 0)
 
 
 @dataclass
@@ -108,7 +110,7 @@ class TapEvaluation:
         return [s.fit_seconds for s in self.per_seed]
 
 
-def _check_streaming(features: FeatureFile, key: str, options: FitOptions) -> bool:
+def _check_streaming(features: Features, key: str, options: FitOptions) -> bool:
     """Whether this fit streams from the file (its matrix is over the memory budget); refuses what cannot."""
     dim = features.taps[key].dim
     need, budget = matrix_bytes(int(features.valid.sum()), dim), options.budget_bytes()
@@ -151,7 +153,7 @@ def _check_pca(options: FitOptions, dim: int, n_train: int) -> None:
                                  f"{', less a CV fold' if len(options.grid) > 1 else ''}); lower K")
 
 
-def _load(features: FeatureFile, keys: list[str], options: FitOptions) -> tuple[np.ndarray | None, Groups | None, bool]:
+def _load(features: Features, keys: list[str], options: FitOptions) -> tuple[np.ndarray | None, Groups | None, bool]:
     """The matrix a fit reads (None when it streams), each tap's columns when taps are fused, and
     whether it streams."""
     if len(keys) == 1:
@@ -172,7 +174,7 @@ def _columns(X: np.ndarray, groups: Groups, keys: list[str]) -> tuple[np.ndarray
     return X[:, cols], column_groups({k: groups[k][1] - groups[k][0] for k in keys})
 
 
-def evaluate_tap(features: FeatureFile, tap: str, pooling: str, options: FitOptions, protocol: Protocol,
+def evaluate_tap(features: Features, tap: str, pooling: str, options: FitOptions, protocol: Protocol,
                  seeds: int, *, candidates: list[str] | None = None) -> TapEvaluation:
     """Fit and score one tap, a fused set (``a+b``) or ``auto`` (the set chosen on each training split
     from ``candidates``, default every tap in the file) over ``seeds`` seeded splits (seed s uses split
@@ -221,18 +223,18 @@ def evaluate_tap(features: FeatureFile, tap: str, pooling: str, options: FitOpti
     return TapEvaluation(per_seed, summarize([s.metrics for s in per_seed]), model0, taps0, predictions)
 
 
-def features_record(features: FeatureFile, keys: list[str]) -> FeaturesUsed:
+def features_record(features: Features, keys: list[str]) -> FeaturesUsed:
     """The file's settings and the taps the saved model reads (joined by ``+`` when fused; ``taps`` lists each)."""
     records = [features.taps[k] for k in keys]
-    taps = tuple(TapUsed(tap=r.key, node=r.node, pooling=r.pooling, dim=r.dim, precision=r.precision,
-                         decode=r.decode, runtime=r.runtime) for r in records)
+    taps = tuple(TapUsed(tap=k, node=r.node, pooling=r.pooling, dim=r.dim, precision=r.precision,
+                         decode=r.decode, runtime=r.runtime) for k, r in zip(keys, records, strict=True))
     joined = {name: "+".join(dict.fromkeys(str(getattr(t, name)) for t in taps))
               for name in ("pooling", "precision", "decode", "runtime")}
     return FeaturesUsed(**features.settings(), path=str(features.path.resolve()), tap="+".join(keys),
                         node="+".join(r.node for r in records), dim=sum(r.dim for r in records), **joined, taps=taps)
 
 
-def fit_run(features: FeatureFile, tap: str, pooling: str, options: FitOptions, protocol: Protocol, *,
+def fit_run(features: Features, tap: str, pooling: str, options: FitOptions, protocol: Protocol, *,
             seeds: int = 1, runs_root: Path | str = "runs", force: bool = False,
             candidates: list[str] | None = None) -> tuple[Path, RunResult, bool]:
     """Evaluate one tap, tap set or ``auto`` (choosing among ``candidates``) and write its run folder;
@@ -274,7 +276,7 @@ def staged(run_dir: Path):
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _write_run(run_dir: Path, features: FeatureFile, settings: dict, ev: TapEvaluation, options: FitOptions,
+def _write_run(run_dir: Path, features: Features, settings: dict, ev: TapEvaluation, options: FitOptions,
                protocol: Protocol) -> RunResult:
     """Write a run's model, predictions, per-class table, confusion matrix and results.json; -> the results."""
     varies = ("the train/test split and the CV folds" if protocol.record.random

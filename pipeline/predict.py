@@ -18,11 +18,12 @@ from features.blocks import BlockSource, prepare_forward
 from features.datasets import FileImageSet
 from features.errors import TapsError, UsageError
 from features.files import file_sha256
+from features.joined import owner
 from features.options import TORCH, RunConfig, resolve_device, resolve_precision
 from features.pooling import DEFAULT_POOLING, UNPOOLED
 from features.store import FeatureFile
 
-from .results import FeaturesUsed, RunResult, TapUsed
+from .results import FeaturesUsed, TapUsed
 from .runs import load_model, load_results
 
 
@@ -81,9 +82,8 @@ def _check_record(f: FeaturesUsed) -> None:
                             f"with {made[key]}: the record was edited; rerun `taps fit --force` to record it again")
 
 
-def backbone_for(results: RunResult, weights: str | None = None) -> Backbone:
-    """Rebuild the backbone and preprocessing recorded in a run."""
-    f = results.features
+def backbone_for(f: FeaturesUsed, weights: str | None = None) -> Backbone:
+    """Rebuild the backbone and preprocessing a run records (one backbone's part of it: :func:`per_backbone`)."""
     _check_record(f)
     spec = weights_for(f, weights)
     bb = Backbone(f.backbone, weights=spec)
@@ -115,54 +115,96 @@ def _forward(bb: Backbone, taps: list[Tap], cfg: RunConfig):
     return prepare_forward(bb, taps, cfg, 0)
 
 
-def predict_images(run_dir: Path | str, images: list[str], device: str = "auto", batch_size: int = 32,
-                   weights: str | None = None) -> list[Prediction]:
-    """Classify image files with a run's model, through the chain that made its training features:
-    the same backbone, weights, preprocessing, decoder, tap, pooling and precision, and the
-    extraction's own decode-and-embed code (:class:`features.blocks.BlockSource`)."""
-    for image in images:  # a device or a folder would be read without end, or not at all
-        if Path(image).exists() and not Path(image).is_file():
-            raise UsageError(f"{image} is not a regular file; pass image files")
-    results = load_results(Path(run_dir))
-    model = load_model(Path(run_dir), results)
-    bb = backbone_for(results, weights)
-    f = results.features
-    records = f.taps or [TapUsed(tap=f.tap, node=f.node, dim=f.dim, pooling=f.pooling, precision=f.precision,
-                                 decode=f.decode, runtime=f.runtime)]  # runs from before fused taps were listed
+def per_backbone(f: FeaturesUsed) -> list[tuple[FeaturesUsed, list[TapUsed]]]:
+    """A run's record split by backbone: each backbone's settings and the taps the model reads from it,
+    in the model's column order (one part for a run on one feature file)."""
+    records = f.taps or (TapUsed(tap=f.tap, node=f.node, dim=f.dim, pooling=f.pooling, precision=f.precision,
+                                 decode=f.decode, runtime=f.runtime),)  # runs from before fused taps were listed
+    names = f.backbone.split("+")
+    if len(names) == 1:
+        return [(f, list(records))]
+    columns = {key: str(value).split("+") for key, value in
+               (("weights", f.weights), ("transform", f.transform), ("image_size", f.image_size))}
+    parts = []
+    for i, name in enumerate(names):
+        mine = [r for r in records if owner(r.tap) == name]
+        one = dataclasses.replace(f, backbone=name, weights=columns["weights"][i], weights_sha256=None, path=None,
+                                  transform=columns["transform"][i], taps=tuple(mine),
+                                  image_size=None if columns["image_size"][i] == "None" else int(columns["image_size"][i]))
+        parts.append((one, mine))
+    return parts
+
+
+def _embed(f: FeaturesUsed, records: list[TapUsed], files: FileImageSet, device: str, batch_size: int,
+           weights: str | None) -> tuple[dict[str, np.ndarray], dict[int, str]]:
+    """One backbone's pass over the images: every tap it gives the model (rows of unreadable images are
+    zero), and the errors by image index."""
+    bb = backbone_for(f, weights)
     taps = [_tap(bb, r) for r in records]
     spatial = {r.pooling for r in records} - {UNPOOLED}
-    pooling = spatial.pop() if spatial else DEFAULT_POOLING
-    dev = resolve_device(device)
     runtime = f.runtime or TORCH  # runs from before the runtime was recorded ran torch
     if any("+" in (value or "") for value in (f.decode, f.precision, f.runtime)):
         raise TapsError(f"the fused taps of this run were extracted with different decoders, precisions or "
                         f"runtimes ({f.decode}, {f.precision}, {runtime}), which one pass "
                         f"cannot reproduce; re-extract them together with `taps extract --force` and refit")
-    precision = f.precision or resolve_precision("auto", dev)
-    decode = f.decode or "pil"  # runs from before the decoder was recorded decoded with PIL
-    cfg = RunConfig(pooling=pooling, device=dev, precision=precision, workers=0, channels_last=True,
-                    on_error="skip", draft=True, loader="inline", compile="off", decode=decode,
+    dev = resolve_device(device)
+    cfg = RunConfig(pooling=spatial.pop() if spatial else DEFAULT_POOLING, device=dev,
+                    precision=f.precision or resolve_precision("auto", dev), workers=0, channels_last=True,
+                    on_error="skip", draft=True, loader="inline", compile="off",
+                    decode=f.decode or "pil",  # runs from before the decoder was recorded decoded with PIL
                     runtime=runtime)
-    # every tap the model reads, in one forward pass, by the runtime that made the training features
-    forward = _forward(bb, taps, cfg)
-    files = FileImageSet("predict", Path("/"), [Path(p).absolute() for p in images], ["?"], np.zeros(len(images)))
+    forward = _forward(bb, taps, cfg)  # every tap of this backbone in one pass, by the runtime that made them
     source = BlockSource.of(files, bb.pixel_transform(), cfg)
-    classes = results.classes
-    out: list[Prediction] = []
+    out = {t.name: np.zeros((len(files), r.dim), np.float32) for t, r in zip(taps, records, strict=True)}
+    errors: dict[int, str] = {}
+    for start in range(0, len(files), batch_size):
+        block = source.embed(source.load(start, min(start + batch_size, len(files))), forward)
+        errors.update(block.errors)
+        rows = [i for i in range(block.start, block.stop) if i not in block.errors]
+        for name, values in block.taps.items():
+            out[name][rows] = values
+    return out, errors
+
+
+def predict_images(run_dir: Path | str, images: list[str], device: str = "auto", batch_size: int = 32,
+                   weights: str | None = None) -> list[Prediction]:
+    """Classify image files with a run's model, through the chain that made its training features:
+    the same backbones, weights, preprocessing, decoder, taps, pooling and precision, and the
+    extraction's own decode-and-embed code (:class:`features.blocks.BlockSource`), one pass per backbone.
+    ``weights``: one value for every backbone, or one per backbone, comma-separated."""
+    for image in images:  # a device or a folder would be read without end, or not at all
+        if Path(image).exists() and not Path(image).is_file():
+            raise UsageError(f"{image} is not a regular file; pass image files")
+    results = load_results(Path(run_dir))
+    model = load_model(Path(run_dir), results)
+    parts = per_backbone(results.features)
+    given = (weights or "").split(",") if weights and len(parts) > 1 else [weights] * len(parts)
+    if len(given) == 1:
+        given = given * len(parts)
+    if len(given) != len(parts):
+        raise UsageError(f"--weights has {len(given)} values for this run's {len(parts)} backbones; pass one per "
+                         f"backbone in the run's order ({results.features.backbone.replace('+', ', ')})")
+    files = FileImageSet("predict", Path("/"), [Path(p).absolute() for p in images], ["?"], np.zeros(len(images)))
+    columns, errors = {}, {}
+    for (f, records), w in zip(parts, given, strict=True):
+        embedded, failed = _embed(f, records, files, device, batch_size, w or None)
+        columns.update(embedded)
+        errors.update({i: e for i, e in failed.items() if i not in errors})
+    order = [r.tap for r in results.features.taps] or list(columns)
+    return _classify(model, results.classes, images, np.hstack([columns[t] for t in order]), errors)
+
+
+def _classify(model, classes: list[str], images: list[str], X: np.ndarray, errors: dict[int, str]) -> list[Prediction]:
     has_proba = hasattr(model, "predict_proba")
-    for start in range(0, len(images), batch_size):
-        block = source.embed(source.load(start, min(start + batch_size, len(images))), forward)
-        errors = block.errors
-        out += [Prediction(images[i], None, None, "", errors[i]) for i in sorted(errors)]
-        if any(t.name not in block.taps for t in taps):
-            continue
-        X = np.hstack([block.taps[t.name] for t in taps])
-        scores = model.predict_proba(X) if has_proba else model.decision_function(X)
+    good = [i for i in range(len(images)) if i not in errors]
+    out = [Prediction(images[i], None, None, "", errors[i]) for i in sorted(errors)]
+    if good:
+        scores = model.predict_proba(X[good]) if has_proba else model.decision_function(X[good])
         if scores.ndim == 1:  # binary decision function: score of the positive class
             scores = np.stack([-scores, scores], axis=1)
-        for i, row in zip([i for i in range(block.start, block.stop) if i not in errors], scores, strict=True):
+        for i, row in zip(good, scores, strict=True):
             best = int(np.argmax(row))
-            label = classes[int(model.classes_[best])]
-            out.append(Prediction(images[i], label, float(row[best]), "probability" if has_proba else "score"))
+            out.append(Prediction(images[i], classes[int(model.classes_[best])], float(row[best]),
+                                  "probability" if has_proba else "score"))
     order = {p: i for i, p in enumerate(images)}
     return sorted(out, key=lambda p: order[p.image])

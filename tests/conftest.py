@@ -212,3 +212,18 @@ def split_features(tiny_folder, tmp_path_factory, cpu_run):
     report = extract(images, Backbone("resnet18", weights="none", image_size=32), FUSED_TAPS,
                      out=tmp_path_factory.mktemp("fs"), **RUN)
     return images, FeatureFile(report.path)
+
+
+
+@pytest.fixture(scope="module")
+def two_backbones(tiny_flat, tmp_path_factory):
+    """The flat dataset through two random-weights backbones (resnet18: layer2, avgpool; mobilenet_v2:
+    block3, pooled), each in its feature file of one features root: (CLI data arguments, root)."""
+    from pipeline.cli import main
+
+    root = tmp_path_factory.mktemp("two")
+    data = ["--dataset", f"folder:{tiny_flat}", "--features-root", str(root / "fs")]
+    for backbone, taps in (("resnet18", "layer2,avgpool"), ("mobilenet_v2", "block3,pooled")):
+        assert main(["extract", *data, "--backbone", backbone, "--weights", "none", "--image-size", "32",
+                     "--taps", taps, *QUIET]) == 0
+    return data, root

@@ -1,0 +1,86 @@
+"""Taps of several backbones in one answer: tap sets across feature files, --tap auto across them,
+per-backbone weights, and predict through every backbone of a run."""
+
+import numpy as np
+import pytest
+
+from features.errors import TapsError
+from features.joined import JoinedFeatures
+from features.store import FeatureFile
+from pipeline.cli import main
+from pipeline.predict import predict_images
+from pipeline.runs import load_model, load_results
+
+TWO_BACKBONES = ["--backbone", "resnet18,mobilenet_v2", "--weights", "none", "--image-size", "32"]
+FIT = ["--clf", "logreg", "--grid", "1", "--device", "cpu", "--protocol", "per-class:5"]
+
+
+def _run(capsys) -> str:
+    return capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_a_tap_set_across_backbones_is_the_files_columns_side_by_side(two_backbones, tmp_path, capsys):
+    data, root = two_backbones
+    files = {FeatureFile(p).attrs["backbone"]: FeatureFile(p) for p in (root / "fs").rglob("*.h5")}
+    assert main(["fit", *data, *TWO_BACKBONES, *FIT, "--tap", "mobilenet_v2/block3+resnet18/avgpool",
+                 "--out", str(tmp_path)]) == 0
+    run = _run(capsys)
+    results = load_results(run)
+    assert results.features.tap == "mobilenet_v2/block3+resnet18/avgpool"
+    assert results.features.dim == files["mobilenet_v2"].taps["block3"].dim + 512
+    assert results.features.backbone == "resnet18+mobilenet_v2"
+    X = np.hstack([files["mobilenet_v2"].read("block3", "avg"), files["resnet18"].read("avgpool", "avg")])
+    model = load_model(run, results)
+    # predict runs each backbone over the images and gives what the model says of their stored rows
+    flat = files["resnet18"]
+    rows = [0, 11, 25]
+    images = [str(data[1].split(":", 1)[1] + "/" + flat.ids[i]) for i in rows]
+    predicted = [p.label for p in predict_images(run, images, device="cpu", weights="none")]
+    assert predicted == [flat.classes[int(c)] for c in model.predict(X[rows])]
+
+
+def test_tap_auto_chooses_across_every_tap_of_every_backbone_inside_cv(two_backbones, tmp_path, capsys):
+    data, _ = two_backbones
+    assert main(["fit", *data, *TWO_BACKBONES, *FIT, "--tap", "auto", "--seeds", "2", "--out", str(tmp_path)]) == 0
+    results = load_results(_run(capsys))
+    assert results.settings["candidates"] == ["mobilenet_v2/block3", "mobilenet_v2/pooled", "resnet18/layer2",
+                                              "resnet18/avgpool"]
+    assert all(set(s.taps) <= set(results.settings["candidates"]) for s in results.per_seed)
+    # without --tap: each backbone's standard embedding, fused
+    assert main(["fit", *data, *TWO_BACKBONES, *FIT, "--out", str(tmp_path)]) == 0
+    assert load_results(_run(capsys)).features.tap == "resnet18/avgpool+mobilenet_v2/pooled"
+
+
+@pytest.mark.parametrize("tap, message", [
+    ("avgpool", "tap 'avgpool' does not name its backbone; with several backbones write BACKBONE/TAP"),
+    ("vgg16/fc7", "tap 'vgg16/fc7' names backbone 'vgg16', which is not one of resnet18, mobilenet_v2"),
+    ("resnet18/avgpol", "unknown tap 'avgpol' for resnet18; did you mean avgpool?"),
+])
+def test_a_cross_backbone_tap_that_names_no_backbone_or_a_wrong_one_is_one_line(two_backbones, tmp_path, capsys,
+                                                                               tap, message):
+    data, _ = two_backbones
+    assert main(["fit", *data, *TWO_BACKBONES, *FIT, "--tap", tap, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_weights_per_backbone(two_backbones, tmp_path, capsys):
+    data, _ = two_backbones
+    bad = ["--backbone", "resnet18,mobilenet_v2", "--weights", "none,none,none", "--image-size", "32"]
+    assert main(["fit", *data, *bad, *FIT, "--out", str(tmp_path)]) == 2
+    assert "--weights has 3 values for 2 backbones" in capsys.readouterr().err
+    # one value per backbone, in order: IMAGENET1K_V1 is a torchvision name, refused for the timm backbone
+    mixed = ["--backbone", "mobilenet_v2,timm:resnet18", "--weights", "none,IMAGENET1K_V1"]
+    assert main(["fit", *data, *mixed, *FIT, "--out", str(tmp_path)]) == 2
+    assert "unknown weights 'IMAGENET1K_V1' for timm:resnet18" in capsys.readouterr().err
+
+
+def test_files_of_other_samples_are_not_joined(two_backbones, split_features, tiny_features):
+    _, root = two_backbones
+    mine = FeatureFile(next((root / "fs").rglob("mobilenet_v2*.h5")))
+    with pytest.raises(TapsError, match="do not describe the same samples: their dataset differ"):
+        JoinedFeatures([mine, split_features[1]])
+    joined = JoinedFeatures([mine, tiny_features[1]])  # the same images, extracted apart: the same samples
+    assert joined.valid.all() and sorted(joined.taps)[0] == "mobilenet_v2/block3"
+    with pytest.raises(TapsError, match="two feature files of the same backbone"):
+        JoinedFeatures([tiny_features[1], FeatureFile(next((root / "fs").rglob("resnet18*.h5")))])
