@@ -420,14 +420,16 @@ def cmd_compare(args) -> None:
     print(f"read {images.name}: {images.class_counts()}")
     backbones = [_backbone(args, name) for name in _csv_list(args.backbone)]
     protocol = parse_protocol(args.protocol, args.test_per_class, has_split=images.splits or False)
-    if args.score:  # no fit: LogME per tap, ranked
-        for bb in backbones:
-            ranked = score_taps(images, bb, args.taps, protocol, extract_options=_extract_options(args))
-            print(f"{'rank':<6}{'backbone':<14}{'tap':<14}{'dim':>6}{'LogME':>10}")
-            print("\n".join(f"{r['rank']:<6}{r['backbone']:<14}{r['tap']:<14}{r['dim']:>6}{r['logme']:>10.4f}"
-                            for r in ranked))
-            print(f"scored {len(ranked)} taps of {bb.name} in {ranked[0]['seconds']:.1f} s (LogME on seed 0's "
-                  f"training split, no fit)")
+    if args.score:  # no fit: LogME per tap, every backbone's taps ranked in one list
+        scored = [score_taps(images, bb, args.taps, protocol, extract_options=_extract_options(args))
+                  for bb in backbones]
+        ranked = sorted((r for rows in scored for r in rows), key=lambda r: -r["logme"])
+        wide = max(14, *(len(r["backbone"]) + 2 for r in ranked))
+        print(f"{'rank':<6}{'backbone':<{wide}}{'tap':<14}{'dim':>6}{'LogME':>10}")
+        print("\n".join(f"{i + 1:<6}{r['backbone']:<{wide}}{r['tap']:<14}{r['dim']:>6}{r['logme']:>10.4f}"
+                        for i, r in enumerate(ranked)))
+        print(f"scored {len(ranked)} taps of {', '.join(bb.name for bb in backbones)} in "
+              f"{sum(rows[0]['seconds'] for rows in scored):.1f} s (LogME on seed 0's training split, no fit)")
         return
     clfs = _csv_list(args.clf)
     if len(clfs) > 1 and args.grid:

@@ -26,6 +26,7 @@ from features.datasets import ImageSet
 from features.errors import UsageError
 from features.extract import extract
 from features.files import path_safe
+from features.joined import BACKBONE_SEPARATOR, JoinedFeatures, owner, split_key
 from features.options import ExtractOptions
 from features.pooling import DEFAULT_POOLING, recorded_pooling
 from features.store import FeatureFile
@@ -36,7 +37,7 @@ from .options import FitOptions
 from .protocols import Protocol, check_protocol, make_split
 from .report import plot_comparison
 from .results import RunResult
-from .runs import load_predictions, settings_digest
+from .runs import load_model, load_predictions, settings_digest
 from .significance import bootstrap, interval, paired_difference, sample_weights
 from .transfer import logme
 
@@ -64,6 +65,48 @@ def plan_taps(backbone: Backbone, taps: list[str] | None, fuse: bool,
     return resolved, sets, needed
 
 
+def _cross_sets(backbones: list[Backbone], taps: list[str] | None,
+                fuse: bool) -> tuple[dict[str, list[str] | None], list[str]]:
+    """``taps`` as each backbone's own specs (a plain name is every backbone's; ``A/t`` and ``A/t+A/u`` are
+    A's) and the sets across backbones (``A/t+B/u``; with ``fuse`` and several backbones, ``auto`` chosen
+    among every single tap of every backbone)."""
+    own: dict[str, list[str]] = {b.name: [] for b in backbones}
+    across = []
+    for spec in taps or []:
+        if BACKBONE_SEPARATOR not in spec:
+            for specs in own.values():
+                specs.append(spec)
+            continue
+        members = [split_key(m) for m in tap_set(spec)]
+        for name, _ in members:
+            if name not in own:
+                raise UsageError(f"tap {spec!r} names backbone {name!r}, which is not one of {', '.join(own)}; "
+                                 f"pass it with --backbone")
+        if len({name for name, _ in members}) == 1:
+            own[members[0][0]].append("+".join(tap for _, tap in members))
+        else:
+            across.append(spec)
+    return {name: specs or None for name, specs in own.items()}, across + ([AUTO] if fuse and len(own) > 1 else [])
+
+
+def tap_shares(run_dir: Path, results: RunResult) -> dict[str, float] | None:
+    """Each tap's share of the seed-0 model's squared weights (the taps' columns are standardised one by
+    one, so their weights compare), and each backbone's (their taps' sum); None when the model has no
+    linear weights over the taps' own columns (knn, PCA)."""
+    model = load_model(run_dir, results)
+    coef = getattr(model[-1] if hasattr(model, "steps") else model, "coef_", None)
+    taps = results.features.taps
+    if coef is None or np.shape(coef)[-1] != sum(t.dim for t in taps):
+        return None
+    energy = np.square(np.asarray(coef, dtype=np.float64)).sum(axis=0)
+    edges = np.cumsum([0] + [t.dim for t in taps])
+    per_tap = {t.tap: float(energy[a:b].sum() / energy.sum()) for t, a, b in zip(taps, edges, edges[1:], strict=False)}
+    per_backbone: dict[str, float] = {}
+    for tap, share in per_tap.items():
+        per_backbone[owner(tap)] = per_backbone.get(owner(tap), 0.0) + share
+    return {**{k: round(v, 4) for k, v in per_backbone.items()}, **{k: round(v, 4) for k, v in per_tap.items()}}
+
+
 def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | None,
                  options: FitOptions | Sequence[FitOptions], protocol: Protocol, *, seeds: int = 1,
                  extract_options: ExtractOptions | None = None, runs_root: Path | str = "runs", force: bool = False,
@@ -82,16 +125,22 @@ def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | 
     if seeds < 1:
         raise UsageError(f"--seeds must be at least 1, not {seeds}")
     check_protocol(protocol, images.labels, images.classes, images.splits)
-    planned = {bb.name: plan_taps(bb, taps, fuse, pooling) for bb in backbones}
+    own, across = _cross_sets(backbones, taps, fuse)
+    planned = {bb.name: plan_taps(bb, own[bb.name], fuse, pooling) for bb in backbones}
+    for spec in across:  # the members of cross-backbone sets are extracted with their backbones
+        for member in ([] if spec == AUTO else tap_set(spec)):
+            name, tap = split_key(member)
+            planned[name][2].append(next(b for b in backbones if b.name == name).resolve_taps([tap])[0].name)
     rows: list[dict] = []
     runs: list[RunResult] = []  # each row's run
     made_from: list[dict] = []  # per backbone: what its features were made from
+    files: dict[str, FeatureFile] = {}
     for bb in backbones:
         singles, sets, needed = planned[bb.name]
-        report = extract(images, bb, needed, extract_options)
+        report = extract(images, bb, list(dict.fromkeys(needed)), extract_options)
         if report.computed:
             log(f"extracted {', '.join(report.computed)} with {bb.name} ({report.images_per_second:.1f} img/s)")
-        features = FeatureFile(report.path)
+        features = files[bb.name] = FeatureFile(report.path)
         made_from.append({**features.settings(), "features_fingerprint": features.fingerprint(),
                           "precision": sorted({features.taps[k].precision for k in report.computed + report.reused}),
                           "decode": sorted({features.taps[k].decode
@@ -109,6 +158,17 @@ def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | 
             for spec in sets:
                 row, results = _fit_row(features, spec, fit, **job, candidates=[t.name for t in singles])
                 rows.append({**row, "backbone": bb.name, "logme": None, "depth": None, "pooling": pooling})
+                runs.append(results)
+    if across:
+        joined = JoinedFeatures(list(files.values()))
+        candidates = [f"{bb.name}{BACKBONE_SEPARATOR}{t.name}" for bb in backbones for t in planned[bb.name][0]]
+        for fit in fits:
+            job = {"pooling": pooling, "protocol": protocol, "seeds": seeds, "runs_root": runs_root, "force": force,
+                   "log": log}
+            for spec in across:
+                row, results = _fit_row(joined, spec, fit, **job, candidates=candidates)
+                rows.append({**row, "backbone": joined.attrs["backbone"], "logme": None, "depth": None,
+                             "pooling": pooling, "shares": tap_shares(Path(row["run"]), results)})
                 runs.append(results)
     pairs = _significance(rows, runs, seeds)
     # Every setting that changes a result is in the folder's digest: the dataset's contents, each
@@ -193,9 +253,9 @@ def _significance(rows: list[dict], runs: list[RunResult], seeds: int) -> list[d
             row.update(tied=not d.significant, vs_best=round(-d.difference, 5) + 0.0,  # + 0.0: never -0.0
                        vs_best_low=round(-d.high, 5) + 0.0, vs_best_high=round(-d.low, 5) + 0.0,
                        vs_best_mcnemar_p=list(d.mcnemar_p))
-        if row["depth"] is None:  # a fused row against the best single tap of its backbone and classifier
-            mine = [j for j, r in enumerate(rows) if r["depth"] is not None and r["backbone"] == row["backbone"]
-                    and r["clf"] == row["clf"]]
+        if row["depth"] is None:  # a fused row against the best single tap of its backbone(s) and classifier
+            mine = [j for j, r in enumerate(rows) if r["depth"] is not None
+                    and r["backbone"] in row["backbone"].split("+") and r["clf"] == row["clf"]]
             if mine:
                 single = max(mine, key=lambda j: observed[j])
                 row["gain_over_best_single"] = {"tap": rows[single]["tap"],
@@ -228,7 +288,7 @@ def _write_tables(out: Path, rows: list[dict], settings: dict, pairs: list[dict]
         w.writeheader()
         w.writerows(rows)
     flat = {f"{k}_{s}" for k in METRIC_NAMES for s in ("mean", "std")}
-    extra = ("split_digests", "vs_best_mcnemar_p", "gain_over_best_single")
+    extra = ("split_digests", "vs_best_mcnemar_p", "gain_over_best_single", "shares")
     (out / "compare.json").write_text(json.dumps({"settings": settings, "rank_agreement": agreement, "rows": [
         {**{k: r.get(k) for k in COLUMNS if k not in flat}, **{k: r[k] for k in extra if k in r},
          "metrics": {k: {"mean": r[f"{k}_mean"], "std": r[f"{k}_std"]} for k in METRIC_NAMES

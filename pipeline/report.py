@@ -113,7 +113,9 @@ def format_table(rows: list[dict], seeds: int) -> str:
     """The comparison as the CLI prints it: the best row marked, and every row not significantly worse
     than it (paired bootstrap interval of the difference includes 0) marked tied."""
     several = len({r["clf"] for r in rows}) > 1
-    lines = [f"{'backbone':<14}" + (f"{'clf':<8}" if several else "") + f"{'tap':<24}{'dim':>6}  {'pool':<8}"
+    wide = max(14, *(len(r["backbone"]) + 2 for r in rows))  # a row across backbones names them all
+    tap_wide = max(24, *(len(r["tap"]) + 1 for r in rows if r["tap"] != "auto"))
+    lines = [f"{'backbone':<{wide}}" + (f"{'clf':<8}" if several else "") + f"{'tap':<{tap_wide}}{'dim':>6}  {'pool':<8}"
              f"{'accuracy':>12}{'mean/class':>12}{'vs best':>22}{'LogME':>9}{'fit s':>7}"]
     for r in rows:
         acc, mpc = ({"mean": r[f"{k}_mean"], "std": r[f"{k}_std"]} for k in ("accuracy", "mean_per_class_accuracy"))
@@ -121,16 +123,22 @@ def format_table(rows: list[dict], seeds: int) -> str:
         vs = (f"{signed(r['vs_best'])} [{signed(r['vs_best_low'])}, {signed(r['vs_best_high'])}]"
               if r.get("vs_best") is not None else "")
         score = f"{r['logme']:.3f}" if r.get("logme") is not None else ""
-        lines.append(f"{r['backbone']:<14}" + (f"{r['clf']:<8}" if several else "") + f"{name[:23]:<24}{r['dim']:>6}  "
+        lines.append(f"{r['backbone']:<{wide}}" + (f"{r['clf']:<8}" if several else "")
+                     + f"{name[:tap_wide - 1]:<{tap_wide}}{r['dim']:>6}  "
                      f"{r['pooling']:<8}{fmt(acc, seeds):>12}{fmt(mpc, seeds):>12}{vs:>22}{score:>9}"
                      f"{r['fit_seconds']:>7.1f}{_mark(r)}")
     return "\n".join(lines)
 
 
 def format_gains(rows: list[dict]) -> list[str]:
-    """One line per fused row: its gain over the best single tap, with the paired interval."""
+    """One line per fused row: its gain over the best single tap, with the paired interval; for a set
+    across backbones, what each backbone and tap carries of its model's weights."""
     lines = []
     for r in rows:
+        if r.get("shares"):
+            shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["shares"].items())
+            lines.append(f"{r['backbone']} {r['clf']} {r['tap']} ({r['taps'].split(';')[0]}): share of the seed-0 "
+                         f"model's squared weights: {shares}")
         g = r.get("gain_over_best_single")
         if g:
             lines.append(f"{r['backbone']} {r['clf']} {r['tap']} ({r['taps'].split(';')[0]}) against {g['tap']}: "

@@ -1,6 +1,8 @@
 """Taps of several backbones in one answer: tap sets across feature files, --tap auto across them,
 per-backbone weights, and predict through every backbone of a run."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -84,3 +86,37 @@ def test_files_of_other_samples_are_not_joined(two_backbones, split_features, ti
     assert joined.valid.all() and sorted(joined.taps)[0] == "mobilenet_v2/block3"
     with pytest.raises(TapsError, match="two feature files of the same backbone"):
         JoinedFeatures([tiny_features[1], FeatureFile(next((root / "fs").rglob("resnet18*.h5")))])
+
+
+def test_compare_puts_cross_backbone_sets_and_auto_beside_each_backbones_rows(two_backbones, tmp_path, capsys):
+    data, _ = two_backbones
+    singles = ["resnet18/layer2", "resnet18/avgpool", "mobilenet_v2/block3", "mobilenet_v2/pooled"]
+    assert main(["compare", *data, *TWO_BACKBONES, *FIT, "--seeds", "2", "--fuse", "--no-progress", "--workers", "0",
+                 "--taps", ",".join([*singles, "resnet18/avgpool+mobilenet_v2/pooled"]),
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    data_json = json.loads(next(tmp_path.rglob("compare.json")).read_text())
+    rows = data_json["rows"]
+    across = [r for r in rows if r["backbone"] == "resnet18+mobilenet_v2"]
+    assert [r["tap"] for r in across] == ["resnet18/avgpool+mobilenet_v2/pooled", "auto"]
+    assert {r["tap"] for r in rows if r["depth"] is not None} == {"layer2", "avgpool", "block3", "pooled"}
+    for r in across:  # each against the best single tap of either backbone, on the same test samples
+        assert r["gain_over_best_single"]["tap"] in {"layer2", "avgpool", "block3", "pooled"}
+        members = r["taps"].split(";")[0].split("+")
+        assert sum(r["shares"][m] for m in members) == pytest.approx(1, abs=1e-3)
+        assert sum(v for k, v in r["shares"].items() if "/" not in k) == pytest.approx(1, abs=1e-3)
+    assert set(across[1]["taps"].replace(";", "+").split("+")) <= set(singles)  # auto chose among every single
+    assert "share of the seed-0 model's squared weights: resnet18 " in out
+
+
+def test_compare_score_ranks_the_taps_of_every_backbone_in_one_list(two_backbones, tmp_path, capsys):
+    data, _ = two_backbones
+    assert main(["compare", *data, *TWO_BACKBONES, "--score", "--taps", "all", "--no-progress", "--workers", "0",
+                 "--device", "cpu", "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("rank"))
+    ranked = [line.split() for line in lines[header + 1:-1]]
+    assert {r[1] for r in ranked} == {"resnet18", "mobilenet_v2"} and [r[0] for r in ranked] == \
+        [str(i + 1) for i in range(len(ranked))]
+    scores = [float(r[4]) for r in ranked]
+    assert scores == sorted(scores, reverse=True) and "taps of resnet18, mobilenet_v2" in lines[-1]
