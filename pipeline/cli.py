@@ -189,16 +189,30 @@ def cmd_list(args) -> None:
 
 
 def cmd_extract(args) -> None:
+    """One feature file per backbone of --backbone; a tap ``A/t`` is backbone A's, a plain one every backbone's."""
     from features.extract import extract
+    from features.joined import BACKBONE_SEPARATOR, split_key
 
     options = _extract_options(args)
-    backbone = _backbone(args)
-    backbone.check_weights()  # before the dataset: a missing checkpoint is the cheaper thing to find out
+    backbones = [_backbone(args, name) for name in _csv_list(args.backbone)]
+    mine = {bb.name: [] for bb in backbones}
+    for spec in args.taps or []:
+        name, tap = split_key(spec) if BACKBONE_SEPARATOR in spec else (None, spec)
+        if name is not None and name not in mine:
+            raise UsageError(f"tap {spec!r} names backbone {name!r}, which is not one of {', '.join(mine)}; "
+                             f"pass it with --backbone")
+        for other, taps in mine.items():
+            if name in (None, other):
+                taps.append(tap)
+    for backbone in backbones:
+        backbone.resolve_taps(mine[backbone.name] or None)  # every tap name, before any extraction
+        backbone.check_weights()  # before the dataset: a missing checkpoint is the cheaper thing to find out
     images = _images(args)
     print(f"read {images.name}: {images.class_counts()}")
-    report = extract(images, backbone, args.taps, options)
-    print(describe_extraction(report))
-    print(report.path)
+    for backbone in backbones:
+        report = extract(images, backbone, mine[backbone.name] or None, options)
+        print(describe_extraction(report))
+        print(report.path)
 
 
 def cmd_merge(args) -> None:
@@ -269,8 +283,8 @@ def _protocol(args, features):
     return parse_protocol(args.protocol, args.test_per_class, has_split=features.split or False)
 
 
-def extract_command(args, backbone: str | None = None) -> str:
-    """The `taps extract` command that writes the feature file these arguments name."""
+def extract_command(args) -> str:
+    """The `taps extract` command that writes the feature file(s) these arguments name (every backbone's)."""
     from features.pooling import DEFAULT_POOLING
 
     parts = ["taps", "extract", "--dataset", args.dataset]
@@ -279,7 +293,7 @@ def extract_command(args, backbone: str | None = None) -> str:
     optional = [("--data-root", args.data_root, "data"), ("--subset", args.subset, None),
                 ("--image-column", getattr(args, "image_column", None), None),
                 ("--label-column", getattr(args, "label_column", None), None),
-                ("--backbone", backbone or args.backbone, None), ("--weights", args.weights, "auto"),
+                ("--backbone", args.backbone, None), ("--weights", args.weights, "auto"),
                 ("--image-size", args.image_size, None), ("--taps", taps, None),
                 ("--pool", getattr(args, "pool", DEFAULT_POOLING), DEFAULT_POOLING),
                 ("--features-root", args.features_root, FEATURES_ROOT),
@@ -316,7 +330,7 @@ def _features_file(args):
         except TapsError as exc:
             raise type(exc)(f"{exc} (fit reads the dataset to check that its feature file still matches it; pass "
                             f"--features FILE to fit on a file as it is)") from None
-        files = [find_feature_file(images, bb, args.features_root, extract_command(args, bb.name),
+        files = [find_feature_file(images, bb, args.features_root, extract_command(args),
                                    verify_content=args.verify_content) for bb in backbones]
     return files[0] if len(files) == 1 else JoinedFeatures(files)
 
@@ -509,7 +523,7 @@ def _add_list_command(sub) -> None:
 def _add_extract_command(sub) -> None:
     p = sub.add_parser("extract", help="run a frozen backbone over a dataset and cache tap embeddings to HDF5")
     _add_dataset_args(p)
-    _add_backbone_args(p)
+    _add_backbone_args(p, many=True)
     p.add_argument("--taps", type=_csv_list, help="comma-separated taps, or all (default: the standard embedding)")
     _add_extract_args(p)
     p.add_argument("--force", action="store_true", help="rebuild the feature file from scratch")

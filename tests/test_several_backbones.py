@@ -120,3 +120,18 @@ def test_compare_score_ranks_the_taps_of_every_backbone_in_one_list(two_backbone
         [str(i + 1) for i in range(len(ranked))]
     scores = [float(r[4]) for r in ranked]
     assert scores == sorted(scores, reverse=True) and "taps of resnet18, mobilenet_v2" in lines[-1]
+
+
+def test_extract_writes_one_file_per_backbone_with_each_backbones_taps(tiny_flat, tmp_path, capsys):
+    data = ["--dataset", f"folder:{tiny_flat}", "--features-root", str(tmp_path / "fs")]
+    quiet = ["--no-progress", "--workers", "0", "--device", "cpu"]
+    assert main(["fit", *data, *TWO_BACKBONES, *FIT, "--out", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err  # no files yet: the one command that makes both
+    assert "taps extract --dataset" in err and "--backbone resnet18,mobilenet_v2 --weights none" in err
+    assert main(["extract", *data, *TWO_BACKBONES, "--taps", "resnet18/layer1,mobilenet_v2/block2,logits",
+                 *quiet]) == 0
+    paths = capsys.readouterr().out.strip().splitlines()[-3::2]
+    files = {FeatureFile(p).attrs["backbone"]: sorted(FeatureFile(p).taps) for p in paths}
+    assert files == {"resnet18": ["layer1", "logits"], "mobilenet_v2": ["block2", "logits"]}
+    assert main(["extract", *data, *TWO_BACKBONES, "--taps", "vgg16/fc7", *quiet]) == 2
+    assert "names backbone 'vgg16', which is not one of resnet18, mobilenet_v2" in capsys.readouterr().err
