@@ -44,8 +44,9 @@ def _same_samples(first: FeatureFile, other: FeatureFile) -> None:
               ("classes", first.classes, other.classes)]
     for what, a, b in checks:
         if a != b:
+            shown = " vs ".join(str(v) if len(str(v)) <= 60 else str(v)[:57] + "..." for v in (a, b))
             raise TapsError(f"{first.path.name} and {other.path.name} do not describe the same samples: their {what} "
-                            f"differ ({a} vs {b}); extract both backbones from the same dataset")
+                            f"differ ({shown}); extract both backbones from the same dataset")
     for what, a, b in (("ids", first.ids, other.ids), ("labels", list(first.labels), list(other.labels)),
                        ("split", first.split, other.split)):
         if a != b:

@@ -171,6 +171,8 @@ def predict_images(run_dir: Path | str, images: list[str], device: str = "auto",
     """Classify image files with a run's model, through the chain that made its training features:
     the same backbones, weights, preprocessing, decoder, taps, pooling and precision, and the
     extraction's own decode-and-embed code (:class:`features.blocks.BlockSource`), one pass per backbone.
+    Each pass decodes the images itself: a JPEG's draft scale follows that backbone's input size, so one
+    shared decode would not give every backbone the pixels its training features were made from.
     ``weights``: one value for every backbone, or one per backbone, comma-separated."""
     for image in images:  # a device or a folder would be read without end, or not at all
         if Path(image).exists() and not Path(image).is_file():

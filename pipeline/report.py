@@ -114,7 +114,7 @@ def format_table(rows: list[dict], seeds: int) -> str:
     than it (paired bootstrap interval of the difference includes 0) marked tied."""
     several = len({r["clf"] for r in rows}) > 1
     wide = max(14, *(len(r["backbone"]) + 2 for r in rows))  # a row across backbones names them all
-    tap_wide = max(24, *(len(r["tap"]) + 1 for r in rows if r["tap"] != "auto"))
+    tap_wide = min(max(24, *(len(r["tap"]) + 1 for r in rows)), 48)  # long sets are cut; compare.csv has them whole
     lines = [f"{'backbone':<{wide}}" + (f"{'clf':<8}" if several else "") + f"{'tap':<{tap_wide}}{'dim':>6}  {'pool':<8}"
              f"{'accuracy':>12}{'mean/class':>12}{'vs best':>22}{'LogME':>9}{'fit s':>7}"]
     for r in rows:
@@ -130,6 +130,12 @@ def format_table(rows: list[dict], seeds: int) -> str:
     return "\n".join(lines)
 
 
+def _set(row: dict) -> str:
+    """A fused row's name, with the set seed 0 chose when it is ``auto``."""
+    chosen = row["taps"].split(";")[0]
+    return row["tap"] if chosen == row["tap"] else f"{row['tap']} ({chosen})"
+
+
 def format_gains(rows: list[dict]) -> list[str]:
     """One line per fused row: its gain over the best single tap, with the paired interval; for a set
     across backbones, what each backbone and tap carries of its model's weights."""
@@ -137,11 +143,10 @@ def format_gains(rows: list[dict]) -> list[str]:
     for r in rows:
         if r.get("shares"):
             shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["shares"].items())
-            lines.append(f"{r['backbone']} {r['clf']} {r['tap']} ({r['taps'].split(';')[0]}): share of the seed-0 "
-                         f"model's squared weights: {shares}")
+            lines.append(f"{r['backbone']} {r['clf']} {_set(r)}: share of the seed-0 model's squared weights: {shares}")
         g = r.get("gain_over_best_single")
         if g:
-            lines.append(f"{r['backbone']} {r['clf']} {r['tap']} ({r['taps'].split(';')[0]}) against {g['tap']}: "
+            lines.append(f"{r['backbone']} {r['clf']} {_set(r)} against {g['tap']}: "
                          f"{signed(g['difference'], 2)} points mean per-class accuracy, 95% interval "
                          f"[{signed(g['low'], 2)}, {signed(g['high'], 2)}], McNemar p per seed "
                          f"{', '.join(f'{p:.3g}' for p in g['mcnemar_p'])}")
