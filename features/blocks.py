@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from . import jpeg
 from .backbones import Backbone, Tap
 from .datasets import BadImage, ImageSet
+from .decoders import get_decoder
 from .forward import Forward, build_extractor, compiled, resolve_compile
 from .options import TORCH, RunConfig
 from .turbojpeg import sample_pixels
@@ -73,7 +74,7 @@ class BlockSource:
     @classmethod
     def of(cls, images: ImageSet, transform, cfg: RunConfig) -> BlockSource:
         min_side = int(transform.resize_size[0]) if cfg.draft else None
-        if cfg.decode == "torchvision" and jpeg.supports(images):
+        if get_decoder(cfg.decode).on_device and jpeg.supports(images):
             return cls(jpeg.EncodedImages(images, transform, min_side), jpeg.collate_encoded, True)
         return cls(DecodedImages(images, transform, min_side, cfg.decode), collate_pixels, False)
 

@@ -26,6 +26,7 @@ from .backbones import Backbone, Tap
 from .blocks import Block, prepare_forward
 from .catalog import check_dataset_matches, feature_path
 from .datasets import CONTENT_FINGERPRINT, FINGERPRINT_VERSION, ImageSet
+from .decoders import get_decoder
 from .engines import engine_class
 from .errors import TapsError, UsageError
 from .files import check_output_folder, exclusive_lock
@@ -82,7 +83,7 @@ def _adopt_recorded(cfg: RunConfig, options: ExtractOptions, existing: FeatureFi
     for name, valid in (("precision", VALID_PRECISIONS[cfg.device.type]), ("decode", CHOICES["decode"])):
         recorded = {getattr(t, name) for t in existing.taps.values()}
         if getattr(options, name) == "auto" and len(recorded) == 1 and (value := recorded.pop()) in valid \
-                and not (value == "torchvision" and options.engine == "ray"):  # Ray decodes in CPU tasks
+                and not (name == "decode" and get_decoder(value).on_device and options.engine == "ray"):  # CPU tasks
             adopted[name] = value
     if cfg.runtime != TORCH and adopted.get("precision", cfg.precision) not in \
             EXPORTED_RUNTIME_PRECISIONS.get(cfg.runtime, (adopted.get("precision", cfg.precision),)):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .decoders import DECODER_REGISTRY, SIMPLEJPEG, TORCHVISION, get_decoder
 from .errors import UsageError, choose
 from .pooling import DEFAULT_POOLING, POOLINGS
 from .runtime_records import RUNTIME_REGISTRY, TORCH, exported_runtimes
@@ -30,7 +31,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "engine": ("local", "ray"),
     "loader": ("auto", "inline", "workers", "replicas"),
     "compile": ("auto", "on", "off"),
-    "decode": ("auto", "simplejpeg", "pil", "torchvision"),
+    "decode": ("auto", *DECODER_REGISTRY),
     "runtime": (*RUNTIME_REGISTRY, AUTO),
 }
 # The precisions a torch forward can run on each device type (what ``auto`` may adopt from a file).
@@ -95,9 +96,7 @@ class ExtractOptions:
                            or self.precision not in ("auto", *precisions)):
             raise UsageError(f"--runtime {self.runtime} runs the forward on the CPU in {' or '.join(precisions)}; "
                              "drop --device, --gpus-per-worker and --precision, or use --runtime torch")
-        if self.decode == "torchvision" and self.engine == "ray":
-            raise UsageError("--decode torchvision decodes on the model's device in the local engine; "
-                             "with --engine ray use --decode simplejpeg or pil")
+        _check_decoder_engine(self.decode, self.engine)
 
     def resolve(self, n_images: int) -> RunConfig:
         """The settings this machine will use for ``n_images`` images, every ``auto`` decided."""
@@ -133,7 +132,7 @@ class RunConfig:
     runtime: str = TORCH        # torch | onnxruntime | openvino | auto (decided by features.runtimes.resolve_runtime)
     runtime_rates: str = ""     # auto: what the calibration timing measured, recorded beside the choice
     onnx_path: str = ""         # an exported runtime: the export it checked (loaded by each engine)
-    decode: str = "simplejpeg"  # simplejpeg | pil | torchvision
+    decode: str = SIMPLEJPEG  # a features.decoders record
     batch_size: int = 64
     actors: int | None = None   # ray: backbone actors (None: one, or one per GPU slot)
     ray_address: str | None = None
@@ -182,9 +181,14 @@ def resolve_loader(loader: str, device: torch.device, n_images: int) -> str:
 def resolve_decode(decode: str, device: torch.device, engine: str) -> str:
     """``auto``: torchvision (nvJPEG) on CUDA in the local engine, else simplejpeg (Ray decodes in CPU tasks)."""
     choose("--decode", decode, CHOICES["decode"])
-    if decode == "torchvision" and engine == "ray":
-        raise UsageError("--decode torchvision decodes on the model's device in the local engine; "
-                         "with --engine ray use --decode simplejpeg or pil")
+    _check_decoder_engine(decode, engine)
     if decode != "auto":
         return decode
-    return "torchvision" if device.type == "cuda" and engine == "local" else "simplejpeg"
+    return TORCHVISION if device.type == "cuda" and engine == "local" else SIMPLEJPEG
+
+
+def _check_decoder_engine(decode: str, engine: str) -> None:
+    if decode in DECODER_REGISTRY and get_decoder(decode).on_device and engine == "ray":
+        cpu = " or ".join(name for name, d in DECODER_REGISTRY.items() if not d.on_device)
+        raise UsageError(f"--decode {decode} decodes on the model's device in the local engine; "
+                         f"with --engine ray use --decode {cpu}")

@@ -50,6 +50,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .decoders import LEGACY_DECODER
 from .errors import TapsError, UsageError
 from .files import check_free_space
 from .identity import FileIdentity
@@ -559,7 +560,7 @@ class TapRecord:
     def read(cls, key: str, attrs: dict) -> TapRecord:
         """From a tap's HDF5 attributes. Version-1 taps made before the decoder was recorded were
         decoded with PIL; they have no checksums (``/blocks``), which readers then skip."""
-        attrs = {"decode": "pil", **attrs}
+        attrs = {"decode": LEGACY_DECODER, **attrs}
         return cls(key=key, tap=str(attrs["tap"]), node=str(attrs["node"]), pooling=str(attrs["pooling"]),
                    dim=int(attrs["dim"]), precision=str(attrs["precision"]), decode=str(attrs["decode"]),
                    rows_done=int(attrs["rows_done"]), complete=bool(attrs["complete"]),

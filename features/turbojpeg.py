@@ -26,6 +26,7 @@ import simplejpeg
 import torch
 
 from .datasets import DEFAULT_MAX_PIXELS, ImageSet, open_image
+from .decoders import SIMPLEJPEG
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -66,7 +67,7 @@ def file_pixels(path: Path | str, transform, min_side: int | None, decode: str,
 
     Raises :class:`features.datasets.BadImage` when the image cannot be decoded.
     """
-    pixels = decode_crop(Path(path), transform, min_side, max_pixels) if decode == "simplejpeg" else None
+    pixels = decode_crop(Path(path), transform, min_side, max_pixels) if decode == SIMPLEJPEG else None
     return pixels if pixels is not None else transform(open_image(path, min_side, max_pixels))
 
 

@@ -34,6 +34,7 @@ from features.backbones import Backbone
 from features.blocks import prepare_forward
 from features.catalog import feature_path
 from features.datasets import FileImageSet, folder_dataset
+from features.decoders import PIL, TORCHVISION
 from features.engines.replicas import ReplicaEngine
 from features.extract import extract
 from features.options import (
@@ -329,8 +330,8 @@ def _ablations(b: _Bench) -> list[tuple[str, dict, str]]:
                  ("no JPEG draft decoding", {"draft": False}, "pipeline"),
                  *loaders,
                  ("DataLoader processes decoding alongside", {"loader": "workers"}, "pipeline"),
-                 ("PIL decode + box resize (not simplejpeg)", {"decode": "pil"}, "pipeline"),
-                 ("torchvision decode_jpeg + tensor resize", {"decode": "torchvision"}, "pipeline"),
+                 ("PIL decode + box resize (not simplejpeg)", {"decode": PIL}, "pipeline"),
+                 ("torchvision decode_jpeg + tensor resize", {"decode": TORCHVISION}, "pipeline"),
                  (EAGER, {"compile": "off"}, "pipeline"),
                  ("eager, NCHW instead of channels_last", {"compile": "off", "channels_last": False}, EAGER)]
     if b.settings.compile == "off":

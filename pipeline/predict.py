@@ -16,6 +16,7 @@ import numpy as np
 from features.backbones import Backbone, Tap
 from features.blocks import BlockSource, prepare_forward
 from features.datasets import FileImageSet
+from features.decoders import LEGACY_DECODER
 from features.errors import TapsError, UsageError
 from features.files import file_sha256
 from features.joined import owner
@@ -151,7 +152,7 @@ def _embed(f: FeaturesUsed, records: list[TapUsed], files: FileImageSet, device:
     cfg = RunConfig(pooling=spatial.pop() if spatial else DEFAULT_POOLING, device=dev,
                     precision=f.precision or resolve_precision("auto", dev), workers=0, channels_last=True,
                     on_error="skip", draft=True, loader="inline", compile="off",
-                    decode=f.decode or "pil",  # runs from before the decoder was recorded decoded with PIL
+                    decode=f.decode or LEGACY_DECODER,  # runs from before the decoder was recorded
                     runtime=runtime)
     forward = _forward(bb, taps, cfg)  # every tap of this backbone in one pass, by the runtime that made them
     source = BlockSource.of(files, bb.pixel_transform(), cfg)

@@ -38,8 +38,11 @@ def test_timm_taps_come_from_feature_info_and_list_their_dimensions(capsys):
     assert bb.default_tap == "pooled" and bb.taps["pooled"].shape == (512,) and bb.taps["logits"].shape == (1000,)
     assert main(["list", "taps", "timm:resnet18", "--image-size", "64"]) == 0
     out = capsys.readouterr().out
+    header = next(line.split() for line in out.splitlines() if line.startswith("tap"))
     row = next(line.split() for line in out.splitlines() if line.startswith("stage3"))
-    assert row[2:] == ["128x8x8", "128", "128", "256", "640", "-"]  # avg, max, avgmax, pyramid; no class token
+    columns = dict(zip(header[4:], row[3:], strict=True))  # the pooling columns after tap, node, output shape
+    assert row[2] == "128x8x8" and columns == {"avg": "128", "max": "128", "avgmax": "256", "pyramid": "640",
+                                                "gem": "128", "cls": "-"}  # no class token
 
 
 def test_timm_preprocessing_is_its_pretrained_config(photo):
