@@ -55,8 +55,10 @@ def test_a_usage_error_ends_the_process_with_exit_2():
 def test_list_taps_shows_dimensions():
     proc = run("list", "taps", "resnet18")
     assert proc.returncode == 0
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("layer3"))
-    assert line.split()[2:] == ["256x14x14", "256", "256", "512", "1280", "-"]  # no class token: no cls
+    header = next(l.split() for l in proc.stdout.splitlines() if l.startswith("tap"))
+    row = next(l.split() for l in proc.stdout.splitlines() if l.startswith("layer3"))
+    assert row[2] == "256x14x14" and dict(zip(header[4:], row[3:], strict=True)) == {
+        "avg": "256", "max": "256", "avgmax": "512", "pyramid": "1280", "gem": "256", "cls": "-"}  # no class token
 
 
 def test_every_subcommand_parses():
