@@ -113,11 +113,10 @@ class TimmSource(ModelSource):
                              f"state dict file")
         tag = spec.split(".")[-1]
         if spec.lower() in ("auto", "default"):
-            tag = _timm().models.get_pretrained_cfg(self.model_name).tag or tags[0]
+            hub = (_timm().models.get_pretrained_cfg(self.model_name).tag or tags[0]) if tags else None
             # the hub's weights, unless only a seeded copy is on disk (offline machines, as torchvision's auto)
             on_disk = [s for s in seeded.values() if s.path.is_file()]
-            if on_disk and not self._hub_cached(tag):
-                tag = on_disk[0].tag
+            tag = on_disk[0].tag if on_disk and not (hub and self._hub_cached(hub)) else hub or next(iter(seeded))
         elif tag not in tags and tag not in seeded:
             raise UsageError(f"unknown weights {spec!r} for timm:{self.model_name}; valid: auto, none, FILE, "
                              f"{', '.join([*tags, *seeded])}")
