@@ -12,13 +12,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .decoders import DECODER_REGISTRY, SIMPLEJPEG, TORCHVISION, get_decoder
 from .errors import UsageError, choose
 from .pooling import DEFAULT_POOLING, POOLINGS
 from .runtime_records import RUNTIME_REGISTRY, TORCH, exported_runtimes
+
+if TYPE_CHECKING:  # imported where a device is resolved: the CLI's parser and `taps --help` never need torch
+    import torch
 
 AUTO = "auto"    # an option this machine decides (features.options.ExtractOptions.resolve)
 
@@ -101,7 +103,7 @@ class ExtractOptions:
     def resolve(self, n_images: int) -> RunConfig:
         """The settings this machine will use for ``n_images`` images, every ``auto`` decided."""
         exported = EXPORTED_RUNTIME_PRECISIONS.get(self.runtime)
-        device = torch.device("cpu") if exported else resolve_device(self.device)
+        device = resolve_device("cpu" if exported else self.device)
         precision = resolve_precision(self.precision, device)
         if exported and precision not in exported:  # auto on a bf16 CPU, for a runtime that runs fp32 only
             precision = "fp32"
@@ -141,6 +143,8 @@ class RunConfig:
 
 def resolve_device(device: str) -> torch.device:
     """``auto``: CUDA, then MPS, then the CPU; an unavailable explicit choice is a usage error."""
+    import torch
+
     choose("--device", device, CHOICES["device"])
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if device == "auto":
@@ -154,6 +158,8 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto``: fp16 autocast on CUDA, bf16 on CPUs with native bf16 kernels, else fp32."""
+    import torch
+
     choose("--precision", precision, CHOICES["precision"])
     if precision != "auto":
         return precision

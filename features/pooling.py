@@ -16,11 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from .errors import choose
+
+if TYPE_CHECKING:  # torch is imported where a tensor is pooled: `taps --help` and `taps info` never need it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -50,16 +51,25 @@ def _global_max(x: torch.Tensor) -> torch.Tensor:
     return x.amax(dim=(2, 3))
 
 
+def _avgmax(x: torch.Tensor) -> torch.Tensor:
+    import torch
+    return torch.cat([_global_avg(x), _global_max(x)], dim=1)
+
+
+def _pyramid(x: torch.Tensor) -> torch.Tensor:
+    import torch
+    import torch.nn.functional as F
+    return torch.cat([_global_avg(x), F.adaptive_avg_pool2d(x, 2).flatten(1)], dim=1)
+
+
 def _no_grid(x: torch.Tensor) -> torch.Tensor:
     raise ValueError("cls pooling needs a token tap with a class token")
 
 
 DEFAULT_POOLING = register_pooling(Pooling("avg", 1, _global_avg, "global average: the standard embedding")).name
 register_pooling(Pooling("max", 1, _global_max, "global max: the strongest response of each channel"))
-register_pooling(Pooling("avgmax", 2, lambda x: torch.cat([_global_avg(x), _global_max(x)], dim=1),
-                         "global average and max, concatenated"))
-register_pooling(Pooling("pyramid", 5, lambda x: torch.cat([_global_avg(x), F.adaptive_avg_pool2d(x, 2).flatten(1)],
-                                                           dim=1),
+register_pooling(Pooling("avgmax", 2, _avgmax, "global average and max, concatenated"))
+register_pooling(Pooling("pyramid", 5, _pyramid,
                          "spatial pyramid: 1x1 + 2x2 average cells (channel-major), keeps coarse layout"))
 register_pooling(Pooling("gem", 1, lambda x: x.clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3),
                          "generalised mean, p=3 (Radenovic et al.): between avg and max; negatives count as 0"))

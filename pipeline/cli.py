@@ -156,17 +156,19 @@ def _backbone(args, name: str | None = None):
 
 
 def cmd_list(args) -> None:
-    from features.backbones import Backbone, source_listings
     from features.datasets import dataset_names
     from features.pooling import POOLINGS, get_pooling, poolable, pooled_dim
 
+    if args.what == "datasets":
+        print(" ".join(dataset_names()))
+        return
+    if args.what in ("taps", "nodes") and not args.backbone:
+        raise UsageError(f"`taps list {args.what}` needs a backbone name, e.g. `taps list {args.what} mobilenet_v2`")
+    from features.backbones import Backbone, source_listings  # torch: only for what needs a network
+
     if args.what == "backbones":
         print("\n".join(source_listings()))
-    elif args.what == "datasets":
-        print(" ".join(dataset_names()))
     elif args.what in ("taps", "nodes"):
-        if not args.backbone:
-            raise UsageError(f"`taps list {args.what}` needs a backbone name, e.g. `taps list {args.what} mobilenet_v2`")
         bb = Backbone(args.backbone, weights="none", image_size=args.image_size)
         if args.what == "nodes":
             print("\n".join(bb.node_names()))
@@ -512,16 +514,14 @@ def _add_fit_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     g.add_argument("--force", action="store_true", help="recompute even if a run with identical settings exists")
 
 
-def _add_list_command(sub) -> None:
-    p = sub.add_parser("list", help="list backbones, datasets, a backbone's taps or its raw graph nodes")
+def _add_list_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("what", choices=["backbones", "datasets", "taps", "nodes"])
     p.add_argument("backbone", nargs="?")
     p.add_argument("--image-size", type=int)
     p.set_defaults(func=cmd_list)
 
 
-def _add_extract_command(sub) -> None:
-    p = sub.add_parser("extract", help="run a frozen backbone over a dataset and cache tap embeddings to HDF5")
+def _add_extract_command(p: argparse.ArgumentParser) -> None:
     _add_dataset_args(p)
     _add_backbone_args(p, many=True)
     p.add_argument("--taps", type=_csv_list, help="comma-separated taps, or all (default: the standard embedding)")
@@ -537,24 +537,21 @@ def _add_extract_command(sub) -> None:
     p.set_defaults(func=cmd_extract)
 
 
-def _add_merge_command(sub) -> None:
-    p = sub.add_parser("merge", help="combine the shard files of one extraction into one feature file")
+def _add_merge_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("shards", nargs="+", help="the .shardIofN.h5 files")
     p.add_argument("--out", help="merged file (default: the shard name without .shardIofN)")
     p.add_argument("--force", action="store_true", help="replace an existing merged file")
     p.set_defaults(func=cmd_merge)
 
 
-def _add_info_command(sub) -> None:
-    p = sub.add_parser("info", help="describe a feature file")
+def _add_info_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("file")
     p.set_defaults(func=cmd_info)
 
 
-def _add_fit_command(sub) -> None:
+def _add_fit_command(p: argparse.ArgumentParser) -> None:
     from features.pooling import DEFAULT_POOLING, POOLINGS
 
-    p = sub.add_parser("fit", help="fit a classifier on one cached tap and score it")
     _add_dataset_args(p)
     _add_backbone_args(p, many=True)
     p.add_argument("--tap", help="tap to fit on; taps joined by + are fused (block14+pooled); auto chooses the set "
@@ -567,8 +564,7 @@ def _add_fit_command(sub) -> None:
     p.set_defaults(func=cmd_fit)
 
 
-def _add_compare_command(sub) -> None:
-    p = sub.add_parser("compare", help="fit the same classifier on many taps (and backbones) with the same splits")
+def _add_compare_command(p: argparse.ArgumentParser) -> None:
     _add_dataset_args(p)
     _add_backbone_args(p, many=True)
     p.add_argument("--taps", type=_csv_list, default=["all"],
@@ -593,8 +589,7 @@ def _runtime_list(text: str) -> tuple[str, ...]:
     return names
 
 
-def _add_bench_command(sub) -> None:
-    p = sub.add_parser("bench", help="measure extraction and fit speed in one run (ratios, peak memory)")
+def _add_bench_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default=DEFAULT_BACKBONE)
     p.add_argument("--images", type=int, default=1000,
                    help="JPEGs to time; fewer makes worker start-up weigh more (default: %(default)s)")
@@ -615,8 +610,7 @@ def _add_bench_command(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
-def _add_predict_command(sub) -> None:
-    p = sub.add_parser("predict", help="classify image files with a run folder's model")
+def _add_predict_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="a run folder printed by `taps fit`")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--device", default="auto")
@@ -624,18 +618,28 @@ def _add_predict_command(sub) -> None:
     p.set_defaults(func=cmd_predict)
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMANDS = {  # name -> (help, what adds its arguments): a command's arguments are built only when it runs
+    "list": ("list backbones, datasets, a backbone's taps or its raw graph nodes", _add_list_command),
+    "extract": ("run a frozen backbone over a dataset and cache tap embeddings to HDF5", _add_extract_command),
+    "merge": ("combine the shard files of one extraction into one feature file", _add_merge_command),
+    "info": ("describe a feature file", _add_info_command),
+    "fit": ("fit a classifier on one cached tap and score it", _add_fit_command),
+    "compare": ("fit the same classifier on many taps (and backbones) with the same splits", _add_compare_command),
+    "bench": ("measure extraction and fit speed in one run (ratios, peak memory)", _add_bench_command),
+    "predict": ("classify image files with a run folder's model", _add_predict_command),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``only``, the other commands' arguments are left out (their defaults and choices
+    come from records whose modules import torch and scikit-learn)."""
     parser = _Parser(prog="taps", description="Cache frozen-CNN embeddings from layer taps, then fit linear classifiers.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    _add_list_command(sub)
-    _add_extract_command(sub)
-    _add_merge_command(sub)
-    _add_info_command(sub)
-    _add_fit_command(sub)
-    _add_compare_command(sub)
-    _add_bench_command(sub)
-    _add_predict_command(sub)
+    for name, (help_text, add_arguments) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        if only is None or name == only:  # the others need only their name and help (no torch to import)
+            add_arguments(p)
     for command in sub.choices.values():  # also after the command name
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the traceback of an unexpected error")
@@ -649,7 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     """The arguments, with an unknown option blamed on the command it was given to, and the closest
     options of that command suggested (``taps fit --datset`` -> did you mean --dataset?)."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(next((a for a in argv if a in COMMANDS), ""))  # options come after their command
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         command = args.commands[args.command]

@@ -109,3 +109,22 @@ def test_every_command_accepts_no_progress_and_bars_stay_out_of_logs(tiny_flat, 
                  "--image-size", "32", "--workers", "0", "--out", str(tmp_path)]) == 0
     err = capsys.readouterr().err
     assert "\r" not in err and "img/s]" not in err
+
+
+LIGHT = """import sys
+from pipeline.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print(sorted({"torch", "torchvision", "timm", "sklearn"} & set(sys.modules)))"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["extract", "--bogus"], ["merge", "--help"], ["list", "datasets"],
+                                  ["info", "FILE"], ["fti"]])
+def test_help_listing_info_and_argument_errors_import_no_torch_or_sklearn(argv, tiny_features):
+    """Start-up: these answer in a fraction of a second because they never import the heavy libraries
+    (a command's arguments are only built when that command runs; torch only where a tensor is made)."""
+    argv = [str(tiny_features[1].path) if a == "FILE" else a for a in argv]
+    proc = subprocess.run([sys.executable, "-c", LIGHT, *argv], capture_output=True, text=True)
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
