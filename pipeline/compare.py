@@ -89,6 +89,16 @@ def _cross_sets(backbones: list[Backbone], taps: list[str] | None,
     return {name: specs or None for name, specs in own.items()}, across + ([AUTO] if fuse and len(own) > 1 else [])
 
 
+def _plan(backbone: Backbone, specs: list[str] | None, fuse: bool, pooling: str,
+          several: bool) -> tuple[list[Tap], list[str], list[str]]:
+    """:func:`plan_taps`; with several backbones, ``fuse`` adds a backbone's own ``auto`` row only where
+    it has two taps to choose from (the ``auto`` across backbones chooses among all of them)."""
+    if not (fuse and several):
+        return plan_taps(backbone, specs, fuse, pooling)
+    singles, sets, needed = plan_taps(backbone, specs, False, pooling)
+    return singles, sets + ([AUTO] if len(singles) > 1 else []), needed
+
+
 def tap_shares(run_dir: Path, results: RunResult) -> dict[str, float] | None:
     """Each tap's share of the seed-0 model's squared weights (the taps' columns are standardised one by
     one, so their weights compare), and each backbone's (their taps' sum); None when the model has no
@@ -126,7 +136,7 @@ def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | 
         raise UsageError(f"--seeds must be at least 1, not {seeds}")
     check_protocol(protocol, images.labels, images.classes, images.splits)
     own, across = _cross_sets(backbones, taps, fuse)
-    planned = {bb.name: plan_taps(bb, own[bb.name], fuse, pooling) for bb in backbones}
+    planned = {bb.name: _plan(bb, own[bb.name], fuse, pooling, several=len(backbones) > 1) for bb in backbones}
     for spec in across:  # the members of cross-backbone sets are extracted with their backbones
         for member in ([] if spec == AUTO else tap_set(spec)):
             name, tap = split_key(member)

@@ -114,12 +114,12 @@ def format_table(rows: list[dict], seeds: int) -> str:
     than it (paired bootstrap interval of the difference includes 0) marked tied."""
     several = len({r["clf"] for r in rows}) > 1
     wide = max(14, *(len(r["backbone"]) + 2 for r in rows))  # a row across backbones names them all
-    tap_wide = min(max(24, *(len(r["tap"]) + 1 for r in rows)), 48)  # long sets are cut; compare.csv has them whole
+    names = [r["tap"] if r["tap"] != "auto" else f"auto: {r['taps'].split(';')[0]}" for r in rows]
+    tap_wide = min(max(24, *(len(n) + 1 for n in names)), 48)  # long sets are cut; compare.csv has them whole
     lines = [f"{'backbone':<{wide}}" + (f"{'clf':<8}" if several else "") + f"{'tap':<{tap_wide}}{'dim':>6}  {'pool':<8}"
              f"{'accuracy':>12}{'mean/class':>12}{'vs best':>22}{'LogME':>9}{'fit s':>7}"]
-    for r in rows:
+    for r, name in zip(rows, names, strict=True):
         acc, mpc = ({"mean": r[f"{k}_mean"], "std": r[f"{k}_std"]} for k in ("accuracy", "mean_per_class_accuracy"))
-        name = r["tap"] if r["tap"] != "auto" else f"auto: {r['taps'].split(';')[0]}"
         vs = (f"{signed(r['vs_best'])} [{signed(r['vs_best_low'])}, {signed(r['vs_best_high'])}]"
               if r.get("vs_best") is not None else "")
         score = f"{r['logme']:.3f}" if r.get("logme") is not None else ""

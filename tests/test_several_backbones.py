@@ -135,3 +135,12 @@ def test_extract_writes_one_file_per_backbone_with_each_backbones_taps(tiny_flat
     assert files == {"resnet18": ["layer1", "logits"], "mobilenet_v2": ["block2", "logits"]}
     assert main(["extract", *data, *TWO_BACKBONES, "--taps", "vgg16/fc7", *quiet]) == 2
     assert "names backbone 'vgg16', which is not one of resnet18, mobilenet_v2" in capsys.readouterr().err
+
+
+def test_compare_fuse_with_one_tap_per_backbone_fuses_across_them_only(two_backbones, tmp_path, capsys):
+    data, _ = two_backbones
+    assert main(["compare", *data, *TWO_BACKBONES, *FIT, "--fuse", "--no-progress", "--workers", "0",
+                 "--taps", "resnet18/avgpool,mobilenet_v2/pooled", "--out", str(tmp_path)]) == 0
+    rows = json.loads(next(tmp_path.rglob("compare.json")).read_text())["rows"]
+    assert [(r["backbone"], r["tap"]) for r in rows] == [("resnet18", "avgpool"), ("mobilenet_v2", "pooled"),
+                                                         ("resnet18+mobilenet_v2", "auto")]
