@@ -181,9 +181,8 @@ def predict_images(run_dir: Path | str, images: list[str], device: str = "auto",
     results = load_results(Path(run_dir))
     model = load_model(Path(run_dir), results)
     parts = per_backbone(results.features)
-    given = (weights or "").split(",") if weights and len(parts) > 1 else [weights] * len(parts)
-    if len(given) == 1:
-        given = given * len(parts)
+    given = weights.split(",") if weights and len(parts) > 1 else [weights]
+    given = given * len(parts) if len(given) == 1 else given
     if len(given) != len(parts):
         raise UsageError(f"--weights has {len(given)} values for this run's {len(parts)} backbones; pass one per "
                          f"backbone in the run's order ({results.features.backbone.replace('+', ', ')})")

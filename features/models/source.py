@@ -123,9 +123,10 @@ def frozen(model: nn.Module) -> nn.Module:
 class ModelSource:
     """One model of one source, with resolved weights and an optional square input size.
 
-    Subclasses implement :meth:`check_name`, :meth:`resolve_weights`, :meth:`build`,
-    :meth:`weights_arg`, :meth:`preset` and :meth:`architecture`; the graph hooks default to
-    torchvision's ``feature_extraction``."""
+    Subclasses implement :meth:`check_name`, :meth:`resolve_weights`, :meth:`download`,
+    :meth:`random_model`, :meth:`load_file`, :meth:`weights_arg`, :meth:`preset` and
+    :meth:`architecture`; :meth:`build` puts the weights parts together once for every source, and
+    the graph hooks default to torchvision's ``feature_extraction``."""
 
     prefix: ClassVar[str] = ""
 
@@ -152,9 +153,28 @@ class ModelSource:
         """``--weights`` other than none/random."""
         raise NotImplementedError
 
-    def build(self) -> nn.Module:
-        """The frozen model in eval mode with its weights loaded (on CPU)."""
+    def download(self) -> nn.Module | None:
+        """The model with its pretrained weights from the source's servers or cache, or None when the
+        weights are not the source's own (random, or a local file)."""
         raise NotImplementedError
+
+    def random_model(self) -> nn.Module:
+        """The model with random weights (called under a fixed seed)."""
+        raise NotImplementedError
+
+    def load_file(self, model: nn.Module, path: Path) -> None:
+        """Load a local state-dict file into ``model``, refusing one that does not fit it."""
+        raise NotImplementedError
+
+    def build(self) -> nn.Module:
+        """The frozen model in eval mode with its weights loaded (on CPU): the source's pretrained
+        weights, else seeded random ones with a local file's tensors loaded on top."""
+        model = self.download()
+        if model is None:
+            model = seeded(self.random_model)
+            if self.weights.path is not None:
+                self.load_file(model, self.weights.path)
+        return frozen(model)
 
     def weights_arg(self) -> str:
         """The ``--weights`` value that resolves to these weights again, in another process."""

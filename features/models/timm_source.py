@@ -19,6 +19,7 @@ import contextlib
 import difflib
 import math
 from functools import cache
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ from ..errors import TapsError, UsageError
 from ..files import file_sha256
 from .schemes import Tap, TapScheme, tap_scheme
 from .seeded import SeededWeights, seeded_weights
-from .source import ModelSource, WeightsChoice, frozen, load_state_file, local_weights, register_source, seeded
+from .source import ModelSource, WeightsChoice, load_state_file, local_weights, register_source
 
 PREFIX = "timm"
 
@@ -153,16 +154,13 @@ class TimmSource(ModelSource):
         if self.weights.hub is not None:
             self.build()
 
-    def build(self) -> nn.Module:
-        w = self.weights
-        if w.hub is not None:
-            return frozen(self._download(w))
-        model = seeded(lambda: self._create(self.model_name, pretrained=False))
-        if w.path is not None:
-            model.load_state_dict(self._checked(load_state_file(w.path, ".safetensors or .pth"), model, w))
-        return frozen(model)
+    def random_model(self) -> nn.Module:
+        return self._create(self.model_name, pretrained=False)
 
-    def _download(self, w: WeightsChoice) -> nn.Module:
+    def download(self) -> nn.Module | None:
+        w = self.weights
+        if w.hub is None:
+            return None
         offline = False
         try:
             with _offline_unless_reachable() as offline:
@@ -175,15 +173,16 @@ class TimmSource(ModelSource):
                             f"them where there is internet and pass --weights FILE (.safetensors or .pth), "
                             f"or pass --weights none") from None
 
-    def _checked(self, state: dict, model: nn.Module, w: WeightsChoice) -> dict:
+    def load_file(self, model: nn.Module, path: Path) -> None:
+        state = load_state_file(path, ".safetensors or .pth")
         want = model.state_dict()
         missing = [k for k in want if k not in state]
         unexpected = [k for k in state if k not in want]
         if missing or unexpected:
-            raise UsageError(f"weights file {w.path} does not fit timm:{self.model_name} (missing "
+            raise UsageError(f"weights file {path} does not fit timm:{self.model_name} (missing "
                              f"{', '.join(missing[:3]) or 'none'}; unexpected {', '.join(unexpected[:3]) or 'none'}); "
                              f"pass a timm:{self.model_name} state dict")
-        return state
+        model.load_state_dict(state)
 
     def preset(self) -> ImageClassification:
         """timm's eval preprocessing from the pretrained config, as a torchvision preset."""

@@ -16,11 +16,9 @@ from .source import (
     DEFAULT_IMAGE_SIZE,
     ModelSource,
     WeightsChoice,
-    frozen,
     load_state_file,
     local_weights,
     register_source,
-    seeded,
 )
 
 
@@ -72,20 +70,20 @@ class TorchvisionSource(ModelSource):
         if self.weights.enum is not None and not checkpoint_path(self.weights.enum).is_file():
             self.build()
 
-    def build(self) -> nn.Module:
-        w = self.weights
-        if w.enum is not None:
-            return frozen(self._download(w))
-        model = seeded(lambda: models.get_model(self.name, weights=None))
-        if w.path is not None:
-            try:
-                model.load_state_dict(load_state_file(w.path, ".pth"))
-            except RuntimeError as exc:
-                raise UsageError(f"weights file {w.path} does not fit {self.name} "
-                                 f"({str(exc).splitlines()[0]}); pass a {self.name} state dict") from None
-        return frozen(model)
+    def random_model(self) -> nn.Module:
+        return models.get_model(self.name, weights=None)
 
-    def _download(self, w: WeightsChoice) -> nn.Module:
+    def load_file(self, model: nn.Module, path: Path) -> None:
+        try:
+            model.load_state_dict(load_state_file(path, ".pth"))
+        except RuntimeError as exc:
+            raise UsageError(f"weights file {path} does not fit {self.name} "
+                             f"({str(exc).splitlines()[0]}); pass a {self.name} state dict") from None
+
+    def download(self) -> nn.Module | None:
+        w = self.weights
+        if w.enum is None:
+            return None
         cached = checkpoint_path(w.enum)
         try:
             if not cached.is_file():  # torch.hub prints "Downloading: ..." before it finds out it cannot
