@@ -436,6 +436,11 @@ def cmd_compare(args) -> None:
     print(f"read {images.name}: {images.class_counts()}")
     backbones = [_backbone(args, name) for name in _csv_list(args.backbone)]
     protocol = parse_protocol(args.protocol, args.test_per_class, has_split=images.splits or False)
+    clfs = _csv_list(args.clf)
+    if len(clfs) > 1 and args.grid:
+        raise UsageError("--grid is one classifier's grid; with several --clf values leave it out (each uses its own)")
+    if args.shots:
+        return _shot_curves(args, images, backbones, [_fit_options(args, clf) for clf in clfs], protocol)
     if args.score:  # no fit: LogME per tap, every backbone's taps ranked in one list
         scored = [score_taps(images, bb, args.taps, protocol, extract_options=_extract_options(args))
                   for bb in backbones]
@@ -447,9 +452,6 @@ def cmd_compare(args) -> None:
         print(f"scored {len(ranked)} taps of {', '.join(bb.name for bb in backbones)} in "
               f"{sum(rows[0]['seconds'] for rows in scored):.1f} s (LogME on seed 0's training split, no fit)")
         return
-    clfs = _csv_list(args.clf)
-    if len(clfs) > 1 and args.grid:
-        raise UsageError("--grid is one classifier's grid; with several --clf values leave it out (each uses its own)")
     out, rows = compare_taps(images, backbones, args.taps, [_fit_options(args, clf) for clf in clfs], protocol,
                              seeds=args.seeds, extract_options=_extract_options(args), runs_root=args.out,
                              force=args.force, fuse=args.fuse)
@@ -464,6 +466,21 @@ def cmd_compare(args) -> None:
 
     for note in result_notes(load_results(Path(rows[0]["run"])), args.seeds):
         print(note)
+    print(out)
+
+
+def _shot_curves(args, images, backbones, fits, protocol) -> None:
+    """compare --shots: the curve table, who leads where, and the folder."""
+    from .shots import format_curves, parse_shots, shot_curves
+
+    if args.score or args.seeds != 1:
+        raise UsageError("--shots draws its training images --tries times on one fixed test split; leave out "
+                         f"{'--score' if args.score else '--seeds'}")
+    out, points, sentence = shot_curves(images, backbones, args.taps, fits, protocol, shots=parse_shots(args.shots),
+                                        tries=args.tries, extract_options=_extract_options(args), runs_root=args.out,
+                                        fuse=args.fuse)
+    print(format_curves(points))
+    print(sentence)
     print(out)
 
 
@@ -573,6 +590,9 @@ def _add_compare_command(p: argparse.ArgumentParser) -> None:
                    help="add the auto row: the taps to fuse chosen among the compared ones on each training split")
     p.add_argument("--score", action="store_true",
                    help="rank the taps by LogME transferability instead of fitting (seconds)")
+    p.add_argument("--shots", help="few-shot curves: training images per class, e.g. 1,2,5,10,20,all (each drawn "
+                                   "--tries times from the training split; the test split stays fixed)")
+    p.add_argument("--tries", type=int, default=5, help="--shots: seeded draws per shot count (default: %(default)s)")
     _add_extract_args(p, out_alias=False)
     _add_fit_args(p, many=True)
     p.set_defaults(func=cmd_compare)

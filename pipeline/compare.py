@@ -16,6 +16,7 @@ import csv
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from features.datasets import ImageSet
 from features.errors import UsageError
 from features.extract import extract
 from features.files import path_safe
-from features.joined import BACKBONE_SEPARATOR, JoinedFeatures, owner, split_key
+from features.joined import BACKBONE_SEPARATOR, Features, JoinedFeatures, owner, split_key
 from features.options import ExtractOptions
 from features.pooling import DEFAULT_POOLING, recorded_pooling
 from features.store import FeatureFile
@@ -117,6 +118,66 @@ def tap_shares(run_dir: Path, results: RunResult) -> dict[str, float] | None:
     return {**{k: round(v, 4) for k, v in per_backbone.items()}, **{k: round(v, 4) for k, v in per_tap.items()}}
 
 
+@dataclass(frozen=True)
+class PlannedRow:
+    """One row to fit: a tap, a fused set or ``auto`` of one backbone's file, or a set across the files."""
+
+    features: Features
+    spec: str
+    backbone: str
+    tap: Tap | None = None  # a single tap (None for sets)
+    depth: float | None = None  # a single tap's relative depth in its backbone
+    candidates: list[str] | None = None  # what ``auto`` chooses among
+
+
+@dataclass
+class Prepared:
+    """What :func:`prepare_rows` extracted: the rows to fit in groups (each backbone's, then the sets
+    across backbones) and, per backbone, its feature file and what it was made from."""
+
+    groups: list[list[PlannedRow]]
+    files: dict[str, FeatureFile]
+    made_from: list[dict]
+
+    @property
+    def rows(self) -> list[PlannedRow]:
+        return [row for group in self.groups for row in group]
+
+
+def prepare_rows(images: ImageSet, backbones: list[Backbone], taps: list[str] | None, fuse: bool,
+                 extract_options: ExtractOptions, log=print) -> Prepared:
+    """Plan every row of a comparison (every name checked before the first extraction), extract what is
+    missing (one pass per backbone) and return the rows on their feature files."""
+    pooling = extract_options.pooling
+    own, across = _cross_sets(backbones, taps, fuse)
+    planned = {bb.name: _plan(bb, own[bb.name], fuse, pooling, several=len(backbones) > 1) for bb in backbones}
+    for spec in across:  # the members of cross-backbone sets are extracted with their backbones
+        for member in ([] if spec == AUTO else tap_set(spec)):
+            name, tap = split_key(member)
+            planned[name][2].append(next(b for b in backbones if b.name == name).resolve_taps([tap])[0].name)
+    groups: list[list[PlannedRow]] = []
+    made_from: list[dict] = []  # per backbone: what its features were made from
+    files: dict[str, FeatureFile] = {}
+    for bb in backbones:
+        singles, sets, needed = planned[bb.name]
+        report = extract(images, bb, list(dict.fromkeys(needed)), extract_options)
+        if report.computed:
+            log(f"extracted {', '.join(report.computed)} with {bb.name} ({report.images_per_second:.1f} img/s)")
+        features = files[bb.name] = FeatureFile(report.path)
+        made_from.append({**features.settings(), "features_fingerprint": features.fingerprint(),
+                          "precision": sorted({features.taps[k].precision for k in report.computed + report.reused}),
+                          "decode": sorted({features.taps[k].decode
+                                            for k in report.computed + report.reused})})
+        groups.append([PlannedRow(features, t.name, bb.name, t, round(i / max(len(singles) - 1, 1), 4))
+                       for i, t in enumerate(singles)]
+                      + [PlannedRow(features, spec, bb.name, candidates=[t.name for t in singles]) for spec in sets])
+    if across:
+        joined = JoinedFeatures(list(files.values()))
+        candidates = [f"{bb.name}{BACKBONE_SEPARATOR}{t.name}" for bb in backbones for t in planned[bb.name][0]]
+        groups.append([PlannedRow(joined, spec, joined.attrs["backbone"], candidates=candidates) for spec in across])
+    return Prepared(groups, files, made_from)
+
+
 def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | None,
                  options: FitOptions | Sequence[FitOptions], protocol: Protocol, *, seeds: int = 1,
                  extract_options: ExtractOptions | None = None, runs_root: Path | str = "runs", force: bool = False,
@@ -135,50 +196,24 @@ def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | 
     if seeds < 1:
         raise UsageError(f"--seeds must be at least 1, not {seeds}")
     check_protocol(protocol, images.labels, images.classes, images.splits)
-    own, across = _cross_sets(backbones, taps, fuse)
-    planned = {bb.name: _plan(bb, own[bb.name], fuse, pooling, several=len(backbones) > 1) for bb in backbones}
-    for spec in across:  # the members of cross-backbone sets are extracted with their backbones
-        for member in ([] if spec == AUTO else tap_set(spec)):
-            name, tap = split_key(member)
-            planned[name][2].append(next(b for b in backbones if b.name == name).resolve_taps([tap])[0].name)
+    prepared = prepare_rows(images, backbones, taps, fuse, extract_options, log)
+    made_from = prepared.made_from
     rows: list[dict] = []
     runs: list[RunResult] = []  # each row's run
-    made_from: list[dict] = []  # per backbone: what its features were made from
-    files: dict[str, FeatureFile] = {}
-    for bb in backbones:
-        singles, sets, needed = planned[bb.name]
-        report = extract(images, bb, list(dict.fromkeys(needed)), extract_options)
-        if report.computed:
-            log(f"extracted {', '.join(report.computed)} with {bb.name} ({report.images_per_second:.1f} img/s)")
-        features = files[bb.name] = FeatureFile(report.path)
-        made_from.append({**features.settings(), "features_fingerprint": features.fingerprint(),
-                          "precision": sorted({features.taps[k].precision for k in report.computed + report.reused}),
-                          "decode": sorted({features.taps[k].decode
-                                            for k in report.computed + report.reused})})
-        scores = _logme_scores(features, singles, pooling, protocol)
+    job = {"pooling": pooling, "protocol": protocol, "seeds": seeds, "runs_root": runs_root, "force": force, "log": log}
+    for group in prepared.groups:
+        singles = [r.tap for r in group if r.tap is not None]
+        scores = _logme_scores(group[0].features, singles, pooling, protocol) if singles else {}
         for fit in fits:
-            job = {"pooling": pooling, "protocol": protocol, "seeds": seeds, "runs_root": runs_root, "force": force,
-                   "log": log}
-            for position, tap in enumerate(singles):
-                row, results = _fit_row(features, tap.name, fit, **job)
-                rows.append({**row, "backbone": bb.name, "node": tap.node, "logme": scores[tap.name],
-                             "depth": round(position / max(len(singles) - 1, 1), 4),
-                             "pooling": recorded_pooling(tap.shape, pooling)})
-                runs.append(results)
-            for spec in sets:
-                row, results = _fit_row(features, spec, fit, **job, candidates=[t.name for t in singles])
-                rows.append({**row, "backbone": bb.name, "logme": None, "depth": None, "pooling": pooling})
-                runs.append(results)
-    if across:
-        joined = JoinedFeatures(list(files.values()))
-        candidates = [f"{bb.name}{BACKBONE_SEPARATOR}{t.name}" for bb in backbones for t in planned[bb.name][0]]
-        for fit in fits:
-            job = {"pooling": pooling, "protocol": protocol, "seeds": seeds, "runs_root": runs_root, "force": force,
-                   "log": log}
-            for spec in across:
-                row, results = _fit_row(joined, spec, fit, **job, candidates=candidates)
-                rows.append({**row, "backbone": joined.attrs["backbone"], "logme": None, "depth": None,
-                             "pooling": pooling, "shares": tap_shares(Path(row["run"]), results)})
+            for planned in group:
+                row, results = _fit_row(planned.features, planned.spec, fit, **job,
+                                        candidates=None if planned.tap else planned.candidates)
+                extra = ({"node": planned.tap.node, "logme": scores[planned.spec], "depth": planned.depth,
+                          "pooling": recorded_pooling(planned.tap.shape, pooling)} if planned.tap else
+                         {"logme": None, "depth": None, "pooling": pooling})
+                if isinstance(planned.features, JoinedFeatures):
+                    extra["shares"] = tap_shares(Path(row["run"]), results)
+                rows.append({**row, "backbone": planned.backbone, **extra})
                 runs.append(results)
     pairs = _significance(rows, runs, seeds)
     # Every setting that changes a result is in the folder's digest: the dataset's contents, each

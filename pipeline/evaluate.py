@@ -153,7 +153,7 @@ def _check_pca(options: FitOptions, dim: int, n_train: int) -> None:
                                  f"{', less a CV fold' if len(options.grid) > 1 else ''}); lower K")
 
 
-def _load(features: Features, keys: list[str], options: FitOptions) -> tuple[np.ndarray | None, Groups | None, bool]:
+def fit_matrix(features: Features, keys: list[str], options: FitOptions) -> tuple[np.ndarray | None, Groups | None, bool]:
     """The matrix a fit reads (None when it streams), each tap's columns when taps are fused, and
     whether it streams."""
     if len(keys) == 1:
@@ -186,7 +186,7 @@ def evaluate_tap(features: Features, tap: str, pooling: str, options: FitOptions
                    None if features.split is None else
                    [s for s, v in zip(features.split, features.valid, strict=True) if v])
     keys = tap_keys(features, tap, pooling, candidates)
-    X, groups, streaming = _load(features, keys, options)
+    X, groups, streaming = fit_matrix(features, keys, options)
     y = features.labels
     same_bytes = features.duplicate_groups()
     splits = [make_split(protocol, y, features.split, seed, features.valid, same_bytes) for seed in range(seeds)]

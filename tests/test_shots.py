@@ -1,0 +1,70 @@
+"""Few-shot curves (compare --shots): the draws, the statistics, and the CLI's reruns."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+from conftest import QUIET, TINY
+
+from pipeline.cli import main
+from pipeline.options import FitOptions
+from pipeline.protocols import make_split, parse_protocol
+from pipeline.shots import CurveRow, curve_points, draw_shots, leaders, parse_shots
+
+
+def test_draws_come_from_training_only_are_reproducible_nested_and_keep_small_classes_whole():
+    labels = np.repeat([0, 1, 2], [30, 30, 4])  # class 2 is small
+    pool, test = make_split(parse_protocol("fraction:0.5"), labels, None, seed=0)
+    for k in (1, 2, 5):
+        for attempt in range(3):
+            draw = draw_shots(labels, pool, k, attempt)
+            assert not np.intersect1d(draw, test).size and np.isin(draw, pool).all()
+            counts = np.bincount(labels[draw], minlength=3)
+            assert counts[0] == counts[1] == k and counts[2] == min(k, int((labels[pool] == 2).sum()))
+            np.testing.assert_array_equal(draw, draw_shots(labels, pool, k, attempt))  # same seed, same draw
+            assert np.isin(draw_shots(labels, pool, k - 1, attempt), draw).all() if k > 1 else True  # nested
+    assert not np.array_equal(draw_shots(labels, pool, 5, 0), draw_shots(labels, pool, 5, 1))
+    np.testing.assert_array_equal(draw_shots(labels, pool, None, 3), pool)
+    assert parse_shots("10,all,1,2,2") == [1, 2, 10, None]
+
+
+def test_a_curve_finds_the_set_that_wins_with_few_labels_and_the_one_that_wins_with_many():
+    """'few' is 4-D and noisy (good from one image per class, capped low); 'many' hides a strong signal
+    in 5 of 305 columns (poor until the fit has enough images to find it)."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(5), 120)
+    few = rng.normal(size=(5, 4))[y] * 1.2 + rng.normal(size=(len(y), 4))
+    many = np.hstack([rng.normal(size=(5, 5))[y] * 2.5 + rng.normal(size=(len(y), 5)) * 0.6,
+                      rng.normal(size=(len(y), 300)) * 3.0])
+    order = rng.permutation(len(y))
+    pool, test = np.sort(order[:300]), np.sort(order[300:])
+    options = FitOptions(clf="logreg")
+    points = curve_points([CurveRow("few", few, options), CurveRow("many", many, options)], y, pool, test,
+                          [1, 5, None], 3, log=lambda _: None)
+    best = {p["shots"]: p["row"] for p in points if p["best"]}
+    assert best == {"1": "few", "5": "few", "all": "many"}
+    at = {(p["row"], p["shots"]): p for p in points}
+    assert not at[("many", "1")]["tied"] and at[("many", "1")]["vs_best_high"] < 0  # significantly worse
+    assert at[("few", "1")]["tries"] == 3 and at[("few", "all")]["tries"] == 1  # "all" is one draw
+    assert at[("few", "1")]["low"] <= at[("few", "1")]["mean"] <= at[("few", "1")]["high"]
+    assert at[("few", "1")]["selection"].startswith("fixed C=")  # one image per class: no fold
+    assert leaders(points).startswith("few leads up to 5 shots, many from all images")
+
+
+def test_compare_shots_writes_the_curve_and_a_rerun_fits_only_new_points(tiny_flat, tmp_path, capsys):
+    args = ["compare", "--dataset", f"folder:{tiny_flat}", *TINY, *QUIET, "--taps", "layer2,avgpool",
+            "--features-root", str(tmp_path / "fs"), "--out", str(tmp_path / "runs"), "--tries", "2"]
+    assert main([*args, "--shots", "1,all"]) == 0
+    first = capsys.readouterr().out
+    assert first.count("fitted ") == 2 * (2 + 1) and "leads" in first
+    folder = Path(first.strip().splitlines()[-1])
+    saved = json.loads((folder / "shots.json").read_text())
+    assert {(p["tap"], p["shots"]) for p in saved["points"]} == {(t, s) for t in ("layer2", "avgpool")
+                                                                 for s in ("1", "all")}
+    assert saved["settings"]["tries"] == 2 and (folder / "shots.png").stat().st_size > 0
+    assert main([*args, "--shots", "1,3,all"]) == 0  # only 3 shots is new: 2 taps x 2 tries
+    assert capsys.readouterr().out.count("fitted ") == 4
+    assert main([*args, "--shots", "1,all", "--fuse"]) == 2  # auto needs CV, impossible at one shot
+    assert "drop 1 from --shots" in capsys.readouterr().err
+    assert main([*args, "--shots", "1,all", "--seeds", "3"]) == 2
+    assert main([*args, "--shots", "0,2"]) == 2
