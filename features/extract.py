@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import json
 import sys
 import time
 import warnings
@@ -26,7 +27,7 @@ from .backbones import Backbone, Tap
 from .blocks import Block, prepare_forward
 from .catalog import check_dataset_matches, feature_path
 from .datasets import CONTENT_FINGERPRINT, FINGERPRINT_VERSION, ImageSet
-from .decoders import get_decoder
+from .decoders import SIMPLEJPEG, get_decoder
 from .engines import engine_class
 from .errors import TapsError, UsageError
 from .files import check_output_folder, exclusive_lock
@@ -48,6 +49,8 @@ class ExtractionReport:
     skipped: dict[str, str] = field(default_factory=dict)  # sample id -> reason (whole file)
     device: str = ""
     precision: str = ""
+    runtime: str = ""
+    runtime_note: str = ""                               # what auto timed, or int8's calibration and agreement
     compile_seconds: float = 0.0                         # torch.compile, before ``seconds`` starts
     startup_seconds: float = 0.0                         # model ready (replica processes, compile) before then
 
@@ -142,9 +145,11 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
         from .runtimes import resolve_runtime
 
         cfg = resolve_runtime(backbone, resolved, cfg, _recorded_runtime(existing, resolved, options.pooling),
-                              torch_forward=lambda c: prepare_forward(backbone, resolved, c, len(images)))
+                              torch_forward=lambda c: prepare_forward(backbone, resolved, c, len(images)),
+                              calibration=lambda: dataset_calibration(images, backbone, cfg, header["dataset_fingerprint"]))
     keys = {t.name: tap_key(t.name, options.pooling, is_spatial(t.shape)) for t in resolved}
-    report = ExtractionReport(path=path, samples=len(images), device=str(cfg.device), precision=cfg.precision)
+    report = ExtractionReport(path=path, samples=len(images), device=str(cfg.device), precision=cfg.precision,
+                              runtime=cfg.runtime, runtime_note=_runtime_note(cfg))
     backbone.check_weights()  # a missing checkpoint fails before any file is touched
     try:
         with exclusive_lock(path), keep_freed_memory():
@@ -198,13 +203,45 @@ def _recorded_runtime(existing: FeatureFile | None, taps: list[Tap], pooling: st
     return started.pop() if len(started) == 1 else None
 
 
+def dataset_calibration(images: ImageSet, backbone: Backbone, cfg: RunConfig, fingerprint: str):
+    """int8's calibration and held-out samples of ``images``, decoded as the extraction decodes them
+    (an on-device decoder's images are decoded on the CPU instead: int8 runs there)."""
+    from .blocks import DecodedImages, collate_pixels
+    from .quantize import calibration_set
+
+    decode = SIMPLEJPEG if get_decoder(cfg.decode).on_device else cfg.decode
+    decoded = DecodedImages(images, backbone.pixel_transform(),
+                            int(backbone.pixel_transform().resize_size[0]) if cfg.draft else None, decode)
+
+    def pixels(indices: np.ndarray) -> np.ndarray:
+        batch = collate_pixels([decoded[int(i)] for i in indices])[0]
+        return np.zeros((0, 3, 1, 1), np.uint8) if batch is None else np.ascontiguousarray(
+            batch.permute(0, 3, 1, 2).numpy())
+    return calibration_set(len(images), fingerprint, pixels)
+
+
+def _runtime_note(cfg: RunConfig) -> str:
+    """What the CLI says of the runtime: auto's timing, int8's calibration and agreement."""
+    from .quantize import describe_int8
+
+    notes = [f"runtime {cfg.runtime} chosen by timing: {cfg.runtime_rates}"] if cfg.runtime_rates else []
+    return "; ".join(notes + ([describe_int8(json.loads(cfg.quantization))] if cfg.quantization else []))
+
+
+def _tap_int8(quantization: str, tap: str) -> str:
+    """A tap's int8 attribute: the calibration and this tap's agreement with fp32 (JSON)."""
+    record = json.loads(quantization)
+    return json.dumps({"calibration": record["calibration"], "agreement": record["agreement"][tap]})
+
+
 def _fill(writer: FeatureWriter, job: _Job, report: ExtractionReport) -> None:
     """Create or check the job's taps in the file, then write every block they still miss."""
     cfg, keys = job.cfg, job.keys
     dims = {t.name: pooled_dim(t.shape, cfg.pooling) for t in job.taps}
     attrs = {t.name: {"tap": t.name, "node": t.node, "pooling": recorded_pooling(t.shape, cfg.pooling),
                       "precision": cfg.precision, "decode": cfg.decode, "runtime": cfg.runtime,
-                      **({"runtime_rates": cfg.runtime_rates} if cfg.runtime_rates else {})} for t in job.taps}
+                      **({"runtime_rates": cfg.runtime_rates} if cfg.runtime_rates else {}),
+                      **({"int8": _tap_int8(cfg.quantization, t.name)} if cfg.quantization else {})} for t in job.taps}
     writer.ensure_taps({keys[t.name]: (dims[t.name], attrs[t.name]) for t in job.taps})
     for key, rows in writer.recovered.items():
         warnings.warn(f"{rows} rows of tap {key} in {writer.path} were not on disk intact (a full disk or a crash "

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from .decoders import DECODER_REGISTRY, SIMPLEJPEG, TORCHVISION, get_decoder
 from .errors import UsageError, choose
 from .pooling import DEFAULT_POOLING, POOLINGS
+from .quantize import INT8
 from .runtime_records import RUNTIME_REGISTRY, TORCH, exported_runtimes
 
 if TYPE_CHECKING:  # imported where a device is resolved: the CLI's parser and `taps --help` never need torch
@@ -28,7 +29,7 @@ AUTO = "auto"    # an option this machine decides (features.options.ExtractOptio
 CHOICES: dict[str, tuple[str, ...]] = {
     "pooling": POOLINGS,
     "device": ("auto", "cpu", "cuda", "mps"),
-    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "precision": ("auto", "fp32", "bf16", "fp16", INT8),
     "on_error": ("skip", "fail"),
     "engine": ("local", "ray"),
     "loader": ("auto", "inline", "workers", "replicas"),
@@ -98,6 +99,9 @@ class ExtractOptions:
                            or self.precision not in ("auto", *precisions)):
             raise UsageError(f"--runtime {self.runtime} runs the forward on the CPU in {' or '.join(precisions)}; "
                              "drop --device, --gpus-per-worker and --precision, or use --runtime torch")
+        if self.precision == INT8 and (self.runtime == TORCH or self.engine == "ray" or self.shard):
+            raise UsageError("--precision int8 runs a post-training quantised export on the CPU, locally: use "
+                             "--runtime openvino (or auto), without --engine ray or --shard")
         _check_decoder_engine(self.decode, self.engine)
 
     def resolve(self, n_images: int) -> RunConfig:
@@ -108,6 +112,8 @@ class ExtractOptions:
         if exported and precision not in exported:  # auto on a bf16 CPU, for a runtime that runs fp32 only
             precision = "fp32"
         runtime = TORCH if self.runtime == AUTO and (device.type != "cpu" or self.gpus_per_worker) else self.runtime
+        if runtime == TORCH and precision == INT8:  # auto on an accelerator: torch, which quantises nothing
+            precision = "fp32"
         return RunConfig(pooling=self.pooling, device=device, precision=precision, runtime=runtime,
                          workers=default_workers() if self.workers is None else self.workers,
                          channels_last=self.channels_last, on_error=self.on_error, draft=self.draft,
@@ -133,6 +139,7 @@ class RunConfig:
     compile: str = "off"        # auto | on | off (decided by dataset size, see features.forward)
     runtime: str = TORCH        # torch | onnxruntime | openvino | auto (decided by features.runtimes.resolve_runtime)
     runtime_rates: str = ""     # auto: what the calibration timing measured, recorded beside the choice
+    quantization: str = ""      # int8: the calibration and the agreement with fp32 (JSON), recorded per tap
     onnx_path: str = ""         # an exported runtime: the export it checked (loaded by each engine)
     decode: str = SIMPLEJPEG  # a features.decoders record
     batch_size: int = 64

@@ -27,6 +27,7 @@ class Runtime:
     package: str | None = None    # the module that runs it; None: torch itself, in this process
     extra: str | None = None      # the optional extra that installs the package
     opener: str | None = None     # "module:function" -> (path, tap names, precision, threads) -> session
+    quantizer: str | None = None  # "module:function" -> (fp32 export, target, calibration batches): int8 model
 
     @property
     def exported(self) -> bool:
@@ -74,5 +75,5 @@ def exported_runtimes() -> dict[str, Runtime]:
 TORCH = register_runtime(Runtime("torch", ("fp32", "bf16", "fp16"))).name
 ONNXRUNTIME = register_runtime(Runtime("onnxruntime", ("fp32",), "onnxruntime", "onnx",
                                        "features.runtimes:open_onnxruntime"))
-OPENVINO = register_runtime(Runtime("openvino", ("fp32", "bf16"), "openvino", "openvino",
-                                    "features.runtimes:open_openvino"))
+OPENVINO = register_runtime(Runtime("openvino", ("fp32", "bf16", "int8"), "openvino", "openvino",
+                                    "features.runtimes:open_openvino", "features.quantize:quantize_openvino"))

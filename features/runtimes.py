@@ -38,6 +38,7 @@ from .export import (
     reference_outputs,
 )
 from .files import file_sha256
+from .quantize import INT8, MIN_COSINE, CalibrationSet, low_agreement, prepare_int8
 from .runtime_records import AUTO, ONNXRUNTIME, OPENVINO, TORCH, exported_runtimes
 
 TOLERANCE = 1e-3
@@ -71,7 +72,8 @@ def open_openvino(path: Path, names: list[str], precision: str, threads: int) ->
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     compiled = core.compile_model(str(path), "CPU", {
         "PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_NUM_THREADS": threads, "ENABLE_CPU_PINNING": threads >= cores,
-        "INFERENCE_PRECISION_HINT": {"fp32": "f32"}.get(precision, precision)})
+        # int8: the quantised graph carries its own int8 ops; what is left runs in f32
+        "INFERENCE_PRECISION_HINT": {"fp32": "f32", "int8": "f32"}.get(precision, precision)})
     outputs = [compiled.output(n) for n in names]
     # Plain requests, no AsyncInferQueue callbacks: a callback holding the last reference to the
     # compiled model lets one of OpenVINO's own threads destroy (and join) itself, which aborts.
@@ -177,8 +179,29 @@ def installed_runtimes() -> list[str]:
 
 
 def runtime_precision(runtime: str, precision: str) -> str:
-    """The precision ``runtime`` runs a ``precision`` request in: its own when it has it, else fp32."""
-    return precision if runtime == TORCH or precision in RUNTIMES[runtime].precisions else "fp32"
+    """The precision ``runtime`` runs a ``precision`` request in: its own when it has it, else fp32
+    (torch runs no int8: post-training quantisation is the exported runtimes')."""
+    if runtime == TORCH:
+        return "fp32" if precision == INT8 else precision
+    return precision if precision in RUNTIMES[runtime].precisions else "fp32"
+
+
+def with_int8(cfg, names: list[str], calibration: Callable[[], CalibrationSet] | None):
+    """``cfg`` on its runtime's int8 model when it runs int8 (quantised once per calibration set,
+    cached), with what was chosen and how well it agrees with fp32 in ``cfg.quantization``."""
+    if cfg.precision != INT8:
+        return cfg
+    if calibration is None:
+        raise UsageError("--precision int8 is calibrated on the dataset being extracted; extract it with "
+                         "`taps extract ... --precision int8`")
+    runtime = RUNTIMES[cfg.runtime]
+    path, record = prepare_int8(runtime, Path(cfg.onnx_path), names, calibration(),
+                                lambda p, precision: load_exported(runtime.name, p, names, precision).session)
+    low = low_agreement(record)
+    if low:
+        warnings.warn(f"--precision int8: taps {', '.join(low)} agree with fp32 at a cosine under {MIN_COSINE} on "
+                      f"held-out images; a probe on them may move (use --precision fp32 to be sure)", stacklevel=3)
+    return with_(cfg, onnx_path=str(path), quantization=json.dumps({k: v for k, v in record.items() if k != "reused"}))
 
 
 def _rate(forward, pixels: torch.Tensor, repeats: int = 3) -> float:
@@ -192,36 +215,41 @@ def _rate(forward, pixels: torch.Tensor, repeats: int = 3) -> float:
     return len(pixels) / sorted(times)[len(times) // 2]
 
 
-def resolve_runtime(backbone: Backbone, taps: list[Tap], cfg, recorded: str | None, torch_forward: Callable):
+def resolve_runtime(backbone: Backbone, taps: list[Tap], cfg, recorded: str | None, torch_forward: Callable,
+                    calibration: Callable[[], CalibrationSet] | None = None):
     """The run config with its runtime decided. An exported runtime: its checked export (else
     torch, with a warning). ``auto``: the runtime the file's unfinished taps were started with;
     else torch and every installed exported runtime whose export checks out are timed on a
     calibration batch of ``cfg.batch_size`` images, each at the precision it would run, and the
     fastest is used; the rates are recorded beside the choice. ``torch_forward(cfg)`` builds
     torch's forward as the run would (compiled when the run compiles: on a bf16 CPU a compiled
-    torch can beat the exported runtimes, and eager timing would hide it)."""
+    torch can beat the exported runtimes, and eager timing would hide it). ``--precision int8``
+    runs a runtime's int8 model (:func:`with_int8`, calibrated on ``calibration()``), timed as such
+    by ``auto``; torch, which has none, runs fp32."""
     if cfg.runtime == AUTO and recorded is not None:
         cfg = with_(cfg, runtime=recorded, precision=runtime_precision(recorded, cfg.precision))
+    names = [t.name for t in taps]
     if cfg.runtime == TORCH:
-        return cfg
+        return with_(cfg, precision=runtime_precision(TORCH, cfg.precision))
     if cfg.runtime != AUTO:
         path, why, _ = prepare_export(backbone, taps, cfg.pooling, cfg.runtime)
         if path is None:
             warnings.warn(f"--runtime {cfg.runtime}: {why}; extracting with torch", stacklevel=3)
-            return with_(cfg, runtime=TORCH)
-        return with_(cfg, onnx_path=str(path))
+            return with_(cfg, runtime=TORCH, precision=runtime_precision(TORCH, cfg.precision))
+        return with_int8(with_(cfg, onnx_path=str(path)), names, calibration)
     pixels = calibration_batch(backbone.input_size, cfg.batch_size)
-    names = [t.name for t in taps]
-    forward = torch_forward(with_(cfg, runtime=TORCH))
+    forward = torch_forward(with_(cfg, runtime=TORCH, precision=runtime_precision(TORCH, cfg.precision)))
     rates = {TORCH: _rate(forward, pixels)}
-    paths = {}
+    candidates = {}
     for name in installed_runtimes():
         path, _, _ = prepare_export(backbone, taps, cfg.pooling, name)
         if path is not None:  # one that does not export is simply not a candidate
-            paths[name] = path
-            rates[name] = _rate(load_exported(name, path, names, runtime_precision(name, cfg.precision)), pixels)
+            candidates[name] = with_int8(with_(cfg, runtime=name, precision=runtime_precision(name, cfg.precision),
+                                               onnx_path=str(path)), names, calibration)
+            rates[name] = _rate(load_exported(name, candidates[name].onnx_path, names, candidates[name].precision),
+                                pixels)
     best = max(rates, key=rates.get)
     measured = ", ".join(f"{k} {v:.1f} img/s ({runtime_precision(k, cfg.precision)})" for k, v in rates.items())
     how = "compiled" if getattr(forward, "compile_seconds", 0) else "eager"
-    return with_(cfg, runtime=best, precision=runtime_precision(best, cfg.precision), onnx_path=str(paths.get(best, "")),
-                 runtime_rates=f"{measured} on a calibration batch of {len(pixels)}, torch {how}")
+    chosen = candidates.get(best, with_(cfg, runtime=TORCH, precision=runtime_precision(TORCH, cfg.precision)))
+    return with_(chosen, runtime_rates=f"{measured} on a calibration batch of {len(pixels)}, torch {how}")

@@ -61,7 +61,7 @@ FORMAT = "taps-features"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 STR = h5py.string_dtype()
-MEASURED = ("runtime_rates",)  # tap attributes that record a measurement, not a setting
+MEASURED = ("runtime_rates", "int8")  # tap attributes that record a measurement, not a setting
 # The tap settings a rerun must match to reuse or resume a tap, and the flag that sets each.
 CHECKED_SETTINGS = {"precision": "--precision", "decode": "--decode", "runtime": "--runtime", "pooling": "--pool"}
 

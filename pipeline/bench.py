@@ -36,7 +36,7 @@ from features.catalog import feature_path
 from features.datasets import FileImageSet, folder_dataset
 from features.decoders import PIL, TORCHVISION
 from features.engines.replicas import ReplicaEngine
-from features.extract import extract
+from features.extract import dataset_calibration, extract
 from features.options import (
     REPLICAS_MIN_IMAGES,
     RunConfig,
@@ -46,9 +46,10 @@ from features.options import (
     resolve_precision,
 )
 from features.pooling import DEFAULT_POOLING
+from features.quantize import INT8
 from features.runtime import keep_freed_memory
-from features.runtime_records import TORCH
-from features.runtimes import installed_runtimes, prepare_export, runtime_precision
+from features.runtime_records import TORCH, get_runtime
+from features.runtimes import installed_runtimes, prepare_export, runtime_precision, with_int8
 
 
 def synthetic_jpegs(folder: Path, n: int, size: tuple[int, int] = (500, 375), seed: int = 0) -> Path:
@@ -185,6 +186,32 @@ def peak_rss_mb(n: int, work: Path, backbone: str, weights: str, compile: str, l
     return int(out.stdout.strip().splitlines()[-1]) / 1024
 
 
+def startup_seconds(work: Path, backbone: Backbone, repeats: int = 3) -> dict[str, float]:
+    """Wall seconds of short commands, each in a fresh interpreter (the median of ``repeats``): the
+    fixed cost a user waits for before any image is embedded. The extractions make a new file each
+    time (``--force``) from 10 small JPEGs, so their time is almost all start-up."""
+    ten = synthetic_jpegs(work / "jpegs10", 10, size=(160, 120))
+    taps = [sys.executable, "-m", "pipeline"]
+    data = ["--dataset", f"folder:{ten}", "--backbone", backbone.name, "--features-root", str(work / "startup"),
+            "--weights", "none" if backbone.weights.enum is None else "auto", "--force", "--no-progress"]
+    commands = {"taps --help": [*taps, "--help"],
+                "taps extract, 10 images (torch)": [*taps, "extract", *data],
+                "taps extract, 10 images (--runtime auto)": [*taps, "extract", *data, "--runtime", "auto"],
+                "taps info FILE": [*taps, "info", "{file}"]}
+    out: dict[str, float] = {}
+    file = ""
+    for label, command in commands.items():
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            done = subprocess.run([c.replace("{file}", file) for c in command], capture_output=True, text=True,
+                                  check=True)
+            times.append(time.perf_counter() - t0)
+            file = done.stdout.strip().splitlines()[-1] if "extract" in label else file
+        out[label] = round(float(np.median(times)), 2)
+    return out
+
+
 def stage_two_times(features_root: str, reference: bool) -> dict:
     """Grid-searched svm and logreg fits at Caltech-101 scale (real features when cached, else synthetic)."""
     from sklearn.datasets import make_classification
@@ -247,6 +274,7 @@ class BenchSettings:
     compile: str = "on"
     precision: str = "auto"            # fp32 here shows what a CPU without bf16 kernels would pick
     runtimes: tuple[str, ...] | None = None  # exported runtimes to measure beside torch (None: every installed one)
+    startup_repeats: int = 3           # start-up commands: each timed this many times (the median is kept)
 
 
 @dataclass
@@ -299,11 +327,14 @@ def _prepare(s: BenchSettings, work: Path) -> _Bench:
                     channels_last=True, on_error="skip", draft=True, compile=s.compile, batch_size=s.batch_size,
                     loader=resolve_loader("auto", dev, max(s.images, REPLICAS_MIN_IMAGES)))  # as a large run here
     return _Bench(s, bb, _offline_or_random("resnet18"), taps, images, source, cfg, work,
-                  _exported_runtimes(s, bb, taps, cfg))
+                  _exported_runtimes(s, bb, taps, cfg, images))
 
 
-def _exported_runtimes(s: BenchSettings, bb: Backbone, taps: list[str], cfg: RunConfig) -> dict[str, RunConfig]:
-    """The run config of each exported runtime whose export of the pipeline's extractor checks out (CPU only)."""
+def _exported_runtimes(s: BenchSettings, bb: Backbone, taps: list[str], cfg: RunConfig,
+                       images: FileImageSet) -> dict[str, RunConfig]:
+    """The run config of each exported runtime whose export of the pipeline's extractor checks out (CPU
+    only), at the bench's precision, and at int8 where the runtime quantises (calibrated on the bench's
+    images, as an extraction of them would be)."""
     if cfg.device.type != "cpu":
         return {}
     out = {}
@@ -314,6 +345,10 @@ def _exported_runtimes(s: BenchSettings, bb: Backbone, taps: list[str], cfg: Run
             continue
         out[name] = dataclasses.replace(cfg, runtime=name, onnx_path=str(path), compile="off",
                                         precision=runtime_precision(name, cfg.precision))
+        if INT8 in get_runtime(name).precisions:
+            out[f"{name} {INT8}"] = with_int8(dataclasses.replace(out[name], precision=INT8),
+                                              [t.name for t in bb.resolve_taps(taps)],
+                                              lambda: dataset_calibration(images, bb, cfg, images.fingerprint()))
     return out
 
 
@@ -431,7 +466,8 @@ def run_bench(settings: BenchSettings | None = None, log=print, **fields) -> tup
     r: dict = {"backbone": bb.name, "weights": bb.weights.spec, "images": b.source, "taps": b.taps,
                "batch_size": s.batch_size, "device": str(cfg.device), "precision": cfg.precision,
                "loader": cfg.loader, "workers": cfg.workers, "rounds": s.rounds, "compile": s.compile,
-               "cpu": cpu_description(), "cores": os.cpu_count(), "torch": torch.__version__}
+               "cpu": cpu_description(), "cores": os.cpu_count(), "torch": torch.__version__,
+               "startup_repeats": s.startup_repeats}
     log(f"bench: {bb.name}, {b.source}, taps {', '.join(b.taps)}, {cfg.device}, {cfg.precision}, {s.rounds} rounds")
     ablations = _ablations(b)
     runs, samples = _interleave(_measures(b, ablations), s.rounds, log, _brackets(b.runtimes))
@@ -445,6 +481,8 @@ def run_bench(settings: BenchSettings | None = None, log=print, **fields) -> tup
                    for k in s.rss_sizes}
     log(f"  peak RSS: {r['rss_mb']}")
     r["page_faults"] = page_faults_per_batch()
+    r["startup_seconds"] = startup_seconds(work, bb, s.startup_repeats)
+    log(f"  start-up: {r['startup_seconds']}")
     r["stage_two"] = stage_two_times(s.features_root, s.reference)
     text = format_bench(r)
     (out / "bench.txt").write_text(text + "\n")
@@ -511,6 +549,8 @@ def format_bench(r: dict) -> str:
         f"(growth {100 * (rss[large] / rss[small] - 1):+.1f}%)",
         f"page faults per 64 MB batch (median of 16): {r['page_faults']['default']:.0f} with glibc's defaults, "
         f"{r['page_faults']['kept']:.0f} with the setting extraction runs under",
+        f"start-up (wall seconds in a fresh interpreter, median of {r.get('startup_repeats', 3)}): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in r.get("startup_seconds", {}).items()),
         f"stage two on {s2['source']}:",
     ]
     for clf, s in ((k, v) for k, v in s2.items() if isinstance(v, dict)):  # one entry per classifier timed

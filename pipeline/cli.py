@@ -238,6 +238,8 @@ def describe_extraction(report) -> str:
         lines.append(f"extracted {', '.join(report.computed)} for {report.samples} samples: {report.images} images in "
                      f"{report.seconds:.1f} s ({report.images_per_second:.1f} img/s, {report.device}, {report.precision})"
                      + _ready_after(report))
+    if report.computed and report.runtime_note:
+        lines.append(report.runtime_note)
     if report.reused:
         lines.append(f"reused {', '.join(report.reused)} (already complete)")
     if report.skipped:

@@ -208,26 +208,26 @@ def _cached_point(row: CurveRow, y, train, test, *, k: int | None, attempt: int,
 
 
 def leaders(points: list[dict]) -> str:
-    """Which row leads at which shot counts, as one sentence: "a leads up to 5 shots, b from 10"."""
+    """Which row leads where, as one sentence ("a leads up to 5 shots, b from 10 shots"). A row keeps the
+    lead while it is the best or tied with the best (its paired interval against the best includes 0),
+    so the lead changes hands only where the leader falls significantly behind."""
     order = list(dict.fromkeys(p["shots"] for p in points))
-    best = [next(p for p in points if p["shots"] == s and p["best"]) for s in order]
+    at = {(p["row"], p["shots"]): p for p in points}
     runs: list[tuple[str, list[str]]] = []
-    for point in best:
-        if runs and runs[-1][0] == point["row"]:
-            runs[-1][1].append(point["shots"])
+    for s in order:
+        if runs and (at[(runs[-1][0], s)]["best"] or at[(runs[-1][0], s)]["tied"]):
+            runs[-1][1].append(s)
         else:
-            runs.append((point["row"], [point["shots"]]))
-    parts = [f"{runs[0][0]} leads at every shot count"] if len(runs) == 1 else []
-    for i, (row, shots) in enumerate(runs if len(runs) > 1 else []):
-        if i == 0:
-            parts.append(f"{row} leads up to {_shots(shots[-1])}")
-        elif i == len(runs) - 1:
-            parts.append(f"{row} from {_shots(shots[0])}")
-        else:
-            parts.append(f"{row} at {_shots(shots[0]) if len(shots) == 1 else shots[0] + '-' + _shots(shots[-1])}")
-    ties = [f"{s}: {', '.join(p['row'] for p in points if p['shots'] == s and p['tied'])}" for s in order
-            if any(p["shots"] == s and p["tied"] for p in points)]
-    return ", ".join(parts) + (f" (tied with the leader at {'; '.join(ties)})" if ties else "")
+            runs.append((next(p["row"] for p in points if p["shots"] == s and p["best"]), [s]))
+    if len(runs) == 1:
+        parts = [f"{runs[0][0]} is the best or tied with it at every shot count"]
+    else:
+        parts = [f"{runs[0][0]} leads up to {_shots(runs[0][1][-1])}"]
+        parts += [f"{row} at {_shots(s[0]) if len(s) == 1 else s[0] + '-' + _shots(s[-1])}" for row, s in runs[1:-1]]
+        parts.append(f"{runs[-1][0]} from {_shots(runs[-1][1][0])}")
+    ties = [f"{s}: {', '.join(p['row'] for p in points if p['shots'] == s and (p['best'] or p['tied']))}"
+            for s in order if any(p["shots"] == s and p["tied"] for p in points)]
+    return ", ".join(parts) + (f" (best and tied at {'; '.join(ties)})" if ties else "")
 
 
 def _shots(s: str) -> str:

@@ -12,7 +12,7 @@ from pipeline.bench import BenchSettings, run_bench
 def test_bench_measures_every_row_in_one_run(tmp_path):
     text, r = run_bench(BenchSettings(images=8, batch_size=4, rss_sizes=(8, 16), out=tmp_path / "bench",
                                       features_root=str(tmp_path / "no_features"), rounds=1, compile="off",
-                                      runtimes=("openvino",)),
+                                      runtimes=("openvino",), startup_repeats=1),
                         log=lambda _: None)
     assert r["images"] == "8 synthetic 500x375 JPEGs" and r["weights"] != ""
     rates = [r["ceiling"], r["pipeline"], r["seed_style"], *(x[k] for x in r["runtimes"].values()
@@ -21,12 +21,15 @@ def test_bench_measures_every_row_in_one_run(tmp_path):
     assert all(rate > 0 for rate in rates)
     assert 0 < r["pipeline/ceiling"] and r["early_tap"]["forward_time_ratio"] > 0
     # the headline references run before and after what they are compared with; their rate is the mean
-    assert set(r["bracketing_rates"]) == {"ceiling", "ceiling:openvino", "forward_full", "pipeline_full"}
+    assert set(r["bracketing_rates"]) == {"ceiling", "ceiling:openvino", "ceiling:openvino int8", "forward_full",
+                                          "pipeline_full"}
     (before, after), = r["bracketing_rates"]["ceiling"]
     assert r["runtimes"]["torch"]["ceiling"] == pytest.approx((before + after) / 2)
     assert len(r["rates_per_round"]["pipeline"]) == 1
-    # torch and each runtime asked for are rows; the ceiling is the fastest forward, pipeline/ceiling that runtime's
-    assert list(r["runtimes"]) == ["torch", "openvino"]
+    # torch and each runtime asked for are rows (openvino also int8, calibrated on the bench's images); the
+    # ceiling is the fastest forward, pipeline/ceiling that runtime's
+    assert list(r["runtimes"]) == ["torch", "openvino", "openvino int8"]
+    assert r["runtimes"]["openvino int8"]["precision"] == "int8"
     fastest = max(r["runtimes"], key=lambda name: r["runtimes"][name]["ceiling"])
     assert r["fastest_runtime"] == fastest and r["ceiling"] == r["runtimes"][fastest]["ceiling"]
     assert r["pipeline/ceiling"] == r["runtimes"][fastest]["pipeline/ceiling"]
@@ -38,6 +41,10 @@ def test_bench_measures_every_row_in_one_run(tmp_path):
     assert ("inline loader: one process, all cores" in r["ablations"]) == (r["loader"] == "replicas")
     assert set(r["rss_mb"]) == {"8", "16"} and all(v > 0 for v in r["rss_mb"].values())
     assert set(r["page_faults"]) == {"default", "kept"} and "page faults per 64 MB batch" in text
+    assert list(r["startup_seconds"]) == ["taps --help", "taps extract, 10 images (torch)",
+                                          "taps extract, 10 images (--runtime auto)", "taps info FILE"]
+    assert 0 < r["startup_seconds"]["taps --help"] < r["startup_seconds"]["taps extract, 10 images (torch)"]
+    assert "start-up (wall seconds" in text
     assert r["stage_two"]["source"].startswith("synthetic") and r["stage_two"]["svm"]["seconds"] > 0
     saved = (tmp_path / "bench" / "bench.txt").read_text()
     assert saved.strip() == text and "pipeline/ceiling = " in text and "pipeline/seed-style = " in text

@@ -9,11 +9,11 @@ import torch
 
 from features.backbones import Backbone
 from features.datasets import load_dataset
-from features.errors import TapsError
+from features.errors import TapsError, UsageError
 from features.export import calibration_batch, largest_difference
 from features.extract import extract
 from features.forward import build_extractor
-from features.options import resolve_precision
+from features.options import ExtractOptions, resolve_precision
 from features.runtimes import TOLERANCE, load_exported, local_export, prepare_export, runtime_precision
 from features.store import FeatureFile
 from pipeline.evaluate import fit_run
@@ -175,3 +175,40 @@ def test_a_machine_without_the_export_gets_a_checked_copy_of_its_bytes(tmp_path,
     assert local_export(elsewhere, record["sha256"], fetch).read_bytes() == path.read_bytes() and fetched == [1, 1]
     out = load_exported("onnxruntime", copy, ["avgpool"])(calibration_batch(32))
     assert out["avgpool"].shape == (8, 512)
+
+
+def test_int8_is_calibrated_on_the_dataset_checked_against_fp32_recorded_and_cached(tiny_flat, tmp_path, monkeypatch,
+                                                                                   cpu_run):
+    RUN = cpu_run(batch_size=8, precision=None)
+    monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
+    images = load_dataset(f"folder:{tiny_flat}")
+    bb = Backbone("resnet18", weights="none", image_size=32)
+    taps = ["layer2", "avgpool"]
+    fp32 = FeatureFile(extract(images, bb, taps, out=tmp_path / "fp32", runtime="openvino", precision="fp32",
+                               **RUN).path)
+    report = extract(images, bb, taps, out=tmp_path / "int8", runtime="openvino", precision="int8", **RUN)
+    int8 = FeatureFile(report.path)
+    for tap in taps:
+        record = int8.taps[tap]
+        assert (record.precision, record.runtime) == ("int8", "openvino")
+        made = json.loads(record.extra["int8"])
+        assert made["calibration"]["images"] == 22 and made["calibration"]["held_out"] == 8  # 3/4 of 30, the rest
+        assert made["calibration"]["seed"] == 0
+        # the recorded agreement is what the stored features show against the fp32 file
+        a, b = fp32.read(tap).astype(np.float64), int8.read(tap).astype(np.float64)
+        cosine = ((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).mean()
+        assert 0.98 < made["agreement"]["cosine"] <= 1 and abs(cosine - made["agreement"]["cosine"]) < 0.01
+        assert 0 < made["agreement"]["relative_error"] < 0.2  # quantised: close, yet not the fp32 forward
+    assert "int8 calibrated on 22 images" in report.runtime_note
+    # quantised once per calibration set: another folder of the same images reuses the cached model
+    cached = list((tmp_path / "cache").rglob("*.int8-*.bin"))
+    assert len(cached) == 1
+    stamp = cached[0].stat().st_mtime_ns
+    extract(images, bb, taps, out=tmp_path / "again", runtime="openvino", precision="int8", **RUN)
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.int8-*.bin")] == [stamp]
+    # a file of int8 taps is not finished or extended in fp32 silently
+    with pytest.raises(TapsError, match="precision int8"):
+        extract(images, bb, ["avgpool"], out=tmp_path / "int8", runtime="openvino", precision="fp32", force=False,
+                **{**RUN, "limit_batches": None})
+    with pytest.raises(UsageError, match="--precision int8 runs a post-training quantised export"):
+        ExtractOptions(runtime="torch", precision="int8")
