@@ -146,7 +146,8 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
 
         cfg = resolve_runtime(backbone, resolved, cfg, _recorded_runtime(existing, resolved, options.pooling),
                               torch_forward=lambda c: prepare_forward(backbone, resolved, c, len(images)),
-                              calibration=lambda: dataset_calibration(images, backbone, cfg, header["dataset_fingerprint"]))
+                              calibration=lambda: dataset_calibration(images, backbone, cfg, header["dataset_fingerprint"]),
+                              retime=options.retime)
     keys = {t.name: tap_key(t.name, options.pooling, is_spatial(t.shape)) for t in resolved}
     report = ExtractionReport(path=path, samples=len(images), device=str(cfg.device), precision=cfg.precision,
                               runtime=cfg.runtime, runtime_note=_runtime_note(cfg))

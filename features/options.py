@@ -74,6 +74,7 @@ class ExtractOptions:
     decode: str = "auto"
     runtime: str = TORCH  # onnxruntime | openvino: the extractor exported to ONNX (features.runtimes), on
     # the CPU; auto: the fastest installed runtime on a calibration batch (on the CPU; on a GPU, torch)
+    retime: bool = False  # auto: time the runtimes again instead of reusing this CPU's recorded choice
     engine: str = "local"
     ray_address: str | None = None
     gpus_per_worker: float = 0.0

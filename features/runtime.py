@@ -23,6 +23,7 @@ import ctypes.util
 import os
 import platform
 from contextlib import contextmanager
+from pathlib import Path
 
 OPENMP_SPIN_COUNT = "2000"
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4          # mallopt parameters from <malloc.h>
@@ -81,3 +82,15 @@ def available_memory_bytes() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 8 << 30
+
+
+def cpu_description() -> str:
+    """The CPU model and the vector extensions that decide the fast precisions and kernels (lscpu's view)."""
+    info = Path("/proc/cpuinfo")
+    if not info.is_file():
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in info.read_text().splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "avx_vnni") if f in flags]
+    return f"{fields.get('model name', platform.machine())}; {' '.join(isa) or 'no avx2'}"

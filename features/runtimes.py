@@ -37,8 +37,9 @@ from .export import (
     largest_difference,
     reference_outputs,
 )
-from .files import file_sha256
+from .files import digest, file_sha256
 from .quantize import INT8, MIN_COSINE, CalibrationSet, low_agreement, prepare_int8
+from .runtime import cpu_description
 from .runtime_records import AUTO, ONNXRUNTIME, OPENVINO, TORCH, exported_runtimes
 
 TOLERANCE = 1e-3
@@ -70,8 +71,11 @@ def open_openvino(path: Path, names: list[str], precision: str, threads: int) ->
     # No pinning when the process gets fewer threads than the machine has cores: one-thread
     # replicas would each pin their thread to the same first core and share it.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    # CACHE_DIR: OpenVINO keeps the compiled blob (keyed by the model and these settings), so a
+    # later run on the same export loads it instead of compiling again.
     compiled = core.compile_model(str(path), "CPU", {
-        "PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_NUM_THREADS": threads, "ENABLE_CPU_PINNING": threads >= cores,
+        "CACHE_DIR": str(cache_dir() / "openvino-compiled"), "PERFORMANCE_HINT": "THROUGHPUT",
+        "INFERENCE_NUM_THREADS": threads, "ENABLE_CPU_PINNING": threads >= cores,
         # int8: the quantised graph carries its own int8 ops; what is left runs in f32
         "INFERENCE_PRECISION_HINT": {"fp32": "f32", "int8": "f32"}.get(precision, precision)})
     outputs = [compiled.output(n) for n in names]
@@ -215,8 +219,8 @@ def _rate(forward, pixels: torch.Tensor, repeats: int = 3) -> float:
     return len(pixels) / sorted(times)[len(times) // 2]
 
 
-def resolve_runtime(backbone: Backbone, taps: list[Tap], cfg, recorded: str | None, torch_forward: Callable,
-                    calibration: Callable[[], CalibrationSet] | None = None):
+def resolve_runtime(backbone: Backbone, taps: list[Tap], cfg, recorded: str | None, torch_forward: Callable, *,
+                    calibration: Callable[[], CalibrationSet] | None = None, retime: bool = False):
     """The run config with its runtime decided. An exported runtime: its checked export (else
     torch, with a warning). ``auto``: the runtime the file's unfinished taps were started with;
     else torch and every installed exported runtime whose export checks out are timed on a
@@ -225,7 +229,9 @@ def resolve_runtime(backbone: Backbone, taps: list[Tap], cfg, recorded: str | No
     torch's forward as the run would (compiled when the run compiles: on a bf16 CPU a compiled
     torch can beat the exported runtimes, and eager timing would hide it). ``--precision int8``
     runs a runtime's int8 model (:func:`with_int8`, calibrated on ``calibration()``), timed as such
-    by ``auto``; torch, which has none, runs fp32."""
+    by ``auto``; torch, which has none, runs fp32. ``auto``'s choice is kept per CPU, model, taps,
+    batch size, precision and runtime versions (:func:`choice_path`) and reused without timing
+    unless ``retime``."""
     if cfg.runtime == AUTO and recorded is not None:
         cfg = with_(cfg, runtime=recorded, precision=runtime_precision(recorded, cfg.precision))
     names = [t.name for t in taps]
@@ -237,6 +243,13 @@ def resolve_runtime(backbone: Backbone, taps: list[Tap], cfg, recorded: str | No
             warnings.warn(f"--runtime {cfg.runtime}: {why}; extracting with torch", stacklevel=3)
             return with_(cfg, runtime=TORCH, precision=runtime_precision(TORCH, cfg.precision))
         return with_int8(with_(cfg, onnx_path=str(path)), names, calibration)
+    kept = choice_path(backbone, taps, cfg)
+    if not retime and kept.is_file():
+        choice = json.loads(kept.read_text())
+        if choice["runtime"] == TORCH or choice["runtime"] in installed_runtimes():
+            chosen = with_(cfg, runtime=choice["runtime"])
+            return with_(resolve_runtime(backbone, taps, chosen, None, torch_forward, calibration=calibration),
+                         runtime_rates=f"{choice['rates']} (recorded {choice['when']}; --retime times again)")
     pixels = calibration_batch(backbone.input_size, cfg.batch_size)
     forward = torch_forward(with_(cfg, runtime=TORCH, precision=runtime_precision(TORCH, cfg.precision)))
     rates = {TORCH: _rate(forward, pixels)}
@@ -252,4 +265,21 @@ def resolve_runtime(backbone: Backbone, taps: list[Tap], cfg, recorded: str | No
     measured = ", ".join(f"{k} {v:.1f} img/s ({runtime_precision(k, cfg.precision)})" for k, v in rates.items())
     how = "compiled" if getattr(forward, "compile_seconds", 0) else "eager"
     chosen = candidates.get(best, with_(cfg, runtime=TORCH, precision=runtime_precision(TORCH, cfg.precision)))
-    return with_(chosen, runtime_rates=f"{measured} on a calibration batch of {len(pixels)}, torch {how}")
+    rates_text = f"{measured} on a calibration batch of {len(pixels)}, torch {how}"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    partial = kept.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps({"runtime": best, "rates": rates_text,
+                                   "when": time.strftime("%Y-%m-%d %H:%M", time.localtime())}))
+    partial.replace(kept)
+    return with_(chosen, runtime_rates=rates_text)
+
+
+def choice_path(backbone: Backbone, taps: list[Tap], cfg) -> Path:
+    """Where ``auto`` keeps its choice: keyed by everything its timing depends on (the CPU, the
+    extractor's export key, batch size, precision, compile setting, threads and every runtime's
+    version), so a change of any of them times afresh."""
+    key = digest({"cpu": cpu_description(), "export": export_key(backbone, taps, cfg.pooling),
+                  "batch_size": cfg.batch_size, "precision": cfg.precision, "compile": cfg.compile,
+                  "threads": torch.get_num_threads(), "torch": torch.__version__,
+                  "runtimes": {name: rt.version() for name, rt in RUNTIMES.items()}})
+    return cache_dir() / f"runtime-choice-{key}.json"

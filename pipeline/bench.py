@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -47,7 +46,7 @@ from features.options import (
 )
 from features.pooling import DEFAULT_POOLING
 from features.quantize import INT8
-from features.runtime import keep_freed_memory
+from features.runtime import cpu_description, keep_freed_memory
 from features.runtime_records import TORCH, get_runtime
 from features.runtimes import installed_runtimes, prepare_export, runtime_precision, with_int8
 
@@ -80,18 +79,6 @@ def bench_images(n: int, data_root: str | None, work: Path) -> tuple[FileImageSe
         images = FileImageSet("bench-caltech101", caltech, paths, classes, [classes.index(p.parent.name) for p in paths])
         return images, f"{len(images)} Caltech-101 JPEGs"
     return folder_dataset(synthetic_jpegs(work / "jpegs500x375", n)), f"{n} synthetic 500x375 JPEGs"
-
-
-def cpu_description() -> str:
-    """The CPU model and the vector extensions that decide the fast precisions and kernels (lscpu's view)."""
-    info = Path("/proc/cpuinfo")
-    if not info.is_file():
-        return platform.processor() or platform.machine()
-    fields = dict(line.split(":", 1) for line in info.read_text().splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    flags = set(fields.get("flags", "").split())
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "avx_vnni") if f in flags]
-    return f"{fields.get('model name', platform.machine())}; {' '.join(isa) or 'no avx2'}"
 
 
 def _rate(n: int, seconds: float) -> float:
@@ -148,7 +135,7 @@ def seed_style(backbone: Backbone, images, taps: list[str], device, batch_size: 
 
 FAULTS_PROBE = """
 import json, resource, torch
-from features.runtime import keep_freed_memory
+from features.runtime import cpu_description, keep_freed_memory
 
 def faults_per_batch(n=16):
     out = []

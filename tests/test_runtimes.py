@@ -148,6 +148,14 @@ def test_auto_times_every_runtime_records_its_choice_and_a_resume_keeps_it(tiny_
     assert record.runtime == chosen and record.precision == rates[chosen][1]
     cpu = resolve_precision("auto", torch.device("cpu"))
     assert rates["torch"][1] == cpu and rates["onnxruntime"][1] == "fp32" and rates["openvino"][1] == cpu
+    # the choice is kept for this CPU, model, taps and batch size: a new file reuses it without timing,
+    # saying so, until --retime
+    again = FeatureFile(extract(images, bb, ["avgpool"], out=tmp_path / "b", runtime="auto", **RUN).path).taps["avgpool"]
+    assert again.runtime == chosen and "(recorded " in again.extra["runtime_rates"]
+    assert again.extra["runtime_rates"].startswith(record.extra["runtime_rates"])
+    fresh = FeatureFile(extract(images, bb, ["avgpool"], out=tmp_path / "c", runtime="auto", retime=True,
+                                **RUN).path).taps["avgpool"]
+    assert "recorded" not in fresh.extra["runtime_rates"] and fresh.extra["runtime_rates"] != record.extra["runtime_rates"]
     # an unfinished tap started by one runtime is finished by it, whatever a new timing would say
     for runtime in ("onnxruntime", "torch"):
         extract(images, bb, ["layer1"], out=tmp_path / runtime, runtime=runtime, limit_batches=1, **RUN)
