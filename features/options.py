@@ -98,7 +98,8 @@ class ExtractOptions:
         precisions = EXPORTED_RUNTIME_PRECISIONS.get(self.runtime)
         if precisions and (self.device not in ("auto", "cpu") or self.gpus_per_worker
                            or self.precision not in ("auto", *precisions)):
-            raise UsageError(f"--runtime {self.runtime} runs the forward on the CPU in {' or '.join(precisions)}; "
+            spelled = " or ".join([", ".join(precisions[:-1]), precisions[-1]] if len(precisions) > 1 else precisions)
+            raise UsageError(f"--runtime {self.runtime} runs the forward on the CPU in {spelled}; "
                              "drop --device, --gpus-per-worker and --precision, or use --runtime torch")
         if self.precision == INT8 and (self.runtime == TORCH or self.engine == "ray" or self.shard):
             raise UsageError("--precision int8 runs a post-training quantised export on the CPU, locally: use "

@@ -24,7 +24,7 @@ def cases(w: dict) -> list[tuple[list[str], int, str]]:
         (["extract", "--runtime", "onnxruntime", "--precision", "bf16"], 2,
          "--runtime onnxruntime runs the forward on the CPU in fp32; drop --device, --gpus-per-worker and --precision"),
         (["extract", "--runtime", "openvino", "--precision", "fp16"], 2,
-         "--runtime openvino runs the forward on the CPU in fp32 or bf16; drop --device"),
+         "--runtime openvino runs the forward on the CPU in fp32, bf16 or int8; drop --device"),
         (["extract", "--backbone", "resnet18", "--weights", "none", "--taps", "layer1,avgpool", "--pool", "cls"], 2,
          "--pool cls takes a transformer's class token, but layer1 of resnet18 is a feature map"),
         (["extract", "--backbone", "vgg16", "--weights", "none", "--image-size", "17"], 2,

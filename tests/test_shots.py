@@ -56,7 +56,8 @@ def test_compare_shots_writes_the_curve_and_a_rerun_fits_only_new_points(tiny_fl
             "--features-root", str(tmp_path / "fs"), "--out", str(tmp_path / "runs"), "--tries", "2"]
     assert main([*args, "--shots", "1,all"]) == 0
     first = capsys.readouterr().out
-    assert first.count("fitted ") == 2 * (2 + 1) and "leads" in first
+    assert first.count("fitted ") == 2 * (2 + 1)
+    assert "leads up to" in first or "is the best or tied with it at every shot count" in first  # who leads where
     folder = Path(first.strip().splitlines()[-1])
     saved = json.loads((folder / "shots.json").read_text())
     assert {(p["tap"], p["shots"]) for p in saved["points"]} == {(t, s) for t in ("layer2", "avgpool")
