@@ -97,16 +97,35 @@ def exclusive_lock(path: Path) -> Iterator[None]:
 
     A POSIX record lock, not flock: DataLoader workers forked while it is held do not
     inherit it, so a killed writer's orphaned workers cannot keep the next run out.
+    The lock file is removed when the lock is released (no empty ``.lock`` files are left
+    behind); a process that locked a file another one has just removed sees that its inode
+    is no longer the one at the path and takes the new one instead.
     """
     lock_path = Path(str(path) + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
+    for _ in range(3):
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except (BlockingIOError, PermissionError):
+            os.close(fd)
             raise TapsError(f"another taps process is writing {path}; wait for it to finish, "
                             f"then rerun (finished batches are kept)") from None
+        if _same_file(fd, lock_path):
+            break
+        os.close(fd)  # removed by the holder that just finished: lock the file at the path now
+    else:
+        raise TapsError(f"could not lock {path} (its lock file keeps changing); rerun")
+    try:
         yield
     finally:
+        if _same_file(fd, lock_path):
+            lock_path.unlink(missing_ok=True)
         os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False

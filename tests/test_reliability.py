@@ -185,6 +185,9 @@ def test_second_writer_is_refused_while_the_first_holds_the_lock(tiny_flat, tmp_
         holder.kill()
         holder.wait()
     assert extract(images, tiny_resnet(), ["avgpool"], path=path, **RUN).computed == ["avgpool"]
+    # the lock goes with its holder: no empty .lock file is left beside the finished file, even after
+    # a holder was killed (its stale file is taken over, then removed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy.h5"]
 
 
 def test_a_cut_short_file_is_refused_by_readers_and_repaired_by_extract(tiny_flat, tmp_path, cpu_run):
