@@ -207,7 +207,7 @@ def stage_two_times(features_root: str, reference: bool) -> dict:
 
     from features.store import FeatureFile
 
-    from .heads import referenced_classifiers
+    from .classifiers import referenced_classifiers
     from .protocols import make_split, parse_protocol
     from .selection import selector
 
@@ -234,7 +234,7 @@ def stage_two_times(features_root: str, reference: bool) -> dict:
         out[clf] = {"seconds": round(seconds, 2), "chosen_C": value, "mean_per_class_accuracy": round(acc, 4)}
         if reference:
             scaler = StandardScaler().fit(X[train])
-            ref = record.reference(value)
+            ref = record.build_reference(value)
             t0 = time.perf_counter()
             ref.fit(scaler.transform(X[train]), y[train])
             out[clf]["sklearn_one_fit_seconds"] = round(time.perf_counter() - t0, 2)

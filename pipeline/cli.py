@@ -504,7 +504,7 @@ def cmd_bench(args) -> None:
 
 
 def _add_fit_args(p: argparse.ArgumentParser, many: bool = False) -> None:
-    from .heads import CLASSIFIERS, SOLVERS
+    from .classifiers import CLASSIFIERS, SOLVERS
     from .options import SELECTORS, FitOptions
 
     g = p.add_argument_group("classifier and protocol")

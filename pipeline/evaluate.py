@@ -26,8 +26,8 @@ from features.files import check_output_folder
 from features.joined import BACKBONE_SEPARATOR, Features, owner
 from features.pooling import matches_pooling
 
+from .classifiers import DEFAULT_PREPROCESS, get_classifier, streaming_classifiers
 from .fusion import AUTO, Groups, column_groups, tap_set
-from .heads import DEFAULT_PREPROCESS, get_classifier, streaming_classifiers
 from .metrics import score_predictions, summarize
 from .options import FitOptions
 from .protocols import Protocol, check_protocol, duplicate_summary, make_split, split_digest

@@ -15,7 +15,7 @@ from sklearn.preprocessing import StandardScaler
 
 from features.errors import UsageError
 
-from .heads import DEFAULT_PREPROCESS, make_preprocess
+from .classifiers import DEFAULT_PREPROCESS, make_preprocess
 
 AUTO = "auto"
 SEPARATOR = "+"

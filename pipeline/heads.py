@@ -14,25 +14,21 @@ mini-batches, weight decay and early stopping.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
-from dataclasses import dataclass
 from numbers import Integral, Real
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from features.errors import UsageError, choose
+from .classifiers import DEFAULT_PREPROCESS, DEFAULT_SOLVER, REFERENCE_SOLVER, SOLVERS, get_classifier, make_preprocess
 
 
 def _device(name: str) -> torch.device:
@@ -41,11 +37,6 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-# --solver: who fits the L-BFGS heads (svm, logreg): torch (any device), or scikit-learn's own
-# estimator (LinearSVC, LogisticRegression), the reference it is tested against.
-DEFAULT_SOLVER = "torch"
-REFERENCE_SOLVER = "sklearn"
-SOLVERS = (DEFAULT_SOLVER, REFERENCE_SOLVER)
 
 
 class _LBFGSLinear(ClassifierMixin, BaseEstimator):
@@ -412,112 +403,8 @@ def _l2_rows(X: np.ndarray) -> np.ndarray:
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
 
-# ------------------------------------------------------------ the classifiers, one record each
-
-
-@dataclass(frozen=True)
-class Classifier:
-    """One classifier of ``--clf``: its name and aliases, the parameter its grid selects and that
-    grid's default, and how its head is built (an unfitted scikit-learn estimator)."""
-
-    name: str
-    param: str                      # what the grid selects: C, weight_decay, n_neighbors
-    grid: tuple[float, ...]         # the default grid
-    build: Callable[..., BaseEstimator]  # (solver=, hidden=, device=) -> the head
-    aliases: tuple[str, ...] = ()
-    whole_numbers: bool = False     # grid values are counts (k), not strengths
-    streams: bool = False           # can train from the HDF5 file chunk by chunk (pipeline.streaming)
-    reference: Callable[[float], BaseEstimator] | None = None  # scikit-learn's own at one grid value (bench)
-
-
-CLASSIFIER_REGISTRY: dict[str, Classifier] = {}
-
-
-def register_classifier(classifier: Classifier) -> Classifier:
-    for name in (classifier.name, *classifier.aliases):
-        CLASSIFIER_REGISTRY[name] = classifier
-    return classifier
-
-
-DEFAULT_CLASSIFIER = register_classifier(Classifier(
-    "svm", "C", tuple(10.0 ** e for e in range(-5, 1)),
-    lambda solver, hidden, device: LinearSVM(solver=solver, device=device),
-    reference=lambda C: LinearSVC(C=C))).name
-register_classifier(Classifier(
-    "logreg", "C", tuple(10.0 ** e for e in range(-4, 3)),
-    lambda solver, hidden, device: SoftmaxRegression(solver=solver, device=device), aliases=("softmax",),
-    reference=lambda C: LogisticRegression(C=C, max_iter=1000)))
-register_classifier(Classifier(
-    "linear", "weight_decay", (1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
-    lambda solver, hidden, device: TorchLinearHead(hidden=hidden, device=device), streams=True))
-register_classifier(Classifier(
-    "knn", "n_neighbors", (5, 10, 20, 50), lambda solver, hidden, device: KNNProbe(device=device),
-    whole_numbers=True))
-CLASSIFIERS = tuple(CLASSIFIER_REGISTRY)  # names and aliases, as --clf takes them
-
-
-def get_classifier(name: str) -> Classifier:
-    """The record of a --clf value (an alias gives its classifier's record)."""
-    choose("classifier", name, CLASSIFIERS)
-    return CLASSIFIER_REGISTRY[name]
-
-
-def referenced_classifiers() -> list[Classifier]:
-    """The classifiers with a scikit-learn reference to time against, each once."""
-    return [c for name, c in CLASSIFIER_REGISTRY.items() if c.reference is not None and c.name == name]
-
-
-def streaming_classifiers() -> list[str]:
-    return [name for name, c in CLASSIFIER_REGISTRY.items() if c.streams and c.name == name]
-
-
-def canonical(clf: str) -> str:
-    return get_classifier(clf).name
-
-
 def make_head(clf: str, solver: str = DEFAULT_SOLVER, hidden: int = 0, device: str = "auto") -> BaseEstimator:
     return get_classifier(clf).build(solver=solver, hidden=hidden, device=device)
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """One preprocessing step of ``--preprocess``: its name (``pca`` takes ``:K``), and the named
-    scikit-learn steps it adds (``argument`` is K for ``pca``, else None)."""
-
-    name: str
-    steps: Callable[[int | None], list[tuple[str, BaseEstimator]]]
-    takes_count: bool = False  # written NAME:K with a positive integer K
-
-
-PREPROCESS_REGISTRY: dict[str, Preprocess] = {}
-
-
-def register_preprocess(preprocess: Preprocess) -> Preprocess:
-    PREPROCESS_REGISTRY[preprocess.name] = preprocess
-    return preprocess
-
-
-DEFAULT_PREPROCESS = register_preprocess(Preprocess("standard", lambda _: [("standard", StandardScaler())])).name
-register_preprocess(Preprocess("l2", lambda _: [("l2", Normalizer())]))
-register_preprocess(Preprocess("none", lambda _: []))
-register_preprocess(Preprocess("pca", lambda k: [("pca_standard", StandardScaler()),
-                                                 ("pca", PCA(n_components=k, random_state=0))], takes_count=True))
-
-
-def make_preprocess(spec: str) -> list[tuple[str, BaseEstimator]]:
-    """``standard`` (default), ``l2``, ``none``, ``pca:K``, or a comma list applied in order (``l2,standard``)."""
-    valid = ", ".join(f"{n}:K" if p.takes_count else n for n, p in PREPROCESS_REGISTRY.items())
-    steps = []
-    for part in [p.strip() for p in spec.split(",") if p.strip()]:
-        name, colon, argument = part.partition(":")
-        record = PREPROCESS_REGISTRY.get(name)
-        if record is None or bool(colon) != record.takes_count:
-            raise UsageError(f"unknown preprocessing {part!r}; valid: {valid} (comma-separated)")
-        count = int(argument) if record.takes_count and argument.isdigit() else 0
-        if record.takes_count and count < 1:
-            raise UsageError(f"bad preprocessing {part!r}: use {name}:K with a positive integer K")
-        steps += record.steps(count if record.takes_count else None)
-    return steps
 
 
 def make_classifier(clf: str, preprocess: str = DEFAULT_PREPROCESS, solver: str = DEFAULT_SOLVER, hidden: int = 0,

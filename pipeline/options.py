@@ -9,7 +9,7 @@ import numpy as np
 from features.errors import UsageError, choose
 from features.runtime import available_memory_bytes
 
-from .heads import DEFAULT_CLASSIFIER, DEFAULT_PREPROCESS, DEFAULT_SOLVER, get_classifier, make_preprocess
+from .classifiers import DEFAULT_CLASSIFIER, DEFAULT_PREPROCESS, DEFAULT_SOLVER, get_classifier, parse_preprocess
 
 SELECTORS = ("forward", "group-lasso")  # pipeline.tapselect's selectors
 
@@ -32,7 +32,7 @@ class FitOptions:
     def __post_init__(self):
         # Normalised once here (frozen afterwards): the canonical classifier name, a sorted float grid.
         object.__setattr__(self, "clf", get_classifier(self.clf).name)
-        make_preprocess(self.preprocess)  # validate early
+        parse_preprocess(self.preprocess)  # validate early
         if self.folds < 2:
             raise UsageError(f"--folds must be at least 2, not {self.folds}")
         object.__setattr__(self, "grid", sorted(float(v) for v in (self.grid or get_classifier(self.clf).grid)))

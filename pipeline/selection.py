@@ -13,8 +13,9 @@ from sklearn.pipeline import Pipeline
 from sklearn.utils._param_validation import HasMethods, Interval
 from sklearn.utils.validation import check_is_fitted
 
+from .classifiers import DEFAULT_PREPROCESS, DEFAULT_SOLVER, get_classifier
 from .fusion import Groups, fusion_transformer
-from .heads import DEFAULT_PREPROCESS, DEFAULT_SOLVER, get_classifier, make_classifier, make_head
+from .heads import make_classifier, make_head
 
 
 def cv_folds(y: np.ndarray, folds: int, n_grid: int) -> int:

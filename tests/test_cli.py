@@ -121,7 +121,8 @@ print(sorted({"torch", "torchvision", "timm", "sklearn"} & set(sys.modules)))"""
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["extract", "--bogus"], ["merge", "--help"], ["list", "datasets"],
-                                  ["info", "FILE"], ["fti"]])
+                                  ["info", "FILE"], ["fti"], ["fit", "--bogus"], ["fit", "--help"],
+                                  ["compare", "--bogus"], ["predict", "--bogus"]])
 def test_help_listing_info_and_argument_errors_import_no_torch_or_sklearn(argv, tiny_features):
     """Start-up: these answer in a fraction of a second because they never import the heavy libraries
     (a command's arguments are only built when that command runs; torch only where a tensor is made)."""
