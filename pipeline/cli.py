@@ -572,6 +572,25 @@ def _add_info_command(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_info)
 
 
+def _add_export_command(p: argparse.ArgumentParser) -> None:
+    from features.pooling import DEFAULT_POOLING, POOLINGS
+
+    p.add_argument("file", help="a feature file, or several of the same samples (one per backbone), comma-separated")
+    p.add_argument("--taps", required=True, help="comma-separated taps (each its own columns) or fused sets a+b; "
+                                                 "BACKBONE/TAP with several files")
+    p.add_argument("--format", default="npz", choices=("npz", "parquet", "csv"), help="(default: %(default)s)")
+    p.add_argument("--pool", default=DEFAULT_POOLING, choices=POOLINGS,
+                   help="the pooling of spatial taps to export (default: %(default)s)")
+    p.add_argument("--out", help="the file to write (default: beside the feature file, named by the taps)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> None:
+    from .api import export_features
+
+    print(export_features(args.file, args.taps, args.out, fmt=args.format, pooling=args.pool))
+
+
 def _add_fit_command(p: argparse.ArgumentParser) -> None:
     from features.pooling import DEFAULT_POOLING, POOLINGS
 
@@ -649,6 +668,7 @@ COMMANDS = {  # name -> (help, what adds its arguments): a command's arguments a
     "extract": ("run a frozen backbone over a dataset and cache tap embeddings to HDF5", _add_extract_command),
     "merge": ("combine the shard files of one extraction into one feature file", _add_merge_command),
     "info": ("describe a feature file", _add_info_command),
+    "export": ("write a feature file's taps with ids, labels and split to npz, parquet or csv", _add_export_command),
     "fit": ("fit a classifier on one cached tap and score it", _add_fit_command),
     "compare": ("fit the same classifier on many taps (and backbones) with the same splits", _add_compare_command),
     "bench": ("measure extraction and fit speed in one run (ratios, peak memory)", _add_bench_command),

@@ -1,0 +1,126 @@
+"""Cached features for scripts and notebooks: :func:`load_features` (a scikit-learn ``X, y``),
+:func:`features_frame` (a pandas DataFrame) and :func:`export_features` (``taps export``: npz,
+parquet or csv), all through the store, so every block is checked against its checksum on the
+way out.
+
+```python
+from pipeline.api import load_features
+X, y, meta = load_features("feature_store/digits/mobilenet_v2__IMAGENET1K_V1__112px-….h5", "block14+pooled")
+```
+
+A tap spec is one tap, several comma-separated (each its own column block), or a fused set
+``a+b`` (its taps side by side); with several feature files of the same samples (one per
+backbone) taps are named ``BACKBONE/TAP``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from features.errors import UsageError, choose
+from features.joined import JoinedFeatures
+from features.pooling import DEFAULT_POOLING
+from features.store import FeatureFile
+
+from .fusion import tap_set
+
+FORMATS = ("npz", "parquet", "csv")
+
+
+@dataclass(frozen=True)
+class FeaturesMeta:
+    """What the rows and columns of :func:`load_features` are."""
+
+    ids: list[str]
+    classes: list[str]
+    split: list[str] | None
+    valid: np.ndarray            # per row of the file: False for images that could not be decoded
+    columns: dict[str, tuple[int, int]]  # each tap key -> its [start, stop) columns in X
+    backbone: str
+    path: str
+
+
+def open_features(paths: str | Path | Sequence[str | Path]):
+    """One feature file, or several of the same samples (one per backbone) read as one."""
+    if isinstance(paths, (str, Path)):
+        paths = [p for p in str(paths).split(",") if p]
+    files = [FeatureFile(p) for p in paths]
+    return files[0] if len(files) == 1 else JoinedFeatures(files)
+
+
+def _keys(features, taps: str | Sequence[str], pooling: str) -> list[str]:
+    specs = [t for t in taps.split(",") if t] if isinstance(taps, str) else list(taps)
+    if not specs:
+        raise UsageError("name at least one tap, e.g. --taps pooled (`taps info FILE` lists them)")
+    keys = [features.tap_key(t, pooling) for spec in specs for t in tap_set(spec)]
+    if len(set(keys)) < len(keys):
+        raise UsageError(f"taps {', '.join(specs)} name a tap twice; name each tap once")
+    return keys
+
+
+def load_features(paths, taps: str | Sequence[str] = "pooled", *, pooling: str = DEFAULT_POOLING,
+                  include_invalid: bool = False) -> tuple[np.ndarray, np.ndarray, FeaturesMeta]:
+    """``(X, y, meta)``: the taps' columns side by side (float32, one row per image; undecodable
+    images left out unless ``include_invalid``), the class index per row, and what the rows and
+    columns are (``meta.ids``/``meta.split`` follow the rows returned)."""
+    features = open_features(paths)
+    keys = _keys(features, taps, pooling)
+    rows = np.ones(len(features.labels), bool) if include_invalid else np.asarray(features.valid, bool)
+    X = np.hstack([features.matrix(k)[rows] for k in keys]).astype(np.float32, copy=False)
+    edges = np.cumsum([0] + [features.taps[k].dim for k in keys])
+    columns = {k: (int(a), int(b)) for k, a, b in zip(keys, edges, edges[1:], strict=False)}
+    split = None if features.split is None else [s for s, r in zip(features.split, rows, strict=True) if r]
+    meta = FeaturesMeta([i for i, r in zip(features.ids, rows, strict=True) if r], list(features.classes), split,
+                        np.asarray(features.valid, bool)[rows], columns, str(features.attrs["backbone"]),
+                        str(features.path))
+    return X, np.asarray(features.labels)[rows], meta
+
+
+def features_frame(paths, taps: str | Sequence[str] = "pooled", *, pooling: str = DEFAULT_POOLING,
+                   include_invalid: bool = True):
+    """A pandas DataFrame: ``id, label, class, split, valid``, then ``<tap>_<j>`` per column."""
+    try:
+        import pandas as pd
+    except ImportError:
+        raise UsageError("a DataFrame needs pandas: pip install -e '.[export]'") from None
+    X, y, meta = load_features(paths, taps, pooling=pooling, include_invalid=include_invalid)
+    info = pd.DataFrame({"id": meta.ids, "label": y, "class": [meta.classes[i] for i in y],
+                         "split": meta.split if meta.split is not None else [""] * len(y), "valid": meta.valid})
+    names = [f"{key}_{j}" for key, (a, b) in meta.columns.items() for j in range(b - a)]
+    return pd.concat([info, pd.DataFrame(X, columns=names)], axis=1)
+
+
+def export_features(paths, taps: str | Sequence[str], out: str | Path | None = None, *, fmt: str = "npz",
+                    pooling: str = DEFAULT_POOLING) -> Path:
+    """Write the taps of ``paths`` with ids, labels, class names, split and valid flags (every image,
+    undecodable ones flagged) to ``out`` (default: beside the first file, named by the taps) as npz,
+    parquet or csv; -> the path written."""
+    choose("--format", fmt, FORMATS)
+    features = open_features(paths)
+    keys = _keys(features, taps, pooling)
+    name = "+".join(keys).replace("/", "-")
+    out = Path(out) if out else Path(str(features.path)).with_name(f"{Path(str(features.path)).stem}__{name}.{fmt}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")  # a failed export leaves no half-written file
+    if fmt == "npz":
+        X, y, meta = load_features(paths, taps, pooling=pooling, include_invalid=True)
+        with open(partial, "wb") as fh:
+            np.savez(fh, **{f"X_{k}": X[:, a:b] for k, (a, b) in meta.columns.items()}, ids=np.array(meta.ids),
+                     labels=y, classes=np.array(meta.classes), valid=meta.valid,
+                     split=np.array(meta.split if meta.split is not None else [""] * len(y)))
+    else:
+        frame = features_frame(paths, taps, pooling=pooling)
+        if fmt == "csv":
+            frame.to_csv(partial, index=False)
+        else:
+            try:
+                frame.to_parquet(partial, index=False)
+            except ImportError:
+                raise UsageError("parquet needs pyarrow: pip install -e '.[export]', or use --format npz|csv") \
+                    from None
+    partial.replace(out)
+    return out
