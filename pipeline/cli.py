@@ -434,7 +434,7 @@ def cmd_predict(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from .compare import compare_taps, rank_agreement, score_taps
+    from .compare import compare_taps, rank_agreement, score_taps, write_scores
     from .protocols import parse_protocol
     from .report import format_gains, format_table
 
@@ -457,6 +457,7 @@ def cmd_compare(args) -> None:
                         for i, r in enumerate(ranked)))
         print(f"scored {len(ranked)} taps of {', '.join(bb.name for bb in backbones)} in "
               f"{sum(rows[0]['seconds'] for rows in scored):.1f} s (LogME on seed 0's training split, no fit)")
+        print(write_scores(ranked, images, backbones, protocol, args.out))
         return
     out, rows = compare_taps(images, backbones, args.taps, [_fit_options(args, clf) for clf in clfs], protocol,
                              seeds=args.seeds, extract_options=_extract_options(args), runs_root=args.out,

@@ -274,6 +274,25 @@ def score_taps(images: ImageSet, backbone: Backbone, taps: list[str] | None, pro
              "logme": scores[t.name], "seconds": round(seconds, 2)} for i, t in enumerate(ranked)]
 
 
+def write_scores(ranked: list[dict], images: ImageSet, backbones: list[Backbone], protocol: Protocol,
+                 runs_root: Path | str) -> Path:
+    """``compare --score``'s ranking as score.csv and score.json (with its settings) in
+    ``runs/<dataset>/score__<backbones>__<hash>/``; -> the folder."""
+    ranked = [{**r, "rank": i + 1} for i, r in enumerate(ranked)]
+    settings = {"dataset": images.name, "dataset_fingerprint": images.fingerprint(),
+                "backbones": [b.name for b in backbones], "protocol": str(protocol), "score": "logme",
+                "taps": [f"{r['backbone']}/{r['tap']}" for r in ranked]}
+    out = Path(runs_root) / images.name / path_safe(
+        f"score__{'+'.join(b.name for b in backbones)}__{settings_digest(settings)}")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "score.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=("rank", "backbone", "tap", "dim", "logme", "seconds"))
+        w.writeheader()
+        w.writerows(ranked)
+    (out / "score.json").write_text(json.dumps({"settings": settings, "ranking": ranked}, indent=2))
+    return out
+
+
 def _significance(rows: list[dict], runs: list[RunResult], seeds: int) -> list[dict]:
     """Mark the best row and the rows tied with it; each fused row's gain over its best single tap;
     -> every pair's paired difference (all rows share their test samples)."""

@@ -2,6 +2,7 @@
 per-backbone weights, and predict through every backbone of a run."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,11 +116,14 @@ def test_compare_score_ranks_the_taps_of_every_backbone_in_one_list(two_backbone
                  "--device", "cpu", "--out", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("rank"))
-    ranked = [line.split() for line in lines[header + 1:-1]]
+    ranked = [line.split() for line in lines[header + 1:-2]]
     assert {r[1] for r in ranked} == {"resnet18", "mobilenet_v2"} and [r[0] for r in ranked] == \
         [str(i + 1) for i in range(len(ranked))]
     scores = [float(r[4]) for r in ranked]
-    assert scores == sorted(scores, reverse=True) and "taps of resnet18, mobilenet_v2" in lines[-1]
+    assert scores == sorted(scores, reverse=True) and "taps of resnet18, mobilenet_v2" in lines[-2]
+    saved = json.loads((Path(lines[-1]) / "score.json").read_text())  # the ranking is kept beside a compare's
+    assert [(r["backbone"], r["tap"]) for r in saved["ranking"]] == [(r[1], r[2]) for r in ranked]
+    assert (Path(lines[-1]) / "score.csv").read_text().startswith("rank,backbone,tap,dim,logme")
 
 
 def test_extract_writes_one_file_per_backbone_with_each_backbones_taps(tiny_flat, tmp_path, capsys):
