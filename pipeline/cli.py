@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import itertools
 import os
 import shlex
 import sys
@@ -420,17 +421,34 @@ def result_notes(results: RunResult, seeds: int) -> list[str]:
 
 
 def cmd_predict(args) -> None:
-    from .predict import predict_images
+    """Results on stdout as they come (one record per image), everything else on stderr; images stream
+    through in chunks, so memory stays flat however many a folder holds."""
+    from tqdm.auto import tqdm
 
-    preds = predict_images(args.run, args.images, device=args.device, weights=args.weights)
-    for p in preds:
-        if p.error:
-            print(f"{p.image}\tERROR\t{p.error}")
-        else:
-            print(f"{p.image}\t{p.label}\t{p.kind}={p.confidence:.4f}")
-    if all(p.error for p in preds):
-        raise TapsError(f"none of the {len(preds)} images could be read (reasons above); pass image files")
-    print(args.run)
+    from .predict import Predictor, image_files, prediction_writer
+
+    predictor = Predictor(args.run, device=args.device, weights=args.weights, top_k=args.top_k)
+    header, write = prediction_writer(args.format, args.top_k)
+    if header:
+        print(header)
+    total = failed = 0
+    names = image_files(args.images)
+    with tqdm(unit="img", file=sys.stderr, disable=not (args.progress and sys.stderr.isatty())) as bar:
+        while chunk := list(itertools.islice(names, PREDICT_CHUNK)):
+            for p in predictor.predict(chunk):
+                print(write(p))
+                failed += bool(p.error)
+            sys.stdout.flush()
+            total += len(chunk)
+            bar.update(len(chunk))
+    if total == 0:
+        raise UsageError(f"no image files in {', '.join(args.images)}; pass image files or folders of them")
+    print(f"classified {total - failed} of {total} images with {args.run}", file=sys.stderr)
+    if failed == total:
+        raise TapsError(f"none of the {total} images could be read (their records say why); pass image files")
+    if failed and not args.allow_failures:
+        raise TapsError(f"{failed} of {total} images could not be read (their records say why); pass "
+                        f"--allow-failures to exit 0 anyway")
 
 
 def cmd_compare(args) -> None:
@@ -658,7 +676,13 @@ def _add_bench_command(p: argparse.ArgumentParser) -> None:
 
 def _add_predict_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="a run folder printed by `taps fit`")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files, or folders (searched recursively for images)")
+    p.add_argument("--format", default="tsv", choices=("tsv", "csv", "json"),
+                   help="one record per image on stdout; json: one object per line (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=1, help="the K best labels per image (default: %(default)s)")
+    p.add_argument("--allow-failures", action="store_true", help="exit 0 even when some images could not be read")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (there is none unless stderr is a terminal)")
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", help="override the recorded weights (needed for runs on a local .pth)")
     p.set_defaults(func=cmd_predict)
@@ -715,6 +739,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 # Commands whose finished work survives an interruption and is picked up by the same command.
 RESUMABLE = ("extract", "merge", "compare")
+PREDICT_CHUNK = 256  # images classified (and printed) at a time
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,15 +7,20 @@ sees exactly what the classifier was trained on.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
-from dataclasses import dataclass
+import io
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from features.backbones import Backbone, Tap
 from features.blocks import BlockSource, prepare_forward
-from features.datasets import FileImageSet
+from features.datasets import IMAGE_EXTENSIONS, FileImageSet
 from features.decoders import LEGACY_DECODER
 from features.errors import TapsError, UsageError
 from features.files import file_sha256
@@ -35,6 +40,7 @@ class Prediction:
     confidence: float | None  # a probability (logreg, linear) or a decision score (svm)
     kind: str                 # "probability" or "score"
     error: str = ""
+    top: list[tuple[str, float]] = field(default_factory=list)  # the k best (label, confidence), best first
 
 
 def weights_for(features: FeaturesUsed, weights: str | None) -> str:
@@ -136,67 +142,111 @@ def per_backbone(f: FeaturesUsed) -> list[tuple[FeaturesUsed, list[TapUsed]]]:
     return parts
 
 
-def _embed(f: FeaturesUsed, records: list[TapUsed], files: FileImageSet, device: str, batch_size: int,
-           weights: str | None) -> tuple[dict[str, np.ndarray], dict[int, str]]:
-    """One backbone's pass over the images: every tap it gives the model (rows of unreadable images are
-    zero), and the errors by image index."""
-    bb = backbone_for(f, weights)
-    taps = [_tap(bb, r) for r in records]
-    spatial = {r.pooling for r in records} - {UNPOOLED}
-    runtime = f.runtime or TORCH  # runs from before the runtime was recorded ran torch
-    if any("+" in (value or "") for value in (f.decode, f.precision, f.runtime)):
-        raise TapsError(f"the fused taps of this run were extracted with different decoders, precisions or "
-                        f"runtimes ({f.decode}, {f.precision}, {runtime}), which one pass "
-                        f"cannot reproduce; re-extract them together with `taps extract --force` and refit")
-    dev = resolve_device(device)
-    cfg = RunConfig(pooling=spatial.pop() if spatial else DEFAULT_POOLING, device=dev,
-                    precision=f.precision or resolve_precision("auto", dev), workers=0, channels_last=True,
-                    on_error="skip", draft=True, loader="inline", compile="off",
-                    decode=f.decode or LEGACY_DECODER,  # runs from before the decoder was recorded
-                    runtime=runtime)
-    forward = _forward(bb, taps, cfg)  # every tap of this backbone in one pass, by the runtime that made them
-    source = BlockSource.of(files, bb.pixel_transform(), cfg)
-    out = {t.name: np.zeros((len(files), r.dim), np.float32) for t, r in zip(taps, records, strict=True)}
-    errors: dict[int, str] = {}
-    for start in range(0, len(files), batch_size):
-        block = source.embed(source.load(start, min(start + batch_size, len(files))), forward)
-        errors.update(block.errors)
-        rows = [i for i in range(block.start, block.stop) if i not in block.errors]
-        for name, values in block.taps.items():
-            out[name][rows] = values
-    return out, errors
+@dataclass
+class _Pass:
+    """One backbone's part of a run, ready to embed images: its taps and the forward that made them."""
+
+    backbone: Backbone
+    taps: list[Tap]
+    records: list[TapUsed]
+    cfg: RunConfig
+    forward: object
+
+    @classmethod
+    def build(cls, f: FeaturesUsed, records: list[TapUsed], device: str, weights: str | None) -> _Pass:
+        bb = backbone_for(f, weights)
+        taps = [_tap(bb, r) for r in records]
+        spatial = {r.pooling for r in records} - {UNPOOLED}
+        runtime = f.runtime or TORCH  # runs from before the runtime was recorded ran torch
+        if any("+" in (value or "") for value in (f.decode, f.precision, f.runtime)):
+            raise TapsError(f"the fused taps of this run were extracted with different decoders, precisions or "
+                            f"runtimes ({f.decode}, {f.precision}, {runtime}), which one pass "
+                            f"cannot reproduce; re-extract them together with `taps extract --force` and refit")
+        dev = resolve_device(device)
+        cfg = RunConfig(pooling=spatial.pop() if spatial else DEFAULT_POOLING, device=dev,
+                        precision=f.precision or resolve_precision("auto", dev), workers=0, channels_last=True,
+                        on_error="skip", draft=True, loader="inline", compile="off",
+                        decode=f.decode or LEGACY_DECODER,  # runs from before the decoder was recorded
+                        runtime=runtime)
+        # every tap of this backbone in one pass, by the runtime that made them
+        return cls(bb, taps, records, cfg, _forward(bb, taps, cfg))
+
+    def embed(self, files: FileImageSet, batch_size: int) -> tuple[dict[str, np.ndarray], dict[int, str]]:
+        """Every tap this backbone gives the model (rows of unreadable images are zero), and the errors
+        by image index, through the extraction's own decode-and-embed code."""
+        source = BlockSource.of(files, self.backbone.pixel_transform(), self.cfg)
+        out = {t.name: np.zeros((len(files), r.dim), np.float32) for t, r in zip(self.taps, self.records, strict=True)}
+        errors: dict[int, str] = {}
+        for start in range(0, len(files), batch_size):
+            block = source.embed(source.load(start, min(start + batch_size, len(files))), self.forward)
+            errors.update(block.errors)
+            rows = [i for i in range(block.start, block.stop) if i not in block.errors]
+            for name, values in block.taps.items():
+                out[name][rows] = values
+        return out, errors
+
+
+class Predictor:
+    """A run's model behind the chain that made its training features: the same backbones, weights,
+    preprocessing, decoder, taps, pooling and precision, built once; :meth:`predict` classifies any
+    number of batches of image files with it. Each backbone decodes the images itself: a JPEG's draft
+    scale follows that backbone's input size, so one shared decode would not give every backbone the
+    pixels its training features were made from. ``weights``: one value for every backbone, or one per
+    backbone, comma-separated."""
+
+    def __init__(self, run_dir: Path | str, device: str = "auto", batch_size: int = 32, weights: str | None = None,
+                 top_k: int = 1):
+        if top_k < 1:
+            raise UsageError(f"--top-k must be at least 1, not {top_k}")
+        results = load_results(Path(run_dir))
+        self.model, self.classes = load_model(Path(run_dir), results), results.classes
+        self.batch_size, self.top_k = batch_size, top_k
+        parts = per_backbone(results.features)
+        given = weights.split(",") if weights and len(parts) > 1 else [weights]
+        given = given * len(parts) if len(given) == 1 else given
+        if len(given) != len(parts):
+            raise UsageError(f"--weights has {len(given)} values for this run's {len(parts)} backbones; pass one per "
+                             f"backbone in the run's order ({results.features.backbone.replace('+', ', ')})")
+        self.passes = [_Pass.build(f, records, device, w or None) for (f, records), w in zip(parts, given, strict=True)]
+        self.order = [r.tap for r in results.features.taps] or [t.name for p in self.passes for t in p.taps]
+
+    def predict(self, images: list[str]) -> list[Prediction]:
+        for image in images:  # a device or a folder would be read without end, or not at all
+            if Path(image).exists() and not Path(image).is_file():
+                raise UsageError(f"{image} is not a regular file; pass image files")
+        files = FileImageSet("predict", Path("/"), [Path(p).absolute() for p in images], ["?"], np.zeros(len(images)))
+        columns, errors = {}, {}
+        for part in self.passes:
+            embedded, failed = part.embed(files, self.batch_size)
+            columns.update(embedded)
+            errors.update({i: e for i, e in failed.items() if i not in errors})
+        X = np.hstack([columns[t] for t in self.order])
+        return _classify(self.model, self.classes, images, X, errors, self.top_k)
 
 
 def predict_images(run_dir: Path | str, images: list[str], device: str = "auto", batch_size: int = 32,
                    weights: str | None = None) -> list[Prediction]:
-    """Classify image files with a run's model, through the chain that made its training features:
-    the same backbones, weights, preprocessing, decoder, taps, pooling and precision, and the
-    extraction's own decode-and-embed code (:class:`features.blocks.BlockSource`), one pass per backbone.
-    Each pass decodes the images itself: a JPEG's draft scale follows that backbone's input size, so one
-    shared decode would not give every backbone the pixels its training features were made from.
-    ``weights``: one value for every backbone, or one per backbone, comma-separated."""
-    for image in images:  # a device or a folder would be read without end, or not at all
-        if Path(image).exists() and not Path(image).is_file():
-            raise UsageError(f"{image} is not a regular file; pass image files")
-    results = load_results(Path(run_dir))
-    model = load_model(Path(run_dir), results)
-    parts = per_backbone(results.features)
-    given = weights.split(",") if weights and len(parts) > 1 else [weights]
-    given = given * len(parts) if len(given) == 1 else given
-    if len(given) != len(parts):
-        raise UsageError(f"--weights has {len(given)} values for this run's {len(parts)} backbones; pass one per "
-                         f"backbone in the run's order ({results.features.backbone.replace('+', ', ')})")
-    files = FileImageSet("predict", Path("/"), [Path(p).absolute() for p in images], ["?"], np.zeros(len(images)))
-    columns, errors = {}, {}
-    for (f, records), w in zip(parts, given, strict=True):
-        embedded, failed = _embed(f, records, files, device, batch_size, w or None)
-        columns.update(embedded)
-        errors.update({i: e for i, e in failed.items() if i not in errors})
-    order = [r.tap for r in results.features.taps] or list(columns)
-    return _classify(model, results.classes, images, np.hstack([columns[t] for t in order]), errors)
+    """Classify image files with a run's model (:class:`Predictor`, built for this call)."""
+    return Predictor(run_dir, device, batch_size, weights).predict(images)
 
 
-def _classify(model, classes: list[str], images: list[str], X: np.ndarray, errors: dict[int, str]) -> list[Prediction]:
+def image_files(inputs: list[str]) -> Iterator[str]:
+    """The image files named by ``inputs``, in order: files as given, folders searched recursively for
+    the dataset's image types (hidden files and folders skipped, names sorted), one at a time."""
+    for item in inputs:
+        path = Path(item)
+        if not path.is_dir():
+            yield item
+            continue
+        for folder, dirs, names in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(names):
+                if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                    yield str(Path(folder) / name)
+
+
+def _classify(model, classes: list[str], images: list[str], X: np.ndarray, errors: dict[int, str],
+              top_k: int = 1) -> list[Prediction]:
     has_proba = hasattr(model, "predict_proba")
     good = [i for i in range(len(images)) if i not in errors]
     out = [Prediction(images[i], None, None, "", errors[i]) for i in sorted(errors)]
@@ -205,8 +255,32 @@ def _classify(model, classes: list[str], images: list[str], X: np.ndarray, error
         if scores.ndim == 1:  # binary decision function: score of the positive class
             scores = np.stack([-scores, scores], axis=1)
         for i, row in zip(good, scores, strict=True):
-            best = int(np.argmax(row))
-            out.append(Prediction(images[i], classes[int(model.classes_[best])], float(row[best]),
-                                  "probability" if has_proba else "score"))
+            ranked = np.argsort(-row, kind="stable")[:top_k]
+            top = [(classes[int(model.classes_[j])], float(row[j])) for j in ranked]
+            out.append(Prediction(images[i], top[0][0], top[0][1], "probability" if has_proba else "score",
+                                  top=top))
     order = {p: i for i, p in enumerate(images)}
     return sorted(out, key=lambda p: order[p.image])
+
+
+def prediction_writer(fmt: str, top_k: int = 1) -> tuple[str | None, Callable[[Prediction], str]]:
+    """(a header line or None, ``Prediction -> one line``) in ``fmt``: ``tsv`` (path, label, kind=value,
+    then the next labels of the top k; ``ERROR`` and the reason for an unreadable image), ``csv``
+    (path, label, confidence, kind, error, then label_2, confidence_2, …) or ``json`` (one object per
+    line: path, label, the probability or score, the top k when asked, or the error)."""
+    if fmt == "json":
+        return None, lambda p: json.dumps({"path": p.image, "error": p.error} if p.error else {
+            "path": p.image, "label": p.label, p.kind: round(p.confidence, 6),
+            **({"top": [{"label": label, p.kind: round(v, 6)} for label, v in p.top]} if top_k > 1 else {})})
+    if fmt == "tsv":
+        return None, lambda p: f"{p.image}\tERROR\t{p.error}" if p.error else "\t".join(
+            [p.image, p.label, f"{p.kind}={p.confidence:.4f}"] + [f"{label}\t{p.kind}={v:.4f}" for label, v in p.top[1:]])
+    extra = [name for k in range(2, top_k + 1) for name in (f"label_{k}", f"confidence_{k}")]
+
+    def csv_line(row: list) -> str:
+        text = io.StringIO()
+        csv.writer(text, lineterminator="").writerow(row)
+        return text.getvalue()
+    return csv_line(["path", "label", "confidence", "kind", "error", *extra]), lambda p: csv_line(
+        [p.image, "", "", "", p.error] if p.error else
+        [p.image, p.label, f"{p.confidence:.6f}", p.kind, "", *(x for label, v in p.top[1:] for x in (label, f"{v:.6f}"))])

@@ -1,6 +1,9 @@
 """The command line: last line is the path, errors are one line with the right exit code."""
 
+import csv
+import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +132,32 @@ def test_help_listing_info_and_argument_errors_import_no_torch_or_sklearn(argv, 
     argv = [str(tiny_features[1].path) if a == "FILE" else a for a in argv]
     proc = subprocess.run([sys.executable, "-c", LIGHT, *argv], capture_output=True, text=True)
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
+
+
+def test_predict_for_scripts_reads_folders_writes_one_record_per_image_and_says_when_images_failed(
+        world, tiny_flat, tmp_path, capsys):
+    run = str(world["run"])
+    folder = tmp_path / "mixed"
+    shutil.copytree(tiny_flat / "circle", folder / "circle")
+    (folder / "circle" / ".hidden.jpg").write_bytes(b"skipped: hidden")
+    (folder / "notes.txt").write_text("not an image type: skipped")
+    assert main(["predict", "--run", run, str(folder), "--format", "json", "--top-k", "2"]) == 0
+    out, err = capsys.readouterr()
+    records = [json.loads(line) for line in out.splitlines()]  # stdout: records only, the run path on stderr
+    assert [r["path"] for r in records] == sorted(str(p) for p in (folder / "circle").glob("img_*.jpg"))
+    assert all(len(r["top"]) == 2 and r["top"][0]["probability"] >= r["top"][1]["probability"]
+               and r["top"][0]["label"] == r["label"] for r in records)
+    assert f"classified {len(records)} of {len(records)} images with {run}" in err
+    assert main(["predict", "--run", run, str(folder), "--format", "csv"]) == 0
+    rows = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert [r["label"] for r in rows] == [r["label"] for r in records] and rows[0]["kind"] == "probability"
+    (folder / "circle" / "zz_broken.jpg").write_bytes(b"not a jpeg")  # one unreadable image: exit 1 unless allowed
+    assert main(["predict", "--run", run, str(folder)]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-1].startswith(f"{folder / 'circle' / 'zz_broken.jpg'}\tERROR\t")
+    assert "1 of 11 images could not be read" in err and "--allow-failures" in err
+    assert main(["predict", "--run", run, str(folder), "--allow-failures"]) == 0
+    assert main(["predict", "--run", run, str(tmp_path / "missing.jpg")]) == 1  # nothing readable
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", "--run", run, str(tmp_path / "empty")]) == 2  # no image files at all
+    assert "no image files in" in capsys.readouterr().err
