@@ -127,7 +127,7 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
 
         full, (images, shard_attrs) = images, shard_images(images, *options.shard)
         path = shard_path(path, *options.shard)
-    check_output_folder(path.parent, "--out")
+    check_output_folder(path.parent, "--features-root")
     existing = _existing(path, options.force)
     version = existing.fingerprint_version if existing else \
         CONTENT_FINGERPRINT if options.verify_content else FINGERPRINT_VERSION
@@ -164,7 +164,7 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
                 report.skipped = {images.ids[i]: reason for i, reason in writer.skipped().items()}
                 writer.close()
     except PermissionError as exc:
-        raise UsageError(f"cannot write {path} ({exc.strerror}); pass --out to a writable folder") from None
+        raise UsageError(f"cannot write {path} ({exc.strerror}); pass --features-root to a writable folder") from None
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # finished blocks are on disk, the rest resumes later
             raise TapsError(f"disk full while writing {path}; free space and rerun the same command "

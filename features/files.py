@@ -88,7 +88,7 @@ def check_free_space(folder: Path, needed: int, what: str) -> None:
     free = shutil.disk_usage(folder).free
     if needed > free:
         raise TapsError(f"not enough disk space for {what}: about {needed / 2 ** 20:.1f} MiB needed, "
-                        f"{free / 2 ** 20:.1f} MiB free in {folder}; free space or pass --out to another disk")
+                        f"{free / 2 ** 20:.1f} MiB free in {folder}; free space or write to another disk (--features-root, --runs-root)")
 
 
 @contextmanager

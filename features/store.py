@@ -210,7 +210,7 @@ class FeatureWriter:
             self.path.unlink()
         if self.path.exists():
             repaired = _pad_truncated(self.path)
-            self.h5 = open_h5(self.path, "r+", "pass --force to replace it, or --out to write elsewhere")
+            self.h5 = open_h5(self.path, "r+", "pass --force to replace it, or --features-root to write elsewhere")
             self._check(header)
             if repaired:  # any tap may have lost blocks, not only the ones this run asks for
                 for key in list(self.h5["taps"]):
@@ -244,11 +244,11 @@ class FeatureWriter:
     def _check(self, header: dict) -> None:
         attrs = self.h5.attrs
         if attrs.get("format") != FORMAT:
-            raise TapsError(f"{self.path} is not a taps feature file; pass --force to replace it or --out elsewhere")
+            raise TapsError(f"{self.path} is not a taps feature file; pass --force to replace it or --features-root elsewhere")
         if int(attrs.get("format_version", 1)) not in READABLE_VERSIONS:
             raise TapsError(f"{self.path} has format_version {attrs.get('format_version')}, newer than this taps "
                             f"reads; upgrade taps, or pass --force to rebuild it")
-        FileIdentity.recorded(_plain(attrs)).refuse_other(header, self.path, "pass --force to rebuild it or --out "
+        FileIdentity.recorded(_plain(attrs)).refuse_other(header, self.path, "pass --force to rebuild it or --features-root "
                                                                                 "to write elsewhere")
 
     @property

@@ -166,7 +166,7 @@ def peak_rss_mb(n: int, work: Path, backbone: str, weights: str, compile: str, l
     folder = synthetic_jpegs(work / f"rss{n}", n, size=(80, 80), seed=1)
     cmd = [sys.executable, "-m", "pipeline", "extract", "--dataset", f"folder:{folder}", "--backbone", backbone,
            "--weights", weights, "--image-size", "64", "--taps", "all", "--no-progress", "--force",
-           "--compile", compile, "--loader", loader, "--out", str(work / f"rss_out{n}")]
+           "--compile", compile, "--loader", loader, "--features-root", str(work / f"rss_out{n}")]
     probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL);"
              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
     out = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True, check=True)

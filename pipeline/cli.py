@@ -36,6 +36,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class _Renamed(argparse.Action):
+    """An option under its old spelling: still accepted, with a one-line note of the new one."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"taps: note: {option_string} is now spelled {self.metavar}; the old spelling still works",
+              file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def _csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -114,8 +123,11 @@ def _add_extract_args(p: argparse.ArgumentParser, out_alias: bool = True) -> Non
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory layout")
     g.add_argument("--on-error", default="skip", choices=CHOICES["on_error"],
                    help="bad images: skip (record and go on) or fail (default: %(default)s)")
-    g.add_argument("--features-root", *(["--out"] if out_alias else []), dest="features_root", default=FEATURES_ROOT,
+    g.add_argument("--features-root", dest="features_root", default=FEATURES_ROOT,
                    help="folder of feature files (default: %(default)s)")
+    if out_alias:  # extract's --out named the feature folder before fit and compare's named the runs
+        g.add_argument("--out", dest="features_root", action=_Renamed, metavar="--features-root",
+                       help=argparse.SUPPRESS)
     g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 
@@ -377,7 +389,7 @@ def cmd_fit(args) -> None:
     features = _features_file(args)
     tap = _fit_tap(args, features)
     run_dir, results, reused = fit_run(features, tap, args.pool, options, _protocol(args, features), seeds=args.seeds,
-                                       runs_root=args.out, force=args.force)
+                                       runs_root=args.runs_root, force=args.force)
     m, used = results.metrics, results.features
     chosen = ", ".join(f"{v:g}" for v in results.chosen[options.param])
     selection = "; ".join(dict.fromkeys(s.selection for s in results.per_seed))
@@ -443,9 +455,9 @@ def cmd_predict(args) -> None:
             bar.update(len(chunk))
     if total == 0:
         raise UsageError(f"no image files in {', '.join(args.images)}; pass image files or folders of them")
-    print(f"classified {total - failed} of {total} images with {args.run}", file=sys.stderr)
     if failed == total:
         raise TapsError(f"none of the {total} images could be read (their records say why); pass image files")
+    print(f"classified {total - failed} of {total} images with {args.run}", file=sys.stderr)
     if failed and not args.allow_failures:
         raise TapsError(f"{failed} of {total} images could not be read (their records say why); pass "
                         f"--allow-failures to exit 0 anyway")
@@ -475,10 +487,10 @@ def cmd_compare(args) -> None:
                         for i, r in enumerate(ranked)))
         print(f"scored {len(ranked)} taps of {', '.join(bb.name for bb in backbones)} in "
               f"{sum(rows[0]['seconds'] for rows in scored):.1f} s (LogME on seed 0's training split, no fit)")
-        print(write_scores(ranked, images, backbones, protocol, args.out))
+        print(write_scores(ranked, images, backbones, protocol, args.runs_root))
         return
     out, rows = compare_taps(images, backbones, args.taps, [_fit_options(args, clf) for clf in clfs], protocol,
-                             seeds=args.seeds, extract_options=_extract_options(args), runs_root=args.out,
+                             seeds=args.seeds, extract_options=_extract_options(args), runs_root=args.runs_root,
                              force=args.force, fuse=args.fuse)
     print(format_table(rows, args.seeds))
     for line in format_gains(rows):
@@ -502,7 +514,7 @@ def _shot_curves(args, images, backbones, fits, protocol) -> None:
         raise UsageError("--shots draws its training images --tries times on one fixed test split; leave out "
                          f"{'--score' if args.score else '--seeds'}")
     out, points, sentence = shot_curves(images, backbones, args.taps, fits, protocol, shots=parse_shots(args.shots),
-                                        tries=args.tries, extract_options=_extract_options(args), runs_root=args.out,
+                                        tries=args.tries, extract_options=_extract_options(args), runs_root=args.runs_root,
                                         fuse=args.fuse)
     print(format_curves(points))
     print(sentence)
@@ -552,7 +564,9 @@ def _add_fit_args(p: argparse.ArgumentParser, many: bool = False) -> None:
                         "group-lasso (Head2Toe's ranking, the count by CV) (default: %(default)s)")
     g.add_argument("--select-threshold", type=float, default=0.002,
                    help="auto: the least CV-accuracy gain (0-1) that adds a tap (default: %(default)s)")
-    g.add_argument("--out", default=RUNS_ROOT, help="runs root (default: %(default)s)")
+    g.add_argument("--runs-root", dest="runs_root", default=RUNS_ROOT,
+                   help="folder of run folders (default: %(default)s)")
+    g.add_argument("--out", dest="runs_root", action=_Renamed, metavar="--runs-root", help=argparse.SUPPRESS)
     g.add_argument("--force", action="store_true", help="recompute even if a run with identical settings exists")
 
 

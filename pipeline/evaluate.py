@@ -241,7 +241,7 @@ def fit_run(features: Features, tap: str, pooling: str, options: FitOptions, pro
     returns (folder, results, reused)."""
     if seeds < 1:
         raise UsageError(f"--seeds must be at least 1, not {seeds}")
-    check_output_folder(Path(runs_root), "--out")
+    check_output_folder(Path(runs_root), "--runs-root")
     settings = run_settings(features, tap, pooling, options.as_dict(), str(protocol), seeds)
     if tap == AUTO:
         settings["candidates"] = tap_keys(features, tap, pooling, candidates)

@@ -159,7 +159,7 @@ def world(tmp_path_factory, tiny_flat, image_folder):
     data = ["--dataset", f"folder:{tiny_flat}", *TINY, "--features-root", str(fs)]
     assert main(["extract", *data, *QUIET]) == 0
     assert main(["fit", *data, "--clf", "logreg", "--grid", "1", "--device", "cpu", "--protocol", "per-class:5",
-                 "--out", str(runs)]) == 0
+                 "--runs-root", str(runs)]) == 0
     run = next(runs.rglob("results.json")).parent
     image_folder(root / "images", classes=("a", "b"), per_class=3)
     rows = [f"{c}/img_{i:03d}.jpg,{c}" for c in "ab" for i in range(3)]

@@ -16,7 +16,7 @@ QUIET = ["--no-progress", "--workers", "0", "--device", "cpu"]
 
 def cases(w: dict) -> list[tuple[list[str], int, str]]:
     root, data, run = w["root"], w["data"], w["run"]
-    fit = ["fit", *data, "--clf", "logreg", "--device", "cpu", "--out", str(root / "runs2")]
+    fit = ["fit", *data, "--clf", "logreg", "--device", "cpu", "--runs-root", str(root / "runs2")]
     csv = ["extract", *TINY, *QUIET, "--features-root", str(root / "csvfs"), "--dataset"]
     return [
         (["extract", "--backbone", "vit_b_16", "--weights", "none", "--taps", "permute"], 2,
@@ -31,7 +31,7 @@ def cases(w: dict) -> list[tuple[list[str], int, str]]:
          "vgg16 cannot take 17px images"),
         (["list", "taps", "vit_b_16", "--image-size", "96"], 2, "it takes --image-size 224 only"),
         (["extract", "--image-size", "-5"], 2, "--image-size must be a positive number of pixels, not -5"),
-        (["extract", *data[:2], *TINY, "--out", str(root / "afile")], 2, "is a file, in the way of that folder"),
+        (["extract", *data[:2], *TINY, "--features-root", str(root / "afile")], 2, "is a file, in the way of that folder"),
         ([*fit, "--preprocess", "pca:5000", "--grid", "1", "--protocol", "per-class:5"], 2,
          "--preprocess pca:5000 asks for more components than this fit can have: at most 15"),
         ([*fit, "--protocol", "fraction:0.05"], 2, "fraction:0.05 leaves training split smaller than the 3 classes"),
@@ -50,7 +50,7 @@ def cases(w: dict) -> list[tuple[list[str], int, str]]:
         (["merge", str(root / "missing.shard0of2.h5")], 2, "shard file"),
         (["compare", *data, "--protocol", "per-class:40", "--features-root", str(root / "cmpfs")], 2,
          "per-class:40 needs more than 40 images in every class"),
-        (["fit", "--features", str(next(w["fs"].rglob("*.h5"))), "--tap", "avgpol", "--out", str(root / "runs2")], 2,
+        (["fit", "--features", str(next(w["fs"].rglob("*.h5"))), "--tap", "avgpol", "--runs-root", str(root / "runs2")], 2,
          "did you mean avgpool? (it has: avgpool)"),
         ([*fit, "--tap", "avgpool+avgpool"], 2, "tap set 'avgpool+avgpool' names a tap twice; name each tap once"),
         ([*fit, "--tap", "auto+avgpool"], 2, "'auto' chooses the whole set; pass --tap auto alone"),
@@ -128,7 +128,7 @@ def test_every_image_skipped_is_refused_before_fitting(world, capsys):
     data = ["--dataset", f"folder:{root / 'broken'}", *TINY, "--features-root", str(root / "brokenfs")]
     assert main(["extract", *data, *QUIET]) == 0
     capsys.readouterr()
-    assert main(["fit", *data, "--device", "cpu", "--out", str(root / "brokenruns")]) == 1
+    assert main(["fit", *data, "--device", "cpu", "--runs-root", str(root / "brokenruns")]) == 1
     assert "every image of" in capsys.readouterr().err and not (root / "brokenruns").exists()
 
 

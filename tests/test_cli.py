@@ -20,7 +20,7 @@ def run(*args, cwd=None):
 def test_extract_prints_the_feature_file_last(tiny_flat, tmp_path, capsys):
     code = main(["extract", "--dataset", f"folder:{tiny_flat}", "--backbone", "resnet18", "--weights", "none",
                  "--image-size", "32", "--taps", "layer1,avgpool", "--workers", "0", "--no-progress",
-                 "--out", str(tmp_path)])
+                 "--features-root", str(tmp_path)])
     out = capsys.readouterr().out.strip().splitlines()
     assert code == 0 and Path(out[-1]).is_file() and re.search(r"/resnet18__none__32px-[0-9a-f]{8}\.h5$", out[-1])
     assert out[0].startswith("read folder-") and out[0].endswith(": 30 images in 3 classes (circle 10, square 10, "
@@ -68,10 +68,23 @@ def test_every_subcommand_parses():
     from pipeline.cli import build_parser
 
     parser = build_parser()
-    for argv in (["fit", "--clf", "linear", "--tap", "pooled", "--out", "r"],
-                 ["compare", "--backbone", "resnet18,mobilenet_v2", "--taps", "all", "--out", "r"],
+    for argv in (["fit", "--clf", "linear", "--tap", "pooled", "--runs-root", "r"],
+                 ["compare", "--backbone", "resnet18,mobilenet_v2", "--taps", "all", "--runs-root", "r"],
                  ["predict", "--run", "r", "a.jpg"], ["info", "f.h5"], ["list", "taps", "vgg16"]):
         assert parser.parse_args(argv).func.__name__ == f"cmd_{argv[0]}"
+
+
+def test_out_keeps_working_under_its_old_meanings_with_a_note(capsys):
+    """--out named the feature folder in extract and the runs folder in fit and compare; each now has its
+    own name, and the old spelling still lands in the right place."""
+    from pipeline.cli import build_parser
+
+    assert build_parser().parse_args(["fit", "--out", "r"]).runs_root == "r"
+    assert "--out is now spelled --runs-root" in capsys.readouterr().err
+    assert build_parser().parse_args(["compare", "--out", "r"]).runs_root == "r"
+    assert build_parser().parse_args(["extract", "--out", "f"]).features_root == "f"
+    assert "--out is now spelled --features-root" in capsys.readouterr().err
+    assert build_parser().parse_args(["fit", "--runs-root", "r"]).runs_root == "r" and not capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -109,7 +122,7 @@ def test_every_command_accepts_no_progress_and_bars_stay_out_of_logs(tiny_flat, 
         assert parser.parse_args([*argv, "--no-progress"]).progress is False
     # progress left on, but stderr is not a terminal (a log file, a pipe): no bar, no carriage returns
     assert main(["extract", "--dataset", f"folder:{tiny_flat}", "--backbone", "resnet18", "--weights", "none",
-                 "--image-size", "32", "--workers", "0", "--out", str(tmp_path)]) == 0
+                 "--image-size", "32", "--workers", "0", "--features-root", str(tmp_path)]) == 0
     err = capsys.readouterr().err
     assert "\r" not in err and "img/s]" not in err
 

@@ -166,7 +166,7 @@ def test_compare_fuse_marks_best_and_ties_and_writes_every_pair(tiny_folder, tmp
     args = ["compare", "--dataset", f"folder:{tiny_folder}", "--backbone", "resnet18", "--weights", "none",
             "--image-size", "32", "--taps", "layer1,layer2,avgpool,layer1+avgpool", "--fuse", "--clf", "logreg,knn",
             "--grid", "", "--seeds", "2", "--no-progress", "--workers", "0", "--device", "cpu",
-            "--features-root", str(tmp_path / "fs"), "--out", str(tmp_path / "runs")]
+            "--features-root", str(tmp_path / "fs"), "--runs-root", str(tmp_path / "runs")]
     assert main(args) == 0
     out = capsys.readouterr().out
     folder = next((tmp_path / "runs").rglob("compare.json")).parent
@@ -192,7 +192,7 @@ def test_compare_fuse_marks_best_and_ties_and_writes_every_pair(tiny_folder, tmp
 def test_compare_score_ranks_taps_without_fitting(tiny_folder, tmp_path, capsys):
     args = ["compare", "--dataset", f"folder:{tiny_folder}", "--backbone", "resnet18", "--weights", "none",
             "--image-size", "32", "--taps", "layer1,layer2,avgpool", "--score", "--no-progress", "--workers", "0",
-            "--device", "cpu", "--features-root", str(tmp_path / "fs"), "--out", str(tmp_path / "runs")]
+            "--device", "cpu", "--features-root", str(tmp_path / "fs"), "--runs-root", str(tmp_path / "runs")]
     assert main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("rank"))
@@ -217,7 +217,7 @@ def test_fit_tap_auto_through_the_cli_prints_the_sets_it_chose(tiny_folder, tmp_
             "--features-root", str(tmp_path / "fs")]
     assert main(["extract", *data, "--taps", ",".join(TAPS), "--no-progress", "--workers", "0", "--device", "cpu"]) == 0
     assert main(["fit", *data, "--tap", "auto", "--clf", "logreg", "--seeds", "2", "--device", "cpu",
-                 "--out", str(tmp_path / "runs")]) == 0
+                 "--runs-root", str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
     assert "--tap auto (forward) chose: seed 0 " in out and "; seed 1 " in out
     results = load_results(next((tmp_path / "runs").rglob("results.json")).parent)

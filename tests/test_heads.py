@@ -120,6 +120,6 @@ def test_knn_is_a_classifier_of_the_cli_with_k_chosen_by_cv(tiny_flat, tmp_path,
               "32", "--features-root", str(tmp_path)]
     assert main(["extract", *common, "--no-progress", "--workers", "0"]) == 0
     assert main(["fit", *common, "--clf", "knn", "--grid", "1,3,5", "--protocol", "per-class:6", "--device", "cpu",
-                 "--out", str(tmp_path / "runs")]) == 0
+                 "--runs-root", str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
     assert "fitted knn on avgpool" in out and "n_neighbors by 3-fold CV" in out

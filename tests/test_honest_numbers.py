@@ -52,7 +52,7 @@ def test_repeated_csv_rows_are_refused_or_kept_once(csv_world, capsys):
     assert len(ids) == len(set(ids)) == 6
     # fit reads the dataset the same way, and the command it suggests keeps --duplicates first
     code, out, err = cli(capsys, "fit", "--dataset", f"csv:{twice}", "--duplicates", "first", *TINY, *FIT,
-                         "--protocol", "fraction:0.5", "--features-root", fs, "--out", root / "runs")
+                         "--protocol", "fraction:0.5", "--features-root", fs, "--runs-root", root / "runs")
     assert code == 0, err
 
 
@@ -93,7 +93,7 @@ def test_byte_identical_images_stay_on_one_side_of_every_split(copies, tmp_path,
             assert not set(groups[train]) & set(groups[test]), (protocol, seed)
             assert len(train) + len(test) == len(groups)
     code, out, _ = cli(capsys, "fit", *data, *FIT, "--protocol", "per-class:4", "--seeds", "2",
-                       "--out", tmp_path / "runs")
+                       "--runs-root", tmp_path / "runs")
     assert code == 0 and "2 group(s) of byte-identical images (4 images) in the file" in out
     results = json.loads((tmp_path / "runs").rglob("results.json").__next__().read_text())
     assert results["duplicates"] == {"checked": True, "groups": 2, "images": 4}
@@ -134,7 +134,7 @@ def test_a_rerun_with_other_settings_is_refused_and_auto_keeps_the_files_setting
     # a tap added with another decoder on purpose is kept, but not fused with the others
     assert cli(capsys, "extract", *data, "--taps", "layer3", "--decode", "simplejpeg")[0] == 0
     code, _, err = cli(capsys, "fit", *data[:-len(QUIET)], *FIT, "--tap", "layer1+layer3",
-                       "--protocol", "per-class:5", "--out", tmp_path / "runs")
+                       "--protocol", "per-class:5", "--runs-root", tmp_path / "runs")
     assert code == 2 and "were made differently (layer1: precision fp32, decode pil, runtime torch; layer3: " \
         "precision fp32, decode simplejpeg" in err
     assert not (tmp_path / "runs").exists()
@@ -144,7 +144,7 @@ def test_an_edit_that_keeps_the_size_is_detected(tiny_flat, tmp_path, capsys):
     data_dir = tmp_path / "data"
     shutil.copytree(tiny_flat, data_dir)
     common = ["--dataset", f"folder:{data_dir}", *TINY, "--features-root", tmp_path / "fs"]
-    fit = ["fit", *common, *FIT, "--protocol", "per-class:5", "--out", tmp_path / "runs"]
+    fit = ["fit", *common, *FIT, "--protocol", "per-class:5", "--runs-root", tmp_path / "runs"]
     assert cli(capsys, "extract", *common, *QUIET)[0] == 0
     assert cli(capsys, *fit)[0] == 0
     target = data_dir / "square" / "img_001.jpg"
@@ -173,7 +173,7 @@ def test_files_with_an_older_fingerprint_version_keep_working(tiny_flat, tmp_pat
         del h5.attrs["fingerprint_version"]
         h5.attrs["dataset_fingerprint"] = load_dataset(f"folder:{tiny_flat}").fingerprint(1)
     assert FeatureFile(path).fingerprint_version == 1
-    code, out, err = cli(capsys, "fit", *common, *FIT, "--protocol", "per-class:5", "--out", tmp_path / "runs")
+    code, out, err = cli(capsys, "fit", *common, *FIT, "--protocol", "per-class:5", "--runs-root", tmp_path / "runs")
     assert code == 0, err
     assert cli(capsys, "extract", *common, *QUIET, "--taps", "layer2")[0] == 0  # and extend
 
@@ -197,11 +197,11 @@ def test_knn_records_the_k_it_used_and_refuses_fractions(tiny_flat, tmp_path, ca
     common = ["--dataset", f"folder:{tiny_flat}", *TINY, "--features-root", tmp_path / "fs"]
     assert cli(capsys, "extract", *common, *QUIET)[0] == 0
     code, out, err = cli(capsys, "fit", *common, "--clf", "knn", "--grid", "1000", "--device", "cpu",
-                         "--protocol", "per-class:5", "--out", tmp_path / "runs")
+                         "--protocol", "per-class:5", "--runs-root", tmp_path / "runs")
     assert code == 0, err
     results = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
     assert results["chosen"]["n_neighbors"] == [15.0]  # 3 classes x 5 training images
-    code, _, err = cli(capsys, "fit", *common, "--clf", "knn", "--grid", "2.5", "--out", tmp_path / "runs")
+    code, _, err = cli(capsys, "fit", *common, "--clf", "knn", "--grid", "2.5", "--runs-root", tmp_path / "runs")
     assert code == 2 and "--grid for knn is n_neighbors, a whole number, not 2.5" in err
 
 
@@ -235,7 +235,7 @@ def test_a_full_disk_while_writing_a_run_leaves_no_run(tiny_flat, tmp_path, caps
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(np, "savez_compressed", full)
-    code, _, err = cli(capsys, "fit", *common, *FIT, "--protocol", "per-class:5", "--out", tmp_path / "runs")
+    code, _, err = cli(capsys, "fit", *common, *FIT, "--protocol", "per-class:5", "--runs-root", tmp_path / "runs")
     assert code == 1 and err.count("\n") == 1 and "disk full while writing the run" in err
     assert "nothing of this run was kept" in err
     assert not [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
@@ -253,7 +253,7 @@ def test_seeds_over_an_official_split_say_what_varies(tiny_folder, tmp_path, cap
     common = ["--dataset", f"folder:{tiny_folder}", *TINY, "--features-root", tmp_path / "fs"]
     assert cli(capsys, "extract", *common, *QUIET)[0] == 0
     code, out, _ = cli(capsys, "fit", *common, "--clf", "logreg", "--grid", "0.1,1", "--device", "cpu",
-                       "--seeds", "2", "--out", tmp_path / "runs")
+                       "--seeds", "2", "--runs-root", tmp_path / "runs")
     assert code == 0 and "note: ± over 2 seeds varies the CV folds only: the official split is the same" in out
     results = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
     assert results["seeds_vary"].startswith("the CV folds only")

@@ -48,18 +48,18 @@ def test_fit_refuses_features_of_a_dataset_that_changed_and_names_the_command_th
     code, _, _ = cli(capsys, "extract", *common, "--no-progress", "--workers", "0")
     assert code == 0
     shutil.copy(data / "circle" / "img_000.jpg", data / "circle" / "img_new.jpg")  # one image added
-    code, _, err = cli(capsys, "fit", *common, *FIT, "--out", str(tmp_path / "runs"))
+    code, _, err = cli(capsys, "fit", *common, *FIT, "--runs-root", str(tmp_path / "runs"))
     line = one_error_line(err)
     assert code == 1 and "was made from 30 samples, the dataset now has 31" in line
     command = re.search(r"rebuild it with `(taps extract [^`]+)`", line).group(1)
     assert command.endswith(" --force") and f"--features-root {tmp_path / 'fs'}" in command
     code, _, _ = cli(capsys, *shlex.split(command)[1:], "--no-progress", "--workers", "0")  # the fix works
     assert code == 0
-    code, out, _ = cli(capsys, "fit", *common, *FIT, "--out", str(tmp_path / "runs"))
+    code, out, _ = cli(capsys, "fit", *common, *FIT, "--runs-root", str(tmp_path / "runs"))
     assert code == 0 and "fitted logreg" in out
     # Same number of images, other pixels: the fingerprint says so.
     (data / "square" / "img_001.jpg").write_bytes((data / "stripes" / "img_001.jpg").read_bytes() + b"\0" * 10)
-    code, _, err = cli(capsys, "fit", *common, *FIT, "--out", str(tmp_path / "runs"))
+    code, _, err = cli(capsys, "fit", *common, *FIT, "--runs-root", str(tmp_path / "runs"))
     assert code == 1 and "was made from other contents of the dataset" in one_error_line(err)
 
 
@@ -80,7 +80,7 @@ def test_every_preprocessing_has_its_own_file_and_messages_keep_whole_values(tin
                        "none", "--image-size", "40", "--features-root", str(tmp_path), *FIT)
     assert code == 1 and "--image-size 40" in one_error_line(err) and "no feature file" in err
     code, _, err = cli(capsys, "fit", "--features", str(report.path), "--image-size", "40", *FIT,
-                       "--out", str(tmp_path / "runs"))
+                       "--runs-root", str(tmp_path / "runs"))
     assert code == 1 and "was made with transform resize=32 crop=32" in one_error_line(err)
 
 
@@ -121,7 +121,7 @@ def test_predict_takes_a_local_weights_file_by_path_and_checks_its_sha256(tiny_f
     common = ["--dataset", f"folder:{tiny_flat}", "--backbone", "resnet18", "--weights", str(mine), "--image-size",
               "32", "--features-root", str(tmp_path / "fs")]
     assert cli(capsys, "extract", *common, "--no-progress", "--workers", "0")[0] == 0
-    code, out, _ = cli(capsys, "fit", *common, *FIT, "--out", str(tmp_path / "runs"))
+    code, out, _ = cli(capsys, "fit", *common, *FIT, "--runs-root", str(tmp_path / "runs"))
     run = out.strip().splitlines()[-1]
     assert code == 0 and load_results(run).features.weights_sha256 is not None
     image = str(sorted(tiny_flat.glob("square/*.jpg"))[0])
@@ -169,7 +169,7 @@ def test_merged_shards_keep_every_tap_attribute(tiny_folder, tmp_path, cpu_run):
 def test_results_record_the_folds_really_used_and_impossible_cv_is_refused(tiny_flat, tmp_path, capsys):
     common = ["--dataset", f"folder:{tiny_flat}", *TINY, "--features-root", str(tmp_path / "fs")]
     assert cli(capsys, "extract", *common, "--no-progress", "--workers", "0")[0] == 0
-    fit = ["fit", *common, "--clf", "logreg", "--device", "cpu", "--out", str(tmp_path / "runs")]
+    fit = ["fit", *common, "--clf", "logreg", "--device", "cpu", "--runs-root", str(tmp_path / "runs")]
     code, out, _ = cli(capsys, *fit, "--grid", "0.1,1", "--protocol", "per-class:6", "--folds", "50")
     assert code == 0 and "C by 6-fold CV (asked for 50; the smallest class has 6 training images)" in out
     per_seed = load_results(out.strip().splitlines()[-1]).per_seed[0]

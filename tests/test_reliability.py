@@ -79,7 +79,7 @@ sys.exit(main(sys.argv[1:]))
 def _extract_cmd(root: Path, out: Path, loader: str, slowed: bool = False) -> list[str]:
     launcher = ["-c", _SLOWED_CLI] if slowed else ["-m", "pipeline"]
     return [sys.executable, *launcher, *_EXTRACT_ARGS, "--loader", loader, "--dataset", f"folder:{root}",
-            "--out", str(out)]
+            "--features-root", str(out)]
 
 
 def _children(pid: int) -> set[int]:
@@ -287,7 +287,7 @@ def test_a_block_whose_data_did_not_reach_the_disk_is_refused_then_recomputed(ti
                                         r"`taps extract` command to recompute them"):
         FeatureFile(report.path).read("avgpool")
     fit = subprocess.run([sys.executable, "-m", "pipeline", "fit", "--features", str(report.path), "--tap", "avgpool",
-                          "--protocol", "per-class:5", "--out", str(tmp_path / "runs")], capture_output=True, text=True)
+                          "--protocol", "per-class:5", "--runs-root", str(tmp_path / "runs")], capture_output=True, text=True)
     assert fit.returncode == 1 and "rows 8-11 are not what was written" in fit.stderr
     assert fit.stderr.count("\n") == 1 and not (tmp_path / "runs").exists()
     with pytest.warns(UserWarning, match="22 rows of tap avgpool .* were not on disk intact"):

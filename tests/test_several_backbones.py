@@ -26,7 +26,7 @@ def test_a_tap_set_across_backbones_is_the_files_columns_side_by_side(two_backbo
     data, root = two_backbones
     files = {FeatureFile(p).attrs["backbone"]: FeatureFile(p) for p in (root / "fs").rglob("*.h5")}
     assert main(["fit", *data, *TWO_BACKBONES, *FIT, "--tap", "mobilenet_v2/block3+resnet18/avgpool",
-                 "--out", str(tmp_path)]) == 0
+                 "--runs-root", str(tmp_path)]) == 0
     run = _run(capsys)
     results = load_results(run)
     assert results.features.tap == "mobilenet_v2/block3+resnet18/avgpool"
@@ -44,13 +44,13 @@ def test_a_tap_set_across_backbones_is_the_files_columns_side_by_side(two_backbo
 
 def test_tap_auto_chooses_across_every_tap_of_every_backbone_inside_cv(two_backbones, tmp_path, capsys):
     data, _ = two_backbones
-    assert main(["fit", *data, *TWO_BACKBONES, *FIT, "--tap", "auto", "--seeds", "2", "--out", str(tmp_path)]) == 0
+    assert main(["fit", *data, *TWO_BACKBONES, *FIT, "--tap", "auto", "--seeds", "2", "--runs-root", str(tmp_path)]) == 0
     results = load_results(_run(capsys))
     assert results.settings["candidates"] == ["mobilenet_v2/block3", "mobilenet_v2/pooled", "resnet18/layer2",
                                               "resnet18/avgpool"]
     assert all(set(s.taps) <= set(results.settings["candidates"]) for s in results.per_seed)
     # without --tap: each backbone's standard embedding, fused
-    assert main(["fit", *data, *TWO_BACKBONES, *FIT, "--out", str(tmp_path)]) == 0
+    assert main(["fit", *data, *TWO_BACKBONES, *FIT, "--runs-root", str(tmp_path)]) == 0
     assert load_results(_run(capsys)).features.tap == "resnet18/avgpool+mobilenet_v2/pooled"
 
 
@@ -62,7 +62,7 @@ def test_tap_auto_chooses_across_every_tap_of_every_backbone_inside_cv(two_backb
 def test_a_cross_backbone_tap_that_names_no_backbone_or_a_wrong_one_is_one_line(two_backbones, tmp_path, capsys,
                                                                                tap, message):
     data, _ = two_backbones
-    assert main(["fit", *data, *TWO_BACKBONES, *FIT, "--tap", tap, "--out", str(tmp_path)]) == 2
+    assert main(["fit", *data, *TWO_BACKBONES, *FIT, "--tap", tap, "--runs-root", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
 
@@ -70,11 +70,11 @@ def test_a_cross_backbone_tap_that_names_no_backbone_or_a_wrong_one_is_one_line(
 def test_weights_per_backbone(two_backbones, tmp_path, capsys):
     data, _ = two_backbones
     bad = ["--backbone", "resnet18,mobilenet_v2", "--weights", "none,none,none", "--image-size", "32"]
-    assert main(["fit", *data, *bad, *FIT, "--out", str(tmp_path)]) == 2
+    assert main(["fit", *data, *bad, *FIT, "--runs-root", str(tmp_path)]) == 2
     assert "--weights has 3 values for 2 backbones" in capsys.readouterr().err
     # one value per backbone, in order: IMAGENET1K_V1 is a torchvision name, refused for the timm backbone
     mixed = ["--backbone", "mobilenet_v2,timm:resnet18", "--weights", "none,IMAGENET1K_V1"]
-    assert main(["fit", *data, *mixed, *FIT, "--out", str(tmp_path)]) == 2
+    assert main(["fit", *data, *mixed, *FIT, "--runs-root", str(tmp_path)]) == 2
     assert "unknown weights 'IMAGENET1K_V1' for timm:resnet18" in capsys.readouterr().err
 
 
@@ -94,7 +94,7 @@ def test_compare_puts_cross_backbone_sets_and_auto_beside_each_backbones_rows(tw
     singles = ["resnet18/layer2", "resnet18/avgpool", "mobilenet_v2/block3", "mobilenet_v2/pooled"]
     assert main(["compare", *data, *TWO_BACKBONES, *FIT, "--seeds", "2", "--fuse", "--no-progress", "--workers", "0",
                  "--taps", ",".join([*singles, "resnet18/avgpool+mobilenet_v2/pooled"]),
-                 "--out", str(tmp_path)]) == 0
+                 "--runs-root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     data_json = json.loads(next(tmp_path.rglob("compare.json")).read_text())
     rows = data_json["rows"]
@@ -113,7 +113,7 @@ def test_compare_puts_cross_backbone_sets_and_auto_beside_each_backbones_rows(tw
 def test_compare_score_ranks_the_taps_of_every_backbone_in_one_list(two_backbones, tmp_path, capsys):
     data, _ = two_backbones
     assert main(["compare", *data, *TWO_BACKBONES, "--score", "--taps", "all", "--no-progress", "--workers", "0",
-                 "--device", "cpu", "--out", str(tmp_path)]) == 0
+                 "--device", "cpu", "--runs-root", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("rank"))
     ranked = [line.split() for line in lines[header + 1:-2]]
@@ -129,7 +129,7 @@ def test_compare_score_ranks_the_taps_of_every_backbone_in_one_list(two_backbone
 def test_extract_writes_one_file_per_backbone_with_each_backbones_taps(tiny_flat, tmp_path, capsys):
     data = ["--dataset", f"folder:{tiny_flat}", "--features-root", str(tmp_path / "fs")]
     quiet = ["--no-progress", "--workers", "0", "--device", "cpu"]
-    assert main(["fit", *data, *TWO_BACKBONES, *FIT, "--out", str(tmp_path / "runs")]) == 1
+    assert main(["fit", *data, *TWO_BACKBONES, *FIT, "--runs-root", str(tmp_path / "runs")]) == 1
     err = capsys.readouterr().err  # no files yet: the one command that makes both
     assert "taps extract --dataset" in err and "--backbone resnet18,mobilenet_v2 --weights none" in err
     assert main(["extract", *data, *TWO_BACKBONES, "--taps", "resnet18/layer1,mobilenet_v2/block2,logits",
@@ -144,7 +144,7 @@ def test_extract_writes_one_file_per_backbone_with_each_backbones_taps(tiny_flat
 def test_compare_fuse_with_one_tap_per_backbone_fuses_across_them_only(two_backbones, tmp_path, capsys):
     data, _ = two_backbones
     assert main(["compare", *data, *TWO_BACKBONES, *FIT, "--fuse", "--no-progress", "--workers", "0",
-                 "--taps", "resnet18/avgpool,mobilenet_v2/pooled", "--out", str(tmp_path)]) == 0
+                 "--taps", "resnet18/avgpool,mobilenet_v2/pooled", "--runs-root", str(tmp_path)]) == 0
     rows = json.loads(next(tmp_path.rglob("compare.json")).read_text())["rows"]
     assert [(r["backbone"], r["tap"]) for r in rows] == [("resnet18", "avgpool"), ("mobilenet_v2", "pooled"),
                                                          ("resnet18+mobilenet_v2", "auto")]

@@ -53,7 +53,7 @@ def test_a_curve_finds_the_set_that_wins_with_few_labels_and_the_one_that_wins_w
 
 def test_compare_shots_writes_the_curve_and_a_rerun_fits_only_new_points(tiny_flat, tmp_path, capsys):
     args = ["compare", "--dataset", f"folder:{tiny_flat}", *TINY, *QUIET, "--taps", "layer2,avgpool",
-            "--features-root", str(tmp_path / "fs"), "--out", str(tmp_path / "runs"), "--tries", "2"]
+            "--features-root", str(tmp_path / "fs"), "--runs-root", str(tmp_path / "runs"), "--tries", "2"]
     assert main([*args, "--shots", "1,all"]) == 0
     first = capsys.readouterr().out
     assert first.count("fitted ") == 2 * (2 + 1)

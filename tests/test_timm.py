@@ -92,7 +92,7 @@ def test_compare_predict_across_a_torchvision_and_a_timm_backbone(tiny_flat, tmp
     common = ["--dataset", f"folder:{tiny_flat}", "--weights", "none", "--image-size", "32",
               "--features-root", str(tmp_path / "fs")]
     assert main(["compare", *common, "--backbone", "resnet18,timm:resnet18", "--taps", "all", "--clf", "logreg",
-                 "--protocol", "per-class:5", "--out", str(tmp_path / "runs"), "--no-progress", "--workers", "0",
+                 "--protocol", "per-class:5", "--runs-root", str(tmp_path / "runs"), "--no-progress", "--workers", "0",
                  "--device", "cpu"]) == 0
     folder = next((tmp_path / "runs").rglob("compare.json")).parent
     rows = json.loads((folder / "compare.json").read_text())["rows"]
