@@ -41,6 +41,7 @@ class Classifier:
     aliases: tuple[str, ...] = ()
     whole_numbers: bool = False     # grid values are counts (k), not strengths
     streams: bool = False           # can train from the HDF5 file chunk by chunk (pipeline.streaming)
+    probabilities: bool = True      # predict_proba (else decision scores only: svm)
     reference: str | None = None    # "module:Class" of scikit-learn's estimator, built with param=value
     reference_params: dict = field(default_factory=dict)
 
@@ -65,7 +66,7 @@ def register_classifier(classifier: Classifier) -> Classifier:
 
 DEFAULT_CLASSIFIER = register_classifier(Classifier(
     "svm", "C", tuple(10.0 ** e for e in range(-5, 1)), "pipeline.heads:LinearSVM", ("solver", "device"),
-    reference="sklearn.svm:LinearSVC")).name
+    probabilities=False, reference="sklearn.svm:LinearSVC")).name
 register_classifier(Classifier(
     "logreg", "C", tuple(10.0 ** e for e in range(-4, 3)), "pipeline.heads:SoftmaxRegression", ("solver", "device"),
     aliases=("softmax",), reference="sklearn.linear_model:LogisticRegression", reference_params={"max_iter": 1000}))

@@ -295,7 +295,7 @@ def _fit_options(args, clf: str | None = None):
 
     return FitOptions(clf=clf or args.clf, preprocess=args.preprocess, grid=args.grid, folds=args.folds,
                       solver=args.solver, hidden=args.hidden, device=args.device, memory_budget_mb=args.memory_budget,
-                      select=args.select, select_threshold=args.select_threshold)
+                      select=args.select, select_threshold=args.select_threshold, calibrate=args.calibrate)
 
 
 def _protocol(args, features):
@@ -422,6 +422,14 @@ def result_notes(results: RunResult, seeds: int) -> list[str]:
     notes = []
     if seeds > 1 and results.seeds_vary.startswith("the CV folds only"):
         notes.append(f"note: ± over {seeds} seeds varies {results.seeds_vary}")
+    ece = results.metrics.get("expected_calibration_error")
+    if ece is not None:
+        before = results.metrics.get("expected_calibration_error_uncalibrated")
+        from .calibration import calibration_method
+
+        notes.append(f"calibrated ({calibration_method(results.settings['clf'])}): expected calibration error on the test "
+                     f"rows {ece['mean']:.3f}" + (f", {before['mean']:.3f} before" if before else
+                                                   " (the uncalibrated scores were not probabilities)"))
     dup = results.duplicates
     if dup.get("groups"):
         notes.append(f"note: {dup['groups']} group(s) of byte-identical images ({dup['images']} images) in the file, "
@@ -564,6 +572,9 @@ def _add_fit_args(p: argparse.ArgumentParser, many: bool = False) -> None:
                         "group-lasso (Head2Toe's ranking, the count by CV) (default: %(default)s)")
     g.add_argument("--select-threshold", type=float, default=0.002,
                    help="auto: the least CV-accuracy gain (0-1) that adds a tap (default: %(default)s)")
+    g.add_argument("--calibrate", action="store_true",
+                   help="calibrate the probabilities on out-of-fold training scores (a temperature; Platt scaling "
+                        "for svm), report the expected calibration error before and after; predict uses them")
     g.add_argument("--runs-root", dest="runs_root", default=RUNS_ROOT,
                    help="folder of run folders (default: %(default)s)")
     g.add_argument("--out", dest="runs_root", action=_Renamed, metavar="--runs-root", help=argparse.SUPPRESS)

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from sklearn.calibration import CalibratedClassifierCV
 from sklearn.metrics import classification_report, confusion_matrix
 
 from features.errors import TapsError, UsageError
@@ -26,6 +27,7 @@ from features.files import check_output_folder
 from features.joined import BACKBONE_SEPARATOR, Features, owner
 from features.pooling import matches_pooling
 
+from .calibration import calibrate, calibration_method, expected_calibration_error
 from .classifiers import DEFAULT_PREPROCESS, get_classifier, streaming_classifiers
 from .fusion import AUTO, Groups, column_groups, tap_set
 from .metrics import score_predictions, summarize
@@ -187,6 +189,9 @@ def evaluate_tap(features: Features, tap: str, pooling: str, options: FitOptions
                    [s for s, v in zip(features.split, features.valid, strict=True) if v])
     keys = tap_keys(features, tap, pooling, candidates)
     X, groups, streaming = fit_matrix(features, keys, options)
+    if streaming and options.calibrate:
+        raise TapsError(f"--calibrate fits in memory, and tap {keys[0]} streams from the file (over the memory "
+                        f"budget); pool it smaller, raise --memory-budget or leave out --calibrate")
     y = features.labels
     same_bytes = features.duplicate_groups()
     splits = [make_split(protocol, y, features.split, seed, features.valid, same_bytes) for seed in range(seeds)]
@@ -205,11 +210,14 @@ def evaluate_tap(features: Features, tap: str, pooling: str, options: FitOptions
         # In memory the estimator sees the rows; streaming, the rows' indices in the file.
         Xtr, Xte = (train[:, None], test[:, None]) if streaming else (Xs[train], Xs[test])
         selected = selecting_model(features, keys[0], options, seed, streaming, fused).fit(Xtr, y[train])
+        model = (calibrate(selected.model_, Xtr, y[train], method=calibration_method(options.clf),
+                           folds=options.folds, random_state=seed) if options.calibrate else selected)
         seconds, t0 = time.perf_counter() - t0, time.perf_counter()
-        pred = selected.predict(Xte)  # once: streaming, each pass over the test rows reads the file
+        pred = model.predict(Xte)  # once: streaming, each pass over the test rows reads the file
         predict_seconds = time.perf_counter() - t0
-        ranks = selected.decision_function(Xte) if len(selected.classes_) > 5 else None  # for top-5
-        metrics = score_predictions(y[test], pred, ranks, selected.classes_)
+        ranks = _scores(model, Xte) if len(selected.classes_) > 5 else None  # for top-5
+        metrics = {**score_predictions(y[test], pred, ranks, selected.classes_),
+                   **(_calibration_metrics(selected.model_, model, Xte, y[test]) if options.calibrate else {})}
         predictions.update({f"test_{seed}": test, f"pred_{seed}": pred})
         per_seed.append(SeedResult(
             seed=seed, n_train=int(len(train)), n_test=int(len(test)), train_digest=split_digest(features.ids, train),
@@ -218,9 +226,25 @@ def evaluate_tap(features: Features, tap: str, pooling: str, options: FitOptions
             cv_accuracy=None if selected.cv_scores_ is None else [float(s) for s in selected.cv_scores_],
             fit_seconds=round(seconds, 3), predict_seconds=round(predict_seconds, 3), metrics=metrics))
         if seed == 0:
-            model0 = selected.model_.to_array_model() if streaming else selected.model_
+            model0 = selected.model_.to_array_model() if streaming else model if options.calibrate else selected.model_
             taps0 = chosen
     return TapEvaluation(per_seed, summarize([s.metrics for s in per_seed]), model0, taps0, predictions)
+
+
+def _scores(model, X: np.ndarray) -> np.ndarray:
+    """Per-class scores for top-5: decision scores, or a calibrated model's probabilities."""
+    return model.predict_proba(X) if isinstance(model, CalibratedClassifierCV) else model.decision_function(X)
+
+
+def _calibration_metrics(uncalibrated, calibrated, X: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Expected calibration error on the test rows after calibration, and before it where the model
+    had probabilities (an SVM's scores are not)."""
+    after = {"expected_calibration_error": expected_calibration_error(y, calibrated.predict_proba(X),
+                                                                      calibrated.classes_)}
+    if not hasattr(uncalibrated, "predict_proba"):
+        return after
+    before = expected_calibration_error(y, uncalibrated.predict_proba(X), uncalibrated.classes_)
+    return {**after, "expected_calibration_error_uncalibrated": before}
 
 
 def features_record(features: Features, keys: list[str]) -> FeaturesUsed:

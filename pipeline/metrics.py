@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, top_k_accuracy_score
 
-METRICS = ("accuracy", "mean_per_class_accuracy", "macro_f1", "top5_accuracy")
+METRICS = ("accuracy", "mean_per_class_accuracy", "macro_f1", "top5_accuracy",
+           "expected_calibration_error", "expected_calibration_error_uncalibrated")  # the last two: --calibrate
 
 
 def score_predictions(y: np.ndarray, pred: np.ndarray, scores: np.ndarray | None, classes) -> dict[str, float]:

@@ -28,6 +28,7 @@ class FitOptions:
     memory_budget_mb: float | None = None  # above it, linear streams from HDF5 and svm/logreg refuse
     select: str = "forward"  # how --tap auto chooses its taps (pipeline.tapselect)
     select_threshold: float = 0.002  # the least CV-accuracy gain that adds a tap
+    calibrate: bool = False  # probabilities calibrated on out-of-fold training scores (pipeline.calibration)
 
     def __post_init__(self):
         # Normalised once here (frozen afterwards): the canonical classifier name, a sorted float grid.
@@ -56,7 +57,9 @@ class FitOptions:
         return {"clf": self.clf, "preprocess": self.preprocess, "grid": self.grid, "folds": self.folds,
                 "solver": self.solver, "hidden": self.hidden, "param": self.param,
                 "memory_budget_mb": self.memory_budget_mb, "select": self.select,
-                "select_threshold": self.select_threshold}
+                "select_threshold": self.select_threshold,
+                # only when asked: runs made before the option keep their folder names
+                **({"calibrate": True} if self.calibrate else {})}
 
     def budget_bytes(self) -> int:
         """Bytes an in-memory fit may use: ``--memory-budget``, or half the free RAM."""
