@@ -406,7 +406,18 @@ def cmd_fit(args) -> None:
           f"{chosen:<13}{results.fit_seconds['mean']:>7.1f}")
     for note in result_notes(results, args.seeds):
         print(note)
+    if tracking := _tracking(args):
+        from .tracking import log_fit
+
+        print(f"tracked as MLflow run {log_fit(tracking, run_dir, results)} in {tracking.uri}")
     print(run_dir)
+
+
+def _tracking(args):
+    """--track, parsed (None when not asked)."""
+    from .tracking import Tracking
+
+    return Tracking.parse(args.track)
 
 
 def _check_tap_names(args, backbone) -> None:
@@ -511,6 +522,11 @@ def cmd_compare(args) -> None:
 
     for note in result_notes(load_results(Path(rows[0]["run"])), args.seeds):
         print(note)
+    if tracking := _tracking(args):
+        from .tracking import log_compare
+
+        print(f"tracked as MLflow run {log_compare(tracking, out, rows, load_results)} (one nested run per row) in "
+              f"{tracking.uri}")
     print(out)
 
 
@@ -575,6 +591,8 @@ def _add_fit_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     g.add_argument("--calibrate", action="store_true",
                    help="calibrate the probabilities on out-of-fold training scores (a temperature; Platt scaling "
                         "for svm), report the expected calibration error before and after; predict uses them")
+    g.add_argument("--track", help="log the fit (compare: a parent run and one per row) to MLflow: mlflow for a "
+                                   "local ./mlruns store, or mlflow:URI (needs the track extra)")
     g.add_argument("--runs-root", dest="runs_root", default=RUNS_ROOT,
                    help="folder of run folders (default: %(default)s)")
     g.add_argument("--out", dest="runs_root", action=_Renamed, metavar="--runs-root", help=argparse.SUPPRESS)

@@ -174,3 +174,31 @@ def test_predict_for_scripts_reads_folders_writes_one_record_per_image_and_says_
     (tmp_path / "empty").mkdir()
     assert main(["predict", "--run", run, str(tmp_path / "empty")]) == 2  # no image files at all
     assert "no image files in" in capsys.readouterr().err
+
+
+def test_track_mlflow_logs_each_fit_and_a_compare_as_a_parent_with_one_run_per_row(world, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    store = f"file:{tmp_path / 'mlruns'}"
+    fit = ["fit", *world["data"], "--clf", "logreg", "--device", "cpu", "--protocol", "per-class:5", "--seeds", "2",
+           "--runs-root", str(tmp_path / "runs"), "--track", f"mlflow:{store}"]
+    assert main(fit) == 0
+    out = capsys.readouterr().out
+    assert "tracked as MLflow run" in out
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name(Path(out.splitlines()[-1]).parent.name)  # the dataset's name
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.params["clf"] == "logreg" and run.data.params["tap"] == "avgpool"
+    assert 0 <= run.data.metrics["mean_per_class_accuracy_mean"] <= 1
+    assert len(client.get_metric_history(run.info.run_id, "accuracy")) == 2  # one point per seed
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"results.json", "confusion.png"}
+    compare = ["compare", *world["data"], "--taps", "layer4,avgpool", "--clf", "logreg", "--device", "cpu",
+               "--protocol", "per-class:5", "--no-progress", "--workers", "0", "--runs-root", str(tmp_path / "runs"),
+               "--track", f"mlflow:{store}"]
+    assert main(compare) == 0
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if r.info.run_name.startswith("compare__"))
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2 and {r.data.params["tap"] for r in children} == {"layer4", "avgpool"}
+    assert "compare.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert main([*fit[:-1], "bogus:x"]) == 2
