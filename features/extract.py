@@ -14,14 +14,12 @@ import contextlib
 import dataclasses
 import errno
 import json
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .backbones import Backbone, Tap
 from .blocks import Block, prepare_forward
@@ -34,6 +32,7 @@ from .files import check_output_folder, exclusive_lock
 from .identity import FileIdentity
 from .options import CHOICES, EXPORTED_RUNTIME_PRECISIONS, TORCH, VALID_PRECISIONS, ExtractOptions, RunConfig
 from .pooling import is_spatial, pooled_dim, recorded_pooling
+from .progress import Progress
 from .runtime import available_memory_bytes, keep_freed_memory
 from .store import FeatureFile, FeatureWriter, tap_key, versions
 
@@ -254,9 +253,8 @@ def _fill(writer: FeatureWriter, job: _Job, report: ExtractionReport) -> None:
     start = min(writer.rows_done(keys[t.name]) for t in todo)
     start -= start % cfg.batch_size
     name = "ray" if job.options.engine == "ray" else cfg.loader
-    bar = tqdm(total=len(job.images), initial=start, unit="img", dynamic_ncols=True, file=sys.stderr,
-               desc=f"{job.backbone.name} {','.join(t.name for t in todo)}",
-               disable=None if job.options.progress else True)  # None: only on a terminal, not in a log file
+    bar = Progress(len(job.images), f"{job.backbone.name} {','.join(t.name for t in todo)}", initial=start,
+                   enabled=job.options.progress)
     t0 = time.perf_counter()
     try:
         with engine_class(name)(job.images, job.backbone, todo, cfg) as engine, \

@@ -454,7 +454,7 @@ def result_notes(results: RunResult, seeds: int) -> list[str]:
 def cmd_predict(args) -> None:
     """Results on stdout as they come (one record per image), everything else on stderr; images stream
     through in chunks, so memory stays flat however many a folder holds."""
-    from tqdm.auto import tqdm
+    from features.progress import Progress
 
     from .predict import Predictor, image_files, prediction_writer
 
@@ -464,14 +464,15 @@ def cmd_predict(args) -> None:
         print(header)
     total = failed = 0
     names = image_files(args.images)
-    with tqdm(unit="img", file=sys.stderr, disable=not (args.progress and sys.stderr.isatty())) as bar:
-        while chunk := list(itertools.islice(names, PREDICT_CHUNK)):
-            for p in predictor.predict(chunk):
-                print(write(p))
-                failed += bool(p.error)
-            sys.stdout.flush()
-            total += len(chunk)
-            bar.update(len(chunk))
+    bar = Progress(None, "predict", enabled=args.progress)
+    while chunk := list(itertools.islice(names, PREDICT_CHUNK)):
+        for p in predictor.predict(chunk):
+            print(write(p))
+            failed += bool(p.error)
+        sys.stdout.flush()
+        total += len(chunk)
+        bar.update(len(chunk))
+    bar.close()
     if total == 0:
         raise UsageError(f"no image files in {', '.join(args.images)}; pass image files or folders of them")
     if failed == total:

@@ -113,7 +113,7 @@ def test_an_unexpected_error_is_one_line_naming_debug(monkeypatch, capsys):
         main(["extract", "--weights", "none", "--debug"])
 
 
-def test_every_command_accepts_no_progress_and_bars_stay_out_of_logs(tiny_flat, tmp_path, capsys):
+def test_every_command_accepts_no_progress_and_bars_stay_out_of_logs(tiny_flat, tmp_path, capsys, monkeypatch):
     from pipeline.cli import build_parser
 
     parser = build_parser()
@@ -125,6 +125,14 @@ def test_every_command_accepts_no_progress_and_bars_stay_out_of_logs(tiny_flat, 
                  "--image-size", "32", "--workers", "0", "--features-root", str(tmp_path)]) == 0
     err = capsys.readouterr().err
     assert "\r" not in err and "img/s]" not in err
+    # instead, a plain line every TAPS_PROGRESS_EVERY seconds (here: every block); none with --no-progress
+    monkeypatch.setenv("TAPS_PROGRESS_EVERY", "0")
+    args = ["extract", "--dataset", f"folder:{tiny_flat}", "--backbone", "resnet18", "--weights", "none",
+            "--image-size", "32", "--workers", "0", "--batch-size", "8", "--features-root", str(tmp_path / "again")]
+    assert main(args) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("resnet18 avgpool: ")]
+    assert lines[-1].startswith("resnet18 avgpool: 30/30 (100%) img, ") and len(lines) == 4  # 4 blocks of 8
+    assert main([*args, "--force", "--no-progress"]) == 0 and "avgpool: " not in capsys.readouterr().err
 
 
 LIGHT = """import sys
