@@ -199,7 +199,7 @@ def startup_seconds(work: Path, backbone: Backbone, repeats: int = 3) -> dict[st
     return out
 
 
-def stage_two_times(features_root: str, reference: bool) -> dict:
+def stage_two_times(features_root: str, reference: bool, quick: bool = False) -> dict:
     """Grid-searched svm and logreg fits at Caltech-101 scale (real features when cached, else synthetic)."""
     from sklearn.datasets import make_classification
     from sklearn.metrics import balanced_accuracy_score
@@ -212,7 +212,12 @@ def stage_two_times(features_root: str, reference: bool) -> dict:
     from .selection import selector
 
     path = feature_path(features_root, "caltech101", Backbone("mobilenet_v2", weights="IMAGENET1K_V1"))
-    if path.is_file() and "pooled" in FeatureFile(path).taps:
+    if quick:
+        X, y = make_classification(n_samples=600, n_features=256, n_informative=64, n_classes=10, random_state=0)
+        X = X.astype(np.float32)
+        train, test = np.arange(300), np.arange(300, 600)
+        source = "synthetic 300 x 256, 10 classes (--quick)"
+    elif path.is_file() and "pooled" in FeatureFile(path).taps:
         f = FeatureFile(path)
         X, y = f.read("pooled"), f.labels
         train, test = make_split(parse_protocol("per-class:30", 50), y, None, 0)
@@ -262,6 +267,13 @@ class BenchSettings:
     precision: str = "auto"            # fp32 here shows what a CPU without bf16 kernels would pick
     runtimes: tuple[str, ...] | None = None  # exported runtimes to measure beside torch (None: every installed one)
     startup_repeats: int = 3           # start-up commands: each timed this many times (the median is kept)
+    quick: bool = False                # every row at toy size, in about a minute: a check, not a measurement
+
+
+# --quick: every row measured once on a few images, torch only, one process; the figures are not
+# comparable with a full run's, the point is that every measure runs.
+QUICK = {"images": 16, "batch_size": 8, "rounds": 1, "compile": "off", "rss_sizes": (16, 32), "startup_repeats": 1,
+         "reference": False}
 
 
 @dataclass
@@ -312,7 +324,8 @@ def _prepare(s: BenchSettings, work: Path) -> _Bench:
     images, source = bench_images(s.images, s.data_root, work)
     cfg = RunConfig(pooling=DEFAULT_POOLING, device=dev, precision=resolve_precision(s.precision, dev), workers=default_workers(),
                     channels_last=True, on_error="skip", draft=True, compile=s.compile, batch_size=s.batch_size,
-                    loader=resolve_loader("auto", dev, max(s.images, REPLICAS_MIN_IMAGES)))  # as a large run here
+                    loader="inline" if s.quick else resolve_loader("auto", dev, max(s.images, REPLICAS_MIN_IMAGES)))
+    # (the loader a large run gets here: the bench measures that one)
     return _Bench(s, bb, _offline_or_random("resnet18"), taps, images, source, cfg, work,
                   _exported_runtimes(s, bb, taps, cfg, images))
 
@@ -445,6 +458,8 @@ def run_bench(settings: BenchSettings | None = None, log=print, **fields) -> tup
     """Measure everything in one run; writes ``bench.txt`` and ``bench.json`` to ``settings.out``.
     ``fields`` are :class:`BenchSettings` fields, for calls from Python."""
     s = settings or BenchSettings(**fields)
+    if s.quick:
+        s = dataclasses.replace(s, **QUICK)
     out = Path(s.out)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -470,7 +485,7 @@ def run_bench(settings: BenchSettings | None = None, log=print, **fields) -> tup
     r["page_faults"] = page_faults_per_batch()
     r["startup_seconds"] = startup_seconds(work, bb, s.startup_repeats)
     log(f"  start-up: {r['startup_seconds']}")
-    r["stage_two"] = stage_two_times(s.features_root, s.reference)
+    r["stage_two"] = stage_two_times(s.features_root, s.reference, quick=s.quick)
     text = format_bench(r)
     (out / "bench.txt").write_text(text + "\n")
     (out / "bench.json").write_text(json.dumps(r, indent=2))

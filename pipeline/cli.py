@@ -553,7 +553,8 @@ def cmd_bench(args) -> None:
                              batch_size=args.batch_size, taps=args.taps, device=args.device,
                              rss_sizes=tuple(args.rss_sizes), out=args.out, features_root=args.features_root,
                              reference=args.reference, rounds=args.rounds, compile=args.compile,
-                             precision=args.precision, runtimes=args.runtimes)
+                             precision=args.precision, quick=args.quick,
+                             runtimes=() if args.quick and args.runtimes is None else args.runtimes)
     text, _ = run_bench(settings, log=lambda msg: print(msg, file=sys.stderr))
     print(text)
     print(Path(args.out) / "bench.txt")
@@ -714,6 +715,8 @@ def _add_bench_command(p: argparse.ArgumentParser) -> None:
                    help="fp32 shows what a CPU without bf16 kernels runs (default: %(default)s)")
     p.add_argument("--runtimes", type=_runtime_list, default=None,
                    help="exported runtimes measured beside torch, comma-separated, or none (default: every installed one)")
+    p.add_argument("--quick", action="store_true", help="every row once at toy size (about a minute): checks that "
+                                                        "every measure runs; its figures are not comparable")
     p.add_argument("--out", default="bench_out")
     p.set_defaults(func=cmd_bench)
 

@@ -4,17 +4,15 @@ import json
 
 import pytest
 
-from features.options import default_workers
 from pipeline.bench import BenchSettings, run_bench
 
 
 @pytest.mark.slow
 def test_bench_measures_every_row_in_one_run(tmp_path):
-    text, r = run_bench(BenchSettings(images=8, batch_size=4, rss_sizes=(8, 16), out=tmp_path / "bench",
-                                      features_root=str(tmp_path / "no_features"), rounds=1, compile="off",
-                                      runtimes=("openvino",), startup_repeats=1),
-                        log=lambda _: None)
-    assert r["images"] == "8 synthetic 500x375 JPEGs" and r["weights"] != ""
+    # --quick: every row at toy size, one process (inline loader), 16 images, one round
+    text, r = run_bench(BenchSettings(quick=True, out=tmp_path / "bench", features_root=str(tmp_path / "no_features"),
+                                      runtimes=("openvino",)), log=lambda _: None)
+    assert r["images"] == "16 synthetic 500x375 JPEGs" and r["weights"] != ""
     rates = [r["ceiling"], r["pipeline"], r["seed_style"], *(x[k] for x in r["runtimes"].values()
                                                              for k in ("ceiling", "pipeline")), *(a["rate"] for a in r["ablations"].values()),
              *(v for k, v in r["early_tap"].items() if not k.endswith("ratio"))]
@@ -37,15 +35,14 @@ def test_bench_measures_every_row_in_one_run(tmp_path):
     assert all(f"\n{name} ({x['precision']})" in text for name, x in r["runtimes"].items())
     assert f"ceiling = the fastest forward ({fastest})" in text
     assert "NCHW instead of channels_last" in r["ablations"] and "eager" not in r  # compile off: no eager rows
-    assert r["loader"] == ("replicas" if default_workers() >= 2 else "inline")  # as `auto` for a large run
-    assert ("inline loader: one process, all cores" in r["ablations"]) == (r["loader"] == "replicas")
-    assert set(r["rss_mb"]) == {"8", "16"} and all(v > 0 for v in r["rss_mb"].values())
+    assert r["loader"] == "inline" and "one decode thread" in r["ablations"]  # quick: one process
+    assert set(r["rss_mb"]) == {"16", "32"} and all(v > 0 for v in r["rss_mb"].values())
     assert set(r["page_faults"]) == {"default", "kept"} and "page faults per 64 MB batch" in text
     assert list(r["startup_seconds"]) == ["taps --help", "taps extract, 10 images (torch)",
                                           "taps extract, 10 images (--runtime auto)", "taps info FILE"]
     assert 0 < r["startup_seconds"]["taps --help"] < r["startup_seconds"]["taps extract, 10 images (torch)"]
     assert "start-up (wall seconds" in text
-    assert r["stage_two"]["source"].startswith("synthetic") and r["stage_two"]["svm"]["seconds"] > 0
+    assert r["stage_two"]["source"].endswith("(--quick)") and r["stage_two"]["svm"]["seconds"] > 0
     saved = (tmp_path / "bench" / "bench.txt").read_text()
     assert saved.strip() == text and "pipeline/ceiling = " in text and "pipeline/seed-style = " in text
     assert json.loads((tmp_path / "bench" / "bench.json").read_text())["pipeline"] == r["pipeline"]

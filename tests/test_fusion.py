@@ -2,6 +2,7 @@
 tests and the LogME transferability score."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -199,8 +200,9 @@ def test_compare_score_ranks_taps_without_fitting(tiny_folder, tmp_path, capsys)
     ranked = [line.split() for line in lines[header + 1:header + 4]]
     assert [r[0] for r in ranked] == ["1", "2", "3"] and {r[2] for r in ranked} == {"layer1", "layer2", "avgpool"}
     scores = [float(r[4]) for r in ranked]
-    assert scores == sorted(scores, reverse=True) and "no fit" in lines[-1]
-    assert not (tmp_path / "runs").exists()
+    assert scores == sorted(scores, reverse=True) and "no fit" in lines[-2]
+    assert not list((tmp_path / "runs").rglob("results.json"))  # nothing fitted: the ranking alone is kept
+    assert (Path(lines[-1]) / "score.csv").is_file()
 
 
 def test_fused_fits_refuse_to_stream(split_features, tmp_path):

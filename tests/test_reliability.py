@@ -204,7 +204,7 @@ def test_a_cut_short_file_is_refused_by_readers_and_repaired_by_extract(tiny_fla
         again = extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, **RUN)
     assert again.computed == ["avgpool"] and np.array_equal(FeatureFile(report.path).read("avgpool"), clean)
     report.path.write_bytes(b"not an HDF5 file at all" * 100)
-    with pytest.raises(TapsError, match="is not an HDF5 file; pass --force to replace it, or --out"):
+    with pytest.raises(TapsError, match="is not an HDF5 file; pass --force to replace it, or --features-root"):
         extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, **RUN)
     with pytest.raises(TapsError, match="is not an HDF5 file; pass a feature file that `taps extract` wrote"):
         FeatureFile(report.path)
@@ -303,7 +303,7 @@ def test_a_disk_too_small_for_the_new_taps_is_refused_before_any_work(tiny_flat,
     images = load_dataset(f"folder:{tiny_flat}")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10 ** 9, used=10 ** 9 - 1000, free=1000))
     with pytest.raises(TapsError, match=r"not enough disk space for the new taps of .*: about 0\.1 MiB needed, "
-                                        r"0\.0 MiB free in .*; free space or pass --out to another disk"):
+                                        r"0\.0 MiB free in .*; free space or write to another disk \(--features-root, --runs-root\)"):
         extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, **RUN)
     with h5py.File(next(tmp_path.rglob("*.h5"))) as h5:
         assert list(h5["taps"]) == []  # nothing was computed or allocated
@@ -409,5 +409,5 @@ def test_unwritable_output_is_a_usage_error(tiny_flat, tmp_path, monkeypatch, cp
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(FeatureWriter, "__init__", denied)
-    with pytest.raises(UsageError, match="cannot write .* pass --out to a writable folder"):
+    with pytest.raises(UsageError, match="cannot write .* pass --features-root to a writable folder"):
         extract(images, tiny_resnet(), ["avgpool"], out=tmp_path, **RUN)
