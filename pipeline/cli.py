@@ -191,18 +191,21 @@ def cmd_list(args) -> None:
             print("\n".join(bb.node_names()))
             return
         print(f"{bb.name} at {bb.input_size}px (standard embedding: {bb.default_tap})")
-        print(f"{'tap':<9}{'node':<11}{'output shape':<22}" + "".join(f"{p:>8}" for p in POOLINGS))
-        for tap in bb.taps.values():
-            shape = "x".join(map(str, tap.shape))
+        taps = list(bb.taps.values())
+        shapes = {t.name: (f"{t.prefix}+{t.shape[1]}x{t.shape[2]} tokens x{t.shape[0]}" if t.layout == "tokens"
+                           else "x".join(map(str, t.shape))) for t in taps}
+        wide = [max(len(h), *(len(x) for x in column)) + 1 for h, column in
+                (("tap", [t.name for t in taps]), ("node", [t.node for t in taps]), ("output shape", shapes.values()))]
+        print(f"{'tap':<{wide[0]}}{'node':<{wide[1]}}{'output shape':<{wide[2]}}" + "".join(f"{p:>8}" for p in POOLINGS))
+        for tap in taps:  # columns as wide as their longest entry (timm and open_clip nodes are long)
+            start = f"{tap.name:<{wide[0]}}{tap.node:<{wide[1]}}{shapes[tap.name]:<{wide[2]}}"
             if not poolable(tap.shape):
-                print(f"{tap.name:<8} {tap.node:<10} {shape:<22}   tokens of unknown layout: not pooled")
+                print(f"{start}  tokens of unknown layout: not pooled")
                 continue
-            if tap.layout == "tokens":
-                shape = f"{tap.prefix}+{tap.shape[1]}x{tap.shape[2]} tokens x{tap.shape[0]}"
             dims = [pooled_dim(tap.shape, p) if not get_pooling(p).class_token or tap.layout == "tokens"
                     or len(tap.shape) == 1 else "-"
                     for p in POOLINGS]
-            print(f"{tap.name:<8} {tap.node:<10} {shape:<22}" + "".join(f"{d:>8}" for d in dims))
+            print(start + "".join(f"{d:>8}" for d in dims))
         print("columns avg..cls: embedding size per pooling (vector taps are not pooled; cls: transformer "
               "blocks' class token; avg of tokens: the mean of the patch tokens)")
 

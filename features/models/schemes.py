@@ -31,6 +31,7 @@ class TapScheme:
     nodes: Callable[[nn.Module], dict[str, str]]   # friendly name -> node, any order
     standard: str                                  # the standard embedding
     adds_pooled: bool = True
+    adds_logits: bool = True  # False where the last Linear is inside the network (an image tower's MLP)
 
 
 TAP_SCHEMES: list[TapScheme] = []  # tried in order: the last registered first, the catch-all last

@@ -41,7 +41,7 @@ class TapResolver:
         model, nodes = self._graph
         friendly = dict(self.scheme.nodes(model))
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        if linears:
+        if linears and self.scheme.adds_logits:
             friendly["logits"] = linears[-1]
             if self.scheme.adds_pooled:  # the standard embedding feeds the classifier: the node before it
                 friendly["pooled"] = nodes[last_node(linears[-1], nodes) - 1]

@@ -15,7 +15,6 @@ outputs are pooled by :func:`features.pooling.pool_tap` (``cls``, or the patch g
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import math
 from functools import cache
@@ -28,6 +27,7 @@ from torchvision.transforms._presets import ImageClassification
 
 from ..errors import TapsError, UsageError
 from ..files import file_sha256
+from .hub import offline_unless_reachable
 from .schemes import Tap, TapScheme, tap_scheme
 from .seeded import SeededWeights, seeded_weights
 from .source import ModelSource, WeightsChoice, load_state_file, local_weights, register_source
@@ -163,7 +163,7 @@ class TimmSource(ModelSource):
             return None
         offline = False
         try:
-            with _offline_unless_reachable() as offline:
+            with offline_unless_reachable() as offline:
                 return self._create(w.hub, pretrained=True)
         except Exception as exc:  # hub and network errors come in many types
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -230,45 +230,3 @@ class TimmSource(ModelSource):
 
     def channels_last(self, model: nn.Module, tap: Tap) -> bool:
         return getattr(model, "output_fmt", "NCHW") == "NHWC"  # timm's Swin declares channels-last output
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub (or the mirror HF_ENDPOINT names) answers a TCP connection within
-    ``timeout`` seconds, name lookup included (which has no timeout of its own, hence the thread)."""
-    import socket
-    import threading
-    from urllib.parse import urlsplit
-
-    from huggingface_hub import constants
-
-    url = urlsplit(constants.ENDPOINT)
-    address = (url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
-    reached = threading.Event()
-
-    def connect() -> None:
-        try:
-            socket.create_connection(address, timeout=timeout).close()
-            reached.set()
-        except OSError:
-            pass
-
-    probe = threading.Thread(target=connect, daemon=True)
-    probe.start()
-    probe.join(timeout + 0.5)
-    return reached.is_set()
-
-
-@contextlib.contextmanager
-def _offline_unless_reachable():
-    """Hub downloads in offline mode (cache only) when the hub cannot be reached: without it a missing
-    checkpoint costs about a minute of retries and a screen of their messages before failing."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE or hub_reachable():
-        yield False
-        return
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield True
-    finally:
-        constants.HF_HUB_OFFLINE = False

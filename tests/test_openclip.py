@@ -1,0 +1,60 @@
+"""openclip:ARCH/PRETRAINED backbones: wiring proved by equivalence with open_clip itself (random weights)."""
+
+import open_clip
+import pytest
+import torch
+from conftest import QUIET
+
+from features.backbones import Backbone
+from features.forward import build_extractor
+from pipeline.cli import main
+
+
+def _reference(arch: str, image_size: int | None = None):
+    """open_clip's own model with the weights taps builds for --weights none (seed 0, the pretrained
+    config's activation)."""
+    torch.manual_seed(0)
+    return open_clip.create_model(arch, pretrained=None, force_quick_gelu=True, force_image_size=image_size).eval()
+
+
+@pytest.mark.slow
+def test_embed_is_encode_image_pooled_is_before_the_projection_and_blocks_are_the_resblocks():
+    bb = Backbone("openclip:ViT-B-32/openai", weights="none", image_size=64)
+    taps = [bb.tap(t) for t in ("block3", "pooled", "embed")]
+    assert taps[0].layout == "tokens" and taps[0].prefix == 1 and taps[0].shape == (768, 2, 2)
+    assert [t.shape for t in taps[1:]] == [(768,), (512,)] and bb.default_tap == "embed"
+    reference = _reference("ViT-B-32", 64)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        out = build_extractor(bb, taps, torch.device("cpu"), pooling="cls")(x)
+        torch.testing.assert_close(out["embed"], reference.encode_image(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out["pooled"] @ reference.visual.proj, out["embed"], rtol=1e-4, atol=1e-5)
+        seen = {}
+        hook = reference.visual.transformer.resblocks[3].register_forward_hook(lambda m, i, o: seen.update(o=o))
+        reference.encode_image(x)
+        hook.remove()
+    torch.testing.assert_close(out["block3"], seen["o"][:, 0], rtol=1e-4, atol=1e-5)  # its class token
+
+
+def test_openclip_taps_list_offline_and_missing_weights_or_names_are_one_line(capsys):
+    assert main(["list", "taps", "openclip:ViT-B-32/openai"]) == 0  # no weights needed to list
+    out = capsys.readouterr().out
+    assert "standard embedding: embed" in out and any(line.split()[:2] == ["embed", "projection"]
+                                                      for line in out.splitlines())
+    assert main(["list", "taps", "openclip:ViT-B-32/nonsense"]) == 2
+    assert "open_clip has no weights 'nonsense' for ViT-B-32" in capsys.readouterr().err
+    assert main(["list", "taps", "openclip:ViT-Q-99"]) == 2
+    assert main(["list", "backbones"]) == 0 and "openclip:ARCH/PRETRAINED" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_openclip_extracts_and_fits_end_to_end_and_refuses_weights_it_cannot_get(tiny_flat, tmp_path, capsys):
+    data = ["--dataset", f"folder:{tiny_flat}", "--backbone", "openclip:ViT-B-32/openai", "--image-size", "64",
+            "--features-root", str(tmp_path / "fs")]
+    assert main(["extract", *data, "--weights", "none", "--taps", "block5,embed", *QUIET]) == 0
+    assert main(["fit", *data, "--weights", "none", "--tap", "embed", "--clf", "logreg", "--grid", "1",
+                 "--device", "cpu", "--protocol", "per-class:5", "--runs-root", str(tmp_path / "runs")]) == 0
+    capsys.readouterr()
+    assert main(["extract", *data, *QUIET]) == 1  # the openai weights: not cached, no internet here
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "openclip:ViT-B-32/openai are not cached and could not be downloaded" in err[0]
