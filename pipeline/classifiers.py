@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from features.errors import UsageError, choose
 
@@ -42,6 +43,7 @@ class Classifier:
     whole_numbers: bool = False     # grid values are counts (k), not strengths
     streams: bool = False           # can train from the HDF5 file chunk by chunk (pipeline.streaming)
     probabilities: bool = True      # predict_proba (else decision scores only: svm)
+    text: bool = False              # built from the class names by the backbone's text tower (no training)
     reference: str | None = None    # "module:Class" of scikit-learn's estimator, built with param=value
     reference_params: dict = field(default_factory=dict)
 
@@ -75,6 +77,8 @@ register_classifier(Classifier(
     streams=True))
 register_classifier(Classifier(
     "knn", "n_neighbors", (5, 10, 20, 50), "pipeline.heads:KNNProbe", whole_numbers=True))
+register_classifier(Classifier(
+    "zeroshot", "logit_scale", (100.0,), "pipeline.zeroshot:ZeroShotClassifier", (), text=True))
 CLASSIFIERS = tuple(CLASSIFIER_REGISTRY)  # names and aliases, as --clf takes them
 
 
@@ -147,3 +151,24 @@ def parse_preprocess(spec: str) -> list[tuple[Preprocess, int | None]]:
 def make_preprocess(spec: str) -> list[tuple[str, object]]:
     """The scikit-learn steps of ``spec`` (see :func:`parse_preprocess`), in order."""
     return [step for record, k in parse_preprocess(spec) for step in record.build(k)]
+
+
+# ------------------------------------------------------------ --prompts (zeroshot)
+
+
+def read_prompts(path: str | None) -> tuple[str, ...]:
+    """The templates of ``--prompts FILE`` (one per line, ``{}`` for the class name), or open_clip's."""
+    if path is None:
+        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+        return tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
+    try:
+        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as exc:
+        raise UsageError(f"cannot read --prompts {path} ({exc.strerror}); pass a text file, one template per "
+                         f"line") from None
+    bad = [line for line in lines if line.count("{}") != 1]
+    if not lines or bad:
+        raise UsageError(f"--prompts {path}: every line is a template with one {{}} for the class name, e.g. "
+                         f"'a photo of a {{}}.'" + (f"; not {bad[0]!r}" if bad else " (the file is empty)"))
+    return tuple(lines)

@@ -294,11 +294,19 @@ def cmd_info(args) -> None:
 
 
 def _fit_options(args, clf: str | None = None):
+    """One classifier's FitOptions from the flags; --prompts goes to the zero-shot classifier only (with
+    several --clf values the others share the flags), and is refused when no classifier reads it."""
+    from .classifiers import get_classifier
     from .options import FitOptions
 
+    names = _csv_list(args.clf)
+    text = [n for n in names if get_classifier(n).text]
+    if args.prompts and not text:
+        raise UsageError("--prompts is for --clf zeroshot")
     return FitOptions(clf=clf or args.clf, preprocess=args.preprocess, grid=args.grid, folds=args.folds,
                       solver=args.solver, hidden=args.hidden, device=args.device, memory_budget_mb=args.memory_budget,
-                      select=args.select, select_threshold=args.select_threshold, calibrate=args.calibrate)
+                      select=args.select, select_threshold=args.select_threshold, calibrate=args.calibrate,
+                      prompts=args.prompts if get_classifier(clf or args.clf).text else None)
 
 
 def _protocol(args, features):
@@ -593,6 +601,8 @@ def _add_fit_args(p: argparse.ArgumentParser, many: bool = False) -> None:
                         "group-lasso (Head2Toe's ranking, the count by CV) (default: %(default)s)")
     g.add_argument("--select-threshold", type=float, default=0.002,
                    help="auto: the least CV-accuracy gain (0-1) that adds a tap (default: %(default)s)")
+    g.add_argument("--prompts", help="--clf zeroshot: a file of prompt templates, one per line with {} for the class "
+                                     "name (default: open_clip's 80 ImageNet templates)")
     g.add_argument("--calibrate", action="store_true",
                    help="calibrate the probabilities on out-of-fold training scores (a temperature; Platt scaling "
                         "for svm), report the expected calibration error before and after; predict uses them")

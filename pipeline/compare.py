@@ -32,6 +32,7 @@ from features.options import ExtractOptions
 from features.pooling import DEFAULT_POOLING, recorded_pooling
 from features.store import FeatureFile
 
+from .classifiers import get_classifier
 from .evaluate import fit_run, load_matrix
 from .fusion import AUTO, is_fused, tap_set
 from .options import FitOptions
@@ -41,6 +42,7 @@ from .results import RunResult
 from .runs import load_model, load_predictions, settings_digest
 from .significance import bootstrap, interval, paired_difference, sample_weights
 from .transfer import logme
+from .zeroshot import TEXT_TAP
 
 COLUMNS = ("backbone", "clf", "tap", "taps", "depth", "node", "dim", "pooling", "accuracy_mean", "accuracy_std",
            "mean_per_class_accuracy_mean", "mean_per_class_accuracy_std", "macro_f1_mean", "macro_f1_std",
@@ -196,6 +198,10 @@ def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | 
     if seeds < 1:
         raise UsageError(f"--seeds must be at least 1, not {seeds}")
     check_protocol(protocol, images.labels, images.classes, images.splits)
+    text = [f for f in fits if get_classifier(f.clf).text]
+    if text and TEXT_TAP not in {t.rpartition(BACKBONE_SEPARATOR)[2] for t in taps or []}:
+        raise UsageError(f"--clf zeroshot reads the {TEXT_TAP} tap (the image embedding text is compared with); add "
+                         f"it to --taps")
     prepared = prepare_rows(images, backbones, taps, fuse, extract_options, log)
     made_from = prepared.made_from
     rows: list[dict] = []
@@ -206,6 +212,8 @@ def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | 
         scores = _logme_scores(group[0].features, singles, pooling, protocol) if singles else {}
         for fit in fits:
             for planned in group:
+                if get_classifier(fit.clf).text and planned.spec.rpartition(BACKBONE_SEPARATOR)[2] != TEXT_TAP:
+                    continue  # a zero-shot row exists for the embedding text is compared with only
                 row, results = _fit_row(planned.features, planned.spec, fit, **job,
                                         candidates=None if planned.tap else planned.candidates)
                 extra = ({"node": planned.tap.node, "logme": scores[planned.spec], "depth": planned.depth,

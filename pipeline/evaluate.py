@@ -28,7 +28,7 @@ from features.joined import BACKBONE_SEPARATOR, Features, owner
 from features.pooling import matches_pooling
 
 from .calibration import calibrate, calibration_method, expected_calibration_error
-from .classifiers import DEFAULT_PREPROCESS, get_classifier, streaming_classifiers
+from .classifiers import DEFAULT_PREPROCESS, get_classifier, read_prompts, streaming_classifiers
 from .fusion import AUTO, Groups, column_groups, tap_set
 from .metrics import score_predictions, summarize
 from .options import FitOptions
@@ -39,6 +39,7 @@ from .runs import reusable, run_dir_for, run_settings, save_model, save_predicti
 from .selection import SelectedClassifier, cv_folds, selector
 from .streaming import StreamedLinear, matrix_bytes
 from .tapselect import select_taps
+from .zeroshot import TEXT_TAP, ZeroShotClassifier, zero_shot_weights
 
 
 def load_matrix(features: Features, key: str) -> np.ndarray:
@@ -59,6 +60,12 @@ def selecting_model(features: Features, key: str, options: FitOptions, seed: int
         head = StreamedLinear(features, key=key, hidden=options.hidden, device=options.device, random_state=seed)
         return SelectedClassifier(head, param=options.param, grid=options.grid, folds=options.folds,
                                   random_state=seed)
+    if get_classifier(options.clf).text:
+        if key.rpartition(BACKBONE_SEPARATOR)[2] != TEXT_TAP or groups is not None:
+            raise UsageError(f"--clf zeroshot reads the {TEXT_TAP} tap (the image embedding the text is compared "
+                             f"with), not {key}; pass --tap {TEXT_TAP}")
+        head = ZeroShotClassifier(zero_shot_weights(features.attrs, features.classes, read_prompts(options.prompts)))
+        return SelectedClassifier(head, param=options.param, grid=options.grid, folds=options.folds, random_state=seed)
     return selector(options.clf, options.grid, folds=options.folds, preprocess=options.preprocess,
                     solver=options.solver, hidden=options.hidden, device=options.device, random_state=seed,
                     groups=groups)

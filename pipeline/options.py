@@ -29,10 +29,18 @@ class FitOptions:
     select: str = "forward"  # how --tap auto chooses its taps (pipeline.tapselect)
     select_threshold: float = 0.002  # the least CV-accuracy gain that adds a tap
     calibrate: bool = False  # probabilities calibrated on out-of-fold training scores (pipeline.calibration)
+    prompts: str | None = None  # zeroshot: a file of prompt templates (default: open_clip's)
 
     def __post_init__(self):
         # Normalised once here (frozen afterwards): the canonical classifier name, a sorted float grid.
         object.__setattr__(self, "clf", get_classifier(self.clf).name)
+        if get_classifier(self.clf).text:  # CLIP's embeddings compare with text as they are: no scaling
+            if self.preprocess not in (DEFAULT_PREPROCESS, "none"):
+                raise UsageError(f"--clf zeroshot compares the image embedding with text as it is; drop "
+                                 f"--preprocess {self.preprocess}")
+            object.__setattr__(self, "preprocess", "none")
+        elif self.prompts:
+            raise UsageError("--prompts is for --clf zeroshot")
         parse_preprocess(self.preprocess)  # validate early
         if self.folds < 2:
             raise UsageError(f"--folds must be at least 2, not {self.folds}")
@@ -59,7 +67,16 @@ class FitOptions:
                 "memory_budget_mb": self.memory_budget_mb, "select": self.select,
                 "select_threshold": self.select_threshold,
                 # only when asked: runs made before the option keep their folder names
-                **({"calibrate": True} if self.calibrate else {})}
+                **({"calibrate": True} if self.calibrate else {}),
+                **({"prompts": self.prompts_digest()} if get_classifier(self.clf).text else {})}
+
+    def prompts_digest(self) -> str:
+        """The zero-shot templates' digest: an edited --prompts file is another run."""
+        from features.files import digest
+
+        from .classifiers import read_prompts
+
+        return digest(list(read_prompts(self.prompts)))
 
     def budget_bytes(self) -> int:
         """Bytes an in-memory fit may use: ``--memory-budget``, or half the free RAM."""

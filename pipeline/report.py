@@ -116,16 +116,17 @@ def format_table(rows: list[dict], seeds: int) -> str:
     wide = max(14, *(len(r["backbone"]) + 2 for r in rows))  # a row across backbones names them all
     names = [r["tap"] if r["tap"] != "auto" else f"auto: {r['taps'].split(';')[0]}" for r in rows]
     tap_wide = min(max(24, *(len(n) + 1 for n in names)), 48)  # long sets are cut; compare.csv has them whole
-    lines = [f"{'backbone':<{wide}}" + (f"{'clf':<8}" if several else "") + f"{'tap':<{tap_wide}}{'dim':>6}  {'pool':<8}"
-             f"{'accuracy':>12}{'mean/class':>12}{'vs best':>22}{'LogME':>9}{'fit s':>7}"]
+    clf_wide = max(8, *(len(r["clf"]) + 2 for r in rows))
+    lines = [f"{'backbone':<{wide}}" + (f"{'clf':<{clf_wide}}" if several else "") + f"{'tap':<{tap_wide}}{'dim':>6}  {'pool':<8}"
+             f"{'accuracy':>12}{'mean/class':>12}{'vs best':>25}{'LogME':>9}{'fit s':>7}"]
     for r, name in zip(rows, names, strict=True):
         acc, mpc = ({"mean": r[f"{k}_mean"], "std": r[f"{k}_std"]} for k in ("accuracy", "mean_per_class_accuracy"))
         vs = (f"{signed(r['vs_best'])} [{signed(r['vs_best_low'])}, {signed(r['vs_best_high'])}]"
               if r.get("vs_best") is not None else "")
         score = f"{r['logme']:.3f}" if r.get("logme") is not None else ""
-        lines.append(f"{r['backbone']:<{wide}}" + (f"{r['clf']:<8}" if several else "")
+        lines.append(f"{r['backbone']:<{wide}}" + (f"{r['clf']:<{clf_wide}}" if several else "")
                      + f"{name[:tap_wide - 1]:<{tap_wide}}{r['dim']:>6}  "
-                     f"{r['pooling']:<8}{fmt(acc, seeds):>12}{fmt(mpc, seeds):>12}{vs:>22}{score:>9}"
+                     f"{r['pooling']:<8}{fmt(acc, seeds):>12}{fmt(mpc, seeds):>12}{vs:>25}{score:>9}"
                      f"{r['fit_seconds']:>7.1f}{_mark(r)}")
     return "\n".join(lines)
 

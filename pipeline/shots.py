@@ -37,6 +37,7 @@ from features.files import digest, path_safe
 from features.joined import Features
 from features.options import ExtractOptions
 
+from .classifiers import get_classifier
 from .compare import METRIC, PlannedRow, prepare_rows
 from .evaluate import fit_matrix, tap_keys
 from .fusion import AUTO, Groups, column_groups
@@ -254,6 +255,8 @@ def shot_curves(images: ImageSet, backbones: list, taps: list[str] | None, optio
     extract_options = extract_options or ExtractOptions()
     check_protocol(protocol, images.labels, images.classes, images.splits)
     check_shots(shots, tries, fuse or AUTO in (taps or []))
+    if any(get_classifier(f.clf).text for f in options):
+        raise UsageError("--clf zeroshot uses no training images, so it has no curve; compare it without --shots")
     prepared = prepare_rows(images, backbones, taps, fuse, extract_options, log)
     several = {"backbone": len(backbones) > 1, "clf": len(options) > 1}
     rows, meta = [], []

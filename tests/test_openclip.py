@@ -1,5 +1,8 @@
 """openclip:ARCH/PRETRAINED backbones: wiring proved by equivalence with open_clip itself (random weights)."""
 
+import json
+from pathlib import Path
+
 import open_clip
 import pytest
 import torch
@@ -58,3 +61,41 @@ def test_openclip_extracts_and_fits_end_to_end_and_refuses_weights_it_cannot_get
     assert main(["extract", *data, *QUIET]) == 1  # the openai weights: not cached, no internet here
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "openclip:ViT-B-32/openai are not cached and could not be downloaded" in err[0]
+
+
+def test_the_zero_shot_classifier_is_open_clips_for_the_same_names_and_templates():
+    from features.models.openclip_source import OpenClipSource
+
+    names, templates = ["circle", "square", "striped cloth"], ["a photo of a {}.", "a drawing of a {}."]
+    ours = OpenClipSource("openclip:ViT-B-32/openai", "none", 64).text_classifier(names, templates)
+    reference = _reference("ViT-B-32", 64)
+    with torch.inference_mode():
+        expected = open_clip.build_zero_shot_classifier(reference, open_clip.get_tokenizer("ViT-B-32"), names, templates)
+    assert ours.shape == (512, 3)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compare_puts_a_zero_shot_row_beside_the_probes_on_the_same_splits(tiny_flat, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a {}.\na picture of the {}.\n")
+    data = ["--dataset", f"folder:{tiny_flat}", "--backbone", "openclip:ViT-B-32/openai", "--weights", "none",
+            "--image-size", "64", "--features-root", str(tmp_path / "fs"), "--runs-root", str(tmp_path / "runs")]
+    assert main(["compare", *data, "--taps", "block5,embed", "--clf", "logreg,zeroshot", "--prompts", str(prompts),
+                 "--protocol", "per-class:5", "--seeds", "2", *QUIET]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads((Path(out.strip().splitlines()[-1]) / "compare.json").read_text())["rows"]
+    assert [(r["clf"], r["tap"]) for r in rows] == [("logreg", "block5"), ("logreg", "embed"), ("zeroshot", "embed")]
+    zero = rows[-1]
+    assert zero["split_digests"] == rows[0]["split_digests"] and zero["interval_low"] <= zero["interval_high"]
+    assert zero["best"] or "vs_best" in zero  # tested against the best row like any other
+    run = Path(zero["run"])
+    assert json.loads((run / "results.json").read_text())["settings"]["prompts"]  # the templates are in its identity
+    image = str(next(tiny_flat.glob("circle/*.jpg")))
+    assert main(["predict", "--run", str(run), image, "--weights", "none"]) == 0
+    assert "\tprobability=" in capsys.readouterr().out
+    bad = tmp_path / "bad.txt"
+    bad.write_text("no placeholder here\n")
+    assert main(["compare", *data, "--taps", "embed", "--clf", "zeroshot", "--prompts", str(bad), *QUIET]) == 2
+    assert main(["compare", *data, "--taps", "block5", "--clf", "zeroshot", *QUIET]) == 2
+    assert "add it to --taps" in capsys.readouterr().err

@@ -6,8 +6,9 @@ the matrix product open_clip applies next. So ``pooled`` (before the projection)
 (after it: what ``encode_image`` returns, and what zero-shot classifiers compare with text) are
 both graph nodes, and every transformer block is a tap (``block<i>``: its token sequence, pooled
 on the patch grid or by the class token as for timm's ViTs). Preprocessing is open_clip's own
-(its pretrained config's mean, std, interpolation and size). Only vision-transformer towers are
-wired here; a CNN tower (``RN50``…) is refused in one line.
+(its pretrained config's mean, std, interpolation and size). :meth:`OpenClipSource.text_classifier`
+builds the zero-shot classifier from the text tower of the same weights (``--clf zeroshot``).
+Only vision-transformer towers are wired here; a CNN tower (``RN50``…) is refused in one line.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torchvision.transforms._presets import ImageClassification
 from ..errors import TapsError, UsageError
 from .hub import offline_unless_reachable
 from .schemes import TapScheme
-from .source import ModelSource, WeightsChoice, load_state_file, local_weights, register_source
+from .source import ModelSource, WeightsChoice, load_state_file, local_weights, register_source, seeded
 
 PREFIX = "openclip"
 
@@ -149,6 +150,28 @@ class OpenClipSource(ModelSource):
 
     def random_model(self) -> nn.Module:
         return self._create(None)
+
+    def text_classifier(self, classnames: list[str], templates: list[str]) -> torch.Tensor:
+        """open_clip's zero-shot classifier for these class names and prompt templates (``{}`` stands
+        for the class name): each class's mean normalised text embedding, (embedding dim, classes),
+        from the text tower of the same weights as the image tower (seed 0 for ``--weights none``)."""
+        open_clip = _open_clip()
+
+        def full(pretrained: str | None):
+            with _quiet():
+                return open_clip.create_model(self.arch, pretrained=pretrained,
+                                              force_quick_gelu=bool(self._config().get("quick_gelu")),
+                                              force_image_size=self.image_size)
+        if self.weights.path is not None:
+            raise UsageError("a zero-shot classifier needs the text tower, which a local image-tower file lacks; "
+                             "use the open_clip tag the file came from")
+        if self.weights.hub is not None:
+            self.download()  # the same one-line refusal as extraction when the weights cannot be had
+        model = full(self.weights.hub) if self.weights.hub else seeded(lambda: full(None))
+        with torch.inference_mode():
+            return open_clip.build_zero_shot_classifier(
+                model.eval(), open_clip.get_tokenizer(self.arch), classnames, list(templates),
+                device="cpu", use_tqdm=False)
 
     def download(self) -> nn.Module | None:
         if self.weights.hub is None:
