@@ -227,3 +227,18 @@ def two_backbones(tiny_flat, tmp_path_factory):
         assert main(["extract", *data, "--backbone", backbone, "--weights", "none", "--image-size", "32",
                      "--taps", taps, *QUIET]) == 0
     return data, root
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_vit(tmp_path_factory) -> Path:
+    """A tiny random ViT saved as a Hugging Face repo folder (3 layers, 32 px, 8 px patches), with its
+    image processor: what `hf:FOLDER` reads offline."""
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    folder = tmp_path_factory.mktemp("hf") / "tinyvit"
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
+                       image_size=32, patch_size=8)).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder

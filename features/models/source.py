@@ -49,7 +49,7 @@ RANDOM = WeightsChoice(None, None, "none")
 # Sources by the prefix of their names ("timm:resnet18"; torchvision's names have none): the module
 # that registers each source, imported only when such a name is used.
 SOURCE_MODULES = {"": "features.models.torchvision_source", "timm": "features.models.timm_source",
-                  "openclip": "features.models.openclip_source"}
+                  "openclip": "features.models.openclip_source", "hf": "features.models.hf_source"}
 SOURCES: dict[str, type[ModelSource]] = {}
 
 
