@@ -99,3 +99,19 @@ def test_compare_puts_a_zero_shot_row_beside_the_probes_on_the_same_splits(tiny_
     assert main(["compare", *data, "--taps", "embed", "--clf", "zeroshot", "--prompts", str(bad), *QUIET]) == 2
     assert main(["compare", *data, "--taps", "block5", "--clf", "zeroshot", *QUIET]) == 2
     assert "add it to --taps" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_cnn_tower_gives_its_stages_and_embed_is_encode_image():
+    bb = Backbone("openclip:RN50/openai", weights="none", image_size=64)
+    assert list(bb.taps) == ["stem", "layer1", "layer2", "layer3", "layer4", "embed"] and bb.default_tap == "embed"
+    taps = [bb.tap(t) for t in ("layer4", "embed")]
+    reference = _reference("RN50", 64)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        out = build_extractor(bb, taps, torch.device("cpu"), pooling="avg")(x)
+        torch.testing.assert_close(out["embed"], reference.encode_image(x), rtol=1e-4, atol=1e-5)
+        v = reference.visual
+        stem = v.avgpool(v.act3(v.bn3(v.conv3(v.act2(v.bn2(v.conv2(v.act1(v.bn1(v.conv1(x))))))))))
+        layer4 = v.layer4(v.layer3(v.layer2(v.layer1(stem))))
+    torch.testing.assert_close(out["layer4"], layer4.mean((2, 3)), rtol=1e-4, atol=1e-5)

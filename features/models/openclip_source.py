@@ -8,7 +8,8 @@ both graph nodes, and every transformer block is a tap (``block<i>``: its token 
 on the patch grid or by the class token as for timm's ViTs). Preprocessing is open_clip's own
 (its pretrained config's mean, std, interpolation and size). :meth:`OpenClipSource.text_classifier`
 builds the zero-shot classifier from the text tower of the same weights (``--clf zeroshot``).
-Only vision-transformer towers are wired here; a CNN tower (``RN50``…) is refused in one line.
+CLIP's CNN towers (``RN50``…, open_clip's ModifiedResNet) give ``stem``, ``layer1``…``layer4`` and
+``embed`` (the attention pooling, whose projection is inside it).
 """
 
 from __future__ import annotations
@@ -82,8 +83,14 @@ def _nodes(tower: nn.Module) -> dict[str, str]:
             "pooled": "pooled", "embed": "projection"}
 
 
-OPENCLIP_VIT = TapScheme("openclip-vit", lambda name, model: True, _nodes, "embed", adds_pooled=False,
-                         adds_logits=False)
+OPENCLIP_VIT = TapScheme("openclip-vit", lambda name, model: isinstance(model, ImageTower), _nodes, "embed",
+                         adds_pooled=False, adds_logits=False)
+# CLIP's ModifiedResNet: the stem, four stages, and the attention pooling, whose output is the image
+# embedding (its projection is inside the attention, so there is no separate ``pooled``)
+OPENCLIP_RESNET = TapScheme(
+    "openclip-resnet", lambda name, model: hasattr(model, "attnpool"),
+    lambda model: {"stem": "avgpool", **{f"layer{i}": f"layer{i}" for i in range(1, 5)}, "embed": "attnpool"},
+    "embed", adds_pooled=False, adds_logits=False)
 
 
 @register_source(PREFIX)
@@ -143,10 +150,12 @@ class OpenClipSource(ModelSource):
             model = open_clip.create_model(self.arch, pretrained=pretrained,
                                            force_quick_gelu=bool(self._config().get("quick_gelu")),
                                            force_image_size=self.image_size)
-        if not hasattr(model.visual, "transformer"):
-            raise UsageError(f"openclip:{self.arch} has a CNN image tower, which taps does not wire yet; use a "
-                             f"ViT tower (e.g. openclip:ViT-B-32/openai) or its timm twin")
-        return ImageTower(model.visual)
+        if hasattr(model.visual, "transformer"):
+            return ImageTower(model.visual)
+        if hasattr(model.visual, "attnpool"):  # CLIP's modified ResNets: stages, then attention pooling
+            return model.visual
+        raise UsageError(f"openclip:{self.arch}'s image tower ({type(model.visual).__name__}) is not wired in taps; "
+                         f"use a ViT or ModifiedResNet tower (e.g. openclip:ViT-B-32/openai, openclip:RN50/openai)")
 
     def random_model(self) -> nn.Module:
         return self._create(None)
@@ -197,6 +206,8 @@ class OpenClipSource(ModelSource):
         state = load_state_file(path, "open_clip")
         state = {("projection.weight" if k == "visual.proj" else k): v for k, v in state.items()
                  if k.startswith("visual.") or k == "projection.weight"}
+        if not isinstance(model, ImageTower):  # a ResNet tower is open_clip's visual module itself
+            state = {k.removeprefix("visual."): v for k, v in state.items()}
         missing = [k for k in model.state_dict() if k not in state]
         if missing:
             raise UsageError(f"weights file {path} does not fit openclip:{self.arch} (missing {', '.join(missing[:3])}); "
@@ -206,7 +217,7 @@ class OpenClipSource(ModelSource):
     def preset(self) -> ImageClassification:
         """open_clip's eval preprocessing: the shorter side to the tower's size, the centre crop, its mean/std."""
         config = self._config()
-        size = self.meta.visual.image_size
+        size = getattr(self.meta, "visual", self.meta).image_size
         size = int(size[0] if isinstance(size, (tuple, list)) else size)
         mean = config.get("mean") or _open_clip().OPENAI_DATASET_MEAN
         std = config.get("std") or _open_clip().OPENAI_DATASET_STD
@@ -217,8 +228,10 @@ class OpenClipSource(ModelSource):
         return self._create(None).eval()
 
     def tap_scheme(self, model: nn.Module) -> TapScheme:
-        return OPENCLIP_VIT
+        return OPENCLIP_VIT if OPENCLIP_VIT.covers(self.name, model) else OPENCLIP_RESNET
 
     def token_grid(self, model: nn.Module) -> tuple[int, int, int] | None:
+        if not isinstance(model, ImageTower):
+            return None
         grid = model.visual.grid_size
         return 1, int(grid[0]), int(grid[1])
