@@ -45,7 +45,10 @@ class FeaturesMeta:
 
 
 def open_features(paths: str | Path | Sequence[str | Path]):
-    """One feature file, or several of the same samples (one per backbone) read as one."""
+    """One feature file, or several of the same samples (one per backbone) read as one (an open one
+    is returned as it is)."""
+    if isinstance(paths, (FeatureFile, JoinedFeatures)):
+        return paths
     if isinstance(paths, (str, Path)):
         paths = [p for p in str(paths).split(",") if p]
     files = [FeatureFile(p) for p in paths]
@@ -107,13 +110,13 @@ def export_features(paths, taps: str | Sequence[str], out: str | Path | None = N
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")  # a failed export leaves no half-written file
     if fmt == "npz":
-        X, y, meta = load_features(paths, taps, pooling=pooling, include_invalid=True)
+        X, y, meta = load_features(features, taps, pooling=pooling, include_invalid=True)
         with open(partial, "wb") as fh:
             np.savez(fh, **{f"X_{k}": X[:, a:b] for k, (a, b) in meta.columns.items()}, ids=np.array(meta.ids),
                      labels=y, classes=np.array(meta.classes), valid=meta.valid,
                      split=np.array(meta.split if meta.split is not None else [""] * len(y)))
     else:
-        frame = features_frame(paths, taps, pooling=pooling)
+        frame = features_frame(features, taps, pooling=pooling)
         if fmt == "csv":
             frame.to_csv(partial, index=False)
         else:

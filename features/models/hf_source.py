@@ -22,8 +22,8 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
-from ..errors import TapsError, UsageError
-from .hub import offline_unless_reachable
+from ..errors import UsageError
+from .hub import from_hub
 from .schemes import TapScheme
 from .source import ModelSource, WeightsChoice, register_source
 
@@ -93,15 +93,9 @@ class HfSource(ModelSource):
 
     def _load(self, call, what: str):
         """A from_pretrained call, offline at once when the hub cannot be reached; one line if it fails."""
-        offline = False
-        try:
-            with offline_unless_reachable() as offline:
-                return call()
-        except Exception as exc:  # hub, network and format errors come in many types
-            reason = "the hub cannot be reached from here" if offline else (str(exc).strip().splitlines() or [""])[0]
-            raise TapsError(f"the {what} of hf:{self.repo} are not cached and could not be downloaded ({reason[:200]}); "
-                            f"download them where there is internet (cached under HF_HOME) or pass a local folder") \
-                from None
+        return from_hub(call, lambda reason: f"the {what} of hf:{self.repo} are not cached and could not be downloaded "
+                                             f"({reason}); download them where there is internet (cached under "
+                                             f"HF_HOME) or pass a local folder")
 
     @cached_property
     def config(self):

@@ -4,6 +4,12 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from typing import TypeVar
+
+from ..errors import TapsError, UsageError
+
+T = TypeVar("T")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -46,3 +52,18 @@ def offline_unless_reachable():
         yield True
     finally:
         constants.HF_HUB_OFFLINE = False
+
+
+def from_hub(call: Callable[[], T], refusal: Callable[[str], str]) -> T:
+    """``call()`` (a download or a cache read), offline at once when the hub cannot be reached; a
+    failure becomes one line, ``refusal(reason)`` (a usage error passes through as it is)."""
+    offline = False
+    try:
+        with offline_unless_reachable() as offline:
+            return call()
+    except UsageError:
+        raise
+    except Exception as exc:  # hub, network and format errors come in many types
+        reason = "the hub cannot be reached from here" if offline else \
+            (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TapsError(refusal(reason[:200])) from None

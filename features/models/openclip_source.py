@@ -24,8 +24,8 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
-from ..errors import TapsError, UsageError
-from .hub import offline_unless_reachable
+from ..errors import UsageError
+from .hub import from_hub
 from .schemes import TapScheme
 from .source import ModelSource, WeightsChoice, load_state_file, local_weights, register_source, seeded
 
@@ -144,12 +144,15 @@ class OpenClipSource(ModelSource):
     def _config(self) -> dict:
         return _open_clip().get_pretrained_cfg(self.arch, self.tag or "") or {}
 
-    def _create(self, pretrained: str | None) -> nn.Module:
-        open_clip = _open_clip()
+    def _clip(self, pretrained: str | None) -> nn.Module:
+        """open_clip's whole model (both towers), with the pretrained config's activation."""
         with _quiet():
-            model = open_clip.create_model(self.arch, pretrained=pretrained,
-                                           force_quick_gelu=bool(self._config().get("quick_gelu")),
-                                           force_image_size=self.image_size)
+            return _open_clip().create_model(self.arch, pretrained=pretrained,
+                                             force_quick_gelu=bool(self._config().get("quick_gelu")),
+                                             force_image_size=self.image_size)
+
+    def _create(self, pretrained: str | None) -> nn.Module:
+        model = self._clip(pretrained)
         if hasattr(model.visual, "transformer"):
             return ImageTower(model.visual)
         if hasattr(model.visual, "attnpool"):  # CLIP's modified ResNets: stages, then attention pooling
@@ -165,18 +168,11 @@ class OpenClipSource(ModelSource):
         for the class name): each class's mean normalised text embedding, (embedding dim, classes),
         from the text tower of the same weights as the image tower (seed 0 for ``--weights none``)."""
         open_clip = _open_clip()
-
-        def full(pretrained: str | None):
-            with _quiet():
-                return open_clip.create_model(self.arch, pretrained=pretrained,
-                                              force_quick_gelu=bool(self._config().get("quick_gelu")),
-                                              force_image_size=self.image_size)
         if self.weights.path is not None:
             raise UsageError("a zero-shot classifier needs the text tower, which a local image-tower file lacks; "
                              "use the open_clip tag the file came from")
-        if self.weights.hub is not None:
-            self.download()  # the same one-line refusal as extraction when the weights cannot be had
-        model = full(self.weights.hub) if self.weights.hub else seeded(lambda: full(None))
+        model = from_hub(lambda: self._clip(self.weights.hub), self._refusal) if self.weights.hub else \
+            seeded(lambda: self._clip(None))
         with torch.inference_mode():
             return open_clip.build_zero_shot_classifier(
                 model.eval(), open_clip.get_tokenizer(self.arch), classnames, list(templates),
@@ -185,17 +181,11 @@ class OpenClipSource(ModelSource):
     def download(self) -> nn.Module | None:
         if self.weights.hub is None:
             return None
-        offline = False
-        try:
-            with offline_unless_reachable() as offline:
-                return self._create(self.weights.hub)
-        except UsageError:
-            raise
-        except Exception as exc:  # hub and network errors come in many types
-            reason = "the hub cannot be reached from here" if offline else (str(exc).strip().splitlines() or [""])[0]
-            raise TapsError(f"weights {self.weights.spec} are not cached and could not be downloaded ({reason}); "
-                            f"download them where there is internet (open_clip caches them under HF_HOME), "
-                            f"or pass --weights none") from None
+        return from_hub(lambda: self._create(self.weights.hub), self._refusal)
+
+    def _refusal(self, reason: str) -> str:
+        return (f"weights {self.weights.spec} are not cached and could not be downloaded ({reason}); download them "
+                f"where there is internet (open_clip caches them under HF_HOME), or pass --weights none")
 
     def check_weights(self) -> None:
         if self.weights.hub is not None:

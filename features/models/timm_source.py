@@ -27,7 +27,7 @@ from torchvision.transforms._presets import ImageClassification
 
 from ..errors import TapsError, UsageError
 from ..files import file_sha256
-from .hub import offline_unless_reachable
+from .hub import from_hub
 from .schemes import Tap, TapScheme, tap_scheme
 from .seeded import SeededWeights, seeded_weights
 from .source import ModelSource, WeightsChoice, load_state_file, local_weights, register_source
@@ -161,17 +161,9 @@ class TimmSource(ModelSource):
         w = self.weights
         if w.hub is None:
             return None
-        offline = False
-        try:
-            with offline_unless_reachable() as offline:
-                return self._create(w.hub, pretrained=True)
-        except Exception as exc:  # hub and network errors come in many types
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if offline:
-                reason = "the hub cannot be reached from here"
-            raise TapsError(f"weights {w.spec} are not cached and could not be downloaded ({reason}); download "
-                            f"them where there is internet and pass --weights FILE (.safetensors or .pth), "
-                            f"or pass --weights none") from None
+        return from_hub(lambda: self._create(w.hub, pretrained=True), lambda reason: (
+            f"weights {w.spec} are not cached and could not be downloaded ({reason}); download them where there "
+            f"is internet and pass --weights FILE (.safetensors or .pth), or pass --weights none"))
 
     def load_file(self, model: nn.Module, path: Path) -> None:
         state = load_state_file(path, ".safetensors or .pth")
