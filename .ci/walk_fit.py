@@ -1,11 +1,12 @@
 """Walk `taps fit`'s arguments: which project functions a fit runs, in the order a reader meets them.
 
 Run: .venv/bin/python .ci/walk_fit.py FEATURES.h5 [fit arguments...]
-Prints each project function the first time it is called (file:function) from ``cmd_fit`` (the
-parsed arguments) to the estimator's first ``fit`` (where every argument has arrived), then the counts the
+Prints each project function the first time it is called (file:function) from the fit command's
+``run`` (the parsed arguments) to the estimator's first ``fit`` (where every argument has arrived), then the counts the
 structure issue measures: steps (distinct functions), files, and re-entries (entering a file the
 walk already left: a jump back to a place read before). Library frames (sklearn, torch, numpy) are
-not steps; a function called again is not a new step; what runs after the fit (scoring, writing
+not steps, nor is what a module's body calls while it is imported (a registry's ``register_*``:
+a declaration, like the body itself); a function called again is not a new step; what runs after the fit (scoring, writing
 the run folder) is not part of the arguments' walk.
 """
 
@@ -19,6 +20,15 @@ ROOT = Path(__file__).resolve().parent.parent
 PROJECT = (str(ROOT / "features"), str(ROOT / "pipeline"))
 
 
+def _importing(frame) -> bool:
+    """Whether ``frame`` runs under a project module's body (an import: declarations, not steps)."""
+    while frame is not None:
+        if frame.f_code.co_name == "<module>" and frame.f_code.co_filename.startswith(PROJECT):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def main(argv: list[str]) -> int:
     from pipeline.cli import main as taps
 
@@ -29,8 +39,8 @@ def main(argv: list[str]) -> int:
         if event == "call" and frame.f_code.co_flags & inspect.CO_OPTIMIZED and \
                 frame.f_code.co_filename.startswith(PROJECT):
             key = (str(Path(frame.f_code.co_filename).relative_to(ROOT)), frame.f_code.co_qualname)
-            if "<" not in key[1]:  # comprehensions and lambdas are part of the function that holds them
-                seen.setdefault(key, len(seen))
+            if "<" not in key[1] and not _importing(frame):  # comprehensions and lambdas are part of the
+                seen.setdefault(key, len(seen))  # function that holds them
 
     sys.setprofile(profile)
     try:
@@ -39,7 +49,7 @@ def main(argv: list[str]) -> int:
         sys.setprofile(None)
     walk = sorted(seen, key=seen.get)
     arrived = next(i for i, (_, function) in enumerate(walk) if function.endswith(".fit"))
-    walk = walk[next(i for i, (_, function) in enumerate(walk) if function == "cmd_fit"):arrived + 1]
+    walk = walk[walk.index(("pipeline/app/fit.py", "run")):arrived + 1]
     files, reentries, last = [], 0, None
     for file, function in walk:
         print(f"{file}:{function}")

@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # imported where a device is resolved: the CLI's parser and `
 AUTO = "auto"    # an option this machine decides (features.options.ExtractOptions.resolve)
 
 # The valid values of each option, in the order help text lists them.
+FEATURES_ROOT = "feature_store"  # where extract writes feature files, one folder per dataset
 CHOICES: dict[str, tuple[str, ...]] = {
     "pooling": POOLINGS,
     "device": ("auto", "cpu", "cuda", "mps"),
@@ -78,7 +79,7 @@ class ExtractOptions:
     engine: str = "local"
     ray_address: str | None = None
     gpus_per_worker: float = 0.0
-    out: Path | str = "feature_store"
+    out: Path | str = FEATURES_ROOT
     path: Path | str | None = None    # write exactly here instead of under ``out``
     force: bool = False
     progress: bool = True

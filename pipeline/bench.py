@@ -37,6 +37,7 @@ from features.decoders import PIL, TORCHVISION
 from features.engines.replicas import ReplicaEngine
 from features.extract import dataset_calibration, extract
 from features.options import (
+    FEATURES_ROOT,
     REPLICAS_MIN_IMAGES,
     RunConfig,
     default_workers,
@@ -260,7 +261,7 @@ class BenchSettings:
     device: str = "auto"
     rss_sizes: tuple[int, int] = (1000, 8000)
     out: Path | str = "bench_out"
-    features_root: str = "feature_store"
+    features_root: str = FEATURES_ROOT
     reference: bool = False            # also time scikit-learn's reference fits
     rounds: int = 3
     compile: str = "on"

@@ -84,8 +84,14 @@ CLASSIFIERS = tuple(CLASSIFIER_REGISTRY)  # names and aliases, as --clf takes th
 
 def get_classifier(name: str) -> Classifier:
     """The record of a --clf value (an alias gives its classifier's record)."""
-    choose("classifier", name, CLASSIFIERS)
+    if name not in CLASSIFIER_REGISTRY:
+        choose("classifier", name, CLASSIFIERS)
     return CLASSIFIER_REGISTRY[name]
+
+
+def text_classifiers() -> list[str]:
+    """The classifiers built from the class names by a text tower (those --prompts is for)."""
+    return [name for name, c in CLASSIFIER_REGISTRY.items() if c.text and c.name == name]
 
 
 def referenced_classifiers() -> list[Classifier]:
@@ -126,7 +132,7 @@ def register_preprocess(preprocess: Preprocess) -> Preprocess:
 DEFAULT_PREPROCESS = register_preprocess(Preprocess(
     "standard", (("standard", "sklearn.preprocessing:StandardScaler", {}),))).name
 register_preprocess(Preprocess("l2", (("l2", "sklearn.preprocessing:Normalizer", {}),)))
-register_preprocess(Preprocess("none", ()))
+TEXT_PREPROCESS = register_preprocess(Preprocess("none", ())).name  # what a text classifier's embeddings get
 register_preprocess(Preprocess("pca", (("pca_standard", "sklearn.preprocessing:StandardScaler", {}),
                                        ("pca", "sklearn.decomposition:PCA", {"random_state": 0})), count="n_components"))
 
@@ -151,6 +157,17 @@ def parse_preprocess(spec: str) -> list[tuple[Preprocess, int | None]]:
 def make_preprocess(spec: str) -> list[tuple[str, object]]:
     """The scikit-learn steps of ``spec`` (see :func:`parse_preprocess`), in order."""
     return [step for record, k in parse_preprocess(spec) for step in record.build(k)]
+
+
+def make_classifier(clf: str, preprocess: str = DEFAULT_PREPROCESS, solver: str = DEFAULT_SOLVER, hidden: int = 0,
+                    device: str = "auto", *, fuse=None, **params):
+    """A scikit-learn Pipeline: the preprocessing steps (or ``fuse``, a step that preprocesses each
+    fused tap's columns apart), then the head, with ``params`` set on it."""
+    from sklearn.pipeline import Pipeline
+
+    steps = make_preprocess(preprocess) if fuse is None else [("fuse", fuse)]
+    head = get_classifier(clf).build(solver=solver, hidden=hidden, device=device).set_params(**params)
+    return Pipeline([*steps, ("head", head)])
 
 
 # ------------------------------------------------------------ --prompts (zeroshot)

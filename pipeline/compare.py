@@ -33,12 +33,13 @@ from features.pooling import DEFAULT_POOLING, recorded_pooling
 from features.store import FeatureFile
 
 from .classifiers import get_classifier
-from .evaluate import fit_run, load_matrix
+from .evaluate import fit_run
+from .fitdata import load_matrix
 from .fusion import AUTO, is_fused, tap_set
 from .options import FitOptions
 from .protocols import Protocol, check_protocol, make_split
 from .report import plot_comparison
-from .results import RunResult
+from .results import RUNS_ROOT, RunResult
 from .runs import load_model, load_predictions, settings_digest
 from .significance import bootstrap, interval, paired_difference, sample_weights
 from .transfer import logme
@@ -182,7 +183,7 @@ def prepare_rows(images: ImageSet, backbones: list[Backbone], taps: list[str] | 
 
 def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | None,
                  options: FitOptions | Sequence[FitOptions], protocol: Protocol, *, seeds: int = 1,
-                 extract_options: ExtractOptions | None = None, runs_root: Path | str = "runs", force: bool = False,
+                 extract_options: ExtractOptions | None = None, runs_root: Path | str = RUNS_ROOT, force: bool = False,
                  fuse: bool = False, log=print) -> tuple[Path, list[dict]]:
     """Extract what is missing, fit every row with the same seeded splits, test the rows against each
     other, write the comparison folder. Rows: every tap in ``taps`` (``all``: every tap; ``a+b``: a

@@ -22,13 +22,12 @@ import torch.nn.functional as F
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
-from sklearn.pipeline import Pipeline
 from sklearn.svm import LinearSVC
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .classifiers import DEFAULT_PREPROCESS, DEFAULT_SOLVER, REFERENCE_SOLVER, SOLVERS, get_classifier, make_preprocess
+from .classifiers import DEFAULT_SOLVER, REFERENCE_SOLVER, SOLVERS
 
 
 def _device(name: str) -> torch.device:
@@ -402,13 +401,3 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
 def _l2_rows(X: np.ndarray) -> np.ndarray:
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
-
-def make_head(clf: str, solver: str = DEFAULT_SOLVER, hidden: int = 0, device: str = "auto") -> BaseEstimator:
-    return get_classifier(clf).build(solver=solver, hidden=hidden, device=device)
-
-
-def make_classifier(clf: str, preprocess: str = DEFAULT_PREPROCESS, solver: str = DEFAULT_SOLVER, hidden: int = 0,
-                    device: str = "auto", **params) -> Pipeline:
-    """Preprocessing steps followed by the head, as one Pipeline; ``params`` set on the head."""
-    head = make_head(clf, solver, hidden, device).set_params(**params)
-    return Pipeline(make_preprocess(preprocess) + [("head", head)])

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from features.errors import UsageError
 from features.files import digest
@@ -61,13 +60,17 @@ class Protocol:
     kind: str            # a registered ProtocolKind's name
     value: float = 0.0   # N or F
     test_per_class: int | None = None
+    record: ProtocolKind = field(init=False, compare=False, repr=False)  # the kind's record
+    text: str = field(init=False, compare=False, repr=False)  # as runs record it: fraction:0.5 test-per-class:50
 
-    @property
-    def record(self) -> ProtocolKind:
-        return PROTOCOL_REGISTRY[self.kind]
+    def __post_init__(self) -> None:
+        record = PROTOCOL_REGISTRY[self.kind]
+        object.__setattr__(self, "record", record)
+        object.__setattr__(self, "text", record.text(self.value) + (f" test-per-class:{self.test_per_class}"
+                                                                    if self.test_per_class else ""))
 
     def __str__(self) -> str:
-        return self.record.text(self.value) + (f" test-per-class:{self.test_per_class}" if self.test_per_class else "")
+        return self.text
 
 
 def _number(text: str) -> float | None:
@@ -144,6 +147,8 @@ def _check_fraction(protocol: Protocol, counts: np.ndarray, classes: list[str], 
 
 def _split_fraction(protocol: Protocol, labels: np.ndarray, split, usable: np.ndarray, rng: np.random.Generator,
                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split  # here: the parser reads this module's names
+
     idx = np.flatnonzero(usable)
     try:
         train, test = train_test_split(idx, train_size=protocol.value, random_state=seed, stratify=labels[idx])
@@ -183,6 +188,15 @@ def parse_protocol(text: str, test_per_class: int | None = None,
         hint = kind.hint if kind else ""
         raise UsageError(f"bad protocol {text!r}{'; ' + hint if hint else ''}; valid: {', '.join(KINDS)}")
     return Protocol(name, int(number) if number == int(number) and name != "fraction" else number, test_per_class)
+
+
+def plan_splits(protocol: Protocol, labels: np.ndarray, *, classes: list[str], split: list[str] | None,
+                usable: np.ndarray, groups: np.ndarray | None, seeds: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each seed's (train, test) split of the ``usable`` samples, after checking that the data can
+    satisfy the protocol (see :func:`check_protocol` and :func:`make_split`)."""
+    check_protocol(protocol, labels[usable], classes,
+                   None if split is None else [s for s, ok in zip(split, usable, strict=True) if ok])
+    return [make_split(protocol, labels, split, seed, usable, groups) for seed in range(seeds)]
 
 
 def check_protocol(protocol: Protocol, labels: np.ndarray, classes: list[str], split: list[str] | None) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from features.errors import TapsError, UsageError
 
 RESULTS = "results.json"
+RUNS_ROOT = "runs"  # where fit and compare write run folders, one folder per dataset
 
 
 @dataclass(frozen=True, kw_only=True)

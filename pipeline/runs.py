@@ -15,22 +15,23 @@ import joblib
 import numpy as np
 
 from features.errors import TapsError
-from features.files import NAME_DIGITS, digest, file_sha256, path_safe
+from features.files import NAME_DIGITS, check_output_folder, digest, file_sha256, path_safe
 from features.store import FeatureFile
 
-from .fusion import AUTO, SEPARATOR, tap_set
+from .fusion import AUTO, SEPARATOR
 from .results import RESULTS, Artifact, RunResult
 
 MODEL = "model.joblib"
 PREDICTIONS = "predictions.npz"
 
 
-def run_settings(features: FeatureFile, tap: str, pooling: str, fit: dict, protocol: str, seeds: int) -> dict:
-    """Everything that defines a run's result; ``fit`` is ``FitOptions.as_dict()``."""
-    key = tap if tap == AUTO else SEPARATOR.join(features.tap_key(t, pooling) for t in tap_set(tap))
-    return {"features": str(features.path.resolve()), "features_fingerprint": features.fingerprint(),
-            "tap": key, "pooling": pooling, "protocol": protocol, "seeds": seeds,
-            **fit}
+def run_settings(features: FeatureFile, *, tap: str, keys: list[str], fingerprint: str, pooling: str, fit: dict,
+                 protocol: str, seeds: int) -> dict:
+    """Everything that defines a run's result: the file (its path and ``fingerprint``), the tap spec
+    (``keys``: the file keys it reads; for ``auto``, its candidates), ``fit`` (``FitOptions.settings``)."""
+    return {"features": str(features.path.resolve()), "features_fingerprint": fingerprint,
+            "tap": tap if tap == AUTO else SEPARATOR.join(keys), "pooling": pooling, "protocol": protocol,
+            "seeds": seeds, **fit, **({"candidates": keys} if tap == AUTO else {})}
 
 
 def settings_digest(settings: dict) -> str:
@@ -38,9 +39,15 @@ def settings_digest(settings: dict) -> str:
     return digest(settings, length=NAME_DIGITS)
 
 
-def run_dir_for(runs_root: Path, features: FeatureFile, settings: dict) -> Path:
-    name = path_safe(f"{features.attrs['backbone']}__{settings['tap']}__{settings['clf']}__{settings_digest(settings)}")
-    return Path(runs_root) / str(features.attrs["dataset"]) / name
+def find_run(runs_root: Path | str, features: FeatureFile, settings: dict, *,
+             force: bool = False) -> tuple[Path, RunResult | None]:
+    """The folder of the run with ``settings``, and the results of an earlier run with exactly these
+    settings and an intact model there (None when there is none, or with ``force``)."""
+    name = path_safe(f"{features.attrs['backbone']}__{settings['tap']}__{settings['clf']}__"
+                     f"{digest(settings, length=NAME_DIGITS)}")
+    check_output_folder(Path(runs_root), "--runs-root")
+    run_dir = Path(runs_root) / str(features.attrs["dataset"]) / name
+    return run_dir, None if force else reusable(run_dir, settings)
 
 
 def load_results(run_dir: Path) -> RunResult:

@@ -13,9 +13,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.utils._param_validation import HasMethods, Interval
 from sklearn.utils.validation import check_is_fitted
 
-from .classifiers import DEFAULT_PREPROCESS, DEFAULT_SOLVER, get_classifier
+from .classifiers import DEFAULT_PREPROCESS, DEFAULT_SOLVER, get_classifier, make_classifier
 from .fusion import Groups, fusion_transformer
-from .heads import make_classifier, make_head
 
 
 def cv_folds(y: np.ndarray, folds: int, n_grid: int) -> int:
@@ -32,6 +31,12 @@ def cv_folds(y: np.ndarray, folds: int, n_grid: int) -> int:
         raise ValueError(f"cross-validation needs at least 2 training images in every class, but the smallest "
                          f"class has {smallest}")
     return min(folds, smallest)
+
+
+def check_folds(train_labels: list[np.ndarray], folds: int, n_grid: int) -> None:
+    """Raise ``ValueError`` (see :func:`cv_folds`) unless every training split can be cross-validated."""
+    for y in train_labels:
+        cv_folds(y, folds, n_grid)
 
 
 def describe_selection(param: str, grid: list[float], folds: int, asked: int) -> str:
@@ -128,10 +133,7 @@ def selector(clf: str, grid: list[float], *, folds: int = 3, preprocess: str = D
              groups: Groups | None = None) -> SelectedClassifier:
     """The selecting estimator of an in-memory fit: preprocessing + head, C or weight decay by CV.
     With ``groups`` (a fused matrix's taps) the preprocessing runs on each tap's columns apart."""
-    if groups is None:
-        model = make_classifier(clf, preprocess, solver, hidden, device)
-    else:
-        model = Pipeline([("fuse", fusion_transformer(groups, preprocess)),
-                          ("head", make_head(clf, solver, hidden, device))])
+    model = make_classifier(clf, preprocess, solver, hidden, device,
+                            fuse=None if groups is None else fusion_transformer(groups, preprocess))
     return SelectedClassifier(model,
                               param=get_classifier(clf).param, grid=grid, folds=folds, random_state=random_state)

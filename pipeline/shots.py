@@ -39,10 +39,11 @@ from features.options import ExtractOptions
 
 from .classifiers import get_classifier
 from .compare import METRIC, PlannedRow, prepare_rows
-from .evaluate import fit_matrix, tap_keys
+from .fitdata import fit_matrix, tap_keys
 from .fusion import AUTO, Groups, column_groups
 from .options import FitOptions
 from .protocols import Protocol, check_protocol, make_split, split_digest
+from .results import RUNS_ROOT
 from .runs import settings_digest
 from .selection import selector
 from .significance import bootstrap, interval, paired_difference, sample_weights
@@ -247,7 +248,7 @@ def _curve_row(planned: PlannedRow, fit: FitOptions, pooling: str, label: str) -
 
 def shot_curves(images: ImageSet, backbones: list, taps: list[str] | None, options: Sequence[FitOptions],
                 protocol: Protocol, *, shots: list[int | None], tries: int,
-                extract_options: ExtractOptions | None = None, runs_root: Path | str = "runs",
+                extract_options: ExtractOptions | None = None, runs_root: Path | str = RUNS_ROOT,
                 fuse: bool = False, log=print) -> tuple[Path, list[dict], str]:
     """``compare --shots``: extract what is missing, fit every row at every shot count over ``tries``
     draws on the protocol's seed-0 split, write shots.csv, shots.json and shots.png; -> (folder,

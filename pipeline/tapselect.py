@@ -36,10 +36,9 @@ from sklearn.decomposition import PCA
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
-from features.errors import choose
-
+from .classifiers import load
 from .fusion import Groups
-from .options import SELECTORS
+from .tapselectors import DEFAULT_SELECTOR, get_selector
 
 PROXY_DIM = 256
 RIDGE = (0.1, 1.0, 10.0)  # ridge values, relative to the mean Gram diagonal of the set
@@ -104,8 +103,10 @@ class RidgeCVScore:
         return float(accuracy.max())
 
 
-def _forward(score: RidgeCVScore, taps: list[str], *, threshold: float, max_taps: int,
-             candidates: int) -> tuple[list[str], list[dict]]:
+def forward_selection(score: RidgeCVScore, Z: np.ndarray, y: np.ndarray, groups: Groups, *, threshold: float,
+                      max_taps: int, candidates: int) -> tuple[list[str], list[dict]]:
+    """``forward``: the best single tap, then the tap that adds most, while it adds more than ``threshold``."""
+    taps = list(groups)
     singles = {t: score([t]) for t in taps}
     ranked = sorted(taps, key=lambda t: -singles[t])
     chosen, current = [ranked[0]], singles[ranked[0]]
@@ -152,8 +153,9 @@ def group_lasso_ranking(Z: np.ndarray, y: np.ndarray, groups: Groups, *, strengt
     return {tap: float(W[lo:hi].norm() / s) for (tap, (lo, hi)), s in zip(groups.items(), sizes, strict=True)}
 
 
-def _group_lasso(score: RidgeCVScore, Z: np.ndarray, y: np.ndarray, groups: Groups, *, threshold: float,
-                 max_taps: int) -> tuple[list[str], list[dict]]:
+def group_lasso_selection(score: RidgeCVScore, Z: np.ndarray, y: np.ndarray, groups: Groups, *, threshold: float,
+                          max_taps: int, candidates: int) -> tuple[list[str], list[dict]]:
+    """``group-lasso``: the taps ranked by Head2Toe's group norms, the count by the CV score."""
     norms = group_lasso_ranking(Z, y, groups)
     ranked = [t for t in sorted(norms, key=lambda t: -norms[t]) if norms[t] > 0] or [max(norms, key=norms.get)]
     path = [{"ranking": {t: round(norms[t], 6) for t in ranked}}]
@@ -167,18 +169,15 @@ def _group_lasso(score: RidgeCVScore, Z: np.ndarray, y: np.ndarray, groups: Grou
     return chosen, path
 
 
-def select_taps(X: np.ndarray, y: np.ndarray, groups: Groups, *, method: str = "forward", folds: int = 3,
+def select_taps(X: np.ndarray, y: np.ndarray, groups: Groups, *, method: str = DEFAULT_SELECTOR, folds: int = 3,
                 threshold: float = 0.002, max_taps: int = 4, candidates: int = 8,
                 random_state: int = 0) -> TapSelection:
     """Choose the taps to fuse from training rows ``X`` (the taps' matrices side by side, ``groups``
     naming each tap's columns) and labels ``y``; nothing else is looked at."""
-    choose("tap selector", method, SELECTORS)
+    rank = load(get_selector(method).choose)
     t0 = time.perf_counter()
     Z, zgroups = proxy_features(X, groups)
     score = RidgeCVScore(Z, y, zgroups, folds=folds, random_state=random_state)
-    if method == "forward":
-        chosen, path = _forward(score, list(groups), threshold=threshold, max_taps=max_taps, candidates=candidates)
-    else:
-        chosen, path = _group_lasso(score, Z, y, zgroups, threshold=threshold, max_taps=max_taps)
+    chosen, path = rank(score, Z, y, zgroups, threshold=threshold, max_taps=max_taps, candidates=candidates)
     order = list(groups)
     return TapSelection(sorted(chosen, key=order.index), method, path, round(time.perf_counter() - t0, 3))

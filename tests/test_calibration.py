@@ -8,8 +8,8 @@ from conftest import QUIET
 from scipy.special import softmax
 
 from pipeline.calibration import calibrate, expected_calibration_error
+from pipeline.classifiers import make_classifier
 from pipeline.cli import main
-from pipeline.heads import make_classifier
 
 
 def test_temperature_scaling_brings_an_overconfident_model_to_the_true_probabilities():

@@ -7,7 +7,8 @@ from sklearn.datasets import make_blobs, make_classification
 from sklearn.model_selection import cross_val_score
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from pipeline.heads import KNNProbe, LinearSVM, SoftmaxRegression, TorchLinearHead, make_classifier
+from pipeline.classifiers import make_classifier
+from pipeline.heads import KNNProbe, LinearSVM, SoftmaxRegression, TorchLinearHead
 from pipeline.selection import SelectedClassifier, selector
 
 

@@ -1,0 +1,68 @@
+"""`taps fit`: one classifier on one tap (a fused set, or ``auto``) of a feature file, scored over
+seeded splits; the run folder is the last line."""
+
+from __future__ import annotations
+
+import argparse
+
+from .args import (
+    FEATURES_ROOT,
+    add_backbone_args,
+    add_dataset_args,
+    add_fit_args,
+    csv_tuple,
+    fit_settings,
+    result_notes,
+    tracking,
+)
+
+HELP = "fit a classifier on one cached tap and score it"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from features.pooling import DEFAULT_POOLING, POOLINGS
+
+    add_dataset_args(p)
+    add_backbone_args(p, many=True)
+    p.add_argument("--tap", help="tap to fit on; taps joined by + are fused (block14+pooled); auto chooses the set "
+                                 "among the file's taps on each training split (default: the standard embedding)")
+    p.add_argument("--pool", default=DEFAULT_POOLING, choices=POOLINGS,
+                   help="pooling the tap was extracted with (default: %(default)s)")
+    p.add_argument("--features", type=csv_tuple, help="a feature file (or several, comma-separated: one per backbone), instead of "
+                                      "finding it from the settings")
+    p.add_argument("--features-root", default=FEATURES_ROOT, help="where `extract` wrote (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="device for the torch solvers (default: %(default)s)")
+    add_fit_args(p)
+
+
+def run(args) -> None:
+    from ..evaluate import fit_run
+    from ..protocols import parse_protocol
+    from ..report import fmt
+
+    request, options = fit_settings(args)
+    features, tap = request.open_for_fit(args.tap)
+    protocol = parse_protocol(args.protocol, args.test_per_class, has_split=features.split or False)
+    run_dir, results, reused = fit_run(features, tap, args.pool, options, protocol, seeds=args.seeds,
+                                       runs_root=args.runs_root, force=args.force)
+    m, used = results.metrics, results.features
+    chosen = ", ".join(f"{v:g}" for v in results.chosen[options.param])
+    selection = "; ".join(dict.fromkeys(s.selection for s in results.per_seed))
+    files = " + ".join(p.name for p in getattr(features, "paths", [features.path]))
+    print(f"{'reused' if reused else 'fitted'} {options.clf} on {used.tap} ({used.dim}-D) of {files}, "
+          f"protocol {results.settings['protocol']}, {args.seeds} seed(s), {options.param} by {selection}")
+    if results.per_seed[0].tap_selection:
+        print(f"--tap auto ({options.select}) chose: " + "; ".join(
+            f"seed {s.seed} {'+'.join(s.taps)} ({s.tap_selection['seconds']:.1f} s)" for s in results.per_seed))
+    print(f"{'tap':<14}{'dim':>6}  {'clf':<7}{'accuracy':>12}{'mean/class':>12}{'macro F1':>12}{'top-5':>12}  "
+          f"{options.param:<13}{'fit s':>7}")
+    print(f"{used.tap:<14}{used.dim:>6}  {options.clf:<7}" + "".join(
+        f"{fmt(m.get(k), args.seeds):>12}" for k in ("accuracy", "mean_per_class_accuracy", "macro_f1", "top5_accuracy"))
+        + f"  {chosen:<13}{results.fit_seconds['mean']:>7.1f}")
+    for note in result_notes(results, args.seeds):
+        print(note)
+    if track := tracking(args):
+        from ..tracking import log_fit
+
+        print(f"tracked as MLflow run {log_fit(track, run_dir, results)} in {track.uri}")
+    print(run_dir)

@@ -1,0 +1,37 @@
+"""`taps info`: a feature file's settings, samples and taps."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "describe a feature file"
+SHOWN = ("backbone", "weights", "transform", "dataset", "dataset_fingerprint", "n_samples", "complete", "created")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file")
+
+
+def run(args) -> None:
+    from features.store import FeatureFile
+
+    f = FeatureFile(args.file)
+    for k in SHOWN:
+        print(f"{k}: {f.attrs.get(k)}")
+    print(f"format_version: {f.attrs.get('format_version', 1)}")
+    print(f"fingerprint_version: {f.fingerprint_version}")
+    groups = f.duplicate_groups()
+    print("byte-identical images: not recorded (older file)" if groups is None else
+          f"byte-identical images: {(groups != range(len(groups))).sum()} copies of "
+          f"{len(set(groups[groups != range(len(groups))]))} images")
+    if "shard" in f.attrs:
+        start = int(f.attrs["shard_start"])
+        print(f"shard: {f.attrs['shard']}, samples {start}..{start + len(f.labels) - 1} of {f.attrs['full_n_samples']}; "
+              f"combine the shards with `taps merge`")
+    print(f"classes: {len(f.classes)}; splits: {sorted(set(f.split)) if f.split else 'none'}; "
+          f"skipped images: {len(f.errors)}")
+    for key, t in f.taps.items():
+        print(f"tap {key}: node={t.node} pooling={t.pooling} dim={t.dim} precision={t.precision} "
+              f"decode={t.decode} runtime={t.runtime} rows={t.rows_done}/{len(f.labels)} "
+              f"complete={t.complete}")
+    print(f.path)

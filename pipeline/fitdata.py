@@ -1,0 +1,119 @@
+"""What a fit reads from a feature file, read once: the taps' keys, their matrix (or the decision
+to stream it), the duplicate groups and the file's fingerprint.
+
+Everything is checked here, before a run folder is named or a split drawn: a tap spec naming
+taps made differently, NaN rows, a matrix over the memory budget that cannot stream, a file
+whose images were all skipped.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from features.errors import TapsError, UsageError
+from features.joined import BACKBONE_SEPARATOR, Features, owner
+from features.pooling import matches_pooling
+
+from .classifiers import DEFAULT_PREPROCESS, get_classifier, streaming_classifiers
+from .fusion import AUTO, Groups, column_groups, tap_set
+from .options import FitOptions
+from .streaming import matrix_bytes
+
+
+@dataclass
+class FitData:
+    """A fit's input: ``keys`` (the file keys it reads, side by side), ``X`` (their matrix; None when
+    the fit streams from the file), ``groups`` (each key's columns when there are several),
+    ``same_bytes`` (per sample, its duplicate group; None when the file has no digests) and the
+    file's ``fingerprint``."""
+
+    features: Features
+    keys: list[str]
+    X: np.ndarray | None
+    groups: Groups | None
+    streaming: bool
+    same_bytes: np.ndarray | None
+    fingerprint: str
+
+
+def read_fit_data(features: Features, tap: str, pooling: str, options: FitOptions,
+                  candidates: list[str] | None = None) -> FitData:
+    """Read and check what a fit of ``tap`` (one tap, a ``+`` set, or ``auto`` among ``candidates``,
+    default every complete tap of this pooling) reads."""
+    if not features.valid.any():
+        raise TapsError(f"every image of {features.path} was skipped as undecodable ({len(features.valid)}); "
+                        f"`taps info {features.path}` lists why")
+    keys = tap_keys(features, tap, pooling, candidates)
+    X, groups, streaming = fit_matrix(features, keys, options)
+    if streaming and options.calibrate:
+        raise TapsError(f"--calibrate fits in memory, and tap {keys[0]} streams from the file (over the memory "
+                        f"budget); pool it smaller, raise --memory-budget or leave out --calibrate")
+    return FitData(features, keys, X, groups, streaming, features.duplicate_groups(), features.fingerprint())
+
+
+def tap_keys(features: Features, tap: str, pooling: str, candidates: list[str] | None = None) -> list[str]:
+    """The file keys a tap spec reads: one tap, a ``+`` set, or for ``auto`` the candidates of the
+    selection: ``candidates``, or every complete tap of this pooling in the file (in depth order).
+    Taps of one backbone computed with different precisions, decoders or runtimes are refused: their
+    columns would not mean what they mean at predict time, which rebuilds each backbone's taps in
+    one pass."""
+    if tap != AUTO or candidates:
+        keys = [features.tap_key(t, pooling) for t in (tap_set(tap) if tap != AUTO else candidates)]
+    else:
+        keys = sorted((k for k, r in features.taps.items() if r.complete and matches_pooling(r.pooling, pooling)),
+                      key=_natural)
+        if len(keys) < 2:
+            raise UsageError(f"--tap auto chooses among the file's taps, but {features.path.name} has "
+                             f"{len(keys)} complete tap(s) with pooling {pooling}; extract more with "
+                             f"`taps extract ... --taps all`")
+    ways = {k: features.taps[k].made_like() for k in keys} if len(keys) > 1 else {}
+    if any(len({w for k, w in ways.items() if owner(k) == o}) > 1 for o in {owner(k) for k in ways}):
+        shown = "; ".join(f"{k}: precision {p}, decode {d}, runtime {r}" for k, (p, d, r) in ways.items())
+        raise UsageError(f"the taps to fuse in {features.path.name} were made differently ({shown}); re-extract "
+                         f"them together with the same `taps extract ... --force` settings")
+    return keys
+
+
+def _natural(key: str) -> tuple:
+    """By backbone, then block2 before block10 (block3.1 before block3, the end of its stage), then named taps."""
+    backbone, tap = owner(key), key.rpartition(BACKBONE_SEPARATOR)[2]
+    match = re.fullmatch(r"(\D*)(\d+)(?:\.(\d+))?", tap.split("@")[0])
+    return (backbone, 0, match[1], int(match[2]), int(match[3] or 1e9)) if match else (backbone, 1, tap, 0, 0)
+
+
+def load_matrix(features: Features, key: str) -> np.ndarray:
+    """The matrix of tap ``key``, refusing NaN or inf with the tap name and count."""
+    X = features.matrix(key)
+    bad = ~np.isfinite(X).all(axis=1) & features.valid
+    if bad.any():
+        raise TapsError(f"tap {key} in {features.path} has {int(bad.sum())} rows with NaN or inf; "
+                        f"re-extract with --precision fp32 --force")
+    return X
+
+
+def fit_matrix(features: Features, keys: list[str], options: FitOptions) -> tuple[np.ndarray | None, Groups | None, bool]:
+    """The matrix a fit reads (None when it streams), each tap's columns when taps are fused, and
+    whether it streams: a single tap over the memory budget streams from the file when the
+    classifier can (and is refused when it cannot); fused taps are fitted in memory."""
+    dims = {k: features.taps[k].dim for k in keys}
+    rows = int(features.valid.sum())
+    need = matrix_bytes(rows, sum(dims.values()))
+    if need <= options.budget:
+        X = load_matrix(features, keys[0]) if len(keys) == 1 else np.hstack([load_matrix(features, k) for k in keys])
+        return X, None if len(keys) == 1 else column_groups(dims), False
+    shown = f"{need / 2 ** 20:.0f} MiB, over the budget of {options.budget / 2 ** 20:.0f} MiB"
+    if len(keys) > 1:
+        raise TapsError(f"fused taps are fitted in memory, and {'+'.join(keys)} ({sum(dims.values())}-D) needs about "
+                        f"{shown}; fuse fewer taps, pool them smaller, or raise --memory-budget")
+    if not get_classifier(options.clf).streams:
+        streaming = " or ".join(f"--clf {c}" for c in streaming_classifiers())
+        raise TapsError(f"tap {keys[0]}: an in-memory {options.clf} fit of {rows} x {dims[keys[0]]} needs about "
+                        f"{shown}; use {streaming} (streams from the HDF5 file) or raise --memory-budget")
+    if options.preprocess != DEFAULT_PREPROCESS:
+        raise TapsError(f"streaming fits (tap {keys[0]} is over the memory budget) standardize only; "
+                        f"drop --preprocess {options.preprocess}")
+    features.verify(keys[0])
+    return None, None, True

@@ -1,0 +1,153 @@
+"""Fit and score a selecting estimator on each seed's split of a :class:`pipeline.fitdata.FitData`.
+
+Per seed: for ``--tap auto`` the taps chosen on the training rows only, the estimator that
+chooses C (or weight decay, or k) by CV and refits (:mod:`pipeline.selection`), its calibration
+when asked, its predictions and scores on the test rows. Every split is checked before the first
+fit, so a protocol that cannot be cross-validated fails at once, not after minutes of fitting.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.calibration import CalibratedClassifierCV
+
+from features.errors import TapsError, UsageError
+from features.joined import BACKBONE_SEPARATOR
+
+from .calibration import calibrate, calibration_method, expected_calibration_error
+from .classifiers import get_classifier, make_classifier, read_prompts
+from .fitdata import FitData
+from .fusion import AUTO, Groups, column_groups, fusion_transformer
+from .metrics import score_predictions, summarize
+from .options import FitOptions
+from .protocols import split_digest
+from .results import SeedResult
+from .selection import SelectedClassifier, check_folds
+from .streaming import StreamedLinear
+from .tapselect import select_taps
+from .zeroshot import TEXT_TAP, ZeroShotClassifier, zero_shot_weights
+
+Split = tuple[np.ndarray, np.ndarray]
+
+
+@dataclass
+class TapEvaluation:
+    per_seed: list[SeedResult]
+    metrics: dict
+    model: object  # the seed-0 model
+    taps: list[str]  # the file keys the seed-0 model reads, side by side
+    predictions: dict[str, np.ndarray]  # per seed: test rows (test_S) and their predictions (pred_S)
+
+    @property
+    def fit_seconds(self) -> list[float]:
+        return [s.fit_seconds for s in self.per_seed]
+
+
+def fit_seeds(data: FitData, splits: list[Split], options: FitOptions, tap: str) -> TapEvaluation:
+    """Fit and score ``tap`` (its spec: one tap, a ``+`` set or ``auto``) on each split, seed s on split s."""
+    _check_pca(options, min(data.features.taps[k].dim for k in data.keys), min(len(train) for train, _ in splits))
+    for train, _ in splits:
+        if len(np.unique(data.features.labels[train])) < 2:
+            raise TapsError(f"the training split of tap {tap} has one class ({len(train)} samples); "
+                            f"use a protocol with more classes in training")
+    try:
+        check_folds([data.features.labels[train] for train, _ in splits], options.folds, len(options.grid))
+    except ValueError as exc:
+        raise TapsError(f"choosing {options.param} by {exc}; use a protocol with more training images per "
+                        f"class, or pass a single --grid value to fit without selection") from None
+    per_seed, model0, taps0, predictions = [], None, data.keys, {}
+    for seed, (train, test) in enumerate(splits):
+        result, model, pred = _fit_seed(data, options, tap, seed, train, test)
+        predictions.update({f"test_{seed}": test, f"pred_{seed}": pred})
+        per_seed.append(result)
+        if seed == 0:
+            model0, taps0 = model, result.taps
+    return TapEvaluation(per_seed, summarize([s.metrics for s in per_seed]), model0, taps0, predictions)
+
+
+def _fit_seed(data: FitData, options: FitOptions, tap: str, seed: int, train: np.ndarray,
+              test: np.ndarray) -> tuple[SeedResult, object, np.ndarray]:
+    """One seed: (its record, the model a run keeps, its predictions on the test rows)."""
+    t0, y = time.perf_counter(), data.features.labels
+    record, chosen, X, fused = None, data.keys, data.X, data.groups
+    if tap == AUTO:  # chosen from this seed's training rows only
+        picked = select_taps(X[train], y[train], fused, method=options.select, folds=options.folds,
+                             threshold=options.select_threshold, random_state=seed)
+        chosen = picked.taps
+        X, fused = _columns(X, fused, chosen) if len(chosen) > 1 else (X[:, np.arange(*fused[chosen[0]])], None)
+        record = {"method": picked.method, "seconds": picked.seconds, "path": picked.path}
+    # In memory the estimator sees the rows; streaming, the rows' indices in the file.
+    Xtr, Xte = (train[:, None], test[:, None]) if data.streaming else (X[train], X[test])
+    selected = selecting_model(data, options, seed, fused).fit(Xtr, y[train])
+    model = (calibrate(selected.model_, Xtr, y[train], method=calibration_method(options.clf),
+                       folds=options.folds, random_state=seed) if options.calibrate else selected)
+    seconds, t0 = time.perf_counter() - t0, time.perf_counter()
+    pred = model.predict(Xte)  # once: streaming, each pass over the test rows reads the file
+    predict_seconds = time.perf_counter() - t0
+    ranks = _scores(model, Xte) if len(selected.classes_) > 5 else None  # for top-5
+    metrics = {**score_predictions(y[test], pred, ranks, selected.classes_),
+               **(_calibration_metrics(selected.model_, model, Xte, y[test]) if options.calibrate else {})}
+    ids = data.features.ids
+    result = SeedResult(
+        seed=seed, n_train=int(len(train)), n_test=int(len(test)), train_digest=split_digest(ids, train),
+        test_digest=split_digest(ids, test), taps=chosen, tap_selection=record, chosen=selected.chosen_,
+        cv_folds=selected.cv_folds_, selection=selected.selection_ + (", streaming" if data.streaming else ""),
+        cv_accuracy=None if selected.cv_scores_ is None else [float(s) for s in selected.cv_scores_],
+        fit_seconds=round(seconds, 3), predict_seconds=round(predict_seconds, 3), metrics=metrics)
+    kept = selected.model_.to_array_model() if data.streaming else model if options.calibrate else selected.model_
+    return result, kept, pred
+
+
+def selecting_model(data: FitData, options: FitOptions, seed: int, groups: Groups | None = None) -> SelectedClassifier:
+    """The estimator that chooses C or weight decay by CV and refits: in memory on the tap's matrix, or
+    streaming from the file, where its X are row indices. Both select the same way."""
+    key = data.keys[0]
+    if data.streaming:
+        head = StreamedLinear(data.features, key=key, hidden=options.hidden, device=options.device, random_state=seed)
+    elif get_classifier(options.clf).text:
+        if key.rpartition(BACKBONE_SEPARATOR)[2] != TEXT_TAP or groups is not None:
+            raise UsageError(f"--clf {options.clf} reads the {TEXT_TAP} tap (the image embedding the text is compared "
+                             f"with), not {key}; pass --tap {TEXT_TAP}")
+        head = ZeroShotClassifier(zero_shot_weights(data.features.attrs, data.features.classes,
+                                                    read_prompts(options.prompts)))
+    else:
+        head = make_classifier(options.clf, options.preprocess, options.solver, options.hidden, options.device,
+                               fuse=None if groups is None else fusion_transformer(groups, options.preprocess))
+    return SelectedClassifier(head, param=options.param, grid=options.grid, folds=options.folds, random_state=seed)
+
+
+def _check_pca(options: FitOptions, dim: int, n_train: int) -> None:
+    """PCA keeps at most min(features, training samples) components (fewer inside a CV fold)."""
+    for part in options.preprocess.split(","):
+        if part.strip().startswith("pca:"):
+            k = int(part.strip()[4:])
+            limit = min(dim, n_train * (options.folds - 1) // options.folds if len(options.grid) > 1 else n_train)
+            if k > limit:
+                raise UsageError(f"--preprocess {part.strip()} asks for more components than this fit can have: at "
+                                 f"most {limit} ({dim}-D tap, {n_train} training samples"
+                                 f"{', less a CV fold' if len(options.grid) > 1 else ''}); lower K")
+
+
+def _columns(X: np.ndarray, groups: Groups, keys: list[str]) -> tuple[np.ndarray, Groups]:
+    """The fused matrix of the chosen taps only, and their columns in it."""
+    cols = np.concatenate([np.arange(*groups[k]) for k in keys])
+    return X[:, cols], column_groups({k: groups[k][1] - groups[k][0] for k in keys})
+
+
+def _scores(model, X: np.ndarray) -> np.ndarray:
+    """Per-class scores for top-5: decision scores, or a calibrated model's probabilities."""
+    return model.predict_proba(X) if isinstance(model, CalibratedClassifierCV) else model.decision_function(X)
+
+
+def _calibration_metrics(uncalibrated, calibrated, X: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Expected calibration error on the test rows after calibration, and before it where the model
+    had probabilities (an SVM's scores are not)."""
+    after = {"expected_calibration_error": expected_calibration_error(y, calibrated.predict_proba(X),
+                                                                      calibrated.classes_)}
+    if not hasattr(uncalibrated, "predict_proba"):
+        return after
+    before = expected_calibration_error(y, uncalibrated.predict_proba(X), uncalibrated.classes_)
+    return {**after, "expected_calibration_error_uncalibrated": before}
