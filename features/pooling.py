@@ -62,6 +62,12 @@ def _pyramid(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([_global_avg(x), F.adaptive_avg_pool2d(x, 2).flatten(1)], dim=1)
 
 
+def _avgstd(x: torch.Tensor) -> torch.Tensor:
+    import torch
+    mean = x.mean(dim=(2, 3), keepdim=True)  # spelled out (not torch.std) so every exported runtime runs it
+    return torch.cat([mean.flatten(1), (x - mean).pow(2).mean(dim=(2, 3)).sqrt()], dim=1)
+
+
 def _no_grid(x: torch.Tensor) -> torch.Tensor:
     raise ValueError("cls pooling needs a token tap with a class token")
 
@@ -73,6 +79,8 @@ register_pooling(Pooling("pyramid", 5, _pyramid,
                          "spatial pyramid: 1x1 + 2x2 average cells (channel-major), keeps coarse layout"))
 register_pooling(Pooling("gem", 1, lambda x: x.clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3),
                          "generalised mean, p=3 (Radenovic et al.): between avg and max; negatives count as 0"))
+register_pooling(Pooling("avgstd", 2, _avgstd, "each channel's spatial mean and standard deviation, concatenated: "
+                                               "first- and second-order statistics, a texture descriptor"))
 register_pooling(Pooling("cls", 1, _no_grid, "a transformer block's class token", class_token=True))
 POOLINGS = tuple(POOLING_REGISTRY)  # in the order help text lists them
 LAYOUTS = ("map", "tokens", "nhwc")  # how a tap's node returns it (see pool_tap)

@@ -98,7 +98,7 @@ def _split_official(protocol: Protocol, labels: np.ndarray, split: list[str], us
 
 
 register_protocol(ProtocolKind(
-    OFFICIAL, OFFICIAL, "", value=lambda text: 0.0 if text == "" else None, text=lambda value: OFFICIAL,
+    OFFICIAL, OFFICIAL, "", value=lambda text: 0 if text == "" else None, text=lambda value: OFFICIAL,
     check=_check_official, split=_split_official, random=False))
 
 
@@ -126,7 +126,7 @@ def _split_per_class(protocol: Protocol, labels: np.ndarray, split, usable: np.n
 
 register_protocol(ProtocolKind(
     "per-class", "per-class:N", "per-class:N needs a whole N >= 1",
-    value=lambda text: v if (v := _number(text)) is not None and v == int(v) and v >= 1 else None,
+    value=lambda text: int(v) if (v := _number(text)) is not None and v == int(v) and v >= 1 else None,
     text=lambda value: f"per-class:{int(value)}", check=_check_per_class, split=_split_per_class))
 
 
@@ -187,7 +187,7 @@ def parse_protocol(text: str, test_per_class: int | None = None,
     if number is None:
         hint = kind.hint if kind else ""
         raise UsageError(f"bad protocol {text!r}{'; ' + hint if hint else ''}; valid: {', '.join(KINDS)}")
-    return Protocol(name, int(number) if number == int(number) and name != "fraction" else number, test_per_class)
+    return Protocol(name, number, test_per_class)
 
 
 def plan_splits(protocol: Protocol, labels: np.ndarray, *, classes: list[str], split: list[str] | None,

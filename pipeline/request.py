@@ -116,9 +116,9 @@ class FeatureRequest:
 
         from .fusion import AUTO, tap_set
 
-        members = tap_set(tap) if tap and tap != AUTO else []
         if self.files and tap:  # the file names the taps it has when one is missing: no network to build
             return self.open(), tap
+        members = tap_set(tap) if tap and tap != AUTO else []
         if members and not self.files and len(self.backbones) == 1:  # a tap it lacks: a usage error, found first
             self.backbone().resolve_taps(members)
         features = self.open(None if not tap else ["all"] if tap == AUTO else members)

@@ -25,6 +25,7 @@ from sklearn.utils.validation import check_is_fitted
 from features.errors import TapsError
 from features.store import FeatureFile
 
+from .classifiers import DEFAULT_PREPROCESS
 from .heads import TorchLinearHead, _device
 
 
@@ -95,7 +96,7 @@ class StreamedLinear(ClassifierMixin, BaseEstimator):
     def to_array_model(self) -> Pipeline:
         """The fitted model for feature vectors (what predict on new images uses)."""
         check_is_fitted(self)
-        return Pipeline([("standard", self.scaler_), ("head", self.head_)])
+        return Pipeline([(DEFAULT_PREPROCESS, self.scaler_), ("head", self.head_)])
 
     def _stream(self, X, method: str) -> np.ndarray:
         rows, model, out = np.asarray(X, dtype=np.int64).ravel(), self.to_array_model(), None

@@ -33,7 +33,7 @@ def test_usage_errors_are_one_line_exit_2(capsys):
                          [["extract", "--backbone", "resnet19"], "unknown backbone"],
                          [["list", "taps", "resnet18", "--bogus"], "unrecognized arguments"],
                          [["extract", "--pool", "median"],
-                          "--pool: invalid choice: 'median' (choose from 'avg', 'max', 'avgmax', 'pyramid', 'gem', 'cls')"],
+                          "--pool: invalid choice: 'median' (choose from 'avg', 'max', 'avgmax', 'pyramid', 'gem', 'avgstd', 'cls')"],
                          [["compare", "--loader", "fast"], "--loader: invalid choice: 'fast'"],
                          [["bench", "--runtimes", "tensorrt"],
                           "unknown runtime 'tensorrt'; choose from onnxruntime, openvino or none"],
@@ -61,7 +61,8 @@ def test_list_taps_shows_dimensions():
     header = next(l.split() for l in proc.stdout.splitlines() if l.startswith("tap"))
     row = next(l.split() for l in proc.stdout.splitlines() if l.startswith("layer3"))
     assert row[2] == "256x14x14" and dict(zip(header[4:], row[3:], strict=True)) == {
-        "avg": "256", "max": "256", "avgmax": "512", "pyramid": "1280", "gem": "256", "cls": "-"}  # no class token
+        "avg": "256", "max": "256", "avgmax": "512", "pyramid": "1280", "gem": "256", "avgstd": "512",
+        "cls": "-"}  # no class token
 
 
 def test_every_subcommand_parses():

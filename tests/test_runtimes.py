@@ -28,6 +28,7 @@ CASES = [("mobilenet_v2", "none", 32, ["block3", "block14", "pooled"], "avg"),
          ("vgg16", "none", 32, ["pool2", "pool3"], "avgmax"),
          ("efficientnet_b0", "none", 32, ["block2", "block6"], "max"),
          ("resnet18", "none", 32, ["layer2", "avgpool"], "gem"),
+         ("resnet18", "none", 32, ["layer1", "layer3"], "avgstd"),
          # token taps; frozen nn.MultiheadAttention takes a fused kernel that ONNX has no op for
          ("vit_b_16", "none", 224, ["block0", "block1"], "cls"),
          # the offline ImageNet weights: random-init activations vanish by `pooled` (1e-9), where a

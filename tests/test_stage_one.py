@@ -40,6 +40,15 @@ def test_unknown_names_list_valid_choices():
         Backbone("resnet18", weights="IMAGENET9K")
 
 
+def test_avgstd_pooling_is_each_channels_mean_then_its_population_std():
+    x = torch.rand(2, 4, 3, 5)
+    want = np.concatenate([x.numpy().mean(axis=(2, 3)), x.numpy().std(axis=(2, 3))], axis=1)
+    np.testing.assert_allclose(pool(x, "avgstd").numpy(), want, rtol=1e-5, atol=1e-6)
+    assert pooled_dim((4, 3, 5), "avgstd") == 8
+    # a 1x1 map (a late tap of a small image) has spread 0, not NaN as the unbiased estimate would give
+    assert (pool(x[:, :, :1, :1], "avgstd")[:, 4:] == 0).all()
+
+
 def test_gem_pooling_is_the_cubic_mean_between_average_and_max():
     x = torch.rand(2, 4, 3, 5)
     want = (x.numpy().astype(np.float64) ** 3).mean(axis=(2, 3)) ** (1 / 3)

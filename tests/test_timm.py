@@ -42,7 +42,7 @@ def test_timm_taps_come_from_feature_info_and_list_their_dimensions(capsys):
     row = next(line.split() for line in out.splitlines() if line.startswith("stage3"))
     columns = dict(zip(header[4:], row[3:], strict=True))  # the pooling columns after tap, node, output shape
     assert row[2] == "128x8x8" and columns == {"avg": "128", "max": "128", "avgmax": "256", "pyramid": "640",
-                                                "gem": "128", "cls": "-"}  # no class token
+                                                "gem": "128", "avgstd": "256", "cls": "-"}  # no class token
 
 
 def test_timm_preprocessing_is_its_pretrained_config(photo):
