@@ -20,7 +20,6 @@ from features.pooling import matches_pooling
 from .classifiers import DEFAULT_PREPROCESS, get_classifier, streaming_classifiers
 from .fusion import AUTO, Groups, column_groups, tap_set
 from .options import FitOptions
-from .streaming import matrix_bytes
 
 
 @dataclass
@@ -82,6 +81,11 @@ def _natural(key: str) -> tuple:
     backbone, tap = owner(key), key.rpartition(BACKBONE_SEPARATOR)[2]
     match = re.fullmatch(r"(\D*)(\d+)(?:\.(\d+))?", tap.split("@")[0])
     return (backbone, 0, match[1], int(match[2]), int(match[3] or 1e9)) if match else (backbone, 1, tap, 0, 0)
+
+
+def matrix_bytes(n_rows: int, dim: int) -> int:
+    """Peak bytes of an in-memory fit: the float32 matrix, its standardized copy and the solver's copy."""
+    return 3 * 4 * n_rows * dim
 
 
 def load_matrix(features: Features, key: str) -> np.ndarray:

@@ -29,11 +29,6 @@ from .classifiers import DEFAULT_PREPROCESS
 from .heads import TorchLinearHead, _device
 
 
-def matrix_bytes(n_rows: int, dim: int) -> int:
-    """Peak bytes of an in-memory fit: the float32 matrix, its standardized copy and the solver's copy."""
-    return 3 * 4 * n_rows * dim
-
-
 def streaming_scaler(features: FeatureFile, key: str, indices: np.ndarray) -> StandardScaler:
     """A fitted StandardScaler from one pass of float64 sums."""
     n, total, squares = 0, None, None

@@ -53,14 +53,10 @@ def fit_seeds(data: FitData, splits: list[Split], options: FitOptions, tap: str)
         if len(np.unique(data.features.labels[train])) < 2:
             raise TapsError(f"the training split of tap {tap} has one class ({len(train)} samples); "
                             f"use a protocol with more classes in training")
-    try:
-        check_folds([data.features.labels[train] for train, _ in splits], options.folds, len(options.grid))
-    except ValueError as exc:
-        raise TapsError(f"choosing {options.param} by {exc}; use a protocol with more training images per "
-                        f"class, or pass a single --grid value to fit without selection") from None
+    every_train = [data.features.labels[train] for train, _ in splits]
     per_seed, model0, taps0, predictions = [], None, data.keys, {}
     for seed, (train, test) in enumerate(splits):
-        result, model, pred = _fit_seed(data, options, tap, seed, train, test)
+        result, model, pred = _fit_seed(data, options, tap, seed, train, test, check=every_train if seed == 0 else None)
         predictions.update({f"test_{seed}": test, f"pred_{seed}": pred})
         per_seed.append(result)
         if seed == 0:
@@ -68,9 +64,11 @@ def fit_seeds(data: FitData, splits: list[Split], options: FitOptions, tap: str)
     return TapEvaluation(per_seed, summarize([s.metrics for s in per_seed]), model0, taps0, predictions)
 
 
-def _fit_seed(data: FitData, options: FitOptions, tap: str, seed: int, train: np.ndarray,
-              test: np.ndarray) -> tuple[SeedResult, object, np.ndarray]:
-    """One seed: (its record, the model a run keeps, its predictions on the test rows)."""
+def _fit_seed(data: FitData, options: FitOptions, tap: str, seed: int, train: np.ndarray, test: np.ndarray, *,
+              check: list[np.ndarray] | None = None) -> tuple[SeedResult, object, np.ndarray]:
+    """One seed: (its record, the model a run keeps, its predictions on the test rows). ``check``:
+    every seed's training labels, checked for cross-validation before this (the first) fit, so a
+    protocol that cannot be cross-validated fails before any fit, not after some."""
     t0, y = time.perf_counter(), data.features.labels
     record, chosen, X, fused = None, data.keys, data.X, data.groups
     if tap == AUTO:  # chosen from this seed's training rows only
@@ -81,7 +79,13 @@ def _fit_seed(data: FitData, options: FitOptions, tap: str, seed: int, train: np
         record = {"method": picked.method, "seconds": picked.seconds, "path": picked.path}
     # In memory the estimator sees the rows; streaming, the rows' indices in the file.
     Xtr, Xte = (train[:, None], test[:, None]) if data.streaming else (X[train], X[test])
-    selected = selecting_model(data, options, seed, fused).fit(Xtr, y[train])
+    selected = selecting_model(data, options, seed, fused)
+    try:
+        check_folds(check or [], options.folds, len(options.grid))
+    except ValueError as exc:
+        raise TapsError(f"choosing {options.param} by {exc}; use a protocol with more training images per "
+                        f"class, or pass a single --grid value to fit without selection") from None
+    selected.fit(Xtr, y[train])
     model = (calibrate(selected.model_, Xtr, y[train], method=calibration_method(options.clf),
                        folds=options.folds, random_state=seed) if options.calibrate else selected)
     seconds, t0 = time.perf_counter() - t0, time.perf_counter()
