@@ -107,6 +107,24 @@ def ceiling(backbone: Backbone, images, taps: list[str], cfg: RunConfig) -> floa
         return _rate(len(pixels), time.perf_counter() - t0)
 
 
+def decode_rate(backbone: Backbone, images, cfg: RunConfig) -> float:
+    """Images/s of the loader's work alone: decoding, resizing and collating every block as the
+    pipeline does (its decoder and draft scale), blocks spread over ``cfg.workers`` threads (one per
+    core), no model. Set against the forward alone (the ceiling), it says how much of the time the
+    pipeline spends besides the forward is decoding."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from features.blocks import BlockSource, block_ranges
+
+    source = BlockSource.of(images, backbone.pixel_transform(), cfg)
+    blocks = list(block_ranges(0, len(images), cfg.batch_size))
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="bench-decode") as pool:
+        for _ in pool.map(lambda rows: source.load(rows.start, rows.stop), blocks):
+            pass
+    return _rate(len(images), time.perf_counter() - t0)
+
+
 class _SeedStyle(Dataset):
     def __init__(self, images):
         self.images = images
@@ -380,6 +398,7 @@ def _measures(b: _Bench, ablations) -> dict:
     return {
         "ceiling": lambda: b.ceiling(b.backbone, b.taps),
         "pipeline": lambda: b.pipeline(b.backbone, b.taps),
+        "decode": lambda: decode_rate(b.backbone, b.images, b.cfg),
         **{f"ceiling:{name}": (lambda c=c: ceiling(b.backbone, b.images, b.taps, c)) for name, c in b.runtimes.items()},
         **{f"pipeline:{name}": (lambda c=c: b.pipeline(b.backbone, b.taps, runtime=c.runtime, precision=c.precision))
            for name, c in b.runtimes.items()},
@@ -443,7 +462,7 @@ def _summary(runs: dict, ablations, precisions: dict[str, str]) -> dict:
                 for name, (c, p) in keys.items()}
     fastest = max(runtimes, key=lambda name: runtimes[name]["ceiling"])
     r = {"runtimes": runtimes, "fastest_runtime": fastest, "ceiling": runtimes[fastest]["ceiling"],
-         "pipeline": med["pipeline"], "pipeline/ceiling": runtimes[fastest]["pipeline/ceiling"],
+         "pipeline": med["pipeline"], "decode": med["decode"], "pipeline/ceiling": runtimes[fastest]["pipeline/ceiling"],
          "ablations": {label: {"rate": med[label], "versus": base, "ratio": ratio(base, label)}
                        for label, _, base in ablations},
          "early_tap": {**{k: med[k] for k in ("forward_layer2", "forward_full", "pipeline_layer2", "pipeline_full")},
@@ -493,6 +512,18 @@ def run_bench(settings: BenchSettings | None = None, log=print, **fields) -> tup
     return text, r
 
 
+def _time_per_image(r: dict) -> list[str]:
+    """The torch pipeline's time per image split into the forward alone, decoding alone and the rest
+    (copies, pooling's output, the HDF5 write, waiting), each measured on its own in the same rounds."""
+    if "decode" not in r:  # a bench.json from before the decode measure
+        return []
+    torch_ceiling = r["runtimes"][TORCH]["ceiling"]
+    total, forward, decode = (1000 / r["pipeline"], 1000 / torch_ceiling, 1000 / r["decode"])
+    return [f"{'decode + resize alone (the loader, no model)':<44}{r['decode']:>8.1f}",
+            f"torch pipeline per image {total:.2f} ms = forward alone {forward:.2f} + decode alone {decode:.2f} "
+            f"+ the rest {total - forward - decode:+.2f} (copies, write, waits; negative: overlap)"]
+
+
 def _per_round(r: dict, a: str, b: str) -> str:
     """The ratio a/b in each round, for the headline ratios: how far the machine drifted."""
     rounds = r.get("rates_per_round", {})
@@ -535,6 +566,7 @@ def format_bench(r: dict) -> str:
         f"{'measure':<44}{'img/s':>8}  ratio",
         f"{'pipeline (torch, taps extract, 3 taps)':<44}{r['pipeline']:>8.1f}",
         f"{'seed-style (fp32 NCHW, one pass per tap)':<44}{r['seed_style']:>8.1f}  pipeline/seed-style = {r['pipeline'] / r['seed_style']:.1f}",
+        *_time_per_image(r),
         "torch pipeline with one optimisation off:",
     ]
     for label, a in r["ablations"].items():

@@ -1,6 +1,7 @@
 """`taps bench` end to end at toy size: every row is measured, written and formatted."""
 
 import json
+import re
 
 import pytest
 
@@ -18,6 +19,11 @@ def test_bench_measures_every_row_in_one_run(tmp_path):
              *(v for k, v in r["early_tap"].items() if not k.endswith("ratio"))]
     assert all(rate > 0 for rate in rates)
     assert 0 < r["pipeline/ceiling"] and r["early_tap"]["forward_time_ratio"] > 0
+    # the pipeline's time per image, split into the forward alone, decoding alone and the rest, adds up
+    assert r["decode"] > 0
+    ms = [float(v) for v in re.findall(r"([+-]?\d+\.\d+)(?: ms)?", text.split("torch pipeline per image ")[1].splitlines()[0])]
+    assert ms[0] == pytest.approx(ms[1] + ms[2] + ms[3], abs=0.02)
+    assert ms[2] == pytest.approx(1000 / r["decode"], abs=0.01)
     # the headline references run before and after what they are compared with; their rate is the mean
     assert set(r["bracketing_rates"]) == {"ceiling", "ceiling:openvino", "ceiling:openvino int8", "forward_full",
                                           "pipeline_full"}
