@@ -94,9 +94,9 @@ class JoinedFeatures:
     def read(self, tap: str, pooling: str) -> np.ndarray:
         return self.matrix(self.tap_key(tap, pooling))
 
-    def matrix(self, key: str) -> np.ndarray:
+    def matrix(self, key: str, *, finite: bool = False) -> np.ndarray:
         file, name = self._file(key)
-        return file.matrix(name)
+        return file.matrix(name, finite=finite)
 
     def iter_rows(self, key: str, indices: np.ndarray, shuffle_seed: int | None = None):
         file, name = self._file(key)

@@ -472,8 +472,9 @@ class FeatureFile:
         """The (N, D) float32 matrix of one tap; refuses a tap that is not completely written."""
         return self.matrix(self.tap_key(tap, pooling))
 
-    def matrix(self, key: str) -> np.ndarray:
-        """The (N, D) float32 matrix stored under ``/taps/<key>``, checked block by block."""
+    def matrix(self, key: str, *, finite: bool = False) -> np.ndarray:
+        """The (N, D) float32 matrix stored under ``/taps/<key>``, checked block by block; with
+        ``finite``, refused when a valid row holds NaN or inf (an overflow at low precision)."""
         if not self.taps[key].complete:
             raise TapsError(f"tap {key} in {self.path} is incomplete ({self.taps[key].rows_done} of "
                             f"{len(self.labels)} rows); rerun the same `taps extract` command to finish it")
@@ -484,6 +485,9 @@ class FeatureFile:
             bad = first_bad_row(X, self.valid, self._raw_errors, self._sums[key], 0, bs)
             if bad is not None:
                 raise self._damaged(key, bad)
+        if finite and (nonfinite := int((~np.isfinite(X).all(axis=1) & self.valid).sum())):
+            raise TapsError(f"tap {key} in {self.path} has {nonfinite} rows with NaN or inf; re-extract with "
+                            f"--precision fp32 --force")
         return X
 
     def iter_rows(self, key: str, indices: np.ndarray, shuffle_seed: int | None = None):

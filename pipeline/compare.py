@@ -34,7 +34,6 @@ from features.store import FeatureFile
 
 from .classifiers import get_classifier
 from .evaluate import fit_run
-from .fitdata import load_matrix
 from .fusion import AUTO, is_fused, tap_set
 from .options import FitOptions
 from .protocols import Protocol, check_protocol, make_split
@@ -260,7 +259,7 @@ def _logme_scores(features: FeatureFile, taps: list[Tap], pooling: str, protocol
     """Each single tap's LogME on seed 0's training rows (no test row is read), and its time."""
     train, _ = make_split(protocol, features.labels, features.split, 0, features.valid)
     y = features.labels[train]
-    return {t.name: round(logme(load_matrix(features, features.tap_key(t.name, pooling))[train], y), 6)
+    return {t.name: round(logme(features.matrix(features.tap_key(t.name, pooling), finite=True)[train], y), 6)
             for t in taps}
 
 

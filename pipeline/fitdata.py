@@ -2,8 +2,8 @@
 to stream it), the duplicate groups and the file's fingerprint.
 
 Everything is checked here, before a run folder is named or a split drawn: a tap spec naming
-taps made differently, NaN rows, a matrix over the memory budget that cannot stream, a file
-whose images were all skipped.
+taps made differently, NaN rows (refused by the store's read), a matrix over the memory budget
+that cannot stream, a file whose images were all skipped.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from features.pooling import matches_pooling
 from .classifiers import DEFAULT_PREPROCESS, get_classifier, streaming_classifiers
 from .fusion import AUTO, Groups, column_groups, tap_set
 from .options import FitOptions
+
+FIT_COPIES = 3  # an in-memory fit holds the float32 matrix, its standardized copy and the solver's copy
 
 
 @dataclass
@@ -41,15 +43,24 @@ class FitData:
 def read_fit_data(features: Features, tap: str, pooling: str, options: FitOptions,
                   candidates: list[str] | None = None) -> FitData:
     """Read and check what a fit of ``tap`` (one tap, a ``+`` set, or ``auto`` among ``candidates``,
-    default every complete tap of this pooling) reads."""
+    default every complete tap of this pooling) reads. In memory when the matrix fits the budget
+    (fused taps side by side, each tap's columns in ``groups``); else a single tap streams from the
+    file where the classifier can, and is refused where it cannot."""
     if not features.valid.any():
         raise TapsError(f"every image of {features.path} was skipped as undecodable ({len(features.valid)}); "
                         f"`taps info {features.path}` lists why")
     keys = tap_keys(features, tap, pooling, candidates)
-    X, groups, streaming = fit_matrix(features, keys, options)
-    if streaming and options.calibrate:
-        raise TapsError(f"--calibrate fits in memory, and tap {keys[0]} streams from the file (over the memory "
-                        f"budget); pool it smaller, raise --memory-budget or leave out --calibrate")
+    dims = {k: features.taps[k].dim for k in keys}
+    need = FIT_COPIES * np.dtype(np.float32).itemsize * int(features.valid.sum()) * sum(dims.values())
+    streaming = need > options.budget
+    if streaming:
+        _check_streaming(features, keys, options, need)
+        features.verify(keys[0])
+        X, groups = None, None
+    elif len(keys) == 1:
+        X, groups = features.matrix(keys[0], finite=True), None
+    else:
+        X, groups = np.hstack([features.matrix(k, finite=True) for k in keys]), column_groups(dims)
     return FitData(features, keys, X, groups, streaming, features.duplicate_groups(), features.fingerprint())
 
 
@@ -83,41 +94,21 @@ def _natural(key: str) -> tuple:
     return (backbone, 0, match[1], int(match[2]), int(match[3] or 1e9)) if match else (backbone, 1, tap, 0, 0)
 
 
-def matrix_bytes(n_rows: int, dim: int) -> int:
-    """Peak bytes of an in-memory fit: the float32 matrix, its standardized copy and the solver's copy."""
-    return 3 * 4 * n_rows * dim
-
-
-def load_matrix(features: Features, key: str) -> np.ndarray:
-    """The matrix of tap ``key``, refusing NaN or inf with the tap name and count."""
-    X = features.matrix(key)
-    bad = ~np.isfinite(X).all(axis=1) & features.valid
-    if bad.any():
-        raise TapsError(f"tap {key} in {features.path} has {int(bad.sum())} rows with NaN or inf; "
-                        f"re-extract with --precision fp32 --force")
-    return X
-
-
-def fit_matrix(features: Features, keys: list[str], options: FitOptions) -> tuple[np.ndarray | None, Groups | None, bool]:
-    """The matrix a fit reads (None when it streams), each tap's columns when taps are fused, and
-    whether it streams: a single tap over the memory budget streams from the file when the
-    classifier can (and is refused when it cannot); fused taps are fitted in memory."""
-    dims = {k: features.taps[k].dim for k in keys}
-    rows = int(features.valid.sum())
-    need = matrix_bytes(rows, sum(dims.values()))
-    if need <= options.budget:
-        X = load_matrix(features, keys[0]) if len(keys) == 1 else np.hstack([load_matrix(features, k) for k in keys])
-        return X, None if len(keys) == 1 else column_groups(dims), False
+def _check_streaming(features: Features, keys: list[str], options: FitOptions, need: int) -> None:
+    """Refuse a fit over the memory budget that cannot stream: fused taps, a classifier that only fits
+    in memory, preprocessing other than standardization, calibration."""
+    dim = sum(features.taps[k].dim for k in keys)
     shown = f"{need / 2 ** 20:.0f} MiB, over the budget of {options.budget / 2 ** 20:.0f} MiB"
     if len(keys) > 1:
-        raise TapsError(f"fused taps are fitted in memory, and {'+'.join(keys)} ({sum(dims.values())}-D) needs about "
+        raise TapsError(f"fused taps are fitted in memory, and {'+'.join(keys)} ({dim}-D) needs about "
                         f"{shown}; fuse fewer taps, pool them smaller, or raise --memory-budget")
     if not get_classifier(options.clf).streams:
         streaming = " or ".join(f"--clf {c}" for c in streaming_classifiers())
-        raise TapsError(f"tap {keys[0]}: an in-memory {options.clf} fit of {rows} x {dims[keys[0]]} needs about "
-                        f"{shown}; use {streaming} (streams from the HDF5 file) or raise --memory-budget")
+        raise TapsError(f"tap {keys[0]}: an in-memory {options.clf} fit of {int(features.valid.sum())} x {dim} needs "
+                        f"about {shown}; use {streaming} (streams from the HDF5 file) or raise --memory-budget")
     if options.preprocess != DEFAULT_PREPROCESS:
         raise TapsError(f"streaming fits (tap {keys[0]} is over the memory budget) standardize only; "
                         f"drop --preprocess {options.preprocess}")
-    features.verify(keys[0])
-    return None, None, True
+    if options.calibrate:
+        raise TapsError(f"--calibrate fits in memory, and tap {keys[0]} streams from the file (over the memory "
+                        f"budget); pool it smaller, raise --memory-budget or leave out --calibrate")

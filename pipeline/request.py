@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from features.joined import Features
 
 
-
 @dataclass(frozen=True, kw_only=True)
 class DatasetRequest:
     """A dataset by name (``digits``, ``caltech101``, ``folder:PATH``, ``csv:PATH``) and how to read it."""

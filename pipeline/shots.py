@@ -39,7 +39,7 @@ from features.options import ExtractOptions
 
 from .classifiers import get_classifier
 from .compare import METRIC, PlannedRow, prepare_rows
-from .fitdata import fit_matrix, tap_keys
+from .fitdata import read_fit_data
 from .fusion import AUTO, Groups, column_groups
 from .options import FitOptions
 from .protocols import Protocol, check_protocol, make_split, split_digest
@@ -237,13 +237,13 @@ def _shots(s: str) -> str:
 
 
 def _curve_row(planned: PlannedRow, fit: FitOptions, pooling: str, label: str) -> CurveRow:
-    keys = tap_keys(planned.features, planned.spec, pooling, None if planned.tap else planned.candidates)
-    X, groups, streaming = fit_matrix(planned.features, keys, fit)
-    if streaming:
+    data = read_fit_data(planned.features, planned.spec, pooling, fit, None if planned.tap else planned.candidates)
+    keys, X, groups = data.keys, data.X, data.groups
+    if data.streaming:
         raise UsageError(f"shot curves fit in memory, and tap {keys[0]} is over the memory budget; pool it smaller")
     made = [planned.features.taps[k].made_like() for k in keys]
     return CurveRow(label, X, fit, groups, auto=planned.spec == AUTO,
-                    key=digest(planned.features.fingerprint(), keys, [list(m) for m in made]))
+                    key=digest(data.fingerprint, keys, [list(m) for m in made]))
 
 
 def shot_curves(images: ImageSet, backbones: list, taps: list[str] | None, options: Sequence[FitOptions],

@@ -61,8 +61,8 @@ class PoisonedTestRows(FeatureFile):
 
     test_rows: np.ndarray = np.array([], int)
 
-    def matrix(self, key):
-        X = super().matrix(key).copy()
+    def matrix(self, key, **read):
+        X = super().matrix(key, **read).copy()
         X[self.test_rows] = np.random.default_rng(0).normal(0, 1e3, (len(self.test_rows), X.shape[1]))
         return X
 

@@ -22,16 +22,18 @@ HELP = "fit a classifier on one cached tap and score it"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from features.pooling import DEFAULT_POOLING, POOLINGS
 
+    from ..options import FitOptions
+
     add_dataset_args(p)
     add_backbone_args(p, many=True)
     p.add_argument("--tap", help="tap to fit on; taps joined by + are fused (block14+pooled); auto chooses the set "
                                  "among the file's taps on each training split (default: the standard embedding)")
     p.add_argument("--pool", default=DEFAULT_POOLING, choices=POOLINGS,
                    help="pooling the tap was extracted with (default: %(default)s)")
-    p.add_argument("--features", type=csv_tuple, help="a feature file (or several, comma-separated: one per backbone), instead of "
-                                      "finding it from the settings")
+    p.add_argument("--features", type=csv_tuple, help="a feature file (or several, comma-separated: one per "
+                                                      "backbone), instead of finding it from the settings")
     p.add_argument("--features-root", default=FEATURES_ROOT, help="where `extract` wrote (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="device for the torch solvers (default: %(default)s)")
+    p.add_argument("--device", default=FitOptions.device, help="device for the torch solvers (default: %(default)s)")
     add_fit_args(p)
 
 
