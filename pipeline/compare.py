@@ -229,7 +229,7 @@ def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | 
     settings = {"dataset": images.name, "dataset_fingerprint": images.fingerprint(),
                 "backbones": [b.name for b in backbones], "features": made_from, "taps": taps, "fuse": fuse,
                 "pooling": pooling, "protocol": str(protocol), "seeds": seeds,
-                **(fits[0].as_dict() if len(fits) == 1 else {"fits": [f.as_dict() for f in fits]})}
+                **(fits[0].settings if len(fits) == 1 else {"fits": [f.settings for f in fits]})}
     digest = settings_digest(settings)
     clfs = "+".join(f.clf for f in fits)
     out = Path(runs_root) / images.name / path_safe(f"compare__{'+'.join(b.name for b in backbones)}__{clfs}__{digest}")

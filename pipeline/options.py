@@ -89,10 +89,3 @@ class FitOptions:
         if self.hidden < 0:
             raise UsageError(f"--hidden must be 0 (a linear head) or more, not {self.hidden}")
 
-    def as_dict(self) -> dict:
-        return dict(self.settings)
-
-    def budget_bytes(self) -> int:
-        """Bytes an in-memory fit may use: ``--memory-budget``, or half the free RAM (when made)."""
-        return self.budget
-

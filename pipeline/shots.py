@@ -192,7 +192,7 @@ def _most_common(texts: list[str]) -> str:
 def _cached_point(row: CurveRow, y, train, test, *, k: int | None, attempt: int, cache: Path | None, log) -> dict:
     """:func:`fit_point`, or its earlier result from ``cache`` when the same row, draw and test split
     were fitted before."""
-    name = digest({"row": row.key or row.label, "options": row.options.as_dict(), "train": train.tolist(),
+    name = digest({"row": row.key or row.label, "options": row.options.settings, "train": train.tolist(),
                    "test": test.tolist()})
     path = None if cache is None else cache / f"{path_safe(row.label)}__{shot_name(k)}__{attempt}__{name}.npz"
     if path is not None and path.exists():
@@ -272,7 +272,7 @@ def shot_curves(images: ImageSet, backbones: list, taps: list[str] | None, optio
     pool = pool if first is None else pool[first[pool] == pool]  # distinct images only
     settings = {"dataset": images.name, "dataset_fingerprint": images.fingerprint(), "features": prepared.made_from,
                 "backbones": [b.name for b in backbones], "taps": taps, "fuse": fuse,
-                "pooling": extract_options.pooling, "protocol": str(protocol), "fits": [f.as_dict() for f in options]}
+                "pooling": extract_options.pooling, "protocol": str(protocol), "fits": [f.settings for f in options]}
     out = Path(runs_root) / images.name / path_safe(
         f"shots__{'+'.join(b.name for b in backbones)}__{'+'.join(f.clf for f in options)}__{settings_digest(settings)}")
     points = curve_points(rows, features.labels, pool, test, shots, tries, classes=features.classes,

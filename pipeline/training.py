@@ -18,14 +18,14 @@ from features.errors import TapsError, UsageError
 from features.joined import BACKBONE_SEPARATOR
 
 from .calibration import calibrate, calibration_method, expected_calibration_error
-from .classifiers import get_classifier, make_classifier, read_prompts
+from .classifiers import get_classifier, read_prompts
 from .fitdata import FitData
-from .fusion import AUTO, Groups, column_groups, fusion_transformer
+from .fusion import AUTO, Groups, column_groups
 from .metrics import score_predictions, summarize
 from .options import FitOptions
 from .protocols import split_digest
 from .results import SeedResult
-from .selection import SelectedClassifier, check_folds
+from .selection import SelectedClassifier, check_folds, selector
 from .streaming import StreamedLinear
 from .tapselect import select_taps
 from .zeroshot import TEXT_TAP, ZeroShotClassifier, zero_shot_weights
@@ -118,8 +118,9 @@ def selecting_model(data: FitData, options: FitOptions, seed: int, groups: Group
         head = ZeroShotClassifier(zero_shot_weights(data.features.attrs, data.features.classes,
                                                     read_prompts(options.prompts)))
     else:
-        head = make_classifier(options.clf, options.preprocess, options.solver, options.hidden, options.device,
-                               fuse=None if groups is None else fusion_transformer(groups, options.preprocess))
+        return selector(options.clf, options.grid, folds=options.folds, preprocess=options.preprocess,
+                        solver=options.solver, hidden=options.hidden, device=options.device, random_state=seed,
+                        groups=groups)
     return SelectedClassifier(head, param=options.param, grid=options.grid, folds=options.folds, random_state=seed)
 
 
