@@ -26,12 +26,13 @@ from .blocks import Block, prepare_forward
 from .catalog import check_dataset_matches, feature_path
 from .datasets import CONTENT_FINGERPRINT, FINGERPRINT_VERSION, ImageSet
 from .decoders import SIMPLEJPEG, get_decoder
-from .engines import engine_class
 from .errors import TapsError, UsageError
 from .files import check_output_folder, exclusive_lock
 from .identity import FileIdentity
-from .options import CHOICES, EXPORTED_RUNTIME_PRECISIONS, TORCH, VALID_PRECISIONS, ExtractOptions, RunConfig
+from .loaders import LOCAL, get_loader
+from .options import CHOICES, EXPORTED_RUNTIME_PRECISIONS, TORCH, ExtractOptions, RunConfig
 from .pooling import is_spatial, pooled_dim, recorded_pooling
+from .precisions import precisions_on
 from .progress import Progress
 from .runtime import available_memory_bytes, keep_freed_memory
 from .store import FeatureFile, FeatureWriter, tap_key, versions
@@ -82,10 +83,10 @@ def _adopt_recorded(cfg: RunConfig, options: ExtractOptions, existing: FeatureFi
     if existing is None or not existing.taps:
         return cfg
     adopted = {}
-    for name, valid in (("precision", VALID_PRECISIONS[cfg.device.type]), ("decode", CHOICES["decode"])):
+    for name, valid in (("precision", precisions_on(cfg.device.type)), ("decode", CHOICES["decode"])):
         recorded = {getattr(t, name) for t in existing.taps.values()}
         if getattr(options, name) == "auto" and len(recorded) == 1 and (value := recorded.pop()) in valid \
-                and not (name == "decode" and get_decoder(value).on_device and options.engine == "ray"):  # CPU tasks
+                and not (name == "decode" and get_decoder(value).on_device and options.engine != LOCAL):  # CPU tasks
             adopted[name] = value
     if cfg.runtime != TORCH and adopted.get("precision", cfg.precision) not in \
             EXPORTED_RUNTIME_PRECISIONS.get(cfg.runtime, (adopted.get("precision", cfg.precision),)):
@@ -113,7 +114,7 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
     :class:`features.options.ExtractOptions`. Reuses complete taps, resumes incomplete ones,
     and adds new ones to an existing file made with the same settings. ``shard=(i, n)``
     extracts the i-th of n contiguous slices into its own file (see :mod:`features.shards`).
-    The engine (``engine="ray"``, else the resolved ``loader``) changes where the work runs,
+    The loader (a :mod:`features.loaders` record: ``engine``'s when remote) changes where the work runs,
     never the file's layout.
     """
     options = dataclasses.replace(options, **settings) if options else ExtractOptions(**settings)
@@ -252,12 +253,11 @@ def _fill(writer: FeatureWriter, job: _Job, report: ExtractionReport) -> None:
         return
     start = min(writer.rows_done(keys[t.name]) for t in todo)
     start -= start % cfg.batch_size
-    name = "ray" if job.options.engine == "ray" else cfg.loader
     bar = Progress(len(job.images), f"{job.backbone.name} {','.join(t.name for t in todo)}", initial=start,
                    enabled=job.options.progress)
     t0 = time.perf_counter()
     try:
-        with engine_class(name)(job.images, job.backbone, todo, cfg) as engine, \
+        with get_loader(cfg.loader).engine_class()(job.images, job.backbone, todo, cfg) as engine, \
                 contextlib.closing(engine.blocks(start)) as blocks:
             report.compile_seconds, report.startup_seconds = engine.compile_seconds, engine.startup_seconds
             t0 = time.perf_counter()

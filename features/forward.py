@@ -26,6 +26,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from .backbones import Backbone, Tap
 from .errors import choose
 from .pooling import DEFAULT_POOLING, pool_tap
+from .precisions import get_precision
 
 COMPILE = ("auto", "on", "off")
 # `--compile auto` compiles datasets of at least this many images: a compile costs seconds
@@ -137,9 +138,8 @@ def nchw(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    dtype = get_precision(precision).dtype
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
 @dataclass

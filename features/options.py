@@ -9,49 +9,35 @@ really use. The CLI's ``choices=`` and help text come from :data:`CHOICES`.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .decoders import DECODER_REGISTRY, SIMPLEJPEG, TORCHVISION, get_decoder
 from .errors import UsageError, choose
+from .loaders import AUTO, ENGINES, LOADERS, LOCAL, default_workers, resolve_loader
 from .pooling import DEFAULT_POOLING, POOLINGS
-from .quantize import INT8
+from .precisions import FP32, INT8, PRECISIONS, auto_precision, get_precision
 from .runtime_records import RUNTIME_REGISTRY, TORCH, exported_runtimes
 
 if TYPE_CHECKING:  # imported where a device is resolved: the CLI's parser and `taps --help` never need torch
     import torch
-
-AUTO = "auto"    # an option this machine decides (features.options.ExtractOptions.resolve)
 
 # The valid values of each option, in the order help text lists them.
 FEATURES_ROOT = "feature_store"  # where extract writes feature files, one folder per dataset
 CHOICES: dict[str, tuple[str, ...]] = {
     "pooling": POOLINGS,
     "device": ("auto", "cpu", "cuda", "mps"),
-    "precision": ("auto", "fp32", "bf16", "fp16", INT8),
+    "precision": (AUTO, *PRECISIONS),
     "on_error": ("skip", "fail"),
-    "engine": ("local", "ray"),
-    "loader": ("auto", "inline", "workers", "replicas"),
+    "engine": ENGINES,
+    "loader": LOADERS,
     "compile": ("auto", "on", "off"),
     "decode": ("auto", *DECODER_REGISTRY),
     "runtime": (*RUNTIME_REGISTRY, AUTO),
 }
-# The precisions a torch forward can run on each device type (what ``auto`` may adopt from a file).
-VALID_PRECISIONS: dict[str, tuple[str, ...]] = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16", "bf16"),
-                                                "mps": ("fp32", "fp16")}
 # The runtimes that run taps' ONNX export (features.runtimes) and the precisions each runs on the CPU.
 EXPORTED_RUNTIME_PRECISIONS: dict[str, tuple[str, ...]] = {n: r.precisions for n, r in exported_runtimes().items()}
-# `--loader auto` runs replicas on CPU datasets at least this large: below it their start-up
-# (spawning processes, building and compiling one model each) outweighs what they save.
-REPLICAS_MIN_IMAGES = 20_000
-
-
-def default_workers() -> int:
-    """One per core this process may use, at most 8."""
-    return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
-
 
 @dataclass(frozen=True, kw_only=True)
 class ExtractOptions:
@@ -63,20 +49,20 @@ class ExtractOptions:
     """
 
     pooling: str = DEFAULT_POOLING
-    device: str = "auto"
-    precision: str = "auto"
+    device: str = AUTO
+    precision: str = AUTO
     batch_size: int = 64
     workers: int | None = None
     channels_last: bool = True
     on_error: str = "skip"
     draft: bool = True            # JPEGs decode at a reduced DCT scale that still covers the resize
-    loader: str = "auto"
-    compile: str = "auto"
-    decode: str = "auto"
+    loader: str = AUTO
+    compile: str = AUTO
+    decode: str = AUTO
     runtime: str = TORCH  # onnxruntime | openvino: the extractor exported to ONNX (features.runtimes), on
     # the CPU; auto: the fastest installed runtime on a calibration batch (on the CPU; on a GPU, torch)
     retime: bool = False  # auto: time the runtimes again instead of reusing this CPU's recorded choice
-    engine: str = "local"
+    engine: str = LOCAL
     ray_address: str | None = None
     gpus_per_worker: float = 0.0
     out: Path | str = FEATURES_ROOT
@@ -97,14 +83,15 @@ class ExtractOptions:
         if self.gpus_per_worker < 0:
             raise UsageError(f"--gpus-per-worker must be 0 or more, not {self.gpus_per_worker}")
         precisions = EXPORTED_RUNTIME_PRECISIONS.get(self.runtime)
-        if precisions and (self.device not in ("auto", "cpu") or self.gpus_per_worker
-                           or self.precision not in ("auto", *precisions)):
+        if precisions and (self.device not in (AUTO, "cpu") or self.gpus_per_worker
+                           or self.precision not in (AUTO, *precisions)):
             spelled = " or ".join([", ".join(precisions[:-1]), precisions[-1]] if len(precisions) > 1 else precisions)
             raise UsageError(f"--runtime {self.runtime} runs the forward on the CPU in {spelled}; "
-                             "drop --device, --gpus-per-worker and --precision, or use --runtime torch")
-        if self.precision == INT8 and (self.runtime == TORCH or self.engine == "ray" or self.shard):
-            raise UsageError("--precision int8 runs a post-training quantised export on the CPU, locally: use "
-                             "--runtime openvino (or auto), without --engine ray or --shard")
+                             f"drop --device, --gpus-per-worker and --precision, or use --runtime {TORCH}")
+        if self.precision == INT8 and (self.runtime == TORCH or self.engine != LOCAL or self.shard):
+            quantizing = " or ".join(n for n, r in exported_runtimes().items() if INT8 in r.precisions)
+            raise UsageError(f"--precision {INT8} runs a post-training quantised export on the CPU, locally: use "
+                             f"--runtime {quantizing} (or {AUTO}), without --engine {' or '.join(e for e in ENGINES if e != LOCAL)} or --shard")
         _check_decoder_engine(self.decode, self.engine)
 
     def resolve(self, n_images: int) -> RunConfig:
@@ -113,14 +100,15 @@ class ExtractOptions:
         device = resolve_device("cpu" if exported else self.device)
         precision = resolve_precision(self.precision, device)
         if exported and precision not in exported:  # auto on a bf16 CPU, for a runtime that runs fp32 only
-            precision = "fp32"
+            precision = FP32
         runtime = TORCH if self.runtime == AUTO and (device.type != "cpu" or self.gpus_per_worker) else self.runtime
-        if runtime == TORCH and precision == INT8:  # auto on an accelerator: torch, which quantises nothing
-            precision = "fp32"
+        if runtime == TORCH and get_precision(precision).quantized:  # auto on an accelerator: torch quantises nothing
+            precision = FP32
         return RunConfig(pooling=self.pooling, device=device, precision=precision, runtime=runtime,
                          workers=default_workers() if self.workers is None else self.workers,
                          channels_last=self.channels_last, on_error=self.on_error, draft=self.draft,
-                         loader=resolve_loader(self.loader, device, n_images), compile=self.compile,
+                         loader=resolve_loader(self.loader if self.engine == LOCAL else self.engine, device.type,
+                                               n_images), compile=self.compile,
                          decode=resolve_decode(self.decode, device, self.engine), batch_size=self.batch_size,
                          actors=self.workers, ray_address=self.ray_address, gpus_per_worker=self.gpus_per_worker)
 
@@ -138,7 +126,7 @@ class RunConfig:
     channels_last: bool
     on_error: str
     draft: bool
-    loader: str = "inline"      # inline | workers | replicas
+    loader: str                 # a features.loaders record: where decoding and the forward run
     compile: str = "off"        # auto | on | off (decided by dataset size, see features.forward)
     runtime: str = TORCH        # torch | onnxruntime | openvino | auto (decided by features.runtimes.resolve_runtime)
     runtime_rates: str = ""     # auto: what the calibration timing measured, recorded beside the choice
@@ -167,44 +155,23 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: fp16 autocast on CUDA, bf16 on CPUs with native bf16 kernels, else fp32."""
-    import torch
-
+    """``auto``: the precision whose record's rule picks it on ``device`` (:mod:`features.precisions`)."""
     choose("--precision", precision, CHOICES["precision"])
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "fp16"
-    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return "bf16"
-    return "fp32"
-
-
-def resolve_loader(loader: str, device: torch.device, n_images: int) -> str:
-    """``auto``: on CPUs with 2+ cores, replicas for datasets large enough to repay their start-up
-    (see :data:`REPLICAS_MIN_IMAGES`), else inline; worker processes on accelerators."""
-    choose("--loader", loader, CHOICES["loader"])
-    if loader == "replicas" and device.type != "cpu":
-        raise UsageError(f"--loader replicas runs one model per CPU core, not on {device.type}; "
-                         "use --loader auto or workers there")
-    if loader != "auto":
-        return loader
-    if device.type != "cpu":
-        return "workers"
-    return "replicas" if n_images >= REPLICAS_MIN_IMAGES and default_workers() >= 2 else "inline"
+    return auto_precision(device) if precision == AUTO else precision
 
 
 def resolve_decode(decode: str, device: torch.device, engine: str) -> str:
     """``auto``: torchvision (nvJPEG) on CUDA in the local engine, else simplejpeg (Ray decodes in CPU tasks)."""
     choose("--decode", decode, CHOICES["decode"])
     _check_decoder_engine(decode, engine)
-    if decode != "auto":
+    if decode != AUTO:
         return decode
-    return TORCHVISION if device.type == "cuda" and engine == "local" else SIMPLEJPEG
+    return TORCHVISION if device.type == "cuda" and engine == LOCAL else SIMPLEJPEG
 
 
 def _check_decoder_engine(decode: str, engine: str) -> None:
-    if decode in DECODER_REGISTRY and get_decoder(decode).on_device and engine == "ray":
+    # a remote engine decodes in CPU tasks, away from the model's device
+    if decode in DECODER_REGISTRY and get_decoder(decode).on_device and engine != LOCAL:
         cpu = " or ".join(name for name, d in DECODER_REGISTRY.items() if not d.on_device)
-        raise UsageError(f"--decode {decode} decodes on the model's device in the local engine; "
-                         f"with --engine ray use --decode {cpu}")
+        raise UsageError(f"--decode {decode} decodes on the model's device in the {LOCAL} engine; "
+                         f"with --engine {engine} use --decode {cpu}")

@@ -35,11 +35,11 @@ import numpy as np
 
 from .errors import UsageError
 from .files import digest, file_sha256
+from .precisions import FP32, INT8
 
 CALIBRATION_IMAGES = 300  # nncf.quantize's default subset_size
 HELD_OUT_IMAGES = 64
 MIN_COSINE = 0.9
-INT8 = "int8"
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ def prepare_int8(runtime, source: Path, names: list[str], calibration: Calibrati
     getattr(importlib.import_module(module), function)(source, partial, batches)
     quantize_seconds = time.perf_counter() - t0
     held_out = calibration.pixels(calibration.held_out if len(calibration.held_out) else calibration.calibration)
-    checked = agreement(open_session(source, "fp32")(held_out), open_session(partial, INT8)(held_out), names)
+    checked = agreement(open_session(source, FP32)(held_out), open_session(partial, INT8)(held_out), names)
     partial.with_suffix(".bin").replace(target.with_suffix(".bin"))
     partial.replace(target)
     record = {"sha256": file_sha256(target.with_suffix(".bin")), "calibration": calibration.record(),

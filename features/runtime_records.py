@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import UsageError
+from .precisions import BF16, FP16, FP32, INT8
 
 AUTO = "auto"  # --runtime auto: the fastest installed runtime on a calibration batch
 
@@ -72,8 +73,8 @@ def exported_runtimes() -> dict[str, Runtime]:
     return {name: r for name, r in RUNTIME_REGISTRY.items() if r.exported}
 
 
-TORCH = register_runtime(Runtime("torch", ("fp32", "bf16", "fp16"))).name
-ONNXRUNTIME = register_runtime(Runtime("onnxruntime", ("fp32",), "onnxruntime", "onnx",
+TORCH = register_runtime(Runtime("torch", (FP32, BF16, FP16))).name
+ONNXRUNTIME = register_runtime(Runtime("onnxruntime", (FP32,), "onnxruntime", "onnx",
                                        "features.runtimes:open_onnxruntime"))
-OPENVINO = register_runtime(Runtime("openvino", ("fp32", "bf16", "int8"), "openvino", "openvino",
+OPENVINO = register_runtime(Runtime("openvino", (FP32, BF16, INT8), "openvino", "openvino",
                                     "features.runtimes:open_openvino", "features.quantize:quantize_openvino"))

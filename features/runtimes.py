@@ -38,7 +38,8 @@ from .export import (
     reference_outputs,
 )
 from .files import digest, file_sha256
-from .quantize import INT8, MIN_COSINE, CalibrationSet, low_agreement, prepare_int8
+from .precisions import BF16, FP32, INT8
+from .quantize import MIN_COSINE, CalibrationSet, low_agreement, prepare_int8
 from .runtime import cpu_description
 from .runtime_records import AUTO, ONNXRUNTIME, OPENVINO, TORCH, exported_runtimes
 
@@ -63,9 +64,9 @@ def open_onnxruntime(path: Path, names: list[str], precision: str, threads: int)
 def open_openvino(path: Path, names: list[str], precision: str, threads: int) -> Session:
     ov = OPENVINO.module()
     core = ov.Core()
-    if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+    if precision == BF16 and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         raise UsageError("--runtime openvino --precision bf16 needs a CPU with bf16 support (AVX512_BF16 or AMX); "
-                         "use --precision fp32")
+                         f"use --precision {FP32}")
     # THROUGHPUT: several streams when there are cores for them; a batch is split across their
     # requests, run at once and put back together in order.
     # No pinning when the process gets fewer threads than the machine has cores: one-thread
@@ -77,7 +78,7 @@ def open_openvino(path: Path, names: list[str], precision: str, threads: int) ->
         "CACHE_DIR": str(cache_dir() / "openvino-compiled"), "PERFORMANCE_HINT": "THROUGHPUT",
         "INFERENCE_NUM_THREADS": threads, "ENABLE_CPU_PINNING": threads >= cores,
         # int8: the quantised graph carries its own int8 ops; what is left runs in f32
-        "INFERENCE_PRECISION_HINT": {"fp32": "f32", "int8": "f32"}.get(precision, precision)})
+        "INFERENCE_PRECISION_HINT": "f32" if precision in (FP32, INT8) else precision})
     outputs = [compiled.output(n) for n in names]
     # Plain requests, no AsyncInferQueue callbacks: a callback holding the last reference to the
     # compiled model lets one of OpenVINO's own threads destroy (and join) itself, which aborts.
@@ -105,7 +106,7 @@ class ExportedForward:
     session: Session
     names: list[str]
     runtime: str
-    precision: str = "fp32"
+    precision: str = FP32
     compile_seconds: float = 0.0
     device: torch.device = torch.device("cpu")
 
@@ -114,7 +115,7 @@ class ExportedForward:
         return dict(zip(self.names, (np.asarray(o, np.float32) for o in self.session(x)), strict=True))
 
 
-def load_exported(runtime: str, path: Path | str, names: list[str], precision: str = "fp32") -> ExportedForward:
+def load_exported(runtime: str, path: Path | str, names: list[str], precision: str = FP32) -> ExportedForward:
     """``runtime``'s session on the export at ``path``, with as many threads as torch is given here
     (the cores this engine gives the model: all of them inline, one per replica)."""
     return ExportedForward(RUNTIMES[runtime].open()(Path(path), names, precision, torch.get_num_threads()), names,
@@ -186,8 +187,8 @@ def runtime_precision(runtime: str, precision: str) -> str:
     """The precision ``runtime`` runs a ``precision`` request in: its own when it has it, else fp32
     (torch runs no int8: post-training quantisation is the exported runtimes')."""
     if runtime == TORCH:
-        return "fp32" if precision == INT8 else precision
-    return precision if precision in RUNTIMES[runtime].precisions else "fp32"
+        return FP32 if precision == INT8 else precision
+    return precision if precision in RUNTIMES[runtime].precisions else FP32
 
 
 def with_int8(cfg, names: list[str], calibration: Callable[[], CalibrationSet] | None):

@@ -36,17 +36,19 @@ from features.datasets import FileImageSet, folder_dataset
 from features.decoders import PIL, TORCHVISION
 from features.engines.replicas import ReplicaEngine
 from features.extract import dataset_calibration, extract
-from features.options import (
-    FEATURES_ROOT,
+from features.loaders import (
+    AUTO,
+    INLINE,
+    REPLICAS,
     REPLICAS_MIN_IMAGES,
-    RunConfig,
+    WORKERS,
     default_workers,
-    resolve_device,
+    get_loader,
     resolve_loader,
-    resolve_precision,
 )
+from features.options import FEATURES_ROOT, RunConfig, resolve_device, resolve_precision
 from features.pooling import DEFAULT_POOLING
-from features.quantize import INT8
+from features.precisions import FP32, INT8
 from features.runtime import cpu_description, keep_freed_memory
 from features.runtime_records import TORCH, get_runtime
 from features.runtimes import installed_runtimes, prepare_export, runtime_precision, with_int8
@@ -89,9 +91,9 @@ def _rate(n: int, seconds: float) -> float:
 def ceiling(backbone: Backbone, images, taps: list[str], cfg: RunConfig) -> float:
     """Forward-only images/s: the pipeline's own extractor (same taps, pooling, precision, layout,
     compilation, processes and threads) on preprocessed uint8 batches already in memory: only
-    loading and writing are missing. With ``cfg.loader == "replicas"`` every replica runs its share at once."""
+    loading and writing are missing. With replicas every replica runs its share at once."""
     resolved = backbone.resolve_taps(taps)
-    if cfg.loader == "replicas":
+    if cfg.loader == REPLICAS:
         with ReplicaEngine(images, backbone, resolved, cfg) as pool:
             return pool.forward_rate(0, len(images))
     crop, bs = backbone.pixel_transform(), cfg.batch_size
@@ -227,6 +229,7 @@ def stage_two_times(features_root: str, reference: bool, quick: bool = False) ->
     from features.store import FeatureFile
 
     from .classifiers import referenced_classifiers
+    from .options import FitOptions
     from .protocols import make_split, parse_protocol
     from .selection import selector
 
@@ -251,7 +254,7 @@ def stage_two_times(features_root: str, reference: bool, quick: bool = False) ->
     for record in referenced_classifiers():
         clf = record.name
         t0 = time.perf_counter()
-        selected = selector(clf, list(record.grid)).fit(X[train], y[train])
+        selected = selector(FitOptions(clf=clf)).fit(X[train], y[train])
         model, value = selected.model_, selected.chosen_
         seconds = time.perf_counter() - t0
         acc = balanced_accuracy_score(y[test], model.predict(X[test]))
@@ -343,7 +346,7 @@ def _prepare(s: BenchSettings, work: Path) -> _Bench:
     images, source = bench_images(s.images, s.data_root, work)
     cfg = RunConfig(pooling=DEFAULT_POOLING, device=dev, precision=resolve_precision(s.precision, dev), workers=default_workers(),
                     channels_last=True, on_error="skip", draft=True, compile=s.compile, batch_size=s.batch_size,
-                    loader="inline" if s.quick else resolve_loader("auto", dev, max(s.images, REPLICAS_MIN_IMAGES)))
+                    loader=INLINE if s.quick else resolve_loader(AUTO, dev.type, max(s.images, REPLICAS_MIN_IMAGES)))
     # (the loader a large run gets here: the bench measures that one)
     return _Bench(s, bb, _offline_or_random("resnet18"), taps, images, source, cfg, work,
                   _exported_runtimes(s, bb, taps, cfg, images))
@@ -378,19 +381,19 @@ def _ablations(b: _Bench) -> list[tuple[str, dict, str]]:
     """(label, change, the measure it is compared with). Under torch.compile the input layout is
     Inductor's choice, so channels_last is measured where it acts: in the eager pass."""
     prec, loader = b.cfg.precision, b.cfg.loader
-    loaders = ([("inline loader: one process, all cores", {"loader": "inline"}, "pipeline")]
-               if loader == "replicas" else [("one decode thread", {"workers": 0}, "pipeline")])
-    ablations = [("fp32 instead of " + prec, {"precision": "fp32"}, "pipeline"),
+    loaders = ([(f"{INLINE} loader: one process, all cores", {"loader": INLINE}, "pipeline")]
+               if loader == REPLICAS else [("one decode thread", {"workers": 0}, "pipeline")])
+    ablations = [(f"{FP32} instead of {prec}", {"precision": FP32}, "pipeline"),
                  ("no JPEG draft decoding", {"draft": False}, "pipeline"),
                  *loaders,
-                 ("DataLoader processes decoding alongside", {"loader": "workers"}, "pipeline"),
+                 ("DataLoader processes decoding alongside", {"loader": WORKERS}, "pipeline"),
                  ("PIL decode + box resize (not simplejpeg)", {"decode": PIL}, "pipeline"),
                  ("torchvision decode_jpeg + tensor resize", {"decode": TORCHVISION}, "pipeline"),
                  (EAGER, {"compile": "off"}, "pipeline"),
                  ("eager, NCHW instead of channels_last", {"compile": "off", "channels_last": False}, EAGER)]
     if b.settings.compile == "off":
         ablations = ablations[:-2] + [("NCHW instead of channels_last", {"channels_last": False}, "pipeline")]
-    return [a for a in ablations if not (a[0].startswith("fp32") and prec == "fp32")]
+    return [a for a in ablations if not (a[1].get("precision") == prec)]
 
 
 def _measures(b: _Bench, ablations) -> dict:
@@ -552,8 +555,8 @@ def format_bench(r: dict) -> str:
     small, large = sorted(rss, key=int)
     lines = [
         f"taps bench: {r['backbone']} ({r['weights']}), {r['images']}, batch {r['batch_size']}, {r['device']} "
-        f"{r['precision']}, " + (f"{r['workers']} one-thread replicas" if r.get("loader") == "replicas" else
-                                 f"{r['workers']} decode threads") + f", {r['cores']} cores, torch {r['torch']}, "
+        f"{r['precision']}, {r['workers']} {get_loader(r.get('loader', INLINE)).workers}, {r['cores']} cores, "
+        f"torch {r['torch']}, "
         f"torch.compile {r['compile']}" + (f" ({max(r['compile_seconds']):.0f} s at most per run, not in the rates)"
                                            if r.get("compile_seconds") else ""),
         f"taps: {', '.join(r['taps'])}; rates: median of {r['rounds']} interleaved rounds (seed-style: one); "

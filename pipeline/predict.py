@@ -25,6 +25,7 @@ from features.decoders import LEGACY_DECODER
 from features.errors import TapsError, UsageError
 from features.files import file_sha256
 from features.joined import owner
+from features.loaders import AUTO, INLINE
 from features.options import TORCH, RunConfig, resolve_device, resolve_precision
 from features.pooling import DEFAULT_POOLING, UNPOOLED
 from features.store import FeatureFile
@@ -164,8 +165,8 @@ class _Pass:
                             f"cannot reproduce; re-extract them together with `taps extract --force` and refit")
         dev = resolve_device(device)
         cfg = RunConfig(pooling=spatial.pop() if spatial else DEFAULT_POOLING, device=dev,
-                        precision=f.precision or resolve_precision("auto", dev), workers=0, channels_last=True,
-                        on_error="skip", draft=True, loader="inline", compile="off",
+                        precision=f.precision or resolve_precision(AUTO, dev), workers=0, channels_last=True,
+                        on_error="skip", draft=True, loader=INLINE, compile="off",
                         decode=f.decode or LEGACY_DECODER,  # runs from before the decoder was recorded
                         runtime=runtime)
         # every tap of this backbone in one pass, by the runtime that made them

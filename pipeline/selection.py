@@ -13,8 +13,9 @@ from sklearn.pipeline import Pipeline
 from sklearn.utils._param_validation import HasMethods, Interval
 from sklearn.utils.validation import check_is_fitted
 
-from .classifiers import DEFAULT_PREPROCESS, DEFAULT_SOLVER, get_classifier, make_classifier
+from .classifiers import make_classifier
 from .fusion import Groups, fusion_transformer
+from .options import FitOptions
 
 
 def cv_folds(y: np.ndarray, folds: int, n_grid: int) -> int:
@@ -128,12 +129,10 @@ def _with(model, param: str, value: float):
     return model
 
 
-def selector(clf: str, grid: list[float], *, folds: int = 3, preprocess: str = DEFAULT_PREPROCESS, solver: str = DEFAULT_SOLVER,
-             hidden: int = 0, device: str = "auto", random_state: int = 0,
-             groups: Groups | None = None) -> SelectedClassifier:
-    """The selecting estimator of an in-memory fit: preprocessing + head, C or weight decay by CV.
-    With ``groups`` (a fused matrix's taps) the preprocessing runs on each tap's columns apart."""
-    model = make_classifier(clf, preprocess, solver, hidden, device,
-                            fuse=None if groups is None else fusion_transformer(groups, preprocess))
-    return SelectedClassifier(model,
-                              param=get_classifier(clf).param, grid=grid, folds=folds, random_state=random_state)
+def selector(options: FitOptions, *, random_state: int = 0, groups: Groups | None = None) -> SelectedClassifier:
+    """The selecting estimator of an in-memory fit with ``options``: preprocessing + head, C or weight
+    decay by CV. With ``groups`` (a fused matrix's taps) the preprocessing runs on each tap's columns apart."""
+    model = make_classifier(options.clf, options.preprocess, options.solver, options.hidden, options.device,
+                            fuse=None if groups is None else fusion_transformer(groups, options.preprocess))
+    return SelectedClassifier(model, param=options.param, grid=options.grid, folds=options.folds,
+                              random_state=random_state)

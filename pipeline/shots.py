@@ -122,9 +122,7 @@ def fit_point(row: CurveRow, y: np.ndarray, train: np.ndarray, test: np.ndarray,
         cols = np.concatenate([np.arange(*groups[t]) for t in taps])
         X = X[:, cols]
         groups = column_groups({t: groups[t][1] - groups[t][0] for t in taps}) if len(taps) > 1 else None
-    model = selector(options.clf, options.grid, folds=options.folds, preprocess=options.preprocess,
-                     solver=options.solver, hidden=options.hidden, device=options.device, random_state=seed,
-                     groups=groups).fit(X[train], y[train])
+    model = selector(options, random_state=seed, groups=groups).fit(X[train], y[train])
     selection = model.selection_
     if len(row.options.grid) > 1 and len(options.grid) == 1:
         selection = f"fixed {options.param}={options.grid[0]:g} (1 image of a class leaves no fold to choose by)"

@@ -18,7 +18,7 @@ from features.errors import TapsError, UsageError
 from features.joined import BACKBONE_SEPARATOR
 
 from .calibration import calibrate, calibration_method, expected_calibration_error
-from .classifiers import get_classifier, read_prompts
+from .classifiers import get_classifier, parse_preprocess, read_prompts
 from .fitdata import FitData
 from .fusion import AUTO, Groups, column_groups
 from .metrics import score_predictions, summarize
@@ -48,7 +48,7 @@ class TapEvaluation:
 
 def fit_seeds(data: FitData, splits: list[Split], options: FitOptions, tap: str) -> TapEvaluation:
     """Fit and score ``tap`` (its spec: one tap, a ``+`` set or ``auto``) on each split, seed s on split s."""
-    _check_pca(options, min(data.features.taps[k].dim for k in data.keys), min(len(train) for train, _ in splits))
+    _check_counts(options, min(data.features.taps[k].dim for k in data.keys), min(len(train) for train, _ in splits))
     for train, _ in splits:
         if len(np.unique(data.features.labels[train])) < 2:
             raise TapsError(f"the training split of tap {tap} has one class ({len(train)} samples); "
@@ -118,22 +118,19 @@ def selecting_model(data: FitData, options: FitOptions, seed: int, groups: Group
         head = ZeroShotClassifier(zero_shot_weights(data.features.attrs, data.features.classes,
                                                     read_prompts(options.prompts)))
     else:
-        return selector(options.clf, options.grid, folds=options.folds, preprocess=options.preprocess,
-                        solver=options.solver, hidden=options.hidden, device=options.device, random_state=seed,
-                        groups=groups)
+        return selector(options, random_state=seed, groups=groups)
     return SelectedClassifier(head, param=options.param, grid=options.grid, folds=options.folds, random_state=seed)
 
 
-def _check_pca(options: FitOptions, dim: int, n_train: int) -> None:
-    """PCA keeps at most min(features, training samples) components (fewer inside a CV fold)."""
-    for part in options.preprocess.split(","):
-        if part.strip().startswith("pca:"):
-            k = int(part.strip()[4:])
-            limit = min(dim, n_train * (options.folds - 1) // options.folds if len(options.grid) > 1 else n_train)
-            if k > limit:
-                raise UsageError(f"--preprocess {part.strip()} asks for more components than this fit can have: at "
-                                 f"most {limit} ({dim}-D tap, {n_train} training samples"
-                                 f"{', less a CV fold' if len(options.grid) > 1 else ''}); lower K")
+def _check_counts(options: FitOptions, dim: int, n_train: int) -> None:
+    """A preprocessing step that keeps K components (PCA) keeps at most min(features, training
+    samples) of them (fewer inside a CV fold)."""
+    for record, k in parse_preprocess(options.preprocess):
+        limit = min(dim, n_train * (options.folds - 1) // options.folds if len(options.grid) > 1 else n_train)
+        if record.count and k > limit:
+            raise UsageError(f"--preprocess {record.name}:{k} asks for more components than this fit can have: at "
+                             f"most {limit} ({dim}-D tap, {n_train} training samples"
+                             f"{', less a CV fold' if len(options.grid) > 1 else ''}); lower K")
 
 
 def _columns(X: np.ndarray, groups: Groups, keys: list[str]) -> tuple[np.ndarray, Groups]:

@@ -18,7 +18,7 @@ from features.datasets import load_dataset
 from features.errors import UsageError
 from features.extract import extract
 from features.forward import build_extractor, forward_taps, resolve_compile
-from features.options import REPLICAS_MIN_IMAGES, resolve_loader
+from features.loaders import REPLICAS_MIN_IMAGES, resolve_loader
 from features.pooling import pool
 from features.store import FeatureFile
 
@@ -171,14 +171,16 @@ def test_compile_and_loader_choices(monkeypatch):
         assert not resolve_compile("on", cpu, 10)
     with pytest.raises(UsageError, match="valid: auto, on, off"):
         resolve_compile("fast", cpu, 10)
-    assert resolve_loader("auto", torch.device("cuda"), 10**6) == "workers"
-    assert resolve_loader("workers", cpu, 10) == "workers"
-    assert resolve_loader("auto", cpu, REPLICAS_MIN_IMAGES - 1) == "inline"
+    assert resolve_loader("auto", "cuda", 10**6) == "workers"
+    assert resolve_loader("workers", "cpu", 10) == "workers"
+    assert resolve_loader("auto", "cpu", REPLICAS_MIN_IMAGES - 1) == "inline"
     for cores, expected in [(2, "replicas"), (1, "inline")]:  # one core: nothing to run in parallel
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=cores: set(range(cores)))
-        assert resolve_loader("auto", cpu, REPLICAS_MIN_IMAGES) == expected
-    with pytest.raises(UsageError, match="--loader replicas runs one model per CPU core, not on cuda"):
-        resolve_loader("replicas", torch.device("cuda"), 10)
+        assert resolve_loader("auto", "cpu", REPLICAS_MIN_IMAGES) == expected
+    with pytest.raises(UsageError, match="--loader replicas runs on cpu, not on cuda"):
+        resolve_loader("replicas", "cuda", 10)
+    with pytest.raises(UsageError, match="valid: auto, inline, workers, replicas"):  # ray is --engine's
+        resolve_loader("ray", "cpu", 10)
 
 
 def test_other_decoders_match_pil_and_keep_the_error_handling(tmp_path, image_folder, cpu_run):

@@ -9,6 +9,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from pipeline.classifiers import make_classifier
 from pipeline.heads import KNNProbe, LinearSVM, SoftmaxRegression, TorchLinearHead
+from pipeline.options import FitOptions
 from pipeline.selection import SelectedClassifier, selector
 
 
@@ -64,16 +65,16 @@ def test_linear_head_pickles_and_predicts_proba(tmp_path):
 
 def test_selection_records_its_cv_and_refits_the_chosen_value_on_all_the_data():
     X, y = make_classification(n_samples=120, n_features=20, n_informative=8, n_classes=3, random_state=0)
-    selected = selector("logreg", [1e-3, 1e-1, 10.0], folds=50, device="cpu").fit(X, y)
+    selected = selector(FitOptions(clf="logreg", grid=[1e-3, 1e-1, 10.0], folds=50, device="cpu")).fit(X, y)
     smallest = int(np.bincount(y).min())
     assert selected.cv_folds_ == smallest and selected.selection_.startswith(f"{smallest}-fold CV (asked for 50")
     assert len(selected.cv_scores_) == 3 and selected.chosen_ == [1e-3, 1e-1, 10.0][int(np.argmax(selected.cv_scores_))]
     refit = make_classifier("logreg", device="cpu", C=selected.chosen_).fit(X, y)
     assert np.array_equal(selected.predict(X), refit.predict(X))
-    fixed = selector("logreg", [0.5], device="cpu").fit(X, y)
+    fixed = selector(FitOptions(clf="logreg", grid=[0.5], device="cpu")).fit(X, y)
     assert fixed.cv_folds_ == 1 and fixed.cv_scores_ is None and fixed.chosen_ == 0.5
     with pytest.raises(ValueError, match="at least 2 training images in every class, but the smallest class has 1"):
-        selector("logreg", [0.1, 1.0]).fit(X[:4], [0, 1, 2, 2])
+        selector(FitOptions(clf="logreg", grid=[0.1, 1.0])).fit(X[:4], [0, 1, 2, 2])
     with pytest.raises(ValueError, match="'folds' parameter"):  # scikit-learn's parameter validation
         SelectedClassifier(make_classifier("logreg"), folds=1).fit(X, y)
 

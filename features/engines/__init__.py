@@ -1,21 +1,15 @@
-"""Engines: where decoding and the frozen forward run. One interface, four sources.
+"""Engines: where decoding and the frozen forward run. One interface, a source per loader.
 
 Every engine is built from (images, backbone, taps, resolved run config), is a context
 manager, and yields :class:`features.blocks.Block` objects in sample order from a
 block-aligned start; the write loop in :mod:`features.extract` is the same for all.
 
-- ``inline``: one model on all cores; each block decoded on threads between forward passes.
-- ``workers``: DataLoader processes decode ahead while an accelerator computes.
-- ``replicas``: one single-threaded model per CPU core in spawned processes.
-- ``ray``: Ray Data tasks decode, a pool of Ray actors embeds (the optional extra ``taps[ray]``).
-
-The registry maps a name to its module, imported on first use: Ray is optional, and no
-engine imports another.
+Each is declared once, as a :mod:`features.loaders` record that names its class here, imported
+on first use: Ray is optional, and no engine imports another.
 """
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
@@ -23,13 +17,6 @@ from ..backbones import Backbone, Tap
 from ..blocks import Block
 from ..datasets import ImageSet
 from ..options import RunConfig
-
-ENGINES: dict[str, tuple[str, str]] = {
-    "inline": (".local", "InlineEngine"),
-    "workers": (".local", "WorkersEngine"),
-    "replicas": (".replicas", "ReplicaEngine"),
-    "ray": (".ray", "RayEngine"),
-}
 
 
 class Engine(ABC):
@@ -54,9 +41,3 @@ class Engine(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def engine_class(name: str) -> type[Engine]:
-    """The engine registered under ``name`` (inline, workers, replicas, ray)."""
-    module, cls = ENGINES[name]
-    return getattr(importlib.import_module(module, __name__), cls)

@@ -1,5 +1,5 @@
 """The engines of one process and one model: ``inline`` (the CPU default below
-:data:`features.options.REPLICAS_MIN_IMAGES`) and ``workers`` (the default on accelerators)."""
+:data:`features.loaders.REPLICAS_MIN_IMAGES`) and ``workers`` (the default on accelerators)."""
 
 from __future__ import annotations
 

@@ -23,7 +23,8 @@ def _runtime_list(text: str) -> tuple[str, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from features.options import CHOICES
+    from features.options import AUTO, CHOICES
+    from features.precisions import BF16, FP32
 
     p.add_argument("--backbone", default=DEFAULT_BACKBONE)
     p.add_argument("--images", type=int, default=1000,
@@ -38,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; rates and ratios are medians over rounds (default: %(default)s)")
     p.add_argument("--compile", default="on", choices=("on", "off"),
                    help="torch.compile in the pipeline and the ceiling (default: %(default)s)")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+    p.add_argument("--precision", default=AUTO, choices=(AUTO, FP32, BF16),
                    help="fp32 shows what a CPU without bf16 kernels runs (default: %(default)s)")
     p.add_argument("--runtimes", type=_runtime_list, default=None,
                    help="exported runtimes measured beside torch, comma-separated, or none (default: every installed one)")
