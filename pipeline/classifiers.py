@@ -137,10 +137,15 @@ register_preprocess(Preprocess("pca", (("pca_standard", "sklearn.preprocessing:S
                                        ("pca", "sklearn.decomposition:PCA", {"random_state": 0})), count="n_components"))
 
 
+def preprocess_spellings() -> list[str]:
+    """How each record is written in ``--preprocess`` (``NAME:K`` where it takes a count)."""
+    return [f"{n}:K" if p.count else n for n, p in PREPROCESS_REGISTRY.items()]
+
+
 def parse_preprocess(spec: str) -> list[tuple[Preprocess, int | None]]:
     """``standard`` (default), ``l2``, ``none``, ``pca:K``, or a comma list applied in order
     (``l2,standard``) -> each record with its K; refuses what is not one."""
-    valid = ", ".join(f"{n}:K" if p.count else n for n, p in PREPROCESS_REGISTRY.items())
+    valid = ", ".join(preprocess_spellings())
     parsed = []
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
         name, colon, argument = part.partition(":")

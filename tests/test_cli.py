@@ -145,7 +145,7 @@ except SystemExit:
 print(sorted({"torch", "torchvision", "timm", "sklearn"} & set(sys.modules)))"""
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["extract", "--bogus"], ["merge", "--help"], ["list", "datasets"],
+@pytest.mark.parametrize("argv", [["--help"], ["extract", "--help"], ["extract", "--bogus"], ["merge", "--help"], ["list", "datasets"],
                                   ["info", "FILE"], ["fti"], ["fit", "--bogus"], ["fit", "--help"],
                                   ["compare", "--bogus"], ["predict", "--bogus"]])
 def test_help_listing_info_and_argument_errors_import_no_torch_or_sklearn(argv, tiny_features):
@@ -154,6 +154,38 @@ def test_help_listing_info_and_argument_errors_import_no_torch_or_sklearn(argv, 
     argv = [str(tiny_features[1].path) if a == "FILE" else a for a in argv]
     proc = subprocess.run([sys.executable, "-c", LIGHT, *argv], capture_output=True, text=True)
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
+
+
+def test_the_help_of_each_family_is_written_by_its_records(capsys):
+    """A new precision, loader, decoder, classifier or tap selector is one record: its name and summary reach
+    the help without an edit to the CLI."""
+    from features.decoders import DECODER_REGISTRY
+    from features.loaders import LOADER_REGISTRY
+    from features.precisions import PRECISION_REGISTRY
+    from pipeline.classifiers import CLASSIFIER_REGISTRY
+    from pipeline.tapselectors import SELECTOR_REGISTRY
+
+    def flat(text: str) -> str:  # argparse wraps the help, at hyphens too
+        return "".join(text.split())
+
+    def help_of(command: str) -> str:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        return flat(capsys.readouterr().out)
+
+    extract = help_of("extract")
+    for record in PRECISION_REGISTRY.values():
+        assert flat(f"{record.name}: {record.summary}") in extract
+    for record in LOADER_REGISTRY.values():
+        assert (flat(f"{record.name}: {record.summary}") in extract) is not record.remote  # remote: --engine's
+        assert flat(f"{record.workers} ({record.name})") in extract
+    for record in DECODER_REGISTRY.values():
+        assert flat(f"{record.name}: {record.description}") in extract
+    fit = help_of("fit")
+    for alias, record in CLASSIFIER_REGISTRY.items():
+        assert alias == record.name or flat(f"{alias} is an alias of {record.name}") in fit
+    for record in SELECTOR_REGISTRY.values():
+        assert flat(f"{record.name}: {record.summary}") in fit
 
 
 def test_predict_for_scripts_reads_folders_writes_one_record_per_image_and_says_when_images_failed(

@@ -72,42 +72,46 @@ def add_backbone_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     g.add_argument("--image-size", type=int, help="square input size instead of the weights' preprocessing")
 
 
+def described(records: dict, what: str = "summary") -> str:
+    """``name: summary; ...`` of a registry's records, each once (aliases skipped): the help of its option."""
+    return "; ".join(f"{name}: {getattr(record, what)}" for name, record in records.items() if record.name == name)
+
+
 def add_extract_args(p: argparse.ArgumentParser, out_alias: bool = True) -> None:
-    from features.options import CHOICES, ExtractOptions
+    from features.decoders import DECODER_REGISTRY
+    from features.loaders import LOADER_REGISTRY, LOADERS
+    from features.options import AUTO, CHOICES, ExtractOptions
+    from features.precisions import PRECISION_REGISTRY
+    from features.runtime_records import TORCH, exported_runtimes
+
+    local = {name: record for name, record in LOADER_REGISTRY.items() if name in LOADERS}
 
     g = p.add_argument_group("extraction")
     g.add_argument("--pool", default=ExtractOptions.pooling, choices=CHOICES["pooling"],
                    help="pooling of spatial taps (default: %(default)s)")
     g.add_argument("--device", default=ExtractOptions.device, choices=CHOICES["device"], help="(default: %(default)s)")
     g.add_argument("--precision", default=ExtractOptions.precision, choices=CHOICES["precision"],
-                   help="autocast precision; auto: fp16 on CUDA, bf16 on CPUs with bf16 kernels, else fp32; "
-                        "int8 (--runtime openvino or auto): quantised after training, calibrated on 300 images of "
-                        "the dataset, its agreement with fp32 recorded (default: %(default)s)")
+                   help=f"{described(PRECISION_REGISTRY)} (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=ExtractOptions.batch_size,
                    help="images per forward pass (default: %(default)s)")
     g.add_argument("--workers", type=int,
-                   help="parallelism of the loader: decode threads (inline), DataLoader processes (workers), "
-                        "model replicas (replicas) or Ray actors (--engine ray); default: one per core, at most 8 "
-                        "(Ray: one actor)")
+                   help="the loader's parallelism: " + ", ".join(f"{r.workers} ({n})" for n, r in LOADER_REGISTRY.items())
+                        + "; default: one per core, at most 8 (a remote engine: one actor)")
     g.add_argument("--loader", default=ExtractOptions.loader, choices=CHOICES["loader"],
-                   help="replicas: one single-threaded model per CPU core, each decoding its own batches; inline: "
-                        "one model on all cores, decoding each batch between forward passes; workers: decode ahead "
-                        "in DataLoader processes; auto: replicas on CPUs for datasets of 20,000+ images, else inline; "
-                        "workers on CUDA/MPS (default: %(default)s)")
+                   help=f"{described(local)} (default: %(default)s)")
     g.add_argument("--compile", default=ExtractOptions.compile, choices=CHOICES["compile"],
                    help="torch.compile the extractor; auto: for datasets large enough to repay the compile time "
                         "(default: %(default)s)")
     g.add_argument("--decode", default=ExtractOptions.decode, choices=CHOICES["decode"],
-                   help="simplejpeg (libjpeg-turbo, then torch's uint8 resize, on the decode threads), pil "
-                        "(draft-mode JPEG decoding, box resize) or torchvision (decode_jpeg and resizing on the "
-                        "model's device: nvJPEG on CUDA); auto: torchvision on CUDA, else simplejpeg "
-                        "(default: %(default)s)")
+                   help=f"{described(DECODER_REGISTRY, 'description')}; {AUTO}: the one on the model's device "
+                        "on CUDA, else the CPU default (default: %(default)s)")
     g.add_argument("--runtime", default=ExtractOptions.runtime, choices=CHOICES["runtime"],
-                   help="onnxruntime (fp32) or openvino (fp32, int8, or bf16 where the CPU has it): the extractor "
-                        "exported to ONNX once (checked against torch, cached) and run by that runtime on the CPU; "
-                        "falls back to torch with a warning if it does not export; auto: the fastest installed "
-                        "runtime on a calibration batch, recorded with the rates and reused on this CPU for the same "
-                        "model, taps and batch size (default: %(default)s)")
+                   help=f"{TORCH}: the module itself, on any device; "
+                        + " or ".join(f"{n} ({', '.join(r.precisions)})" for n, r in exported_runtimes().items())
+                        + f": the extractor exported to ONNX once (checked against {TORCH}, cached) and run by that "
+                        f"runtime on the CPU, {TORCH} with a warning if it does not export; {AUTO}: the fastest "
+                        "installed runtime on a calibration batch, recorded with the rates and reused on this CPU for "
+                        "the same model, taps and batch size (default: %(default)s)")
     g.add_argument("--retime", action="store_true", help="--runtime auto: time the runtimes again instead of reusing "
                                                          "the choice recorded for this CPU")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory layout")
@@ -122,9 +126,26 @@ def add_extract_args(p: argparse.ArgumentParser, out_alias: bool = True) -> None
 
 
 def add_fit_args(p: argparse.ArgumentParser, many: bool = False) -> None:
-    from ..classifiers import CLASSIFIERS, SOLVERS
+    from ..classifiers import (
+        CLASSIFIER_REGISTRY,
+        CLASSIFIERS,
+        DEFAULT_SOLVER,
+        REFERENCE_SOLVER,
+        SOLVERS,
+        preprocess_spellings,
+        streaming_classifiers,
+        text_classifiers,
+    )
     from ..options import SELECTORS, FitOptions
     from ..protocols import AUTO as AUTO_PROTOCOL
+    from ..protocols import FALLBACK, KINDS, OFFICIAL
+    from ..tapselectors import SELECTOR_REGISTRY
+
+    aliases = "; ".join(f"{alias} is an alias of {c.name}" for alias, c in CLASSIFIER_REGISTRY.items() if alias != c.name)
+    params = {}
+    for name, c in CLASSIFIER_REGISTRY.items():
+        if c.name == name and len(c.grid) > 1:
+            params.setdefault(c.param, []).append(name)
 
     g = p.add_argument_group("classifier and protocol")
     if many:
@@ -132,28 +153,34 @@ def add_fit_args(p: argparse.ArgumentParser, many: bool = False) -> None:
                                                              f"(rows for each, on the same splits) (default: %(default)s)")
     else:
         g.add_argument("--clf", default=FitOptions.clf, choices=CLASSIFIERS,
-                       help="softmax is an alias of logreg; knn is a weighted k-NN probe (default: %(default)s)")
+                       help=f"{aliases} (default: %(default)s)")
     g.add_argument("--preprocess", default=FitOptions.preprocess,
-                   help="standard, l2, none, pca:K, or a comma list (default: %(default)s)")
+                   help=f"{', '.join(preprocess_spellings())}, or a comma list applied in order (default: %(default)s)")
     g.add_argument("--protocol", default=AUTO_PROTOCOL,
-                   help="official, per-class:N, fraction:F or auto (official if the file has a split, else fraction:0.5)")
+                   help=f"{', '.join(k for k in KINDS if k != AUTO_PROTOCOL)} or {AUTO_PROTOCOL} ({AUTO_PROTOCOL}: {OFFICIAL} if the file has a split, "
+                        f"else {FALLBACK}) (default: %(default)s)")
     g.add_argument("--test-per-class", type=int, help="cap on test images per class")
     g.add_argument("--seeds", type=int, default=1, help="repeat over this many seeded splits (default: %(default)s)")
     g.add_argument("--grid", type=lambda s: [float(v) for v in csv_list(s)],
-                   help="comma-separated C (svm, logreg), weight decay (linear) or k (knn) values; default: a log grid")
+                   help="comma-separated values of " + ", ".join(f"{param} ({', '.join(names)})" for param, names
+                                                                  in params.items()) + "; default: each one's log grid")
     g.add_argument("--folds", type=int, default=FitOptions.folds,
                    help="cross-validation folds for the grid (default: %(default)s)")
     g.add_argument("--solver", default=FitOptions.solver, choices=SOLVERS,
-                   help="torch (L-BFGS) or sklearn (LinearSVC/LogisticRegression reference) (default: %(default)s)")
-    g.add_argument("--hidden", type=int, default=FitOptions.hidden, help="linear: hidden units (0: a plain linear head)")
-    g.add_argument("--memory-budget", type=float, help="MiB for an in-memory fit (default: half the free RAM); "
-                                                        "above it linear streams from HDF5, svm/logreg refuse")
+                   help=f"{DEFAULT_SOLVER} (L-BFGS, any device) or {REFERENCE_SOLVER} (scikit-learn's own estimator, the "
+                        "reference) (default: %(default)s)")
+    g.add_argument("--hidden", type=int, default=FitOptions.hidden,
+                   help=f"{'/'.join(n for n, c in CLASSIFIER_REGISTRY.items() if 'hidden' in c.takes)}: hidden units "
+                        "(0: a plain linear head)")
+    g.add_argument("--memory-budget", type=float, help="MiB for an in-memory fit (default: half the free RAM); above it "
+                                                        f"{'/'.join(streaming_classifiers())} streams from HDF5, the "
+                                                        "others refuse")
     g.add_argument("--select", default=FitOptions.select, choices=SELECTORS,
-                   help="how --tap auto chooses the taps to fuse on each training split: forward (greedy, by CV) or "
-                        "group-lasso (Head2Toe's ranking, the count by CV) (default: %(default)s)")
+                   help=f"how --tap auto chooses the taps to fuse on each training split: {described(SELECTOR_REGISTRY)} "
+                        "(default: %(default)s)")
     g.add_argument("--select-threshold", type=float, default=FitOptions.select_threshold,
                    help="auto: the least CV-accuracy gain (0-1) that adds a tap (default: %(default)s)")
-    g.add_argument("--prompts", help="--clf zeroshot: a file of prompt templates, one per line with {} for the class "
+    g.add_argument("--prompts", help=f"--clf {'/'.join(text_classifiers())}: a file of prompt templates, one per line with {{}} for the class "
                                      "name (default: open_clip's 80 ImageNet templates)")
     g.add_argument("--calibrate", action="store_true",
                    help="calibrate the probabilities on out-of-fold training scores (a temperature; Platt scaling "
@@ -210,11 +237,6 @@ def fit_options(args, clf: str | None = None, *, prompts: bool = True):
                       solver=args.solver, hidden=args.hidden, device=args.device, memory_budget_mb=args.memory_budget,
                       select=args.select, select_threshold=args.select_threshold, calibrate=args.calibrate,
                       prompts=args.prompts if prompts else None)
-
-
-def fit_settings(args):
-    """A fit's two records: the feature files it reads and how it fits."""
-    return feature_request(args), fit_options(args)
 
 
 def tracking(args):

@@ -11,7 +11,8 @@ from .args import (
     add_dataset_args,
     add_fit_args,
     csv_tuple,
-    fit_settings,
+    feature_request,
+    fit_options,
     result_notes,
     tracking,
 )
@@ -42,7 +43,7 @@ def run(args) -> None:
     from ..protocols import parse_protocol
     from ..report import fmt
 
-    request, options = fit_settings(args)
+    request, options = feature_request(args), fit_options(args)
     features, tap = request.open_for_fit(args.tap)
     protocol = parse_protocol(args.protocol, args.test_per_class, has_split=features.split or False)
     run_dir, results, reused = fit_run(features, tap, args.pool, options, protocol, seeds=args.seeds,
