@@ -107,8 +107,8 @@ class ExtractOptions:
         return RunConfig(pooling=self.pooling, device=device, precision=precision, runtime=runtime,
                          workers=default_workers() if self.workers is None else self.workers,
                          channels_last=self.channels_last, on_error=self.on_error, draft=self.draft,
-                         loader=resolve_loader(self.loader if self.engine == LOCAL else self.engine, device.type,
-                                               n_images), compile=self.compile,
+                         loader=resolve_loader(self.loader, device.type, n_images) if self.engine == LOCAL
+                         else self.engine, compile=self.compile,
                          decode=resolve_decode(self.decode, device, self.engine), batch_size=self.batch_size,
                          actors=self.workers, ray_address=self.ray_address, gpus_per_worker=self.gpus_per_worker)
 
