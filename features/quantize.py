@@ -13,8 +13,9 @@ being extracted and checked against the fp32 forward before it is used.
   ``block14`` on Caltech-101) left every logreg probe within 0.3 points of fp32 on the same
   splits; under 0.9 nothing was measured, so it is said.
 
-The quantiser is a runtime's record (``Runtime.quantizer``); OpenVINO's is NNCF's
-``nncf.quantize`` (the ``openvino`` extra installs it).
+The quantiser is a runtime's record (``Runtime.quantizer``, with the files it writes in
+``Runtime.int8_files``): OpenVINO's is NNCF's ``nncf.quantize`` (the ``openvino`` extra installs
+it), ONNX Runtime's its own static quantisation to a QDQ model.
 """
 
 from __future__ import annotations
@@ -103,6 +104,30 @@ def quantize_openvino(source: Path, target: Path, batches: list[np.ndarray]) -> 
     ov.save_model(quantized, str(target), compress_to_fp16=False)
 
 
+def quantize_onnxruntime(source: Path, target: Path, batches: list[np.ndarray]) -> None:
+    """ONNX Runtime's static post-training quantisation of the export at ``source`` (fp32 ONNX),
+    calibrated on ``batches`` (NCHW uint8, one image each), saved as a QDQ ONNX model at ``target``:
+    weights int8 per output channel, activations uint8 (MinMax ranges), the form its CPU kernels
+    run fastest (VNNI where the CPU has it)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(batches)
+
+        def get_next(self):
+            return next(({"pixels": b} for b in self.batches), None)
+
+    prepared = target.with_name(f"{target.stem}.prepared.onnx")
+    try:
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)  # fold and infer shapes first
+        quantize_static(str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    finally:
+        prepared.unlink(missing_ok=True)
+
+
 def prepare_int8(runtime, source: Path, names: list[str], calibration: CalibrationSet,
                  open_session: Callable) -> tuple[Path, dict]:
     """The int8 model of the checked fp32 export at ``source`` for ``runtime`` (a
@@ -110,26 +135,27 @@ def prepare_int8(runtime, source: Path, names: list[str], calibration: Calibrati
     it, with its record (calibration, agreement, seconds). ``open_session(path, precision)`` opens a
     session of ``runtime`` on a model file."""
     if runtime.quantizer is None:
-        raise UsageError(f"--precision int8 is not available for --runtime {runtime.name}; use --runtime openvino")
+        raise UsageError(f"--precision int8 is not available for --runtime {runtime.name}; "
+                         "`taps extract --help` lists the runtimes that run it")
     key = digest({"export": file_sha256(source), "calibration": calibration.record(), "runtime": runtime.name,
                   "version": runtime.version(), "quantizer": _quantizer_version()})
-    target = source.with_name(f"{source.stem}.int8-{key}.xml")
-    record_path = target.with_suffix(".json")
-    if record_path.is_file() and target.is_file():
+    target = source.with_name(f"{source.stem}.int8-{key}{runtime.int8_files[0]}")
+    weights, record_path = target.with_suffix(runtime.int8_files[-1]), target.with_suffix(".json")
+    if record_path.is_file() and weights.is_file():
         record = json.loads(record_path.read_text())
-        if record.get("sha256") == file_sha256(target.with_suffix(".bin")):
+        if record.get("sha256") == file_sha256(weights):
             return target, {**record, "reused": True}
     t0 = time.perf_counter()
     batches = [b for i in calibration.calibration if len(b := calibration.pixels(np.array([i])))]  # bad images: none
-    partial = target.with_name(f"{target.stem}.{os.getpid()}.partial.xml")
+    partial = target.with_name(f"{target.stem}.{os.getpid()}.partial{runtime.int8_files[0]}")
     module, _, function = runtime.quantizer.partition(":")
     getattr(importlib.import_module(module), function)(source, partial, batches)
     quantize_seconds = time.perf_counter() - t0
     held_out = calibration.pixels(calibration.held_out if len(calibration.held_out) else calibration.calibration)
     checked = agreement(open_session(source, FP32)(held_out), open_session(partial, INT8)(held_out), names)
-    partial.with_suffix(".bin").replace(target.with_suffix(".bin"))
-    partial.replace(target)
-    record = {"sha256": file_sha256(target.with_suffix(".bin")), "calibration": calibration.record(),
+    for suffix in runtime.int8_files:
+        partial.with_suffix(suffix).replace(target.with_suffix(suffix))
+    record = {"sha256": file_sha256(weights), "calibration": calibration.record(),
               "agreement": checked, "quantize_seconds": round(quantize_seconds, 2)}
     record_path.write_text(json.dumps(record, indent=2))
     return target, {**record, "reused": False}

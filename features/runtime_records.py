@@ -29,6 +29,7 @@ class Runtime:
     extra: str | None = None      # the optional extra that installs the package
     opener: str | None = None     # "module:function" -> (path, tap names, precision, threads) -> session
     quantizer: str | None = None  # "module:function" -> (fp32 export, target, calibration batches): int8 model
+    int8_files: tuple[str, ...] = (".onnx",)  # the suffixes of the files the quantizer writes, the model's first
 
     @property
     def exported(self) -> bool:
@@ -74,7 +75,8 @@ def exported_runtimes() -> dict[str, Runtime]:
 
 
 TORCH = register_runtime(Runtime("torch", (FP32, BF16, FP16))).name
-ONNXRUNTIME = register_runtime(Runtime("onnxruntime", (FP32,), "onnxruntime", "onnx",
-                                       "features.runtimes:open_onnxruntime"))
+ONNXRUNTIME = register_runtime(Runtime("onnxruntime", (FP32, INT8), "onnxruntime", "onnx",
+                                       "features.runtimes:open_onnxruntime", "features.quantize:quantize_onnxruntime"))
 OPENVINO = register_runtime(Runtime("openvino", (FP32, BF16, INT8), "openvino", "openvino",
-                                    "features.runtimes:open_openvino", "features.quantize:quantize_openvino"))
+                                    "features.runtimes:open_openvino", "features.quantize:quantize_openvino",
+                                    (".xml", ".bin")))

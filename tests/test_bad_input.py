@@ -22,7 +22,7 @@ def cases(w: dict) -> list[tuple[list[str], int, str]]:
         (["extract", "--backbone", "vit_b_16", "--weights", "none", "--taps", "permute"], 2,
          "tap 'permute' of vit_b_16 outputs 196x768 tokens, which taps does not pool; choose from: block0, block1"),
         (["extract", "--runtime", "onnxruntime", "--precision", "bf16"], 2,
-         "--runtime onnxruntime runs the forward on the CPU in fp32; drop --device, --gpus-per-worker and --precision"),
+         "--runtime onnxruntime runs the forward on the CPU in fp32 or int8; drop --device, --gpus-per-worker and --precision"),
         (["extract", "--runtime", "openvino", "--precision", "fp16"], 2,
          "--runtime openvino runs the forward on the CPU in fp32, bf16 or int8; drop --device"),
         (["extract", "--backbone", "resnet18", "--weights", "none", "--taps", "layer1,avgpool", "--pool", "cls"], 2,

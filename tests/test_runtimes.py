@@ -186,20 +186,21 @@ def test_a_machine_without_the_export_gets_a_checked_copy_of_its_bytes(tmp_path,
     assert out["avgpool"].shape == (8, 512)
 
 
-def test_int8_is_calibrated_on_the_dataset_checked_against_fp32_recorded_and_cached(tiny_flat, tmp_path, monkeypatch,
-                                                                                   cpu_run):
+@pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
+def test_int8_is_calibrated_on_the_dataset_checked_against_fp32_recorded_and_cached(runtime, tiny_flat, tmp_path,
+                                                                                   monkeypatch, cpu_run):
     RUN = cpu_run(batch_size=8, precision=None)
     monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
     images = load_dataset(f"folder:{tiny_flat}")
     bb = Backbone("resnet18", weights="none", image_size=32)
     taps = ["layer2", "avgpool"]
-    fp32 = FeatureFile(extract(images, bb, taps, out=tmp_path / "fp32", runtime="openvino", precision="fp32",
+    fp32 = FeatureFile(extract(images, bb, taps, out=tmp_path / "fp32", runtime=runtime, precision="fp32",
                                **RUN).path)
-    report = extract(images, bb, taps, out=tmp_path / "int8", runtime="openvino", precision="int8", **RUN)
+    report = extract(images, bb, taps, out=tmp_path / "int8", runtime=runtime, precision="int8", **RUN)
     int8 = FeatureFile(report.path)
     for tap in taps:
         record = int8.taps[tap]
-        assert (record.precision, record.runtime) == ("int8", "openvino")
+        assert (record.precision, record.runtime) == ("int8", runtime)
         made = json.loads(record.extra["int8"])
         assert made["calibration"]["images"] == 22 and made["calibration"]["held_out"] == 8  # 3/4 of 30, the rest
         assert made["calibration"]["seed"] == 0
@@ -210,14 +211,14 @@ def test_int8_is_calibrated_on_the_dataset_checked_against_fp32_recorded_and_cac
         assert 0 < made["agreement"]["relative_error"] < 0.2  # quantised: close, yet not the fp32 forward
     assert "int8 calibrated on 22 images" in report.runtime_note
     # quantised once per calibration set: another folder of the same images reuses the cached model
-    cached = list((tmp_path / "cache").rglob("*.int8-*.bin"))
+    cached = list((tmp_path / "cache").rglob("*.int8-*.json"))  # the record of each quantised model
     assert len(cached) == 1
     stamp = cached[0].stat().st_mtime_ns
-    extract(images, bb, taps, out=tmp_path / "again", runtime="openvino", precision="int8", **RUN)
-    assert [p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.int8-*.bin")] == [stamp]
+    extract(images, bb, taps, out=tmp_path / "again", runtime=runtime, precision="int8", **RUN)
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.int8-*.json")] == [stamp]
     # a file of int8 taps is not finished or extended in fp32 silently
     with pytest.raises(TapsError, match="precision int8"):
-        extract(images, bb, ["avgpool"], out=tmp_path / "int8", runtime="openvino", precision="fp32", force=False,
+        extract(images, bb, ["avgpool"], out=tmp_path / "int8", runtime=runtime, precision="fp32", force=False,
                 **{**RUN, "limit_batches": None})
     with pytest.raises(UsageError, match="--precision int8 runs a post-training quantised export"):
         ExtractOptions(runtime="torch", precision="int8")
