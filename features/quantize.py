@@ -37,6 +37,7 @@ import numpy as np
 from .errors import UsageError
 from .files import digest, file_sha256
 from .precisions import FP32, INT8
+from .runtime import cpu_description
 
 CALIBRATION_IMAGES = 300  # nncf.quantize's default subset_size
 HELD_OUT_IMAGES = 64
@@ -137,8 +138,9 @@ def prepare_int8(runtime, source: Path, names: list[str], calibration: Calibrati
     if runtime.quantizer is None:
         raise UsageError(f"--precision int8 is not available for --runtime {runtime.name}; "
                          "`taps extract --help` lists the runtimes that run it")
+    # the CPU too: its kernels (VNNI, bf16 around the int8 ops) are what the agreement measures
     key = digest({"export": file_sha256(source), "calibration": calibration.record(), "runtime": runtime.name,
-                  "version": runtime.version(), "quantizer": _quantizer_version()})
+                  "version": runtime.version(), "quantizer": _quantizer_version(), "cpu": cpu_description()})
     target = source.with_name(f"{source.stem}.int8-{key}{runtime.int8_files[0]}")
     weights, record_path = target.with_suffix(runtime.int8_files[-1]), target.with_suffix(".json")
     if record_path.is_file() and weights.is_file():
