@@ -151,12 +151,16 @@ def prepare_int8(runtime, source: Path, names: list[str], calibration: Calibrati
     batches = [b for i in calibration.calibration if len(b := calibration.pixels(np.array([i])))]  # bad images: none
     partial = target.with_name(f"{target.stem}.{os.getpid()}.partial{runtime.int8_files[0]}")
     module, _, function = runtime.quantizer.partition(":")
-    getattr(importlib.import_module(module), function)(source, partial, batches)
-    quantize_seconds = time.perf_counter() - t0
-    held_out = calibration.pixels(calibration.held_out if len(calibration.held_out) else calibration.calibration)
-    checked = agreement(open_session(source, FP32)(held_out), open_session(partial, INT8)(held_out), names)
-    for suffix in runtime.int8_files:
-        partial.with_suffix(suffix).replace(target.with_suffix(suffix))
+    try:
+        getattr(importlib.import_module(module), function)(source, partial, batches)
+        quantize_seconds = time.perf_counter() - t0
+        held_out = calibration.pixels(calibration.held_out if len(calibration.held_out) else calibration.calibration)
+        checked = agreement(open_session(source, FP32)(held_out), open_session(partial, INT8)(held_out), names)
+        for suffix in runtime.int8_files:
+            partial.with_suffix(suffix).replace(target.with_suffix(suffix))
+    finally:  # a failed or interrupted quantisation leaves nothing half-written in the cache
+        for suffix in runtime.int8_files:
+            partial.with_suffix(suffix).unlink(missing_ok=True)
     record = {"sha256": file_sha256(weights), "calibration": calibration.record(),
               "agreement": checked, "quantize_seconds": round(quantize_seconds, 2)}
     record_path.write_text(json.dumps(record, indent=2))

@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,6 +185,24 @@ def test_a_machine_without_the_export_gets_a_checked_copy_of_its_bytes(tmp_path,
     assert local_export(elsewhere, record["sha256"], fetch).read_bytes() == path.read_bytes() and fetched == [1, 1]
     out = load_exported("onnxruntime", copy, ["avgpool"])(calibration_batch(32))
     assert out["avgpool"].shape == (8, 512)
+
+
+def test_a_failed_quantisation_leaves_no_partial_model_in_the_cache(tiny_flat, tmp_path, monkeypatch, cpu_run):
+    import onnxruntime.quantization
+
+    def broken(model_input, model_output, *args, **kwargs):  # dies halfway through writing its model
+        Path(model_output).write_bytes(b"half a model")
+        raise RuntimeError("quantiser broke")
+
+    monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_static", broken)
+    images = load_dataset(f"folder:{tiny_flat}")
+    bb = Backbone("resnet18", weights="none", image_size=32)
+    with pytest.raises(RuntimeError, match="quantiser broke"):
+        extract(images, bb, ["avgpool"], out=tmp_path / "int8", runtime="onnxruntime", precision="int8",
+                **cpu_run(batch_size=8, precision=None))
+    cached = sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    assert cached and not [name for name in cached if "int8" in name], cached  # the fp32 export alone is kept
 
 
 @pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
