@@ -58,7 +58,8 @@ def open_onnxruntime(path: Path, names: list[str], precision: str, threads: int)
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda x: session.run(names, {"pixels": x})
+    pixels = session.get_inputs()[0].name
+    return lambda x: session.run(names, {pixels: x})
 
 
 def open_openvino(path: Path, names: list[str], precision: str, threads: int) -> Session:
