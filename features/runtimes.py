@@ -101,8 +101,6 @@ def open_openvino(path: Path, names: list[str], precision: str, threads: int) ->
     return run
 
 
-
-
 def _rest_precision(core) -> str:
     """What OpenVINO runs an int8 model's unquantised ops in on this CPU."""
     return BF16 if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
