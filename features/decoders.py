@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import choose
+from .registry import Registry
 
 
 @dataclass(frozen=True)
@@ -20,17 +20,9 @@ class Decoder:
     on_device: bool = False  # decodes batches of JPEG bytes on the model's device (not in Ray's CPU tasks)
 
 
-DECODER_REGISTRY: dict[str, Decoder] = {}
-
-
-def register_decoder(decoder: Decoder) -> Decoder:
-    DECODER_REGISTRY[decoder.name] = decoder
-    return decoder
-
-
-def get_decoder(name: str) -> Decoder:
-    choose("--decode", name, tuple(DECODER_REGISTRY))
-    return DECODER_REGISTRY[name]
+DECODER_REGISTRY: Registry[Decoder] = Registry("--decode")
+register_decoder = DECODER_REGISTRY.register
+get_decoder = DECODER_REGISTRY.lookup
 
 
 SIMPLEJPEG = register_decoder(Decoder(

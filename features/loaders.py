@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import UsageError, choose
+from .registry import Registry
 
 AUTO = "auto"
 LOCAL = "local"  # --engine local: one of the local loaders, in this process and its children
@@ -40,17 +41,9 @@ class Loader:
         return getattr(importlib.import_module(module), cls)
 
 
-LOADER_REGISTRY: dict[str, Loader] = {}
-
-
-def register_loader(loader: Loader) -> Loader:
-    LOADER_REGISTRY[loader.name] = loader
-    return loader
-
-
-def get_loader(name: str) -> Loader:
-    choose("--loader", name, tuple(LOADER_REGISTRY))
-    return LOADER_REGISTRY[name]
+LOADER_REGISTRY: Registry[Loader] = Registry("--loader")
+register_loader = LOADER_REGISTRY.register
+get_loader = LOADER_REGISTRY.lookup
 
 
 def default_workers() -> int:

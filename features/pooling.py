@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import choose
+from .registry import Registry
 
 if TYPE_CHECKING:  # torch is imported where a tensor is pooled: `taps --help` and `taps info` never need it
     import torch
@@ -35,12 +35,9 @@ class Pooling:
     class_token: bool = False  # takes a token tap's class token instead of pooling its grid
 
 
-POOLING_REGISTRY: dict[str, Pooling] = {}
-
-
-def register_pooling(pooling: Pooling) -> Pooling:
-    POOLING_REGISTRY[pooling.name] = pooling
-    return pooling
+POOLING_REGISTRY: Registry[Pooling] = Registry("pooling")
+register_pooling = POOLING_REGISTRY.register
+get_pooling = POOLING_REGISTRY.lookup
 
 
 def _global_avg(x: torch.Tensor) -> torch.Tensor:
@@ -84,11 +81,6 @@ register_pooling(Pooling("avgstd", 2, _avgstd, "each channel's spatial mean and 
 register_pooling(Pooling("cls", 1, _no_grid, "a transformer block's class token", class_token=True))
 POOLINGS = tuple(POOLING_REGISTRY)  # in the order help text lists them
 LAYOUTS = ("map", "tokens", "nhwc")  # how a tap's node returns it (see pool_tap)
-
-
-def get_pooling(name: str) -> Pooling:
-    choose("pooling", name, POOLING_REGISTRY)
-    return POOLING_REGISTRY[name]
 
 
 def check_pooling(method: str) -> None:

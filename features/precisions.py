@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import choose
+from .registry import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -29,17 +29,9 @@ class Precision:
     auto: Callable[[torch.device], bool] | None = None  # whether ``auto`` picks it on this device
 
 
-PRECISION_REGISTRY: dict[str, Precision] = {}
-
-
-def register_precision(precision: Precision) -> Precision:
-    PRECISION_REGISTRY[precision.name] = precision
-    return precision
-
-
-def get_precision(name: str) -> Precision:
-    choose("--precision", name, tuple(PRECISION_REGISTRY))
-    return PRECISION_REGISTRY[name]
+PRECISION_REGISTRY: Registry[Precision] = Registry("--precision")
+register_precision = PRECISION_REGISTRY.register
+get_precision = PRECISION_REGISTRY.lookup
 
 
 def precisions_on(device_type: str) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from .errors import UsageError
 from .precisions import BF16, FP16, FP32, INT8
+from .registry import Registry
 
 AUTO = "auto"  # --runtime auto: the fastest installed runtime on a calibration batch
 
@@ -56,18 +57,9 @@ class Runtime:
         return getattr(importlib.import_module(module), function)
 
 
-RUNTIME_REGISTRY: dict[str, Runtime] = {}
-
-
-def register_runtime(runtime: Runtime) -> Runtime:
-    RUNTIME_REGISTRY[runtime.name] = runtime
-    return runtime
-
-
-def get_runtime(name: str) -> Runtime:
-    if name not in RUNTIME_REGISTRY:
-        raise UsageError(f"unknown runtime {name!r}; valid: {', '.join(RUNTIME_REGISTRY)}")
-    return RUNTIME_REGISTRY[name]
+RUNTIME_REGISTRY: Registry[Runtime] = Registry("runtime")
+register_runtime = RUNTIME_REGISTRY.register
+get_runtime = RUNTIME_REGISTRY.lookup
 
 
 def exported_runtimes() -> dict[str, Runtime]:

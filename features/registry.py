@@ -1,0 +1,33 @@
+"""One family's records by name (precisions, loaders, decoders, runtimes, poolings): each record is
+registered once, under its ``name``, and a name is looked up with the family's own error."""
+
+from __future__ import annotations
+
+from typing import Protocol, TypeVar
+
+from .errors import choose
+
+
+class Named(Protocol):
+    name: str
+
+
+R = TypeVar("R", bound=Named)
+
+
+class Registry(dict[str, R]):
+    """The records of one family in registration order (the order help and errors list them).
+    ``option`` names the family in errors (``--precision``, ``runtime``)."""
+
+    def __init__(self, option: str):
+        super().__init__()
+        self.option = option
+
+    def register(self, record: R) -> R:
+        self[record.name] = record
+        return record
+
+    def lookup(self, name: str) -> R:
+        """The record named ``name``; a UsageError listing the valid names when there is none."""
+        choose(self.option, name, tuple(self))
+        return self[name]
