@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import os
 import shutil
 import warnings
 from collections.abc import Callable, Sequence
@@ -394,11 +395,17 @@ def dataset_names() -> list[str]:
     return list(BUILDERS) + [p + "PATH" for p in PREFIXES]
 
 
+def class_files(folder: Path) -> list[Path]:
+    """The image files under one class folder, in torchvision ``ImageFolder``'s order (its ``make_dataset``:
+    links followed, folders walked in sorted order, names sorted within each, extensions matched in any
+    case), without importing torchvision."""
+    return [Path(top) / name for top, _, names in sorted(os.walk(folder, followlinks=True))
+            for name in sorted(names) if name.lower().endswith(IMAGE_EXTENSIONS)]
+
+
 def folder_dataset(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS, allow_outside: bool = False,
                    duplicates: str = "error") -> FileImageSet:
     """An ImageFolder tree; ``train/`` with ``val/`` or ``test/`` below it become the official split."""
-    from torchvision.datasets.folder import make_dataset
-
     root = Path(root).resolve()
     if root.is_file():
         kind = "a CSV file" if root.suffix.lower() in (".csv", ".tsv", ".txt") else "a file"
@@ -418,9 +425,7 @@ def folder_dataset(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS, allow_outsi
     for split, d in parts:
         for c in classes:
             if (d / c).is_dir():
-                found += [(split, c, Path(p)) for p, _ in make_dataset(str(d), {c: 0}, extensions=IMAGE_EXTENSIONS,
-                                                                      allow_empty=True)
-                          if not Path(p).name.startswith(".")]
+                found += [(split, c, p) for p in class_files(d / c) if not p.name.startswith(".")]
     if not found:
         raise UsageError(f"dataset folder {root} has no images in its class folders")
     resolved = [p.resolve() for _, _, p in found]

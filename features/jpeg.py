@@ -19,14 +19,15 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode
-from torchvision.io import decode_jpeg as _decode_jpeg
 
 from .datasets import BadImage, ImageSet
 from .turbojpeg import JPEG_MAGIC
 
 
 def decode_jpeg(data, **kwargs):
+    from torchvision.io import ImageReadMode  # imported with the decoder that uses it: over a second
+    from torchvision.io import decode_jpeg as _decode_jpeg
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
         return _decode_jpeg(data, mode=ImageReadMode.RGB, **kwargs)

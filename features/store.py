@@ -586,10 +586,14 @@ def _plain(attrs) -> dict:
 
 
 def versions() -> str:
+    """The libraries a file was made with. torchvision's is its distribution's (no build tag: torch's
+    has it), read without importing torchvision, which a run on an exported runtime never needs."""
+    from importlib import metadata
+
     import PIL
     import simplejpeg
     import torch
-    import torchvision
 
-    return json.dumps({"torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": np.__version__,
+    return json.dumps({"torch": torch.__version__, "torchvision": metadata.version("torchvision"),
+                       "numpy": np.__version__,
                        "h5py": h5py.__version__, "pillow": PIL.__version__, "simplejpeg": simplejpeg.__version__})
