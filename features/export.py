@@ -11,7 +11,6 @@ size, torch and opset versions). Which runtime may run a file is decided by
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, Tap
-from .files import KEY_DIGITS, digest
+from .files import KEY_DIGITS, cache_root, digest
 from .forward import build_extractor
 
 OPSET = 17
@@ -29,7 +28,7 @@ CALIBRATION_IMAGES = 8
 
 def cache_dir() -> Path:
     """Where exports are kept: ``$TAPS_CACHE/onnx``, else ``~/.cache/taps/onnx``."""
-    return Path(os.environ.get("TAPS_CACHE", Path.home() / ".cache" / "taps")) / "onnx"
+    return cache_root() / "onnx"
 
 
 def export_key(backbone: Backbone, taps: list[Tap], pooling: str) -> str:

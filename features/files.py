@@ -66,6 +66,20 @@ def file_sha256(path: Path | str) -> str:
     return h.hexdigest()
 
 
+def cache_root() -> Path:
+    """Where taps keeps what it computes once per machine: ``$TAPS_CACHE``, else ``~/.cache/taps``."""
+    return Path(os.environ.get("TAPS_CACHE", Path.home() / ".cache" / "taps"))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old file or the
+    whole new one, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def path_safe(name: str) -> str:
     """A name as a file or folder name on every OS (``timm:resnet18`` -> ``timm_resnet18``)."""
     return re.sub(r"[^A-Za-z0-9_.+@-]", "_", name)

@@ -82,7 +82,7 @@ def build_extractor(backbone: Backbone, taps: list[Tap], device: torch.device, c
     graph = backbone.feature_graph(model, {t.node: t.node for t in taps}).eval()
     graph = fold_batchnorm(graph, inplace=True, no_trace=True)  # the rest (ResNet's conv1/bn1 attributes)
     graph.delete_all_unused_submodules()  # the folded BatchNorms
-    preset = backbone.transform()
+    preset = backbone.preprocess()
     extractor = TapExtractor(graph, taps, pooling, preset.mean, preset.std).eval().to(device)
     for p in extractor.parameters():
         p.requires_grad_(False)

@@ -37,7 +37,7 @@ from .export import (
     largest_difference,
     reference_outputs,
 )
-from .files import digest, file_sha256
+from .files import digest, file_sha256, write_atomically
 from .precisions import BF16, FP32, INT8
 from .quantize import MIN_COSINE, CalibrationSet, low_agreement, prepare_int8
 from .runtime import cpu_description
@@ -274,11 +274,8 @@ def resolve_runtime(backbone: Backbone, taps: list[Tap], cfg, recorded: str | No
     how = "compiled" if getattr(forward, "compile_seconds", 0) else "eager"
     chosen = candidates.get(best, with_(cfg, runtime=TORCH, precision=runtime_precision(TORCH, cfg.precision)))
     rates_text = f"{measured} on a calibration batch of {len(pixels)}, torch {how}"
-    kept.parent.mkdir(parents=True, exist_ok=True)
-    partial = kept.with_suffix(f".{os.getpid()}.tmp")
-    partial.write_text(json.dumps({"runtime": best, "rates": rates_text,
-                                   "when": time.strftime("%Y-%m-%d %H:%M", time.localtime())}))
-    partial.replace(kept)
+    write_atomically(kept, json.dumps({"runtime": best, "rates": rates_text,
+                                       "when": time.strftime("%Y-%m-%d %H:%M", time.localtime())}))
     return with_(chosen, runtime_rates=rates_text)
 
 

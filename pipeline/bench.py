@@ -201,7 +201,7 @@ def startup_seconds(work: Path, backbone: Backbone, repeats: int = 3) -> dict[st
     ten = synthetic_jpegs(work / "jpegs10", 10, size=(160, 120))
     taps = [sys.executable, "-m", "pipeline"]
     data = ["--dataset", f"folder:{ten}", "--backbone", backbone.name, "--features-root", str(work / "startup"),
-            "--weights", "none" if backbone.weights.enum is None else "auto", "--force", "--no-progress"]
+            "--weights", "auto" if backbone.weights.pretrained else "none", "--force", "--no-progress"]
     commands = {"taps --help": [*taps, "--help"],
                 "taps extract, 10 images (torch)": [*taps, "extract", *data],
                 "taps extract, 10 images (--runtime auto)": [*taps, "extract", *data, "--runtime", "auto"],
@@ -501,7 +501,7 @@ def run_bench(settings: BenchSettings | None = None, log=print, **fields) -> tup
     r["compile_seconds"] = [round(c, 1) for c in b.compile_times]
     r["seed_style"] = seed_style(bb, b.images, b.taps, cfg.device, s.batch_size)  # slow: one round
     log(f"  seed-style {r['seed_style']:.1f} img/s")
-    weights = bb.weights.spec.split(".")[-1] if bb.weights.enum else "none"
+    weights = bb.weights.spec.split(".")[-1] if bb.weights.pretrained else "none"
     r["rss_mb"] = {str(k): round(peak_rss_mb(k, work, bb.name, weights, s.compile, cfg.loader), 1)
                    for k in s.rss_sizes}
     log(f"  peak RSS: {r['rss_mb']}")

@@ -1,7 +1,10 @@
 """--runtime onnxruntime|openvino|auto: the exported extractor against torch's, its cache, resume and predict."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +138,29 @@ def test_a_backbone_that_does_not_export_falls_back_to_torch_with_one_warning(ti
                          out=tmp_path / "fs", runtime="openvino", **RUN)
     assert FeatureFile(report.path).taps["avgpool"].runtime == "torch"
     assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_rerun_on_an_exported_runtime_never_imports_torchvision(tiny_flat, tmp_path):
+    """The first run exports the model (torchvision builds it) and keeps the backbone's card; a rerun
+    needs neither, so its fixed cost is not torchvision's import (over a second), and it writes the
+    same file: the same identity and the same features."""
+    env = {**os.environ, "TAPS_CACHE": str(tmp_path / "cache")}
+    probe = "import sys; from pipeline.cli import main; main(sys.argv[1:]); print('torchvision' in sys.modules)"
+    args = ["extract", "--dataset", f"folder:{tiny_flat}", "--backbone", "mobilenet_v2", "--weights", "none",
+            "--image-size", "32", "--taps", "block3,pooled", "--runtime", "openvino", "--no-progress"]
+
+    def run(out: Path) -> tuple[Path, bool]:
+        lines = subprocess.run([sys.executable, "-c", probe, *args, "--features-root", str(out)], env=env,
+                               capture_output=True, text=True, check=True).stdout.split()
+        return Path(lines[-2]), lines[-1] == "True"
+
+    (first, imported), (second, again) = run(tmp_path / "a"), run(tmp_path / "b")
+    assert imported and not again
+    a, b = FeatureFile(first), FeatureFile(second)
+    assert first.name == second.name and a.identity == b.identity and b.taps["block3"].runtime == "openvino"
+    for tap in ("block3", "pooled"):
+        np.testing.assert_array_equal(a.read(tap), b.read(tap))
 
 
 def test_auto_times_every_runtime_records_its_choice_and_a_resume_keeps_it(tiny_flat, tmp_path, monkeypatch, cpu_run):

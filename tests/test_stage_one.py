@@ -1,12 +1,17 @@
 """Stage one on tiny synthetic images with randomly initialised nets."""
 
+import json
+import os
+import subprocess
+import sys
+
 import h5py
 import numpy as np
 import pytest
 import torch
 
 from features.backbones import Backbone
-from features.datasets import csv_dataset, load_dataset
+from features.datasets import class_files, csv_dataset, load_dataset
 from features.errors import TapsError, UsageError
 from features.extract import extract
 from features.pooling import POOLINGS, pool, pooled_dim
@@ -193,6 +198,64 @@ def test_csv_dataset_and_root_escape(tmp_path, image_folder):
         csv_dataset(tmp_path / "evil.csv")
 
 
+def test_class_folders_are_listed_in_torchvisions_imagefolder_order(tmp_path, image_folder):
+    """Nested folders, a linked folder, upper-case extensions and files that are not images: the same
+    files in the same order as torchvision's ``make_dataset`` (taps lists them without importing it)."""
+    from torchvision.datasets.folder import make_dataset
+
+    from features.datasets import IMAGE_EXTENSIONS
+
+    root = tmp_path / "images"
+    image_folder(root, classes=("b", "a"), per_class=3)
+    (root / "a" / "z_sub" / "deeper").mkdir(parents=True)
+    for name in ("B.JPG", "notes.txt", "c.Png"):
+        (root / "a" / "z_sub" / name).write_bytes(b"x")
+    (root / "a" / "z_sub" / "deeper" / "d.jpeg").write_bytes(b"x")
+    (root / "a" / "linked").symlink_to(root / "b", target_is_directory=True)
+    for c in ("a", "b"):
+        want = [p for p, _ in make_dataset(str(root), {c: 0}, extensions=IMAGE_EXTENSIONS)]
+        assert [str(p) for p in class_files(root / c)] == want
+    assert len(class_files(root / "a")) == 3 + 3 + 3  # its own, z_sub's three images, and b's through the link
+
+
+def test_a_backbone_card_answers_as_its_source_did_without_importing_torchvision(tmp_path):
+    """The first process resolves the backbone and keeps its card; the second answers from the card:
+    the same taps, shapes, preprocessing and weights, and torchvision is never imported."""
+    probe = ("import json, sys; from features.backbones import Backbone; "
+             "b = Backbone('resnet18', weights='none', image_size=48); taps = b.resolve_taps(['all']); "
+             "print(json.dumps({'taps': [[t.name, t.node, list(t.shape), t.depth] for t in taps], "
+             "'default': b.default_tap, 'transform': b.transform_spec(), 'weights': b.weights.spec, "
+             "'args': b.spec_args(), 'dim': b.dim('layer3', 'pyramid'), 'torchvision': 'torchvision' in sys.modules}))")
+    env = {**os.environ, "TAPS_CACHE": str(tmp_path)}
+    first, second = (json.loads(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                                               check=True).stdout) for _ in range(2))
+    assert first.pop("torchvision") and not second.pop("torchvision")
+    assert first == second and first["taps"][0][:3] == ["stem", "maxpool", [64, 12, 12]]
+
+
+def test_a_backbone_card_is_not_trusted_once_a_checkpoint_auto_read_comes_or_goes(tmp_path, monkeypatch):
+    """``auto`` takes the checkpoint on disk: a card made with only V1 cached must not answer once
+    torchvision's DEFAULT (V2, other preprocessing) is there too."""
+    from torchvision.models import MobileNet_V2_Weights
+
+    from features.backbones import _checkpoint_path
+
+    monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    v1, v2 = (_checkpoint_path(m) for m in (MobileNet_V2_Weights.IMAGENET1K_V1, MobileNet_V2_Weights.IMAGENET1K_V2))
+    v1.parent.mkdir(parents=True)
+    v1.write_bytes(b"")  # its presence is all that auto and check_weights read
+    first = Backbone("mobilenet_v2")
+    assert first.card is None and first.resolve_taps(["block3"])[0].shape == (24, 56, 56)
+    again = Backbone("mobilenet_v2")
+    assert again.card is not None and again.weights.spec == first.weights.spec == "MobileNet_V2_Weights.IMAGENET1K_V1"
+    again.check_weights()  # from the card: the file is there (building from this empty file would fail)
+    v2.write_bytes(b"")
+    after = Backbone("mobilenet_v2")
+    assert after.card is None and after.weights.spec == "MobileNet_V2_Weights.IMAGENET1K_V2"
+    assert after.transform_spec() != first.transform_spec()  # V2's preset resizes to 232, not 256
+
+
 def test_a_registered_tap_scheme_names_a_familys_taps():
     from features.backbones import TAP_SCHEMES, TapScheme, register_tap_scheme
 
@@ -207,6 +270,8 @@ def test_a_registered_tap_scheme_names_a_familys_taps():
     finally:
         TAP_SCHEMES.remove(scheme)
     assert Backbone("regnet_y_400mf", weights="none").scheme.name == "generic"
+    # no backbone card was kept while a scheme from outside the package named the taps
+    assert "stage4" not in Backbone("regnet_y_400mf", weights="none", image_size=64).taps
 
 
 def test_version_1_files_are_read_and_resumed_as_before(tiny_flat, tmp_path, cpu_run):

@@ -1,13 +1,51 @@
-"""The geometric half of a preset's preprocessing, on uint8 pixels."""
+"""A preset's preprocessing as plain numbers, and its geometric half on uint8 pixels.
+
+:class:`Preprocess` is what a feature file records of a weights' eval preset (resize, crop,
+interpolation, mean, std): plain values, so a backbone's card (:mod:`.cards`) keeps it and a
+run that never builds the model never imports torchvision. torchvision is imported only
+where its kernels do the work (tensors, and the padding fallback).
+"""
 
 from __future__ import annotations
 
+import platform
+from dataclasses import dataclass
+
 import numpy as np
-import torch
 from PIL import Image
-from torchvision.transforms import functional as F
-from torchvision.transforms._presets import ImageClassification
-from torchvision.transforms.v2 import functional as F2
+
+# torchvision's InterpolationMode values -> PIL's filters (torchvision's own ``pil_modes_mapping``).
+PIL_FILTERS = {"nearest": Image.Resampling.NEAREST, "nearest-exact": Image.Resampling.NEAREST,
+               "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+               "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
+               "lanczos": Image.Resampling.LANCZOS}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The numbers of a torchvision ``ImageClassification`` preset."""
+
+    resize: tuple[int, ...]
+    crop: tuple[int, ...]
+    interpolation: str   # an InterpolationMode value ("bilinear", "bicubic", ...)
+    antialias: bool | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of(cls, preset) -> Preprocess:
+        """From an ``ImageClassification`` preset."""
+        return cls(tuple(int(s) for s in preset.resize_size), tuple(int(s) for s in preset.crop_size),
+                   preset.interpolation.value, preset.antialias, tuple(preset.mean), tuple(preset.std))
+
+    @property
+    def input_size(self) -> int:
+        return self.crop[0]
+
+    def spec(self) -> str:
+        """The whole preprocessing in one line, as feature files record it."""
+        return (f"resize={self.resize[0]} crop={self.crop[0]} interpolation={self.interpolation} "
+                f"mean={list(self.mean)} std={list(self.std)}")
 
 
 class UInt8Crop:
@@ -22,9 +60,9 @@ class UInt8Crop:
     wants in channels_last layout, so batches need no transposing copy.
     """
 
-    def __init__(self, preset: ImageClassification):
-        self.resize_size, self.crop_size = list(preset.resize_size), list(preset.crop_size)
-        self.interpolation, self.antialias = preset.interpolation, preset.antialias
+    def __init__(self, preprocess: Preprocess):
+        self.resize_size, self.crop_size = list(preprocess.resize), list(preprocess.crop)
+        self.interpolation, self.antialias = preprocess.interpolation, preprocess.antialias
         self.crop_hw = self.crop_size if len(self.crop_size) == 2 else self.crop_size * 2
 
     def __call__(self, img) -> np.ndarray:
@@ -34,12 +72,15 @@ class UInt8Crop:
         box = self._box(img.size)
         if box is not None:
             ch, cw = self.crop_hw
-            return np.asarray(img.resize((cw, ch), F.pil_modes_mapping[self.interpolation], box=box))
-        img = F.center_crop(F.resize(img, self.resize_size, interpolation=self.interpolation,
+            return np.asarray(img.resize((cw, ch), PIL_FILTERS[self.interpolation], box=box))
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as F
+
+        img = F.center_crop(F.resize(img, self.resize_size, interpolation=InterpolationMode(self.interpolation),
                                      antialias=self.antialias), self.crop_size)
         return F.pil_to_tensor(img).permute(1, 2, 0).numpy()
 
-    def tensor(self, img: torch.Tensor) -> torch.Tensor:
+    def tensor(self, img):
         """CHW uint8 tensor (any device) -> HWC uint8 tensor, with the preset's tensor ops.
 
         torchvision's v2 kernels resize uint8 natively on the CPU (vectorised, channels-last
@@ -50,20 +91,70 @@ class UInt8Crop:
         h, w = img.shape[-2:]
         rs = self.resize_size
         shrinks = min(h, w) > rs[0] if len(rs) == 1 else (h > rs[0] or w > rs[1])
-        img = F2.resize(img, rs, interpolation=self.interpolation, antialias=self.antialias and shrinks)
+        antialias = bool(self.antialias and shrinks)
+        rw, rh = self._resized(w, h)
+        offset = self._crop_offset(rw, rh)
+        if offset is not None and _native_uint8_bilinear(img, self.interpolation):
+            (top, left), (ch, cw) = offset, self.crop_hw
+            return _resize_uint8_bilinear(img, rh, rw, antialias)[:, top:top + ch, left:left + cw].permute(1, 2, 0)
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional as F2
+
+        img = F2.resize(img, rs, interpolation=InterpolationMode(self.interpolation), antialias=antialias)
         return F2.center_crop(img, self.crop_size).permute(1, 2, 0)
+
+    def _resized(self, w: int, h: int) -> tuple[int, int]:
+        """(width, height) after the resize, as torchvision computes them."""
+        if len(self.resize_size) != 1:
+            return self.resize_size[1], self.resize_size[0]
+        short, long = min(w, h), max(w, h)
+        new_short, new_long = self.resize_size[0], int(self.resize_size[0] * long / short)
+        return (new_short, new_long) if w <= h else (new_long, new_short)
+
+    def _crop_offset(self, rw: int, rh: int) -> tuple[int, int] | None:
+        """(top, left) of the centre crop in a ``rw`` x ``rh`` image, as torchvision places it; None
+        where the crop is larger and torchvision would pad."""
+        ch, cw = self.crop_hw
+        if cw > rw or ch > rh:
+            return None
+        return int(round((rh - ch) / 2.0)), int(round((rw - cw) / 2.0))
 
     def _box(self, size: tuple[int, int]) -> tuple[float, float, float, float] | None:
         """The source rectangle behind the centre crop, or None when the shortcut does not apply."""
         if len(self.resize_size) != 1:
             return None
         w, h = size
-        short, long = min(w, h), max(w, h)
-        new_short, new_long = self.resize_size[0], int(self.resize_size[0] * long / short)  # as F.resize
-        rw, rh = (new_short, new_long) if w <= h else (new_long, new_short)
-        ch, cw = self.crop_hw
-        if cw > rw or ch > rh:  # F.center_crop would pad
+        rw, rh = self._resized(w, h)
+        offset = self._crop_offset(rw, rh)
+        if offset is None:
             return None
-        top, left = int(round((rh - ch) / 2.0)), int(round((rw - cw) / 2.0))  # as F.center_crop
+        (top, left), (ch, cw) = offset, self.crop_hw
         sx, sy = w / rw, h / rh
         return left * sx, top * sy, (left + cw) * sx, (top + ch) * sy
+
+
+def _native_uint8_bilinear(img, interpolation: str) -> bool:
+    """Where torchvision's v2 resize hands uint8 straight to torch's bilinear kernel (its
+    ``_do_native_uint8_resize_on_cpu``): a CPU with AVX2/AVX-512 or an ARM one."""
+    import torch
+
+    return (interpolation == "bilinear" and img.dtype == torch.uint8 and img.device.type == "cpu" and img.ndim == 3
+            and (torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+                 or platform.machine() in ("aarch64", "arm64")))
+
+
+def _resize_uint8_bilinear(img, height: int, width: int, antialias: bool):
+    """torchvision v2's ``resize_image`` on that path, without importing torchvision (over a second of
+    every run's start-up): the same kernel call, with the same re-striding of a channels-last image
+    (pytorch#68430) so the output stays channels-last. ``tests/test_fast_paths.py`` checks that
+    the pixels are torchvision's, bit for bit."""
+    import torch
+
+    c, h, w = img.shape
+    if (height, width) == (h, w):
+        return img
+    x = img.reshape(1, c, h, w)
+    if x.is_contiguous(memory_format=torch.channels_last) and x.numel() != x.stride()[0]:
+        x = x.as_strided((1, c, h, w), (x.numel(), *x.stride()[1:]))
+    return torch.nn.functional.interpolate(x, size=[height, width], mode="bilinear", align_corners=False,
+                                           antialias=antialias)[0]

@@ -6,7 +6,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
-from torchvision import models
 
 
 @dataclass(frozen=True)
@@ -81,11 +80,26 @@ register_tap_scheme(TapScheme(  # MobileNet, EfficientNet, ConvNeXt, DenseNet, .
     _features_stack_nodes, "pooled"))
 register_tap_scheme(TapScheme("vgg", lambda name, model: name.startswith("vgg"), _vgg_nodes, "fc7",
                               adds_pooled=False))
+def _is_torchvision_vit(name: str, model: nn.Module) -> bool:
+    from torchvision.models import VisionTransformer  # a model exists: torchvision is imported already
+
+    return isinstance(model, VisionTransformer)
+
+
 register_tap_scheme(TapScheme(  # vit_b_16, ...: the encoder blocks, tokens pooled by pooling.pool_tap
-    "vit", lambda name, model: isinstance(model, models.VisionTransformer),
+    "vit", _is_torchvision_vit,
     lambda model: {f"block{i}": f"encoder.layers.encoder_layer_{i}" for i in range(len(model.encoder.layers))},
     "pooled"))
 register_tap_scheme(TapScheme(  # resnet, resnext, wide_resnet
     "resnet", lambda name, model: hasattr(model, "layer4") and hasattr(model, "maxpool"),
     lambda model: {"stem": "maxpool", **{f"layer{i}": f"layer{i}" for i in range(1, 5)}, "avgpool": "flatten"},
     "avgpool", adds_pooled=False))
+
+
+_BUILT_IN = tuple(TAP_SCHEMES)
+
+
+def built_in_schemes_only() -> bool:
+    """Whether the schemes are this package's own (none registered at run time), whose code
+    :mod:`.cards` keys its cards by."""
+    return tuple(TAP_SCHEMES) == _BUILT_IN

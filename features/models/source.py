@@ -13,16 +13,17 @@ import pickle
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
-from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
-from torchvision.transforms._presets import ImageClassification
 
 from ..errors import UsageError
 from ..files import file_sha256
-from .preprocess import UInt8Crop
+from .preprocess import Preprocess
+
+if TYPE_CHECKING:
+    from torchvision.transforms._presets import ImageClassification
 from .schemes import Tap, TapScheme, tap_scheme
 
 DEFAULT_IMAGE_SIZE = 224
@@ -40,10 +41,25 @@ class WeightsChoice:
 
     @property
     def pretrained(self) -> bool:
-        return self.enum is not None or self.path is not None or self.hub is not None
+        return self.spec != "none"
 
 
 RANDOM = WeightsChoice(None, None, "none")
+
+
+@dataclass(frozen=True)
+class CardFiles:
+    """The files a source's resolution of its weights read: whether each was there, and which ones
+    the model needs on disk to be built offline."""
+
+    seen: dict[str, bool]
+    needed: tuple[str, ...] = ()
+
+    def unchanged(self) -> bool:
+        return all(Path(p).is_file() == there for p, there in self.seen.items())
+
+    def ready(self) -> bool:
+        return all(Path(p).is_file() for p in self.needed)
 
 
 # Sources by the prefix of their names ("timm:resnet18"; torchvision's names have none): the module
@@ -51,6 +67,8 @@ RANDOM = WeightsChoice(None, None, "none")
 SOURCE_MODULES = {"": "features.models.torchvision_source", "timm": "features.models.timm_source",
                   "openclip": "features.models.openclip_source", "hf": "features.models.hf_source"}
 SOURCES: dict[str, type[ModelSource]] = {}
+# The package each source's answers depend on, beside torch and torchvision (keys of backbone cards).
+SOURCE_PACKAGES = {"": "torchvision", "timm": "timm", "openclip": "open_clip_torch", "hf": "transformers"}
 
 
 def register_source(prefix: str):
@@ -192,15 +210,23 @@ class ModelSource:
     def check_weights(self) -> None:
         """Fail early (one line) when pretrained weights are neither cached nor downloadable."""
 
+    def card_files(self) -> CardFiles | None:
+        """The files this model's weights resolution read, for its card (:mod:`.cards`); None: not carded."""
+        return None
+
     def tap_scheme(self, model: nn.Module) -> TapScheme:
         return tap_scheme(self.name, model)
 
     def feature_graph(self, model: nn.Module, nodes: dict[str, str]) -> nn.Module:
         """``model`` traced and pruned to return ``nodes``."""
+        from torchvision.models.feature_extraction import create_feature_extractor
+
         return create_feature_extractor(model, nodes)
 
     def graph_nodes(self, model: nn.Module) -> list[str]:
         """The eval-mode graph's node names, in execution order."""
+        from torchvision.models.feature_extraction import get_graph_node_names
+
         return get_graph_node_names(model)[1]
 
     def token_grid(self, model: nn.Module) -> tuple[int, int, int] | None:
@@ -223,6 +249,8 @@ class ModelSource:
 
     def transform(self) -> ImageClassification:
         """The weights' preprocessing, or the same with a square ``image_size``."""
+        from torchvision.transforms._presets import ImageClassification
+
         preset = self.preset()
         if self.image_size is None:
             return preset
@@ -230,20 +258,10 @@ class ModelSource:
         return ImageClassification(crop_size=self.image_size, resize_size=self.image_size, mean=preset.mean,
                                    std=preset.std, interpolation=preset.interpolation)
 
-    def pixel_transform(self) -> UInt8Crop:
-        """The geometric half of :meth:`transform`: PIL image -> resized, cropped HWC uint8 array.
-
-        Loaders move uint8 (a quarter of float32's bytes);
-        :class:`features.forward.TapExtractor` does the arithmetic half on whole batches
-        on the model's device, with the same ops in the same order as ``ImageClassification``.
-        """
-        return UInt8Crop(self.transform())
+    def preprocess(self) -> Preprocess:
+        """:meth:`transform`'s numbers, as feature files and backbone cards record them."""
+        return Preprocess.of(self.transform())
 
     @property
     def input_size(self) -> int:
-        return int(self.transform().crop_size[0])
-
-    def transform_spec(self) -> str:
-        t = self.transform()
-        return (f"resize={t.resize_size[0]} crop={t.crop_size[0]} interpolation={t.interpolation.value} "
-                f"mean={list(t.mean)} std={list(t.std)}")
+        return self.preprocess().input_size

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..pooling import DEFAULT_POOLING, get_pooling, poolable, pooled_dim
 from .schemes import Tap, TapScheme, last_node
 from .source import DEFAULT_IMAGE_SIZE, ModelSource
 
@@ -83,36 +82,8 @@ class TapResolver:
                              ) from None
         return self.layout(Tap(name, name, self._shapes({name})[name], depth))
 
-    def resolve_taps(self, names: list[str] | None) -> list[Tap]:
-        """Requested taps (``None``: the standard embedding; ``['all']``: every friendly tap that can be
-        pooled), shallow first. A tap whose output is a token sequence (N, D) is refused: taps pools
-        feature maps (C, H, W) and vectors (D,)."""
-        if not names:
-            names = [self.default_tap]
-        elif names == ["all"]:
-            names = [t.name for t in self.taps.values() if poolable(t.shape)]
-        taps = {t.name: t for t in (self.tap(n) for n in names)}
-        for t in taps.values():
-            if not poolable(t.shape):
-                usable = ", ".join(t.name for t in self.taps.values() if poolable(t.shape))
-                raise UsageError(f"tap {t.name!r} of {self.source.name} outputs {'x'.join(map(str, t.shape))} tokens, "
-                                 f"which taps does not pool; choose from: {usable}")
-        return sorted(taps.values(), key=lambda t: t.depth)
-
-    def check_pooling(self, taps: list[Tap], pooling: str) -> None:
-        """``cls`` pooling needs a class token in every spatial tap."""
-        if get_pooling(pooling).class_token:
-            bad = [t.name for t in taps if len(t.shape) == 3 and not (t.layout == "tokens" and t.prefix > 0)]
-            if bad:
-                raise UsageError(f"--pool cls takes a transformer's class token, but {', '.join(bad)} of "
-                                 f"{self.source.name} {'is a feature map' if len(bad) == 1 else 'are feature maps'}; "
-                                 f"use --pool {DEFAULT_POOLING} (or another pooling)")
-
     def node_names(self) -> list[str]:
         return list(self._graph[1])
-
-    def dim(self, tap: str, pooling: str = DEFAULT_POOLING) -> int:
-        return pooled_dim(self.tap(tap).shape, pooling)
 
     # ------------------------------------------------------------ shapes
     def _shapes(self, nodes: set[str]) -> dict[str, tuple[int, ...]]:

@@ -14,6 +14,7 @@ from ..errors import TapsError, UsageError
 from .schemes import Tap
 from .source import (
     DEFAULT_IMAGE_SIZE,
+    CardFiles,
     ModelSource,
     WeightsChoice,
     load_state_file,
@@ -69,6 +70,15 @@ class TorchvisionSource(ModelSource):
     def check_weights(self) -> None:
         if self.weights.enum is not None and not checkpoint_path(self.weights.enum).is_file():
             self.build()
+
+    def card_files(self) -> CardFiles | None:
+        if self.weights.path is not None:
+            return None  # a local file: its digest is read on every run anyway
+        if self.weights.enum is None:
+            return CardFiles({})
+        # auto takes whichever checkpoint is on disk: a member's file coming or going changes the answer
+        return CardFiles({str(checkpoint_path(m)): checkpoint_path(m).is_file() for m in type(self.weights.enum)},
+                         (str(checkpoint_path(self.weights.enum)),))
 
     def random_model(self) -> nn.Module:
         return models.get_model(self.name, weights=None)
