@@ -220,6 +220,22 @@ def startup_seconds(work: Path, backbone: Backbone, repeats: int = 3) -> dict[st
     return out
 
 
+def end_to_end_seconds(work: Path, backbone: Backbone, images: FileImageSet, taps: list[str]) -> float:
+    """Wall seconds of a repeated ``taps extract --runtime auto`` over the bench's images in a fresh
+    interpreter, start-up included: what a user waits for on a new image set once the export, auto's
+    choice and the backbone's card are cached (a first, untimed run caches them)."""
+    listing = work / "bench_images.csv"
+    listing.write_text("image,label\n" + "".join(f"{p.resolve()},{images.classes[y]}\n"
+                                                 for p, y in zip(images.paths, images.labels, strict=True)))
+    command = [sys.executable, "-m", "pipeline", "extract", "--dataset", f"csv:{listing}", "--allow-outside-root",
+               "--backbone", backbone.name, "--weights", backbone.spec_args()[1], "--taps", ",".join(taps),
+               "--runtime", "auto", "--features-root", str(work / "end_to_end"), "--force", "--no-progress"]
+    subprocess.run(command, capture_output=True, check=True)
+    t0 = time.perf_counter()
+    subprocess.run(command, capture_output=True, check=True)
+    return time.perf_counter() - t0
+
+
 def stage_two_times(features_root: str, reference: bool, quick: bool = False) -> dict:
     """Grid-searched svm and logreg fits at Caltech-101 scale (real features when cached, else synthetic)."""
     from sklearn.datasets import make_classification
@@ -508,6 +524,8 @@ def run_bench(settings: BenchSettings | None = None, log=print, **fields) -> tup
     r["page_faults"] = page_faults_per_batch()
     r["startup_seconds"] = startup_seconds(work, bb, s.startup_repeats)
     log(f"  start-up: {r['startup_seconds']}")
+    r["end_to_end_seconds"] = end_to_end_seconds(work, bb, b.images, b.taps)
+    log(f"  end to end: {r['end_to_end_seconds']:.1f} s")
     r["stage_two"] = stage_two_times(s.features_root, s.reference, quick=s.quick)
     text = format_bench(r)
     (out / "bench.txt").write_text(text + "\n")
@@ -525,6 +543,17 @@ def _time_per_image(r: dict) -> list[str]:
     return [f"{'decode + resize alone (the loader, no model)':<44}{r['decode']:>8.1f}",
             f"torch pipeline per image {total:.2f} ms = forward alone {forward:.2f} + decode alone {decode:.2f} "
             f"+ the rest {total - forward - decode:+.2f} (copies, write, waits; negative: overlap)"]
+
+
+def _end_to_end(r: dict) -> list[str]:
+    """A repeated `taps extract --runtime auto` with its start-up, against seed-style's steady rate."""
+    if "end_to_end_seconds" not in r:  # a bench.json from before this row
+        return []
+    n = int(r["images"].split()[0])
+    rate = n / r["end_to_end_seconds"]
+    return [f"{'taps extract --runtime auto, end to end':<44}{rate:>8.1f}  end to end/seed-style = "
+            f"{rate / r['seed_style']:.1f} ({n} images in {r['end_to_end_seconds']:.1f} s with start-up, "
+            f"a fresh interpreter, the export and auto's choice cached)"]
 
 
 def _per_round(r: dict, a: str, b: str) -> str:
@@ -569,6 +598,7 @@ def format_bench(r: dict) -> str:
         f"{'measure':<44}{'img/s':>8}  ratio",
         f"{'pipeline (torch, taps extract, 3 taps)':<44}{r['pipeline']:>8.1f}",
         f"{'seed-style (fp32 NCHW, one pass per tap)':<44}{r['seed_style']:>8.1f}  pipeline/seed-style = {r['pipeline'] / r['seed_style']:.1f}",
+        *_end_to_end(r),
         *_time_per_image(r),
         "torch pipeline with one optimisation off:",
     ]

@@ -48,6 +48,9 @@ def test_bench_measures_every_row_in_one_run(tmp_path):
                                           "taps extract, 10 images (--runtime auto)", "taps info FILE"]
     assert 0 < r["startup_seconds"]["taps --help"] < r["startup_seconds"]["taps extract, 10 images (torch)"]
     assert "start-up (wall seconds" in text
+    # a repeated `taps extract --runtime auto` over the same images, start-up included, against seed-style
+    assert r["end_to_end_seconds"] > r["startup_seconds"]["taps --help"]
+    assert f"16 images in {r['end_to_end_seconds']:.1f} s" in text and "end to end/seed-style = " in text
     assert r["stage_two"]["source"].endswith("(--quick)") and r["stage_two"]["svm"]["seconds"] > 0
     saved = (tmp_path / "bench" / "bench.txt").read_text()
     assert saved.strip() == text and "pipeline/ceiling = " in text and "pipeline/seed-style = " in text
