@@ -1,5 +1,6 @@
-"""One family's records by name (precisions, loaders, decoders, runtimes, poolings): each record is
-registered once, under its ``name``, and a name is looked up with the family's own error."""
+"""One family's records by name (precisions, loaders, decoders, runtimes, poolings; stage two's
+classifiers, preprocessing, protocols and tap selectors): each record is registered once, under
+its ``name`` and its ``aliases`` if it has any, and a name is looked up with the family's own error."""
 
 from __future__ import annotations
 
@@ -24,8 +25,13 @@ class Registry(dict[str, R]):
         self.option = option
 
     def register(self, record: R) -> R:
-        self[record.name] = record
+        for name in (record.name, *getattr(record, "aliases", ())):
+            self[name] = record
         return record
+
+    def records(self) -> list[R]:
+        """Each record once (its aliases left out), in registration order."""
+        return [record for name, record in self.items() if name == record.name]
 
     def lookup(self, name: str) -> R:
         """The record named ``name``; a UsageError listing the valid names when there is none."""

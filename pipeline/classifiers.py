@@ -13,7 +13,8 @@ import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from features.errors import UsageError, choose
+from features.errors import UsageError
+from features.registry import Registry
 
 # --solver: who fits the L-BFGS heads (svm, logreg): torch (any device), or scikit-learn's own
 # estimator (LinearSVC, LogisticRegression), the reference it is tested against.
@@ -57,13 +58,8 @@ class Classifier:
         return load(self.reference)(**{self.param: value, **self.reference_params})
 
 
-CLASSIFIER_REGISTRY: dict[str, Classifier] = {}
-
-
-def register_classifier(classifier: Classifier) -> Classifier:
-    for name in (classifier.name, *classifier.aliases):
-        CLASSIFIER_REGISTRY[name] = classifier
-    return classifier
+CLASSIFIER_REGISTRY: Registry[Classifier] = Registry("classifier")
+register_classifier = CLASSIFIER_REGISTRY.register
 
 
 DEFAULT_CLASSIFIER = register_classifier(Classifier(
@@ -82,25 +78,21 @@ register_classifier(Classifier(
 CLASSIFIERS = tuple(CLASSIFIER_REGISTRY)  # names and aliases, as --clf takes them
 
 
-def get_classifier(name: str) -> Classifier:
-    """The record of a --clf value (an alias gives its classifier's record)."""
-    if name not in CLASSIFIER_REGISTRY:
-        choose("classifier", name, CLASSIFIERS)
-    return CLASSIFIER_REGISTRY[name]
+get_classifier = CLASSIFIER_REGISTRY.lookup  # the record of a --clf value (an alias gives its classifier's)
 
 
 def text_classifiers() -> list[str]:
     """The classifiers built from the class names by a text tower (those --prompts is for)."""
-    return [name for name, c in CLASSIFIER_REGISTRY.items() if c.text and c.name == name]
+    return [c.name for c in CLASSIFIER_REGISTRY.records() if c.text]
 
 
 def referenced_classifiers() -> list[Classifier]:
     """The classifiers with a scikit-learn reference to time against, each once."""
-    return [c for name, c in CLASSIFIER_REGISTRY.items() if c.reference is not None and c.name == name]
+    return [c for c in CLASSIFIER_REGISTRY.records() if c.reference is not None]
 
 
 def streaming_classifiers() -> list[str]:
-    return [name for name, c in CLASSIFIER_REGISTRY.items() if c.streams and c.name == name]
+    return [c.name for c in CLASSIFIER_REGISTRY.records() if c.streams]
 
 
 # ------------------------------------------------------------ --preprocess, one record each
@@ -121,12 +113,8 @@ class Preprocess:
                 for step, target, params in self.steps]
 
 
-PREPROCESS_REGISTRY: dict[str, Preprocess] = {}
-
-
-def register_preprocess(preprocess: Preprocess) -> Preprocess:
-    PREPROCESS_REGISTRY[preprocess.name] = preprocess
-    return preprocess
+PREPROCESS_REGISTRY: Registry[Preprocess] = Registry("--preprocess")
+register_preprocess = PREPROCESS_REGISTRY.register
 
 
 DEFAULT_PREPROCESS = register_preprocess(Preprocess(

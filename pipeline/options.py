@@ -20,7 +20,7 @@ from .classifiers import (
     read_prompts,
     text_classifiers,
 )
-from .tapselectors import DEFAULT_SELECTOR, SELECTORS
+from .tapselectors import DEFAULT_SELECTOR, get_selector
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,8 +82,7 @@ class FitOptions:
     def _check_numbers(self) -> None:
         if self.folds < 2:
             raise UsageError(f"--folds must be at least 2, not {self.folds}")
-        if self.select not in SELECTORS:
-            raise UsageError(f"unknown tap selector (--select) {self.select!r}; valid: {', '.join(SELECTORS)}")
+        get_selector(self.select)
         if not 0 <= self.select_threshold < 1:
             raise UsageError(f"--select-threshold is a CV-accuracy gain between 0 and 1, not {self.select_threshold}")
         if self.hidden < 0:

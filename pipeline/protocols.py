@@ -26,6 +26,7 @@ import numpy as np
 
 from features.errors import UsageError
 from features.files import digest
+from features.registry import Registry
 
 AUTO = "auto"
 OFFICIAL = "official"
@@ -47,12 +48,8 @@ class ProtocolKind:
     random: bool = True
 
 
-PROTOCOL_REGISTRY: dict[str, ProtocolKind] = {}
-
-
-def register_protocol(kind: ProtocolKind) -> ProtocolKind:
-    PROTOCOL_REGISTRY[kind.name] = kind
-    return kind
+PROTOCOL_REGISTRY: Registry[ProtocolKind] = Registry("protocol")
+register_protocol = PROTOCOL_REGISTRY.register
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from features.errors import choose
+from features.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -22,12 +22,8 @@ class TapSelector:
     summary: str
 
 
-SELECTOR_REGISTRY: dict[str, TapSelector] = {}
-
-
-def register_selector(selector: TapSelector) -> TapSelector:
-    SELECTOR_REGISTRY[selector.name] = selector
-    return selector
+SELECTOR_REGISTRY: Registry[TapSelector] = Registry("tap selector (--select)")
+register_selector = SELECTOR_REGISTRY.register
 
 
 DEFAULT_SELECTOR = register_selector(TapSelector(
@@ -37,8 +33,4 @@ register_selector(TapSelector(
 SELECTORS = tuple(SELECTOR_REGISTRY)
 
 
-def get_selector(name: str) -> TapSelector:
-    """The record of a --select value."""
-    if name not in SELECTOR_REGISTRY:
-        choose("tap selector (--select)", name, SELECTORS)
-    return SELECTOR_REGISTRY[name]
+get_selector = SELECTOR_REGISTRY.lookup  # the record of a --select value

@@ -9,6 +9,16 @@ import pytest
 from PIL import Image
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory):
+    """The suite's own ``$TAPS_CACHE`` (exports, auto's choices, backbone cards): no test reads what an
+    earlier session left in the user's cache, or writes into it."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TAPS_CACHE", str(tmp_path_factory.mktemp("taps_cache")))
+    yield
+    patch.undo()
+
+
 def _photo(w: int, h: int, seed: int) -> Image.Image:
     """A smooth, photo-like RGB image with noise (JPEG-friendly, unlike pure noise)."""
     rng = np.random.default_rng(seed)

@@ -16,7 +16,7 @@ IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian 
 def test_logits_tap_classifies_chelsea_as_a_cat(tmp_path):
     skimage_data = pytest.importorskip("skimage.data")
     bb = Backbone("mobilenet_v2", weights="IMAGENET1K_V1")
-    assert _checkpoint_path(bb.weights.enum).is_file(), "run `make weights` to seed the offline checkpoint"
+    assert _checkpoint_path(bb.source.weights.enum).is_file(), "run `make weights` to seed the offline checkpoint"
     (tmp_path / "photos" / "cat").mkdir(parents=True)
     Image.fromarray(skimage_data.chelsea()).save(tmp_path / "photos" / "cat" / "chelsea.jpg")
     Image.fromarray(skimage_data.coffee()).save(tmp_path / "photos" / "cat" / "coffee.jpg")

@@ -33,7 +33,7 @@ DEFAULT_IMAGE_SIZE = 224
 class WeightsChoice:
     """What ``--weights`` resolved to: an enum member, a local file, a hub name, or random init."""
 
-    enum: object | None      # a torchvision WeightsEnum member
+    enum: object | None      # a torchvision WeightsEnum member (a card keeps spec and hub only)
     path: Path | None        # a local state-dict file
     spec: str                # the stable id recorded in feature files
     sha256: str | None = None  # the local file's full SHA-256, recorded beside the spec

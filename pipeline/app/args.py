@@ -136,10 +136,10 @@ def add_fit_args(p: argparse.ArgumentParser, many: bool = False) -> None:
         streaming_classifiers,
         text_classifiers,
     )
-    from ..options import SELECTORS, FitOptions
+    from ..options import FitOptions
     from ..protocols import AUTO as AUTO_PROTOCOL
     from ..protocols import FALLBACK, KINDS, OFFICIAL
-    from ..tapselectors import SELECTOR_REGISTRY
+    from ..tapselectors import SELECTOR_REGISTRY, SELECTORS
 
     aliases = "; ".join(f"{alias} is an alias of {c.name}" for alias, c in CLASSIFIER_REGISTRY.items() if alias != c.name)
     params = {}
