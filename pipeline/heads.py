@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import copy
 from numbers import Integral, Real
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
@@ -29,8 +28,16 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .classifiers import DEFAULT_SOLVER, REFERENCE_SOLVER, SOLVERS
 
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported by the methods that compute with it: a fit with scikit-learn's solver
+# (--solver sklearn) never pays for importing it.
+
 
 def _device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -85,6 +92,8 @@ class _LBFGSLinear(ClassifierMixin, BaseEstimator):
             self.intercept_ = np.atleast_1d(ref.intercept_).astype(np.float64)
             self.n_iter_ = int(np.max(ref.n_iter_))
             return self
+        import torch
+
         dev = _device(self.device)
         Xt = torch.tensor(X, dtype=torch.float32, device=dev)
         n, d = Xt.shape
@@ -129,6 +138,8 @@ class LinearSVM(_LBFGSLinear):
         return 1 if n_classes == 2 else n_classes
 
     def _target(self, y_index, n_out, device):
+        import torch
+
         if n_out == 1:
             return torch.as_tensor(np.where(y_index == 1, 1.0, -1.0)[:, None], dtype=torch.float32, device=device)
         t = -np.ones((len(y_index), n_out), np.float32)
@@ -136,6 +147,8 @@ class LinearSVM(_LBFGSLinear):
         return torch.as_tensor(t, device=device)
 
     def _loss(self, scores, target):
+        import torch.nn.functional as F
+
         return F.relu(1.0 - target * scores).pow(2).sum()
 
     def _reference(self):
@@ -149,9 +162,13 @@ class SoftmaxRegression(_LBFGSLinear):
         return n_classes
 
     def _target(self, y_index, n_out, device):
+        import torch
+
         return torch.as_tensor(y_index, dtype=torch.long, device=device)
 
     def _loss(self, scores, target):
+        import torch.nn.functional as F
+
         return F.cross_entropy(scores, target, reduction="sum")
 
     def _reference(self):
@@ -203,6 +220,8 @@ class TorchLinearHead(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
 
     def _net(self, d: int, k: int) -> torch.nn.Module:
+        import torch
+
         if self.hidden:
             return torch.nn.Sequential(torch.nn.Linear(d, self.hidden), torch.nn.ReLU(), torch.nn.Linear(self.hidden, k))
         return torch.nn.Linear(d, k)
@@ -218,6 +237,8 @@ class TorchLinearHead(ClassifierMixin, BaseEstimator):
                                       stratify=strat))
 
     def fit(self, X, y):
+        import torch
+
         self._validate_params()
         X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
         check_classification_targets(y)
@@ -240,6 +261,8 @@ class TorchLinearHead(ClassifierMixin, BaseEstimator):
 
     def _start(self, n_features: int, dev: torch.device) -> None:
         """A fresh network (seeded) and its optimiser."""
+        import torch
+
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.random_state)
             self._net_ = self._net(n_features, len(self.classes_)).to(dev)
@@ -248,6 +271,8 @@ class TorchLinearHead(ClassifierMixin, BaseEstimator):
 
     def _step(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
         """One AdamW step on one mini-batch (class indices), the unit every fit is made of."""
+        import torch.nn.functional as F
+
         self._net_.train()
         self._opt_.zero_grad()
         F.cross_entropy(self._net_(xb), yb).backward()
@@ -257,6 +282,8 @@ class TorchLinearHead(ClassifierMixin, BaseEstimator):
         """One pass of mini-batch steps over (X, y), continuing from the previous call (scikit-learn's
         incremental API: ``classes`` is required on the first call). Rows are taken in order: the
         caller shuffles, as streaming from HDF5 does chunk by chunk."""
+        import torch
+
         first = not hasattr(self, "classes_")
         if first:
             if classes is None:
@@ -287,6 +314,9 @@ class TorchLinearHead(ClassifierMixin, BaseEstimator):
         Shared by in-memory fits and streaming fits from HDF5 (:mod:`pipeline.streaming`);
         ``classes_`` must be set by the caller.
         """
+        import torch
+        import torch.nn.functional as F
+
         self._start(n_features, dev)
         net = self._net_
         best, best_state, bad_epochs = np.inf, copy.deepcopy(net.state_dict()), 0
@@ -318,6 +348,8 @@ class TorchLinearHead(ClassifierMixin, BaseEstimator):
         return self
 
     def _logits(self, X) -> np.ndarray:
+        import torch
+
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
         device = next(self.model_.parameters()).device
@@ -373,6 +405,8 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
         return self
 
     def predict_proba(self, X) -> np.ndarray:
+        import torch
+
         check_is_fitted(self)
         X = _l2_rows(np.asarray(validate_data(self, X, reset=False, dtype=[np.float32, np.float64]), dtype=np.float64))
         dev = _device(self.device)

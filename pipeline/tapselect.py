@@ -31,7 +31,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from sklearn.decomposition import PCA
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
@@ -39,6 +38,8 @@ from sklearn.preprocessing import StandardScaler
 from .classifiers import load
 from .fusion import Groups
 from .tapselectors import DEFAULT_SELECTOR, get_selector
+
+# torch is imported by the scores that compute with it: a fit without --tap auto never imports it.
 
 PROXY_DIM = 256
 RIDGE = (0.1, 1.0, 10.0)  # ridge values, relative to the mean Gram diagonal of the set
@@ -76,6 +77,8 @@ class RidgeCVScore:
     """k-fold CV accuracy of a ridge classifier on any subset of tap groups, from per-fold Gram matrices."""
 
     def __init__(self, Z: np.ndarray, y: np.ndarray, groups: Groups, *, folds: int, random_state: int):
+        import torch
+
         self.groups = groups
         classes, y_index = np.unique(y, return_inverse=True)
         Y = torch.as_tensor(np.eye(len(classes))[y_index], dtype=torch.float32)
@@ -90,6 +93,8 @@ class RidgeCVScore:
                                torch.as_tensor(y_index)[va]))
 
     def __call__(self, taps: list[str]) -> float:
+        import torch
+
         cols = torch.cat([torch.arange(*self.groups[t]) for t in taps])
         ridge = torch.tensor(RIDGE, dtype=torch.float32)[:, None, None]
         accuracy = torch.zeros(len(RIDGE))
@@ -128,6 +133,8 @@ def group_lasso_ranking(Z: np.ndarray, y: np.ndarray, groups: Groups, *, strengt
                         iterations: int = 200) -> dict[str, float]:
     """Each tap's weight norm per sqrt(width) in a group-lasso multinomial logistic regression
     (FISTA, penalty ``strength`` times the smallest one that zeroes every group)."""
+    import torch
+
     Zt = torch.as_tensor(Z, dtype=torch.float32)
     _, y_index = np.unique(y, return_inverse=True)
     Y = torch.nn.functional.one_hot(torch.as_tensor(y_index), int(y_index.max()) + 1).float()

@@ -26,7 +26,6 @@ from .options import FitOptions
 from .protocols import split_digest
 from .results import SeedResult
 from .selection import SelectedClassifier, check_folds, selector
-from .streaming import StreamedLinear
 from .tapselect import select_taps
 from .zeroshot import TEXT_TAP, ZeroShotClassifier, zero_shot_weights
 
@@ -110,6 +109,8 @@ def selecting_model(data: FitData, options: FitOptions, seed: int, groups: Group
     streaming from the file, where its X are row indices. Both select the same way."""
     key = data.keys[0]
     if data.streaming:
+        from .streaming import StreamedLinear  # torch: only a streamed head needs it
+
         head = StreamedLinear(data.features, key=key, hidden=options.hidden, device=options.device, random_state=seed)
     elif get_classifier(options.clf).text:
         if key.rpartition(BACKBONE_SEPARATOR)[2] != TEXT_TAP or groups is not None:

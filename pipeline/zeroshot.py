@@ -17,7 +17,6 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
-from features.backbones import Backbone
 from features.errors import UsageError
 
 TEXT_TAP = "embed"
@@ -27,6 +26,8 @@ LOGIT_SCALE = 100.0  # CLIP's learned temperature, as open_clip's zero-shot eval
 @cache
 def _text_weights(backbone: str, weights: str, image_size: int | None, classes: tuple[str, ...],
                   templates: tuple[str, ...]) -> np.ndarray:
+    from features.backbones import Backbone  # torch: only when a text tower is built
+
     source = Backbone(backbone, weights=weights, image_size=image_size).source
     if not hasattr(source, "text_classifier"):
         raise UsageError(f"--clf zeroshot needs a backbone with a text tower (openclip:ARCH/PRETRAINED), not {backbone}")

@@ -156,6 +156,16 @@ def test_help_listing_info_and_argument_errors_import_no_torch_or_sklearn(argv, 
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("clf,torch_expected", [("logreg", False), ("knn", True)])
+def test_a_fit_imports_torch_only_for_a_head_that_computes_with_it(clf, torch_expected, tiny_features, tmp_path):
+    """scikit-learn's solver fits without torch (over a second of start-up saved); the kNN probe uses it."""
+    argv = ["fit", "--features", str(tiny_features[1].path), "--tap", "avgpool", "--clf", clf, "--solver", "sklearn",
+            "--protocol", "fraction:0.5", "--runs-root", str(tmp_path), "--no-progress"]
+    proc = subprocess.run([sys.executable, "-c", LIGHT, *argv], capture_output=True, text=True)
+    imported = proc.stdout.strip().splitlines()[-1]
+    assert "'sklearn'" in imported and ("'torch'" in imported) == torch_expected, proc.stdout + proc.stderr
+
+
 def test_the_help_of_each_family_is_written_by_its_records(capsys):
     """A new precision, loader, decoder, classifier or tap selector is one record: its name and summary reach
     the help without an edit to the CLI."""
