@@ -16,20 +16,20 @@ from __future__ import annotations
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-from torch import nn
-
 from .errors import UsageError
 from .models.cards import BackboneCard, load_card, save_card
 from .models.preprocess import Preprocess, UInt8Crop
 from .models.schemes import TAP_SCHEMES, Tap, TapScheme, register_tap_scheme
 from .models.source import SOURCE_MODULES, ModelSource, WeightsChoice, get_source, source_class
-from .models.taps import TapResolver
 from .pooling import DEFAULT_POOLING, get_pooling, poolable, pooled_dim
 
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from torch import nn
     from torchvision.transforms._presets import ImageClassification
+
+    from .models.taps import TapResolver
 
 __all__ = ["TAP_SCHEMES", "Backbone", "Tap", "TapScheme", "UInt8Crop", "WeightsChoice", "_checkpoint_path",
            "backbone_names", "register_tap_scheme", "source_listings"]
@@ -78,6 +78,8 @@ class Backbone:
 
     @cached_property
     def resolver(self) -> TapResolver:
+        from .models.taps import TapResolver  # torch: the resolver traces the model
+
         return TapResolver(self.source)
 
     # ------------------------------------------------------------ what the model declares (its card)

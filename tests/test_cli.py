@@ -156,11 +156,18 @@ def test_help_listing_info_and_argument_errors_import_no_torch_or_sklearn(argv, 
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("clf,torch_expected", [("logreg", False), ("knn", True)])
-def test_a_fit_imports_torch_only_for_a_head_that_computes_with_it(clf, torch_expected, tiny_features, tmp_path):
-    """scikit-learn's solver fits without torch (over a second of start-up saved); the kNN probe uses it."""
-    argv = ["fit", "--features", str(tiny_features[1].path), "--tap", "avgpool", "--clf", clf, "--solver", "sklearn",
-            "--protocol", "fraction:0.5", "--runs-root", str(tmp_path), "--no-progress"]
+@pytest.mark.parametrize("clf,by,torch_expected", [("logreg", "file", False), ("logreg", "dataset", False),
+                                                    ("knn", "file", True)])
+def test_a_fit_imports_torch_only_for_a_head_that_computes_with_it(clf, by, torch_expected, tiny_flat, tiny_features,
+                                                                   tmp_path):
+    """scikit-learn's solver fits without torch (over a second of start-up saved), also when the feature
+    file is found from the dataset and backbone (named by the backbone's card); the kNN probe uses it."""
+    _, features, root = tiny_features
+    found = ["--features", str(features.path)] if by == "file" else [
+        "--dataset", f"folder:{tiny_flat}", "--backbone", "resnet18", "--weights", "none", "--image-size", "32",
+        "--features-root", str(root)]
+    argv = ["fit", *found, "--tap", "avgpool", "--clf", clf, "--solver", "sklearn", "--protocol", "fraction:0.5",
+            "--runs-root", str(tmp_path), "--no-progress"]
     proc = subprocess.run([sys.executable, "-c", LIGHT, *argv], capture_output=True, text=True)
     imported = proc.stdout.strip().splitlines()[-1]
     assert "'sklearn'" in imported and ("'torch'" in imported) == torch_expected, proc.stdout + proc.stderr

@@ -218,18 +218,19 @@ def test_class_folders_are_listed_in_torchvisions_imagefolder_order(tmp_path, im
     assert len(class_files(root / "a")) == 3 + 3 + 3  # its own, z_sub's three images, and b's through the link
 
 
-def test_a_backbone_card_answers_as_its_source_did_without_importing_torchvision(tmp_path):
+def test_a_backbone_card_answers_as_its_source_did_without_importing_torch(tmp_path):
     """The first process resolves the backbone and keeps its card; the second answers from the card:
-    the same taps, shapes, preprocessing and weights, and torchvision is never imported."""
+    the same taps, shapes, preprocessing and weights, and neither torchvision nor torch is imported."""
     probe = ("import json, sys; from features.backbones import Backbone; "
              "b = Backbone('resnet18', weights='none', image_size=48); taps = b.resolve_taps(['all']); "
              "print(json.dumps({'taps': [[t.name, t.node, list(t.shape), t.depth] for t in taps], "
              "'default': b.default_tap, 'transform': b.transform_spec(), 'weights': b.weights.spec, "
-             "'args': b.spec_args(), 'dim': b.dim('layer3', 'pyramid'), 'torchvision': 'torchvision' in sys.modules}))")
+             "'args': b.spec_args(), 'dim': b.dim('layer3', 'pyramid'), "
+             "'imported': sorted({'torch', 'torchvision'} & set(sys.modules))}))")
     env = {**os.environ, "TAPS_CACHE": str(tmp_path)}
     first, second = (json.loads(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
                                                check=True).stdout) for _ in range(2))
-    assert first.pop("torchvision") and not second.pop("torchvision")
+    assert first.pop("imported") == ["torch", "torchvision"] and second.pop("imported") == []
     assert first == second and first["taps"][0][:3] == ["stem", "maxpool", [64, 12, 12]]
 
 

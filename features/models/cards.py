@@ -18,12 +18,12 @@ gone since. Local weights files are never carded: their digest is read on every 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from dataclasses import asdict, dataclass
 from functools import cache
 from importlib import metadata
 from pathlib import Path
-
-import torch
 
 from ..files import KEY_DIGITS, cache_root, digest, path_safe, write_atomically
 from .preprocess import Preprocess
@@ -79,14 +79,24 @@ def _version(package: str) -> str | None:
         return None
 
 
+def hub_dir() -> str:
+    """``torch.hub.get_dir()``, where checkpoints are looked for, without importing torch where nothing has:
+    torch's own rule (``$TORCH_HOME/hub``, ``$TORCH_HOME`` defaulting to ``$XDG_CACHE_HOME/torch``)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.hub.get_dir()  # it may have been moved by torch.hub.set_dir
+    home = os.getenv("TORCH_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "torch"))
+    return os.path.join(os.path.expanduser(home), "hub")
+
+
 def card_path(name: str, weights: str, image_size: int | None) -> Path | None:
     """Where the card of ``Backbone(name, weights, image_size)`` is kept; None where none may be."""
     prefix = name.split(":", 1)[0] if ":" in name else ""
     if Path(weights).exists() or prefix not in SOURCE_PACKAGES or not built_in_schemes_only():
         return None
     key = digest({"card": CARD_VERSION, "name": name, "weights": weights, "image_size": image_size,
-                  "versions": [torch.__version__, _version("torchvision"), _version(SOURCE_PACKAGES[prefix])],
-                  "hub": torch.hub.get_dir(), "code": _code_digest()}, length=KEY_DIGITS)
+                  "versions": [_version("torch"), _version("torchvision"), _version(SOURCE_PACKAGES[prefix])],
+                  "hub": hub_dir(), "code": _code_digest()}, length=KEY_DIGITS)
     return cache_root() / "backbones" / f"{path_safe(name)}-{key}.json"
 
 

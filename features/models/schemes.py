@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,13 @@ def last_node(prefix: str, nodes: list[str]) -> int:
     return inside[-1]
 
 
+# The schemes look at a built model, so torch is imported by then; importing it here would make every
+# import of the schemes (a backbone answered from its card, a fit) pay for torch.
+
+
 def _vgg_nodes(model: nn.Module) -> dict[str, str]:
+    from torch import nn
+
     pools = [i for i, m in enumerate(model.features) if isinstance(m, nn.MaxPool2d)]
     # fc6/fc7 are taken after their ReLU, as in DeCAF and the VGG paper.
     return {**{f"pool{k + 1}": f"features.{i}" for k, i in enumerate(pools)}, "fc6": "classifier.1", "fc7": "classifier.4"}
@@ -68,7 +76,15 @@ def _features_stack_nodes(model: nn.Module) -> dict[str, str]:
     return {f"block{c}" if c.isdigit() else c: f"features.{c}" for c, _ in model.features.named_children()}
 
 
+def _has_features_stack(model: nn.Module) -> bool:
+    from torch import nn
+
+    return isinstance(getattr(model, "features", None), nn.Sequential)
+
+
 def _children_nodes(model: nn.Module) -> dict[str, str]:
+    from torch import nn
+
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     head = {linears[-1].split(".")[0]} if linears else set()
     return {c: c for c, m in model.named_children() if c not in head and any(True for _ in m.parameters())}
@@ -76,7 +92,7 @@ def _children_nodes(model: nn.Module) -> dict[str, str]:
 
 register_tap_scheme(TapScheme("generic", lambda name, model: True, _children_nodes, "pooled"))
 register_tap_scheme(TapScheme(  # MobileNet, EfficientNet, ConvNeXt, DenseNet, ...
-    "features-stack", lambda name, model: isinstance(getattr(model, "features", None), nn.Sequential),
+    "features-stack", lambda name, model: _has_features_stack(model),
     _features_stack_nodes, "pooled"))
 register_tap_scheme(TapScheme("vgg", lambda name, model: name.startswith("vgg"), _vgg_nodes, "fc7",
                               adds_pooled=False))

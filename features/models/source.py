@@ -15,14 +15,12 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
-from torch import nn
-
 from ..errors import UsageError
 from ..files import file_sha256
 from .preprocess import Preprocess
 
 if TYPE_CHECKING:
+    from torch import nn
     from torchvision.transforms._presets import ImageClassification
 from .schemes import Tap, TapScheme, tap_scheme
 
@@ -100,6 +98,8 @@ def get_source(name: str, weights: str | None = "auto", image_size: int | None =
 
 def seeded(build):
     """``build()`` under a fixed seed: random-init (``--weights none``) files are reproducible and resumable."""
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return build()
@@ -123,6 +123,8 @@ def load_state_file(path: Path, kinds: str) -> dict:
             from safetensors.torch import load_file
             state = load_file(str(path))
         else:
+            import torch
+
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UsageError(f"weights file {path} holds more than tensors ({str(exc).splitlines()[0]}); it is loaded "
