@@ -257,6 +257,19 @@ def test_a_backbone_card_is_not_trusted_once_a_checkpoint_auto_read_comes_or_goe
     assert after.transform_spec() != first.transform_spec()  # V2's preset resizes to 232, not 256
 
 
+def test_a_damaged_backbone_card_is_resolved_afresh_and_rewritten(tmp_path, monkeypatch):
+    from features.models.cards import card_path
+
+    monkeypatch.setenv("TAPS_CACHE", str(tmp_path))
+    want = resnet(40).resolve_taps(["layer2"])
+    path = card_path("resnet18", "none", 40)
+    assert path.is_file()
+    path.write_text('{"name": "resnet18", "taps": [')  # a write cut short, or another version's card
+    again = resnet(40)
+    assert again.card is None and again.resolve_taps(["layer2"]) == want
+    assert resnet(40).card is not None  # rewritten whole
+
+
 def test_a_registered_tap_scheme_names_a_familys_taps():
     from features.backbones import TAP_SCHEMES, TapScheme, register_tap_scheme
 
