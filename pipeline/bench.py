@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -220,20 +221,26 @@ def startup_seconds(work: Path, backbone: Backbone, repeats: int = 3) -> dict[st
     return out
 
 
-def end_to_end_seconds(work: Path, backbone: Backbone, images: FileImageSet, taps: list[str]) -> float:
-    """Wall seconds of a repeated ``taps extract --runtime auto`` over the bench's images in a fresh
-    interpreter, start-up included: what a user waits for on a new image set once the export, auto's
-    choice and the backbone's card are cached (a first, untimed run caches them)."""
+def end_to_end_seconds(work: Path, backbone: Backbone, images: FileImageSet, taps: list[str]) -> dict[str, float]:
+    """Wall seconds of ``taps extract --runtime auto`` over the bench's images in a fresh interpreter,
+    start-up included: ``first`` with an empty cache (it exports, times the runtimes, compiles and
+    keeps the backbone's card: the one-time cost), ``repeated`` what each later run on a new image
+    set waits for."""
     listing = work / "bench_images.csv"
     listing.write_text("image,label\n" + "".join(f"{p.resolve()},{images.classes[y]}\n"
                                                  for p, y in zip(images.paths, images.labels, strict=True)))
     command = [sys.executable, "-m", "pipeline", "extract", "--dataset", f"csv:{listing}", "--allow-outside-root",
                "--backbone", backbone.name, "--weights", backbone.spec_args()[1], "--taps", ",".join(taps),
                "--runtime", "auto", "--features-root", str(work / "end_to_end"), "--force", "--no-progress"]
-    subprocess.run(command, capture_output=True, check=True)
-    t0 = time.perf_counter()
-    subprocess.run(command, capture_output=True, check=True)
-    return time.perf_counter() - t0
+    cache = work / "end_to_end_cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    env = {**os.environ, "TAPS_CACHE": str(cache)}
+    seconds = {}
+    for run in ("first", "repeated"):
+        t0 = time.perf_counter()
+        subprocess.run(command, capture_output=True, check=True, env=env)
+        seconds[run] = time.perf_counter() - t0
+    return seconds
 
 
 def stage_two_times(features_root: str, reference: bool, quick: bool = False) -> dict:
@@ -525,7 +532,7 @@ def run_bench(settings: BenchSettings | None = None, log=print, **fields) -> tup
     r["startup_seconds"] = startup_seconds(work, bb, s.startup_repeats)
     log(f"  start-up: {r['startup_seconds']}")
     r["end_to_end_seconds"] = end_to_end_seconds(work, bb, b.images, b.taps)
-    log(f"  end to end: {r['end_to_end_seconds']:.1f} s")
+    log(f"  end to end: {r['end_to_end_seconds']}")
     r["stage_two"] = stage_two_times(s.features_root, s.reference, quick=s.quick)
     text = format_bench(r)
     (out / "bench.txt").write_text(text + "\n")
@@ -547,13 +554,15 @@ def _time_per_image(r: dict) -> list[str]:
 
 def _end_to_end(r: dict) -> list[str]:
     """A repeated `taps extract --runtime auto` with its start-up, against seed-style's steady rate."""
-    if "end_to_end_seconds" not in r:  # a bench.json from before this row
+    seconds = r.get("end_to_end_seconds")
+    if not isinstance(seconds, dict):  # a bench.json from before this row
         return []
     n = int(r["images"].split()[0])
-    rate = n / r["end_to_end_seconds"]
+    rate = n / seconds["repeated"]
     return [f"{'taps extract --runtime auto, end to end':<44}{rate:>8.1f}  end to end/seed-style = "
-            f"{rate / r['seed_style']:.1f} ({n} images in {r['end_to_end_seconds']:.1f} s with start-up, "
-            f"a fresh interpreter, the export and auto's choice cached)"]
+            f"{rate / r['seed_style']:.1f} ({n} images in {seconds['repeated']:.1f} s with start-up, a fresh "
+            f"interpreter, the export and auto's choice cached; the first run, which exports, times the "
+            f"runtimes and keeps them: {seconds['first']:.1f} s)"]
 
 
 def _per_round(r: dict, a: str, b: str) -> str:

@@ -49,8 +49,11 @@ def test_bench_measures_every_row_in_one_run(tmp_path):
     assert 0 < r["startup_seconds"]["taps --help"] < r["startup_seconds"]["taps extract, 10 images (torch)"]
     assert "start-up (wall seconds" in text
     # a repeated `taps extract --runtime auto` over the same images, start-up included, against seed-style
-    assert r["end_to_end_seconds"] > r["startup_seconds"]["taps --help"]
-    assert f"16 images in {r['end_to_end_seconds']:.1f} s" in text and "end to end/seed-style = " in text
+    # (the first run with an empty cache also exports and times every runtime: the one-time cost)
+    e2e = r["end_to_end_seconds"]
+    assert e2e["first"] > e2e["repeated"] > r["startup_seconds"]["taps --help"]
+    assert f"16 images in {e2e['repeated']:.1f} s" in text and f"keeps them: {e2e['first']:.1f} s" in text
+    assert "end to end/seed-style = " in text
     assert r["stage_two"]["source"].endswith("(--quick)") and r["stage_two"]["svm"]["seconds"] > 0
     saved = (tmp_path / "bench" / "bench.txt").read_text()
     assert saved.strip() == text and "pipeline/ceiling = " in text and "pipeline/seed-style = " in text
