@@ -73,6 +73,9 @@ register_classifier(Classifier(
     streams=True))
 register_classifier(Classifier(
     "knn", "n_neighbors", (5, 10, 20, 50), "pipeline.heads:KNNProbe", whole_numbers=True))
+register_classifier(Classifier(  # closed-form one-vs-rest ridge regression: the fastest linear baseline
+    "ridge", "alpha", (1e-1, 1.0, 1e1, 1e2, 1e3, 1e4), "sklearn.linear_model:RidgeClassifier", (),
+    probabilities=False))
 register_classifier(Classifier(
     "zeroshot", "logit_scale", (100.0,), "pipeline.zeroshot:ZeroShotClassifier", (), text=True))
 CLASSIFIERS = tuple(CLASSIFIER_REGISTRY)  # names and aliases, as --clf takes them

@@ -28,7 +28,7 @@ def test_sklearn_estimator_contract(estimator, check):
     check(estimator)
 
 
-@pytest.mark.parametrize("clf", ["svm", "logreg", "linear"])
+@pytest.mark.parametrize("clf", ["svm", "logreg", "linear", "ridge"])
 def test_separable_embeddings_are_learned(clf):
     X, y = make_blobs(n_samples=300, centers=5, n_features=64, cluster_std=1.0, random_state=0)
     scores = cross_val_score(make_classifier(clf), X, y, cv=3)
@@ -77,6 +77,25 @@ def test_selection_records_its_cv_and_refits_the_chosen_value_on_all_the_data():
         selector(FitOptions(clf="logreg", grid=[0.1, 1.0])).fit(X[:4], [0, 1, 2, 2])
     with pytest.raises(ValueError, match="'folds' parameter"):  # scikit-learn's parameter validation
         SelectedClassifier(make_classifier("logreg"), folds=1).fit(X, y)
+
+
+def test_ridge_is_scikit_learns_ridge_classifier_with_alpha_chosen_by_cv():
+    """--clf ridge is one record: scikit-learn's RidgeClassifier behind the standard scaler, its alpha
+    chosen from the grid by the same CV as every classifier, then refitted on all the data."""
+    from sklearn.linear_model import RidgeClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    from pipeline.calibration import calibration_method
+
+    X, y = make_classification(n_samples=150, n_features=30, n_informative=10, n_classes=3, random_state=2)
+    options = FitOptions(clf="ridge")
+    assert options.param == "alpha" and len(options.grid) > 1
+    selected = selector(options).fit(X, y)
+    assert selected.chosen_ == options.grid[int(np.argmax(selected.cv_scores_))]
+    reference = RidgeClassifier(alpha=selected.chosen_).fit(StandardScaler().fit_transform(X), y)
+    head = selected.model_.steps[-1][1]
+    assert isinstance(head, RidgeClassifier) and np.allclose(head.coef_, reference.coef_)
+    assert not hasattr(head, "predict_proba") and calibration_method("ridge") == "sigmoid"  # scores: Platt scaling
 
 
 def test_linear_head_learns_incrementally_with_partial_fit():
