@@ -553,7 +553,8 @@ def _time_per_image(r: dict) -> list[str]:
 
 
 def _end_to_end(r: dict) -> list[str]:
-    """A repeated `taps extract --runtime auto` with its start-up, against seed-style's steady rate."""
+    """`taps extract --runtime auto` end to end with its start-up (repeated, and the first run with an empty
+    cache), against seed-style's steady rate."""
     seconds = r.get("end_to_end_seconds")
     if not isinstance(seconds, dict):  # a bench.json from before this row
         return []

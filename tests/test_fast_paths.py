@@ -54,6 +54,13 @@ def test_tensor_resize_skips_antialiasing_only_where_it_changes_nothing(size, la
         assert not torch.equal(plain, preset)
 
 
+def test_the_pil_filters_are_torchvisions_own_mapping():
+    """The crop-box path picks PIL's filter without importing torchvision: the same one torchvision would."""
+    from features.models.preprocess import PIL_FILTERS
+
+    assert PIL_FILTERS == {mode.value: int(pil) for mode, pil in F.pil_modes_mapping.items()}
+
+
 def test_box_resize_falls_back_where_the_crop_would_pad(photo):
     crop = Backbone("resnet18", weights="none", image_size=64).pixel_transform()
     crop.resize_size = [32]  # a crop larger than the resized image: F.center_crop pads

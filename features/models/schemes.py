@@ -96,6 +96,8 @@ register_tap_scheme(TapScheme(  # MobileNet, EfficientNet, ConvNeXt, DenseNet, .
     _features_stack_nodes, "pooled"))
 register_tap_scheme(TapScheme("vgg", lambda name, model: name.startswith("vgg"), _vgg_nodes, "fc7",
                               adds_pooled=False))
+
+
 def _is_torchvision_vit(name: str, model: nn.Module) -> bool:
     from torchvision.models import VisionTransformer  # a model exists: torchvision is imported already
 

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, ClassVar
 from ..errors import UsageError
 from ..files import file_sha256
 from .preprocess import Preprocess
+from .schemes import Tap, TapScheme, tap_scheme
 
 if TYPE_CHECKING:
     from torch import nn
     from torchvision.transforms._presets import ImageClassification
-from .schemes import Tap, TapScheme, tap_scheme
 
 DEFAULT_IMAGE_SIZE = 224
 
