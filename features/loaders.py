@@ -10,13 +10,12 @@ engine class.
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import UsageError, choose
-from .registry import Registry
+from .registry import Registry, load
 
 AUTO = "auto"
 LOCAL = "local"  # --engine local: one of the local loaders, in this process and its children
@@ -37,8 +36,7 @@ class Loader:
     auto: Callable[[str, int, int], bool] | None = None  # (device type, images, cores): --loader auto picks it
 
     def engine_class(self) -> type:
-        module, _, cls = self.engine.partition(":")
-        return getattr(importlib.import_module(module), cls)
+        return load(self.engine)
 
 
 LOADER_REGISTRY: Registry[Loader] = Registry("--loader")

@@ -37,6 +37,7 @@ import numpy as np
 from .errors import UsageError
 from .files import digest, file_sha256
 from .precisions import FP32, INT8
+from .registry import load
 from .runtime import cpu_description
 
 CALIBRATION_IMAGES = 300  # nncf.quantize's default subset_size
@@ -153,9 +154,8 @@ def prepare_int8(runtime, source: Path, names: list[str], calibration: Calibrati
     t0 = time.perf_counter()
     batches = [b for i in calibration.calibration if len(b := calibration.pixels(np.array([i])))]  # bad images: none
     partial = target.with_name(f"{target.stem}.{os.getpid()}.partial{runtime.int8_files[0]}")
-    module, _, function = runtime.quantizer.partition(":")
     try:
-        getattr(importlib.import_module(module), function)(source, partial, batches)
+        load(runtime.quantizer)(source, partial, batches)
         quantize_seconds = time.perf_counter() - t0
         held_out = calibration.pixels(calibration.held_out if len(calibration.held_out) else calibration.calibration)
         checked = agreement(open_session(source, FP32)(held_out), open_session(partial, INT8)(held_out), names)

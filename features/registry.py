@@ -4,9 +4,17 @@ its ``name`` and its ``aliases`` if it has any, and a name is looked up with the
 
 from __future__ import annotations
 
+import importlib
 from typing import Protocol, TypeVar
 
 from .errors import choose
+
+
+def load(target: str):
+    """The attribute a record names as ``module:attribute`` (an engine class, a session opener, a
+    quantizer, an estimator), imported only now: a record is declared without importing what it runs."""
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 class Named(Protocol):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from .errors import UsageError
 from .precisions import BF16, FP16, FP32, INT8
-from .registry import Registry
+from .registry import Registry, load
 
 AUTO = "auto"  # --runtime auto: the fastest installed runtime on a calibration batch
 
@@ -53,8 +53,7 @@ class Runtime:
 
     def open(self) -> Callable:
         """Its session opener."""
-        module, _, function = self.opener.partition(":")
-        return getattr(importlib.import_module(module), function)
+        return load(self.opener)
 
 
 RUNTIME_REGISTRY: Registry[Runtime] = Registry("runtime")

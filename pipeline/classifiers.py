@@ -9,24 +9,17 @@ record builds (a head from :mod:`pipeline.heads`, a scikit-learn step) is named 
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from features.errors import UsageError
-from features.registry import Registry
+from features.registry import Registry, load
 
 # --solver: who fits the L-BFGS heads (svm, logreg): torch (any device), or scikit-learn's own
 # estimator (LinearSVC, LogisticRegression), the reference it is tested against.
 DEFAULT_SOLVER = "torch"
 REFERENCE_SOLVER = "sklearn"
 SOLVERS = (DEFAULT_SOLVER, REFERENCE_SOLVER)
-
-
-def load(target: str):
-    """The attribute named by ``module:attribute``, imported now."""
-    module, _, attribute = target.partition(":")
-    return getattr(importlib.import_module(module), attribute)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import platform
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 from PIL import Image
@@ -134,13 +135,20 @@ class UInt8Crop:
 
 
 def _native_uint8_bilinear(img, interpolation: str) -> bool:
-    """Where torchvision's v2 resize hands uint8 straight to torch's bilinear kernel (its
-    ``_do_native_uint8_resize_on_cpu``): a CPU with AVX2/AVX-512 or an ARM one."""
-    import torch
+    """Where torchvision's v2 resize hands uint8 straight to torch's bilinear kernel."""
+    import torch  # loaded already: img is a tensor
 
     return (interpolation == "bilinear" and img.dtype == torch.uint8 and img.device.type == "cpu" and img.ndim == 3
-            and (torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-                 or platform.machine() in ("aarch64", "arm64")))
+            and _cpu_resizes_uint8())
+
+
+@cache
+def _cpu_resizes_uint8() -> bool:
+    """torchvision's ``_do_native_uint8_resize_on_cpu`` for bilinear: a CPU with AVX2/AVX-512 or an ARM
+    one (asked once: it is per image otherwise)."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64")
 
 
 def _resize_uint8_bilinear(img, height: int, width: int, antialias: bool):
