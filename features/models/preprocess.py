@@ -86,18 +86,20 @@ class UInt8Crop:
 
         torchvision's v2 kernels resize uint8 natively on the CPU (vectorised, channels-last
         when the CHW tensor views HWC memory) where v1 converts to float and back.
-        Antialiasing only widens the filter when shrinking: an enlarged image (most of
-        Caltech-101) gets the same pixels without it, 1.5x faster.
+        Bilinear antialiasing only widens the filter when shrinking: an enlarged image (most of
+        Caltech-101) gets the same pixels without it, 1.5x faster. Bicubic's is another kernel
+        (PIL's a=-0.5 against -0.75) even when enlarging, so it stays.
         """
         h, w = img.shape[-2:]
         rs = self.resize_size
         shrinks = min(h, w) > rs[0] if len(rs) == 1 else (h > rs[0] or w > rs[1])
-        antialias = bool(self.antialias and shrinks)
+        antialias = bool(self.antialias and (shrinks or self.interpolation != "bilinear"))
         rw, rh = self._resized(w, h)
         offset = self._crop_offset(rw, rh)
-        if offset is not None and _native_uint8_bilinear(img, self.interpolation):
+        if offset is not None and _native_uint8(img, self.interpolation):
             (top, left), (ch, cw) = offset, self.crop_hw
-            return _resize_uint8_bilinear(img, rh, rw, antialias)[:, top:top + ch, left:left + cw].permute(1, 2, 0)
+            resized = _resize_uint8(img, rh, rw, self.interpolation, antialias)
+            return resized[:, top:top + ch, left:left + cw].permute(1, 2, 0)
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms.v2 import functional as F2
 
@@ -134,12 +136,13 @@ class UInt8Crop:
         return left * sx, top * sy, (left + cw) * sx, (top + ch) * sy
 
 
-def _native_uint8_bilinear(img, interpolation: str) -> bool:
-    """Where torchvision's v2 resize hands uint8 straight to torch's bilinear kernel."""
+def _native_uint8(img, interpolation: str) -> bool:
+    """Where torchvision's v2 resize hands uint8 straight to torch's kernel (``_do_native_uint8_resize_on_cpu``):
+    bicubic always, bilinear on CPUs with a vectorised uint8 kernel."""
     import torch  # loaded already: img is a tensor
 
-    return (interpolation == "bilinear" and img.dtype == torch.uint8 and img.device.type == "cpu" and img.ndim == 3
-            and _cpu_resizes_uint8())
+    return (img.dtype == torch.uint8 and img.device.type == "cpu" and img.ndim == 3
+            and (interpolation == "bicubic" or interpolation == "bilinear" and _cpu_resizes_uint8()))
 
 
 @cache
@@ -151,7 +154,7 @@ def _cpu_resizes_uint8() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64")
 
 
-def _resize_uint8_bilinear(img, height: int, width: int, antialias: bool):
+def _resize_uint8(img, height: int, width: int, interpolation: str, antialias: bool):
     """torchvision v2's ``resize_image`` on that path, without importing torchvision (over a second of
     every run's start-up): the same kernel call, with the same re-striding of a channels-last image
     (pytorch#68430) so the output stays channels-last. ``tests/test_fast_paths.py`` checks that
@@ -164,5 +167,5 @@ def _resize_uint8_bilinear(img, height: int, width: int, antialias: bool):
     x = img.reshape(1, c, h, w)
     if x.is_contiguous(memory_format=torch.channels_last) and x.numel() != x.stride()[0]:
         x = x.as_strided((1, c, h, w), (x.numel(), *x.stride()[1:]))
-    return torch.nn.functional.interpolate(x, size=[height, width], mode="bilinear", align_corners=False,
+    return torch.nn.functional.interpolate(x, size=[height, width], mode=interpolation, align_corners=False,
                                            antialias=antialias)[0]
