@@ -218,20 +218,23 @@ def test_class_folders_are_listed_in_torchvisions_imagefolder_order(tmp_path, im
     assert len(class_files(root / "a")) == 3 + 3 + 3  # its own, z_sub's three images, and b's through the link
 
 
-def test_a_backbone_card_answers_as_its_source_did_without_importing_torch(tmp_path):
+@pytest.mark.parametrize("name,tap,first_tap,libraries", [
+    ("resnet18", "layer3", ["stem", "maxpool", [64, 12, 12]], ["torch", "torchvision"]),
+    ("timm:resnet18", "stage4", ["stage1", "act1", [64, 24, 24]], ["timm", "torch", "torchvision"])])
+def test_a_backbone_card_answers_as_its_source_did_without_importing_torch(name, tap, first_tap, libraries, tmp_path):
     """The first process resolves the backbone and keeps its card; the second answers from the card:
-    the same taps, shapes, preprocessing and weights, and neither torchvision nor torch is imported."""
+    the same taps, shapes, preprocessing and weights, and neither the source's library nor torch is imported."""
     probe = ("import json, sys; from features.backbones import Backbone; "
-             "b = Backbone('resnet18', weights='none', image_size=48); taps = b.resolve_taps(['all']); "
+             f"b = Backbone({name!r}, weights='none', image_size=48); taps = b.resolve_taps(['all']); "
              "print(json.dumps({'taps': [[t.name, t.node, list(t.shape), t.depth] for t in taps], "
              "'default': b.default_tap, 'transform': b.transform_spec(), 'weights': b.weights.spec, "
-             "'args': b.spec_args(), 'dim': b.dim('layer3', 'pyramid'), "
-             "'imported': sorted({'torch', 'torchvision'} & set(sys.modules))}))")
+             f"'args': b.spec_args(), 'dim': b.dim({tap!r}, 'pyramid'), "
+             "'imported': sorted({'timm', 'torch', 'torchvision'} & set(sys.modules))}))")
     env = {**os.environ, "TAPS_CACHE": str(tmp_path)}
     first, second = (json.loads(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
                                                check=True).stdout) for _ in range(2))
-    assert first.pop("imported") == ["torch", "torchvision"] and second.pop("imported") == []
-    assert first == second and first["taps"][0][:3] == ["stem", "maxpool", [64, 12, 12]]
+    assert first.pop("imported") == libraries and second.pop("imported") == []
+    assert first == second and first["taps"][0][:3] == first_tap
 
 
 def test_a_backbone_card_is_not_trusted_once_a_checkpoint_auto_read_comes_or_goes(tmp_path, monkeypatch):

@@ -56,6 +56,35 @@ def test_timm_preprocessing_is_its_pretrained_config(photo):
     assert "interpolation=bicubic" in bb.transform_spec()
 
 
+def test_a_timm_card_for_hub_weights_needs_their_checkpoint_in_the_hugging_face_cache(tmp_path, monkeypatch):
+    """Hub weights are carded once timm's checkpoint is cached (the build that downloads it comes first),
+    and the card stops answering when that file goes."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    tag = timm.models.get_pretrained_cfg("resnet18").tag
+
+    def resnet():
+        return Backbone("timm:resnet18", weights=tag, image_size=64)
+
+    want = resnet().resolve_taps(["stage3"])
+    assert resnet().card is None  # not cached: no card
+    repo = tmp_path / "hf" / f"models--timm--resnet18.{tag}"
+    checkpoint = repo / "snapshots" / "0123abc" / "model.safetensors"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"")  # its presence is all that the card reads
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    assert resnet().resolve_taps(["stage3"]) == want
+    again = resnet()
+    assert again.card is not None and again.weights.spec == f"timm:resnet18.{tag}"
+    assert again.resolve_taps(["stage3"]) == want and again.spec_args() == ("timm:resnet18", tag, 64)
+    again.check_weights()  # from the card: the checkpoint is there (building from this empty file would fail)
+    checkpoint.unlink()
+    assert resnet().card is None
+
+
 def test_unknown_timm_names_and_unfit_weights_are_one_line(torchvision_resnet18_file):
     with pytest.raises(UsageError, match=r"unknown timm model 'resnet81'; close matches: timm:resnet18"):
         Backbone("timm:resnet81", weights="none")

@@ -8,11 +8,14 @@ graph, on every run, to the same answer. The first resolution writes this card; 
 read it and build the model only if something asks for it.
 
 A card is keyed by everything its answer depends on: the name, ``--weights`` as given, the
-input size, torch's and the source library's versions, torch's hub folder, the code of
+input size, torch's and the source library's versions, torch's hub folder and Hugging Face's cache, the code of
 :mod:`features.models` and the registered tap schemes (a scheme registered at run time turns
 cards off). It also lists the checkpoint files whose presence the weights' resolution read
 (``auto`` takes the checkpoint that is on disk) and is ignored when any of them has come or
-gone since. Local weights files are never carded: their digest is read on every run anyway.
+gone since. Local weights files (and timm's seeded ones) are never carded: their digest is read
+on every run anyway. torchvision and timm sources keep cards (timm's hub weights once their
+checkpoint is in the Hugging Face cache); open_clip and ``hf:`` sources read their repo's files
+on every run and keep none.
 """
 
 from __future__ import annotations
@@ -89,6 +92,16 @@ def hub_dir() -> str:
     return os.path.join(os.path.expanduser(home), "hub")
 
 
+def hf_cache_dir() -> str:
+    """``huggingface_hub.constants.HF_HUB_CACHE`` (where timm's checkpoints are), by its own rule, without importing it."""
+    hub = sys.modules.get("huggingface_hub.constants")
+    if hub is not None:
+        return str(hub.HF_HUB_CACHE)
+    home = os.getenv("HF_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "huggingface"))
+    default = os.path.join(os.path.expanduser(home), "hub")
+    return os.path.expanduser(os.getenv("HF_HUB_CACHE", os.getenv("HUGGINGFACE_HUB_CACHE", default)))
+
+
 def card_path(name: str, weights: str, image_size: int | None) -> Path | None:
     """Where the card of ``Backbone(name, weights, image_size)`` is kept; None where none may be."""
     prefix = name.split(":", 1)[0] if ":" in name else ""
@@ -96,7 +109,7 @@ def card_path(name: str, weights: str, image_size: int | None) -> Path | None:
         return None
     key = digest({"card": CARD_VERSION, "name": name, "weights": weights, "image_size": image_size,
                   "versions": [_version("torch"), _version("torchvision"), _version(SOURCE_PACKAGES[prefix])],
-                  "hub": hub_dir(), "code": _code_digest()}, length=KEY_DIGITS)
+                  "hub": hub_dir(), "hf": hf_cache_dir(), "code": _code_digest()}, length=KEY_DIGITS)
     return cache_root() / "backbones" / f"{path_safe(name)}-{key}.json"
 
 
