@@ -26,6 +26,10 @@ RESUMABLE = ("extract", "merge", "compare")
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        # no prefixes: `compare --features FILE` would silently be --features-root FILE (fit has --features)
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
     def error(self, message: str) -> None:  # one line instead of usage + error
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 

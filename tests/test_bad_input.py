@@ -75,6 +75,9 @@ def cases(w: dict) -> list[tuple[list[str], int, str]]:
         ([*fit, "--clf", "knn", "--grid", "2.5"], 2, "--grid for knn is n_neighbors, a whole number, not 2.5"),
         (["fit", "--datset", "digits"], 2, "taps fit: error: unrecognized arguments: --datset digits; did you mean "
                                           "--dataset?"),
+        # no prefix matching: compare has no --features, and taking it for --features-root would run on the default
+        (["compare", "--features", "file.h5"], 2, "unrecognized arguments: --features file.h5; did you mean "
+                                                  "--features-root?"),
         (["extract", *data, *QUIET, "--image-size", "100000"], 2, "64 images of 100000x100000 px need about"),
         (["extract", *data, *QUIET, "--decode", "pil"], 1, "was made with decode simplejpeg, but this run resolves "
                                                           "to decode pil; rerun with --decode simplejpeg to use it"),
