@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from features.errors import UsageError, choose
+from features.errors import TapsError, UsageError, choose
+from features.files import check_output_folder
 from features.joined import JoinedFeatures
 from features.pooling import DEFAULT_POOLING
 from features.store import FeatureFile
@@ -107,23 +108,32 @@ def export_features(paths, taps: str | Sequence[str], out: str | Path | None = N
     keys = _keys(features, taps, pooling)
     name = "+".join(keys).replace("/", "-")
     out = Path(out) if out else Path(str(features.path)).with_name(f"{Path(str(features.path)).stem}__{name}.{fmt}")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out.parent, "--out")
     partial = out.with_name(f".{out.name}.partial")  # a failed export leaves no half-written file
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_export(features, taps, pooling, fmt, partial)
+        partial.replace(out)
+    except OSError as exc:  # a full disk, or a folder that refuses files although its permissions allow them
+        partial.unlink(missing_ok=True)
+        raise TapsError(f"cannot write {out} ({exc.strerror or exc}); pass --out in a writable folder with free "
+                        f"space") from None
+    return out
+
+
+def _write_export(features, taps, pooling: str, fmt: str, partial: Path) -> None:
     if fmt == "npz":
         X, y, meta = load_features(features, taps, pooling=pooling, include_invalid=True)
         with open(partial, "wb") as fh:
             np.savez(fh, **{f"X_{k}": X[:, a:b] for k, (a, b) in meta.columns.items()}, ids=np.array(meta.ids),
                      labels=y, classes=np.array(meta.classes), valid=meta.valid,
                      split=np.array(meta.split if meta.split is not None else [""] * len(y)))
-    else:
-        frame = features_frame(features, taps, pooling=pooling)
-        if fmt == "csv":
-            frame.to_csv(partial, index=False)
-        else:
-            try:
-                frame.to_parquet(partial, index=False)
-            except ImportError:
-                raise UsageError("parquet needs pyarrow: pip install -e '.[export]', or use --format npz|csv") \
-                    from None
-    partial.replace(out)
-    return out
+        return
+    frame = features_frame(features, taps, pooling=pooling)
+    if fmt == "csv":
+        frame.to_csv(partial, index=False)
+        return
+    try:
+        frame.to_parquet(partial, index=False)
+    except ImportError:
+        raise UsageError("parquet needs pyarrow: pip install -e '.[export]', or use --format npz|csv") from None

@@ -2,6 +2,7 @@
 usage errors and 1 for the rest, and nothing started or half-written before the refusal."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -46,6 +47,9 @@ def cases(w: dict) -> list[tuple[list[str], int, str]]:
         (["predict", "--run", str(run), str(root / "ok.csv")], 1, "none of the 1 images could be read"),
         (["info", str(root / "ok.csv")], 1, "is not an HDF5 file; pass a feature file that `taps extract` wrote"),
         (["info", str(root)], 1, "is a folder; pass a feature file (.h5) inside it"),
+        # /proc refuses new files; root passes the permission check, so the write's own error is named
+        (["export", str(next(w["fs"].rglob("*.h5"))), "--taps", "avgpool", "--out", "/proc/taps/x.npz"],
+         *((1, "cannot write /proc/taps/x.npz (") if os.geteuid() == 0 else (2, "--out /proc/taps is not writable"))),
         (["list", "taps"], 2, "`taps list taps` needs a backbone name"),
         (["merge", str(root / "missing.shard0of2.h5")], 2, "shard file"),
         (["compare", *data, "--protocol", "per-class:40", "--features-root", str(root / "cmpfs")], 2,
