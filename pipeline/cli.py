@@ -95,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
+        if isinstance(exc, OSError) and exc.filename:  # the file system refused a path: full, a quota, no files
+            print(f"taps {args.command}: error: cannot use {exc.filename} ({exc.strerror or exc}); check its free "
+                  f"space and permissions, or pass another path", file=sys.stderr)
+            return 1
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
         print(f"taps {args.command}: error: unexpected {type(exc).__name__} ({reason}); rerun with --debug for the "
               f"traceback", file=sys.stderr)

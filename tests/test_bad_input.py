@@ -50,6 +50,8 @@ def cases(w: dict) -> list[tuple[list[str], int, str]]:
         # /proc refuses new files; root passes the permission check, so the write's own error is named
         (["export", str(next(w["fs"].rglob("*.h5"))), "--taps", "avgpool", "--out", "/proc/taps/x.npz"],
          *((1, "cannot write /proc/taps/x.npz (") if os.geteuid() == 0 else (2, "--out /proc/taps is not writable"))),
+        (["fit", "--features", str(next(w["fs"].rglob("*.h5"))), "--runs-root", "/proc/taps/runs"],
+         *((1, "cannot use /proc/taps (") if os.geteuid() == 0 else (2, "--runs-root /proc/taps/runs is not writable"))),
         (["list", "taps"], 2, "`taps list taps` needs a backbone name"),
         (["merge", str(root / "missing.shard0of2.h5")], 2, "shard file"),
         (["compare", *data, "--protocol", "per-class:40", "--features-root", str(root / "cmpfs")], 2,
