@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING
 
 from .errors import UsageError
 from .models.cards import BackboneCard, load_card, save_card
+from .models.names import check_known, source_listings
 from .models.preprocess import Preprocess, UInt8Crop
 from .models.schemes import TAP_SCHEMES, Tap, TapScheme, register_tap_scheme
-from .models.source import SOURCE_MODULES, ModelSource, WeightsChoice, get_source, source_class
+from .models.source import ModelSource, WeightsChoice, get_source
 from .pooling import DEFAULT_POOLING, get_pooling, poolable, pooled_dim
 
 if TYPE_CHECKING:
@@ -33,11 +34,6 @@ if TYPE_CHECKING:
 
 __all__ = ["TAP_SCHEMES", "Backbone", "Tap", "TapScheme", "UInt8Crop", "WeightsChoice", "_checkpoint_path",
            "backbone_names", "register_tap_scheme", "source_listings"]
-
-
-def source_listings() -> list[str]:
-    """One line per model source, for ``taps list backbones``."""
-    return [source_class(prefix).listing() for prefix in SOURCE_MODULES]
 
 
 def backbone_names() -> list[str]:
@@ -74,6 +70,7 @@ class Backbone:
 
     @cached_property
     def source(self) -> ModelSource:
+        check_known(self._args[0])  # from the names kept per machine: a misspelt one imports no library
         return get_source(*self._args)
 
     @cached_property

@@ -9,13 +9,14 @@ asks), so that a 1,280-D tap does not drown a 160-D one merely by its width.
 
 from __future__ import annotations
 
-from sklearn.compose import ColumnTransformer
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
+from typing import TYPE_CHECKING
 
 from features.errors import UsageError
 
 from .classifiers import DEFAULT_PREPROCESS, make_preprocess
+
+if TYPE_CHECKING:
+    from sklearn.compose import ColumnTransformer
 
 AUTO = "auto"
 SEPARATOR = "+"
@@ -52,6 +53,8 @@ def column_groups(dims: dict[str, int]) -> Groups:
 def per_tap_steps(preprocess: str) -> list:
     """One tap's preprocessing in a fusion: standardisation first, then ``--preprocess``'s other steps
     (``l2`` to give every tap the same norm, ``pca:K`` to give every tap K dimensions)."""
+    from sklearn.preprocessing import StandardScaler  # here: parsing tap sets needs no scikit-learn
+
     steps = [s for s in make_preprocess(preprocess) if s[0] != DEFAULT_PREPROCESS]
     if not steps or steps[0][0] != "pca_standard":
         steps.insert(0, (DEFAULT_PREPROCESS, StandardScaler()))
@@ -60,5 +63,8 @@ def per_tap_steps(preprocess: str) -> list:
 
 def fusion_transformer(groups: Groups, preprocess: str = DEFAULT_PREPROCESS) -> ColumnTransformer:
     """The fused matrix's preprocessing: each tap's columns through its own :func:`per_tap_steps`."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.pipeline import Pipeline
+
     return ColumnTransformer([(tap, Pipeline(per_tap_steps(preprocess)), slice(lo, hi))
                               for tap, (lo, hi) in groups.items()])

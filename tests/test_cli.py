@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -147,13 +148,29 @@ print(sorted({"torch", "torchvision", "timm", "sklearn"} & set(sys.modules)))"""
 
 @pytest.mark.parametrize("argv", [["--help"], ["extract", "--help"], ["extract", "--bogus"], ["merge", "--help"], ["list", "datasets"],
                                   ["info", "FILE"], ["fti"], ["fit", "--bogus"], ["fit", "--help"],
-                                  ["compare", "--bogus"], ["predict", "--bogus"]])
+                                  ["compare", "--bogus"], ["predict", "--bogus"], ["fit", "--features", "no.h5"],
+                                  ["compare", "--dataset", "folder:/nonexistent"]])
 def test_help_listing_info_and_argument_errors_import_no_torch_or_sklearn(argv, tiny_features):
     """Start-up: these answer in a fraction of a second because they never import the heavy libraries
     (a command's arguments are only built when that command runs; torch only where a tensor is made)."""
     argv = [str(tiny_features[1].path) if a == "FILE" else a for a in argv]
     proc = subprocess.run([sys.executable, "-c", LIGHT, *argv], capture_output=True, text=True)
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
+
+
+def test_backbone_names_are_kept_so_listing_them_or_a_misspelt_one_imports_no_library(tmp_path):
+    """The first listing imports torchvision and timm and keeps what they list; then `list backbones` and an
+    unknown --backbone answer from the kept names (the closest ones suggested) in a fraction of a second."""
+    env = {**os.environ, "TAPS_CACHE": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", LIGHT, *argv], capture_output=True, text=True, env=env)
+            for argv in (["list", "backbones"], ["list", "backbones"], ["extract", "--backbone", "resnet19"],
+                         ["list", "taps", "timm:resnet81"])]
+    first, second = (run.stdout.strip().splitlines() for run in runs[:2])
+    assert first[:-1] == second[:-1] and "resnet18" in first[0].split() and first[1].startswith("timm:NAME")
+    assert "'torchvision'" in first[-1] and "'timm'" in first[-1] and second[-1] == "[]"
+    for run, want in zip(runs[2:], ("unknown backbone 'resnet19'; did you mean resnet18",
+                                    "unknown backbone 'timm:resnet81'; did you mean timm:resnet18"), strict=True):
+        assert want in run.stderr and run.stdout.strip() == "[]", run.stdout + run.stderr
 
 
 @pytest.mark.parametrize("clf,by,torch_expected", [("logreg", "file", False), ("logreg", "dataset", False),

@@ -86,7 +86,7 @@ def test_a_timm_card_for_hub_weights_needs_their_checkpoint_in_the_hugging_face_
 
 
 def test_unknown_timm_names_and_unfit_weights_are_one_line(torchvision_resnet18_file):
-    with pytest.raises(UsageError, match=r"unknown timm model 'resnet81'; close matches: timm:resnet18"):
+    with pytest.raises(UsageError, match=r"unknown backbone .timm:resnet81.; did you mean timm:resnet18"):
         Backbone("timm:resnet81", weights="none")
     with pytest.raises(UsageError, match="unknown backbone source 'tim'"):
         Backbone("tim:resnet18")

@@ -31,7 +31,7 @@ from pathlib import Path
 from ..files import KEY_DIGITS, cache_root, digest, path_safe, write_atomically
 from .preprocess import Preprocess
 from .schemes import Tap, built_in_schemes_only
-from .source import SOURCE_PACKAGES, CardFiles, WeightsChoice
+from .source import SOURCE_PACKAGES, CardFiles, WeightsChoice, split_name
 
 CARD_VERSION = 1
 
@@ -69,13 +69,13 @@ class BackboneCard:
 
 
 @cache
-def _code_digest() -> str:
+def code_digest() -> str:
     """The code that decides what a card says (sources, schemes, resolver, preprocessing)."""
     here = Path(__file__).parent
     return digest(*[p.read_bytes() for p in sorted(here.glob("*.py"))], length=KEY_DIGITS)
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -104,12 +104,12 @@ def hf_cache_dir() -> str:
 
 def card_path(name: str, weights: str, image_size: int | None) -> Path | None:
     """Where the card of ``Backbone(name, weights, image_size)`` is kept; None where none may be."""
-    prefix = name.split(":", 1)[0] if ":" in name else ""
+    prefix = split_name(name)[0]
     if Path(weights).exists() or prefix not in SOURCE_PACKAGES or not built_in_schemes_only():
         return None
     key = digest({"card": CARD_VERSION, "name": name, "weights": weights, "image_size": image_size,
-                  "versions": [_version("torch"), _version("torchvision"), _version(SOURCE_PACKAGES[prefix])],
-                  "hub": hub_dir(), "hf": hf_cache_dir(), "code": _code_digest()}, length=KEY_DIGITS)
+                  "versions": [package_version(p) for p in ("torch", "torchvision", SOURCE_PACKAGES[prefix])],
+                  "hub": hub_dir(), "hf": hf_cache_dir(), "code": code_digest()}, length=KEY_DIGITS)
     return cache_root() / "backbones" / f"{path_safe(name)}-{key}.json"
 
 

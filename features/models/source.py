@@ -79,21 +79,30 @@ def register_source(prefix: str):
     return register
 
 
-def source_class(prefix: str) -> type[ModelSource]:
+def split_name(name: str) -> tuple[str, str]:
+    """``timm:resnet18`` -> ("timm", "resnet18"); a torchvision name has no prefix."""
+    prefix, colon, model = name.partition(":")
+    return (prefix, model) if colon else ("", name)
+
+
+def check_prefix(name: str) -> str:
+    """The source prefix of ``name``, refused in one line when no source has it."""
+    prefix = split_name(name)[0]
     if prefix not in SOURCE_MODULES:
-        raise UsageError(f"unknown backbone source {prefix!r}; valid: a torchvision name, or "
+        raise UsageError(f"unknown backbone source {prefix!r} in {name!r}; valid: a torchvision name, or "
                          f"{', '.join(p + ':NAME' for p in SOURCE_MODULES if p)}")
+    return prefix
+
+
+def source_class(prefix: str) -> type[ModelSource]:
+    """The source registered for a known ``prefix`` (:func:`check_prefix`), its module imported now."""
     importlib.import_module(SOURCE_MODULES[prefix])
     return SOURCES[prefix]
 
 
 def get_source(name: str, weights: str | None = "auto", image_size: int | None = None) -> ModelSource:
     """The source that builds ``name`` (``timm:NAME`` -> timm, a plain name -> torchvision)."""
-    prefix = name.split(":", 1)[0] if ":" in name else ""
-    if prefix not in SOURCE_MODULES:
-        raise UsageError(f"unknown backbone source {prefix!r} in {name!r}; valid: a torchvision name, or "
-                         f"{', '.join(p + ':NAME' for p in SOURCE_MODULES if p)}")
-    return source_class(prefix)(name, weights, image_size)
+    return source_class(check_prefix(name))(name, weights, image_size)
 
 
 def seeded(build):
@@ -144,7 +153,7 @@ def frozen(model: nn.Module) -> nn.Module:
 class ModelSource:
     """One model of one source, with resolved weights and an optional square input size.
 
-    Subclasses implement :meth:`check_name`, :meth:`resolve_weights`, :meth:`download`,
+    Subclasses implement :meth:`names` (or :meth:`check_name`), :meth:`resolve_weights`, :meth:`download`,
     :meth:`random_model`, :meth:`load_file`, :meth:`weights_arg`, :meth:`preset` and
     :meth:`architecture`; :meth:`build` puts the weights parts together once for every source, and
     the graph hooks default to torchvision's ``feature_extraction``."""
@@ -162,8 +171,14 @@ class ModelSource:
 
     # ------------------------------------------------------------ what a source implements
     @classmethod
+    def names(cls) -> list[str] | None:
+        """The model names this source takes after its prefix (checked, and kept, by :mod:`.names`);
+        None where any name may be one (hub ids, folders): :meth:`check_name` decides."""
+        return None
+
+    @classmethod
     def check_name(cls, name: str) -> None:
-        raise NotImplementedError
+        """What a listed name may still get wrong (an open_clip tag); nothing by default."""
 
     @classmethod
     def listing(cls) -> str:

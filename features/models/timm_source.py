@@ -15,7 +15,6 @@ outputs are pooled by :func:`features.pooling.pool_tap` (``cls``, or the patch g
 
 from __future__ import annotations
 
-import difflib
 import math
 from functools import cache
 from pathlib import Path
@@ -102,12 +101,14 @@ class TimmSource(ModelSource):
 
     @classmethod
     def check_name(cls, name: str) -> None:
-        model = name.split(":", 1)[1]
-        if model not in timm_names():
-            close = difflib.get_close_matches(model, sorted(timm_names()), n=5, cutoff=0.6)
-            hint = f"close matches: {', '.join(f'timm:{c}' for c in close)}" if close else \
-                "see timm.list_models() for the valid names"
-            raise UsageError(f"unknown timm model {model!r}; {hint}")
+        _timm()  # refuses in one line where timm is not installed
+
+    @classmethod
+    def names(cls) -> list[str] | None:
+        try:
+            return sorted(timm_names())
+        except UsageError:  # no timm: the source's own refusal names the install
+            return None
 
     @classmethod
     def listing(cls) -> str:

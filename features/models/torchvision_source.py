@@ -38,9 +38,8 @@ class TorchvisionSource(ModelSource):
     """A torchvision classifier by name; ``--weights`` names a member of its weights enum."""
 
     @classmethod
-    def check_name(cls, name: str) -> None:
-        if name not in backbone_names():
-            raise UsageError(f"unknown backbone {name!r}; run `taps list backbones` for the {len(backbone_names())} valid names")
+    def names(cls) -> list[str]:
+        return backbone_names()
 
     @classmethod
     def listing(cls) -> str:

@@ -42,9 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> None:
-    from ..compare import compare_taps, rank_agreement
     from ..protocols import parse_protocol
-    from ..report import format_gains, format_table
 
     images = dataset_request(args).load()
     print(f"read {images.name}: {images.class_counts()}")
@@ -54,6 +52,9 @@ def run(args) -> None:
     if len(clfs) > 1 and args.grid:
         raise UsageError("--grid is one classifier's grid; with several --clf values leave it out (each uses its own)")
     fits = _fits(args, clfs)
+    from ..compare import compare_taps, rank_agreement  # torch and scikit-learn: once the arguments are found good
+    from ..report import format_gains, format_table
+
     if args.shots:
         return _shot_curves(args, images, nets, fits, protocol)
     if args.score:  # no fit: LogME per tap, every backbone's taps ranked in one list

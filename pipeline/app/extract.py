@@ -31,8 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> None:
     """A tap ``A/t`` is backbone A's, a plain one every backbone's; every name is checked (and every
-    checkpoint found) before the dataset is read."""
-    from features.extract import extract
+    checkpoint found) before the dataset is read, and before torch is imported."""
     from features.joined import BACKBONE_SEPARATOR, split_key
 
     options = extract_options(args)
@@ -52,6 +51,8 @@ def run(args) -> None:
         backbone.check_weights()  # before the dataset: a missing checkpoint is the cheaper thing to find out
     images = request.dataset.load()
     print(f"read {images.name}: {images.class_counts()}")
+    from features.extract import extract
+
     for backbone in backbones:
         report = extract(images, backbone, mine[backbone.name] or None, options)
         print(describe_extraction(report))

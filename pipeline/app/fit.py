@@ -39,13 +39,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> None:
-    from ..evaluate import fit_run
     from ..protocols import parse_protocol
-    from ..report import fmt
 
     request, options = feature_request(args), fit_options(args)
     features, tap = request.open_for_fit(args.tap)
     protocol = parse_protocol(args.protocol, args.test_per_class, has_split=features.split or False)
+    from ..evaluate import fit_run  # scikit-learn: once the arguments and the file are found good
+    from ..report import fmt
+
     run_dir, results, reused = fit_run(features, tap, args.pool, options, protocol, seeds=args.seeds,
                                        runs_root=args.runs_root, force=args.force)
     m, used = results.metrics, results.features
