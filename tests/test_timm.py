@@ -85,6 +85,20 @@ def test_a_timm_card_for_hub_weights_needs_their_checkpoint_in_the_hugging_face_
     assert resnet().card is None
 
 
+def test_a_timm_model_registered_in_the_process_is_a_backbone_although_the_kept_names_lack_it():
+    """A notebook that registers its own timm model: the names kept per machine do not list it, timm does."""
+    from features.models.names import source_names
+
+    assert "taps_test_net" not in source_names("timm").names  # kept now, without it
+
+    @timm.models.register_model
+    def taps_test_net(pretrained=False, **kwargs):
+        return timm.create_model("resnet18", pretrained=pretrained, **kwargs)
+
+    bb = Backbone("timm:taps_test_net", weights="none", image_size=32)
+    assert bb.taps["stage5"].shape == (512, 1, 1)
+
+
 def test_unknown_timm_names_and_unfit_weights_are_one_line(torchvision_resnet18_file):
     with pytest.raises(UsageError, match=r"unknown backbone .timm:resnet81.; did you mean timm:resnet18"):
         Backbone("timm:resnet81", weights="none")

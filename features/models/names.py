@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import sys
 from dataclasses import asdict, dataclass
 
 from ..errors import UsageError
@@ -54,11 +55,16 @@ def source_listings() -> list[str]:
 
 def check_known(name: str) -> None:
     """Refuse a model name its source does not list (with the closest ones it does), before the
-    source's library is imported."""
+    source's library is imported; where it is imported already, a model registered with it since
+    the names were kept counts."""
     prefix, model = check_prefix(name), split_name(name)[1]
     known = source_names(prefix).names
     if known is None or model in known:
         return
+    if SOURCE_PACKAGES[prefix] in sys.modules:  # imported already (a notebook): a model it registered since counts
+        known = source_class(prefix).names() or []
+        if model in known:
+            return
     close = [f"{prefix}:{c}" if prefix else c for c in difflib.get_close_matches(model, known, n=3, cutoff=0.6)]
     hint = f"did you mean {' or '.join(close)}?" if close else \
         f"run `taps list backbones` for the valid names ({len(known)} here)"

@@ -16,7 +16,6 @@ outputs are pooled by :func:`features.pooling.pool_tap` (``cls``, or the patch g
 from __future__ import annotations
 
 import math
-from functools import cache
 from pathlib import Path
 
 import torch
@@ -42,9 +41,8 @@ def _timm():
     return timm
 
 
-@cache
-def timm_names() -> frozenset[str]:
-    return frozenset(_timm().list_models())
+def timm_names() -> list[str]:
+    return _timm().list_models()  # not cached: a model registered later in the process is listed too
 
 
 def _stage_nodes(model: nn.Module) -> dict[str, str]:
@@ -106,7 +104,7 @@ class TimmSource(ModelSource):
     @classmethod
     def names(cls) -> list[str] | None:
         try:
-            return sorted(timm_names())
+            return timm_names()
         except UsageError:  # no timm: the source's own refusal names the install
             return None
 
