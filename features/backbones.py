@@ -13,6 +13,7 @@ standard pre-logits embedding) and ``logits``. Raw graph node names work too.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -165,8 +166,12 @@ class Backbone:
 
     # ------------------------------------------------------------ requested taps
     def tap(self, name: str) -> Tap:
-        """A friendly tap, or a raw graph node name (traced), resolved with its shape."""
-        return self.taps[name] if name in self.taps else self.resolver.tap(name)
+        """A friendly tap, or a raw graph node name resolved with its shape: a friendly tap's node (what runs
+        record) from the taps already known, any other node traced."""
+        if name in self.taps:
+            return self.taps[name]
+        named = next((t for t in self.taps.values() if t.node == name), None)
+        return replace(named, name=name) if named else self.resolver.tap(name)
 
     def resolve_taps(self, names: list[str] | None) -> list[Tap]:
         """Requested taps (``None``: the standard embedding; ``['all']``: every friendly tap that can be

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import h5py
 import numpy as np
@@ -228,13 +229,22 @@ def test_a_backbone_card_answers_as_its_source_did_without_importing_torch(name,
              f"b = Backbone({name!r}, weights='none', image_size=48); taps = b.resolve_taps(['all']); "
              "print(json.dumps({'taps': [[t.name, t.node, list(t.shape), t.depth] for t in taps], "
              "'default': b.default_tap, 'transform': b.transform_spec(), 'weights': b.weights.spec, "
-             f"'args': b.spec_args(), 'dim': b.dim({tap!r}, 'pyramid'), "
+             f"'args': b.spec_args(), 'dim': b.dim({tap!r}, 'pyramid'), 'by_node': str(b.tap(taps[-2].node)), "
              "'imported': sorted({'timm', 'torch', 'torchvision'} & set(sys.modules))}))")
     env = {**os.environ, "TAPS_CACHE": str(tmp_path)}
     first, second = (json.loads(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
                                                check=True).stdout) for _ in range(2))
     assert first.pop("imported") == libraries and second.pop("imported") == []
     assert first == second and first["taps"][0][:3] == first_tap
+
+
+@pytest.mark.parametrize("name,size", [("resnet18", 64), ("mobilenet_v2", 64), ("vit_b_16", None), ("swin_t", None)])
+def test_a_friendly_taps_node_names_that_tap_traced_or_not(name, size):
+    """Runs record taps by node; a node that a friendly tap names is that tap (shape, depth, layout), as
+    tracing the node finds it, without tracing (a card-backed backbone has no graph to trace)."""
+    bb = Backbone(name, weights="none", image_size=size)
+    for tap in bb.taps.values():
+        assert bb.tap(tap.node) == bb.resolver.tap(tap.node) == replace(tap, name=tap.node)
 
 
 def test_a_backbone_card_is_not_trusted_once_a_checkpoint_auto_read_comes_or_goes(tmp_path, monkeypatch):
