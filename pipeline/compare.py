@@ -218,7 +218,7 @@ def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | 
                                         candidates=None if planned.tap else planned.candidates)
                 extra = ({"node": planned.tap.node, "logme": scores[planned.spec], "depth": planned.depth,
                           "pooling": recorded_pooling(planned.tap.shape, pooling)} if planned.tap else
-                         {"logme": None, "depth": None, "pooling": pooling})
+                         {"logme": None, "depth": None, "pooling": results.features.pooling})  # as the set used
                 if isinstance(planned.features, JoinedFeatures):
                     extra["shares"] = tap_shares(Path(row["run"]), results)
                 rows.append({**row, "backbone": planned.backbone, **extra})

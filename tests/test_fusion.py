@@ -184,6 +184,12 @@ def test_compare_fuse_marks_best_and_ties_and_writes_every_pair(tiny_folder, tmp
             assert len(r["vs_best_mcnemar_p"]) == 2
     fused = [r for r in rows if r["depth"] is None]
     assert all(r["gain_over_best_single"]["tap"] in ("layer1", "layer2", "avgpool") for r in fused)
+    # each row's pooling is what its taps were read with: a vector is not pooled, a set lists its members'
+    assert {r["tap"]: r["pooling"] for r in rows if r["tap"] != "auto"} == {
+        "layer1": "avg", "layer2": "avg", "avgpool": "none", "layer1+avgpool": "avg+none"}
+    chosen = [r for r in rows if r["tap"] == "auto"]
+    assert all(r["pooling"] == json.loads((Path(r["run"]) / "results.json").read_text())["features"]["pooling"]
+               for r in chosen)
     assert out.count(" against ") == 4 and "95% interval" in out
     assert [a["taps"] for a in data["rank_agreement"]] == [3, 3]
     assert all(r["logme"] is not None for r in rows if r["depth"] is not None)
