@@ -21,7 +21,7 @@ from .errors import UsageError
 from .models.cards import BackboneCard, load_card, save_card
 from .models.names import check_known, source_listings
 from .models.preprocess import Preprocess, UInt8Crop
-from .models.schemes import TAP_SCHEMES, Tap, TapScheme, register_tap_scheme
+from .models.schemes import TAP_SCHEMES, Tap, TapScheme, node_depth, register_tap_scheme
 from .models.source import ModelSource, WeightsChoice, get_source
 from .pooling import DEFAULT_POOLING, get_pooling, poolable, pooled_dim
 
@@ -141,7 +141,7 @@ class Backbone:
             if files is not None:
                 s, r = self.source, self.resolver
                 self.card = BackboneCard(s.name, s.weights, s.weights_arg(), s.image_size, s.preprocess(), r.taps,
-                                         r.default_tap, files)
+                                         r.default_tap, files, tuple(r.node_names()))
                 save_card(self.card, self._args[1])
         return self.card
 
@@ -162,16 +162,22 @@ class Backbone:
         return self.resolver.scheme
 
     def node_names(self) -> list[str]:
-        return self.resolver.node_names()
+        card = self._declared()
+        return list(card.nodes) if card else self.resolver.node_names()
 
     # ------------------------------------------------------------ requested taps
     def tap(self, name: str) -> Tap:
         """A friendly tap, or a raw graph node name resolved with its shape: a friendly tap's node (what runs
-        record) from the taps already known, any other node traced."""
+        record) from the taps already known, any other node traced (a name that is no node is refused
+        from the card's node names where there is one)."""
         if name in self.taps:
             return self.taps[name]
         named = next((t for t in self.taps.values() if t.node == name), None)
-        return replace(named, name=name) if named else self.resolver.tap(name)
+        if named:
+            return replace(named, name=name)
+        if self.card:  # a misspelt name is refused from the card's node names, without tracing
+            node_depth(name, self.card.nodes, self.name, list(self.taps))
+        return self.resolver.tap(name)
 
     def resolve_taps(self, names: list[str] | None) -> list[Tap]:
         """Requested taps (``None``: the standard embedding; ``['all']``: every friendly tap that can be

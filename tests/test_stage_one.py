@@ -224,18 +224,26 @@ def test_class_folders_are_listed_in_torchvisions_imagefolder_order(tmp_path, im
     ("timm:resnet18", "stage4", ["stage1", "act1", [64, 24, 24]], ["timm", "torch", "torchvision"])])
 def test_a_backbone_card_answers_as_its_source_did_without_importing_torch(name, tap, first_tap, libraries, tmp_path):
     """The first process resolves the backbone and keeps its card; the second answers from the card:
-    the same taps, shapes, preprocessing and weights, and neither the source's library nor torch is imported."""
-    probe = ("import json, sys; from features.backbones import Backbone; "
-             f"b = Backbone({name!r}, weights='none', image_size=48); taps = b.resolve_taps(['all']); "
-             "print(json.dumps({'taps': [[t.name, t.node, list(t.shape), t.depth] for t in taps], "
-             "'default': b.default_tap, 'transform': b.transform_spec(), 'weights': b.weights.spec, "
-             f"'args': b.spec_args(), 'dim': b.dim({tap!r}, 'pyramid'), 'by_node': str(b.tap(taps[-2].node)), "
-             "'imported': sorted({'timm', 'torch', 'torchvision'} & set(sys.modules))}))")
+    the same taps, shapes, preprocessing, weights, graph nodes and refusal of a misspelt tap, and neither
+    the source's library nor torch is imported."""
+    probe = f"""import json, sys
+from features.backbones import Backbone
+b = Backbone({name!r}, weights='none', image_size=48)
+taps = b.resolve_taps(['all'])
+try:
+    b.tap({tap + 'x'!r})
+except Exception as exc:
+    misspelt = str(exc)
+print(json.dumps({{'taps': [[t.name, t.node, list(t.shape), t.depth] for t in taps], 'default': b.default_tap,
+                  'transform': b.transform_spec(), 'weights': b.weights.spec, 'args': b.spec_args(),
+                  'dim': b.dim({tap!r}, 'pyramid'), 'by_node': str(b.tap(taps[-2].node)), 'nodes': b.node_names(),
+                  'misspelt': misspelt, 'imported': sorted({{'timm', 'torch', 'torchvision'}} & set(sys.modules))}}))"""
     env = {**os.environ, "TAPS_CACHE": str(tmp_path)}
     first, second = (json.loads(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
                                                check=True).stdout) for _ in range(2))
     assert first.pop("imported") == libraries and second.pop("imported") == []
     assert first == second and first["taps"][0][:3] == first_tap
+    assert f"unknown tap '{tap}x' for {name}; did you mean {tap} or" in first["misspelt"] and len(first["nodes"]) > 20
 
 
 @pytest.mark.parametrize("name,size", [("resnet18", 64), ("mobilenet_v2", 64), ("vit_b_16", None), ("swin_t", None)])

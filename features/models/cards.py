@@ -33,7 +33,7 @@ from .preprocess import Preprocess
 from .schemes import Tap, built_in_schemes_only
 from .source import SOURCE_PACKAGES, CardFiles, WeightsChoice, split_name
 
-CARD_VERSION = 1
+CARD_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -49,12 +49,14 @@ class BackboneCard:
     taps: dict[str, Tap]
     standard: str
     files: CardFiles
+    nodes: tuple[str, ...]       # the traced graph's node names: any of them is a tap too
 
     def to_json(self) -> str:
         return json.dumps({"name": self.name, "weights": {"spec": self.weights.spec, "hub": self.weights.hub},
                            "weights_arg": self.weights_arg, "image_size": self.image_size,
                            "preprocess": asdict(self.preprocess), "taps": [asdict(t) for t in self.taps.values()],
-                           "standard": self.standard, "files": asdict(self.files)}, indent=1)
+                           "standard": self.standard, "files": asdict(self.files), "nodes": list(self.nodes)},
+                          indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> BackboneCard:
@@ -65,7 +67,7 @@ class BackboneCard:
         taps = {t["name"]: Tap(**{**t, "shape": tuple(t["shape"])}) for t in d["taps"]}
         return cls(d["name"], WeightsChoice(None, None, d["weights"]["spec"], hub=d["weights"]["hub"]),
                    d["weights_arg"], d["image_size"], preprocess, taps, d["standard"],
-                   CardFiles(d["files"]["seen"], tuple(d["files"]["needed"])))
+                   CardFiles(d["files"]["seen"], tuple(d["files"]["needed"])), tuple(d["nodes"]))
 
 
 @cache

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import difflib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from ..errors import UsageError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -50,7 +53,18 @@ def tap_scheme(name: str, model: nn.Module) -> TapScheme:
     return next(s for s in TAP_SCHEMES if s.covers(name, model))
 
 
-def last_node(prefix: str, nodes: list[str]) -> int:
+def node_depth(name: str, nodes: Sequence[str], model: str, friendly: Sequence[str]) -> int:
+    """:func:`last_node` of a raw node name ``name`` among ``model``'s graph ``nodes``, or one line naming
+    the closest of its ``friendly`` taps."""
+    try:
+        return last_node(name, nodes)
+    except KeyError:
+        close = difflib.get_close_matches(name, list(friendly), n=3, cutoff=0.6)
+        raise UsageError(f"unknown tap {name!r} for {model}; " + (f"did you mean {' or '.join(close)}? " if close else "")
+                         + f"valid: {', '.join(friendly)} (or a node from `taps list nodes {model}`)") from None
+
+
+def last_node(prefix: str, nodes: Sequence[str]) -> int:
     """Index of the node a module name stands for: itself, or the last node inside it."""
     if prefix in nodes:
         return nodes.index(prefix)

@@ -7,7 +7,6 @@ tensors where the source allows), resolves raw node names and says which sizes a
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import replace
 from functools import cached_property
 
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from .schemes import Tap, TapScheme, last_node
+from .schemes import Tap, TapScheme, last_node, node_depth
 from .source import DEFAULT_IMAGE_SIZE, ModelSource
 
 
@@ -71,15 +70,7 @@ class TapResolver:
         """A friendly tap, or a raw graph node name, resolved with its shape."""
         if name in self.taps:
             return self.taps[name]
-        _, nodes = self._graph
-        try:
-            depth = last_node(name, nodes)
-        except KeyError:
-            close = difflib.get_close_matches(name, list(self.taps), n=3, cutoff=0.6)
-            raise UsageError(f"unknown tap {name!r} for {self.source.name}; "
-                             + (f"did you mean {' or '.join(close)}? " if close else "")
-                             + f"valid: {', '.join(self.taps)} (or a node from `taps list nodes {self.source.name}`)"
-                             ) from None
+        depth = node_depth(name, self._graph[1], self.source.name, list(self.taps))
         return self.layout(Tap(name, name, self._shapes({name})[name], depth))
 
     def node_names(self) -> list[str]:
