@@ -19,6 +19,26 @@ def session_cache(tmp_path_factory):
     patch.undo()
 
 
+@pytest.fixture()
+def hf_cache(tmp_path, monkeypatch):
+    """A Hugging Face cache of this test's own (and a TAPS_CACHE with it): ``hf_cache(repo, filename)``
+    puts an empty checkpoint where the hub's download of that file would be, and returns its path."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "taps_cache"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+
+    def put(repo: str, filename: str) -> Path:
+        folder = tmp_path / "hf" / f"models--{repo.replace('/', '--')}"
+        checkpoint = folder / "snapshots" / "0123abc" / filename
+        checkpoint.parent.mkdir(parents=True)
+        checkpoint.write_bytes(b"")  # its presence is all that a card reads
+        (folder / "refs").mkdir()
+        (folder / "refs" / "main").write_text("0123abc")
+        return checkpoint
+    return put
+
+
 def _photo(w: int, h: int, seed: int) -> Image.Image:
     """A smooth, photo-like RGB image with noise (JPEG-friendly, unlike pure noise)."""
     rng = np.random.default_rng(seed)

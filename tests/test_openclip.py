@@ -63,6 +63,24 @@ def test_openclip_extracts_and_fits_end_to_end_and_refuses_weights_it_cannot_get
     assert len(err) == 1 and "openclip:ViT-B-32/openai are not cached and could not be downloaded" in err[0]
 
 
+def test_an_openclip_card_for_hub_weights_needs_the_checkpoint_open_clip_downloads(hf_cache):
+    """open_clip's ViT-B-32/openai comes from its hub entry's default file (safetensors first): carded once
+    that is in the Hugging Face cache, not before, and not trusted once it goes."""
+    def clip():
+        return Backbone("openclip:ViT-B-32/openai", image_size=64)
+
+    want = clip().resolve_taps(["block3"])
+    assert clip().card is None
+    checkpoint = hf_cache("timm/vit_base_patch32_clip_224.openai", "open_clip_model.safetensors")
+    clip().resolve_taps(["block3"])
+    again = clip()
+    assert again.card is not None and again.resolve_taps(["block3"]) == want
+    assert again.weights.spec == "openclip:ViT-B-32/openai"
+    again.check_weights()  # from the card: building from this empty file would fail
+    checkpoint.unlink()
+    assert clip().card is None
+
+
 def test_the_zero_shot_classifier_is_open_clips_for_the_same_names_and_templates():
     from features.models.openclip_source import OpenClipSource
 

@@ -56,13 +56,9 @@ def test_timm_preprocessing_is_its_pretrained_config(photo):
     assert "interpolation=bicubic" in bb.transform_spec()
 
 
-def test_a_timm_card_for_hub_weights_needs_their_checkpoint_in_the_hugging_face_cache(tmp_path, monkeypatch):
+def test_a_timm_card_for_hub_weights_needs_their_checkpoint_in_the_hugging_face_cache(hf_cache):
     """Hub weights are carded once timm's checkpoint is cached (the build that downloads it comes first),
     and the card stops answering when that file goes."""
-    from huggingface_hub import constants
-
-    monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     tag = timm.models.get_pretrained_cfg("resnet18").tag
 
     def resnet():
@@ -70,12 +66,7 @@ def test_a_timm_card_for_hub_weights_needs_their_checkpoint_in_the_hugging_face_
 
     want = resnet().resolve_taps(["stage3"])
     assert resnet().card is None  # not cached: no card
-    repo = tmp_path / "hf" / f"models--timm--resnet18.{tag}"
-    checkpoint = repo / "snapshots" / "0123abc" / "model.safetensors"
-    checkpoint.parent.mkdir(parents=True)
-    checkpoint.write_bytes(b"")  # its presence is all that the card reads
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0123abc")
+    checkpoint = hf_cache(f"timm/resnet18.{tag}", "model.safetensors")
     assert resnet().resolve_taps(["stage3"]) == want
     again = resnet()
     assert again.card is not None and again.weights.spec == f"timm:resnet18.{tag}"

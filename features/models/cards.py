@@ -13,9 +13,9 @@ input size, torch's and the source library's versions, torch's hub folder and Hu
 cards off). It also lists the checkpoint files whose presence the weights' resolution read
 (``auto`` takes the checkpoint that is on disk) and is ignored when any of them has come or
 gone since. Local weights files (and timm's seeded ones) are never carded: their digest is read
-on every run anyway. torchvision and timm sources keep cards (timm's hub weights once their
-checkpoint is in the Hugging Face cache); open_clip and ``hf:`` sources read their repo's files
-on every run and keep none.
+on every run anyway. torchvision, timm and open_clip sources keep cards (hub weights once their
+checkpoint is in the Hugging Face cache); ``hf:`` sources read their repo's config and
+processor, which a repo or a local folder may change, on every run and keep none.
 """
 
 from __future__ import annotations

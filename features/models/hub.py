@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from ..errors import TapsError, UsageError
@@ -52,6 +52,16 @@ def offline_unless_reachable():
         yield True
     finally:
         constants.HF_HUB_OFFLINE = False
+
+
+def cached_checkpoint(repo_id: str, names: Sequence[str]) -> str | None:
+    """The local Hugging Face cache's copy of the first of ``names`` that ``repo_id`` (``org/name``, or
+    ``org/name@revision``) has there, or None: what a source downloads is on disk, or it is not."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, _, revision = repo_id.partition("@")
+    found = (try_to_load_from_cache(repo, name, revision=revision or None) for name in names)
+    return next((path for path in found if isinstance(path, str)), None)
 
 
 def from_hub(call: Callable[[], T], refusal: Callable[[str], str]) -> T:

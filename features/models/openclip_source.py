@@ -15,6 +15,7 @@ CLIP's CNN towers (``RN50``…, open_clip's ModifiedResNet) give ``stem``, ``lay
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
@@ -25,9 +26,9 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
 from ..errors import UsageError
-from .hub import from_hub
+from .hub import cached_checkpoint, from_hub
 from .schemes import TapScheme
-from .source import ModelSource, WeightsChoice, load_state_file, local_weights, register_source, seeded
+from .source import CardFiles, ModelSource, WeightsChoice, load_state_file, local_weights, register_source, seeded
 
 PREFIX = "openclip"
 
@@ -190,6 +191,19 @@ class OpenClipSource(ModelSource):
     def check_weights(self) -> None:
         if self.weights.hub is not None:
             self.build()
+
+    def card_files(self) -> CardFiles | None:
+        return self.hub_card_files(self._hub_checkpoint)
+
+    def _hub_checkpoint(self, tag: str) -> str | None:
+        """The Hugging Face cache's copy of what open_clip downloads for ``tag``: its hub entry is ``org/name/``
+        (open_clip's default file) or ``org/name/file``, each looked for as safetensors first; None for a URL."""
+        open_clip = _open_clip()
+        repo, name = os.path.split(open_clip.get_pretrained_cfg(self.arch, tag).get("hf_hub", ""))
+        name = name or open_clip.pretrained.HF_WEIGHTS_NAME
+        safe = [open_clip.pretrained.HF_SAFE_WEIGHTS_NAME] if name == open_clip.pretrained.HF_WEIGHTS_NAME else \
+            [name[:-4] + ".safetensors"] if name.endswith((".bin", ".pth")) else []
+        return cached_checkpoint(repo, [*safe, name]) if repo else None
 
     def load_file(self, model: nn.Module, path: Path) -> None:
         """A whole open_clip model's state dict (its ``visual.*`` tensors are kept) or the tower's."""

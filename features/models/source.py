@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -230,6 +231,20 @@ class ModelSource:
     def card_files(self) -> CardFiles | None:
         """The files this model's weights resolution read, for its card (:mod:`.cards`); None: not carded."""
         return None
+
+    def hub_card_files(self, checkpoint: Callable[[str], str | None],
+                       seen: dict[str, bool] | None = None) -> CardFiles | None:
+        """:meth:`card_files` of a source whose pretrained weights come from a hub: random weights as they
+        are; hub weights once ``checkpoint(hub name)`` finds their file in the local cache (the build that
+        downloads it comes first), with the other files whose presence their resolution read (``seen``);
+        a local file never (its digest is read on every run anyway)."""
+        w = self.weights
+        if w.path is not None:
+            return None
+        if w.hub is None:
+            return CardFiles({})
+        found = checkpoint(w.hub)
+        return None if found is None else CardFiles({**(seen or {}), found: True}, (found,))
 
     def tap_scheme(self, model: nn.Module) -> TapScheme:
         return tap_scheme(self.name, model)

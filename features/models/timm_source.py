@@ -25,7 +25,7 @@ from torchvision.transforms._presets import ImageClassification
 
 from ..errors import TapsError, UsageError
 from ..files import file_sha256
-from .hub import from_hub
+from .hub import cached_checkpoint, from_hub
 from .schemes import Tap, TapScheme, tap_scheme
 from .seeded import SeededWeights, seeded_weights
 from .source import CardFiles, ModelSource, WeightsChoice, load_state_file, local_weights, register_source
@@ -74,15 +74,11 @@ def _every_block(model: nn.Module, stages: nn.Sequential) -> dict[str, str]:
 
 def _hub_checkpoint(hub: str) -> str | None:
     """The Hugging Face cache's copy of the checkpoint timm loads for ``hub`` (``resnet18.a1_in1k``), or None."""
-    from huggingface_hub import try_to_load_from_cache
-
     config = _timm().models.get_pretrained_cfg(hub)
     if config is None or not config.hf_hub_id:
         return None
-    repo, _, revision = config.hf_hub_id.partition("@")
     names = [config.hf_hub_filename] if config.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
-    found = (try_to_load_from_cache(repo, name, revision=revision or None) for name in names)
-    return next((path for path in found if isinstance(path, str)), None)
+    return cached_checkpoint(config.hf_hub_id, names)
 
 
 FEATURE_INFO = TapScheme("timm", lambda name, model: bool(getattr(model, "feature_info", None)), _stage_nodes,
@@ -163,17 +159,8 @@ class TimmSource(ModelSource):
             self.build()
 
     def card_files(self) -> CardFiles | None:
-        w = self.weights
-        if w.path is not None:
-            return None  # a local or seeded file: its digest is read on every run anyway
-        if w.hub is None:
-            return CardFiles({})
-        checkpoint = _hub_checkpoint(w.hub)
-        if checkpoint is None:
-            return None  # carded once it is cached: the build that downloads it comes first
         # auto takes a seeded copy when only that is on disk: one coming or going changes the answer
-        seen = {str(s.path): s.path.is_file() for s in seeded_weights(self.name)}
-        return CardFiles({**seen, checkpoint: True}, (checkpoint,))
+        return self.hub_card_files(_hub_checkpoint, {str(s.path): s.path.is_file() for s in seeded_weights(self.name)})
 
     def random_model(self) -> nn.Module:
         return self._create(self.model_name, pretrained=False)
