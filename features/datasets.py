@@ -12,6 +12,7 @@ import csv
 import gzip
 import os
 import shutil
+import unicodedata
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -436,6 +437,7 @@ def folder_dataset(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS, allow_outsi
                          f"dataset folder {root}", "links", duplicates)
     found = [found[i] for i in keep]
     classes = sorted({c for _, c, _ in found})  # a class folder without images is not a class
+    warn_near_duplicate_classes(classes, f"folder {root}")
     index = {c: i for i, c in enumerate(classes)}
     paths = [p for _, _, p in found]
     labels = [index[c] for _, c, _ in found]
@@ -509,6 +511,22 @@ def _labels(rows: list[dict], column: str, csv_path: Path) -> list[str]:
     return labels
 
 
+def warn_near_duplicate_classes(classes: Sequence[str], where: str) -> None:
+    """Warn about class names that differ only in case, spacing, ``_`` for a space or Unicode form
+    (``Cat`` and ``cat``, ``golden_retriever`` and ``golden retriever``): they stay separate classes, as
+    written (EMNIST's ``a`` and ``A`` are two), but more often they are one class spelt twice."""
+    groups: dict[str, list[str]] = {}
+    for name in classes:
+        key = " ".join(unicodedata.normalize("NFKC", name).casefold().replace("_", " ").split())
+        groups.setdefault(key, []).append(name)
+    near = [names for names in groups.values() if len(names) > 1]
+    if near:
+        shown = "; ".join(" and ".join(repr(n) for n in names) for names in near[:3])
+        warnings.warn(f"{where}: classes {shown} differ only in case or spacing ({len(near)} such group"
+                      f"{'s' if len(near) > 1 else ''}); they are separate classes here: if they are one, write it "
+                      f"one way", stacklevel=3)
+
+
 def csv_dataset(csv_path: Path, *, image_column: str | None = None, label_column: str | None = None,
                 allow_outside: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS, duplicates: str = "error",
                 encoding: str = "utf-8-sig") -> FileImageSet:
@@ -551,6 +569,7 @@ def csv_dataset(csv_path: Path, *, image_column: str | None = None, label_column
                          f"CSV file {csv_path}", "lists", duplicates)
     paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
     classes = sorted(set(labels))
+    warn_near_duplicate_classes(classes, f"CSV file {csv_path}")
     index = {c: i for i, c in enumerate(classes)}
     return FileImageSet(f"csv-{csv_path.stem}", root, paths, classes, [index[label] for label in labels],
                         max_pixels=max_pixels)

@@ -71,6 +71,22 @@ def test_csv_labels_are_stripped_and_ambiguous_ones_refused(csv_world):
         load_dataset(f"csv:{_csv(root / 'empty.csv', empty)}")
 
 
+def test_classes_spelt_two_ways_are_kept_apart_with_a_warning(csv_world, image_folder, tmp_path):
+    """``A`` and ``a``, ``golden_retriever`` and ``golden retriever``: separate classes as written (EMNIST's
+    letters are), but named in a warning, since more often they are one class spelt twice."""
+    root, rows = csv_world
+    cased = [r.replace(",a", ",A") if i % 2 else r for i, r in enumerate(rows)]
+    with pytest.warns(UserWarning, match=r"classes 'A' and 'a' differ only in case or spacing \(1 such group\)"):
+        images = load_dataset(f"csv:{_csv(root / 'cased.csv', cased)}")
+    assert images.classes == ["A", "a", "b"]
+    image_folder(tmp_path / "dogs", classes=("golden_retriever", "golden retriever", "pug"), per_class=2)
+    with pytest.warns(UserWarning, match=r"classes 'golden retriever' and 'golden_retriever' differ only"):
+        assert len(load_dataset(f"folder:{tmp_path / 'dogs'}").classes) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one spelling per class: no warning
+        load_dataset(f"csv:{_csv(root / 'plain.csv', rows)}")
+
+
 def test_a_csv_in_another_encoding_names_the_line_and_reads_with_encoding(csv_world, tmp_path):
     root, rows = csv_world
     latin = root / "latin.csv"
