@@ -8,9 +8,9 @@ graph, on every run, to the same answer. The first resolution writes this card; 
 read it and build the model only if something asks for it.
 
 A card is keyed by everything its answer depends on: the name, ``--weights`` as given, the
-input size, torch's and the source library's versions, torch's hub folder and Hugging Face's cache, the code of
-:mod:`features.models` and the registered tap schemes (a scheme registered at run time turns
-cards off). It also lists the checkpoint files whose presence the weights' resolution read
+input size, torch's and the source library's versions, torch's hub folder, Hugging Face's cache,
+the code of :mod:`features.models` and the registered tap schemes (a scheme registered at run
+time turns cards off). It also lists the checkpoint files whose presence the weights' resolution read
 (``auto`` takes the checkpoint that is on disk) and is ignored when any of them has come or
 gone since. Local weights files (and timm's seeded ones) are never carded: their digest is read
 on every run anyway. torchvision, timm and open_clip sources keep cards (hub weights once their
@@ -95,7 +95,8 @@ def hub_dir() -> str:
 
 
 def hf_cache_dir() -> str:
-    """``huggingface_hub.constants.HF_HUB_CACHE`` (where timm's checkpoints are), by its own rule, without importing it."""
+    """``huggingface_hub.constants.HF_HUB_CACHE`` (where timm's and open_clip's checkpoints are), by its own
+    rule, without importing it."""
     hub = sys.modules.get("huggingface_hub.constants")
     if hub is not None:
         return str(hub.HF_HUB_CACHE)
