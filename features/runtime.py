@@ -14,6 +14,9 @@ again page by page, and the kernel time of those faults can be a large share of 
 pass (``make bench`` counts them per batch with and without). PyTorch's tuning guide
 answers this with jemalloc or tcmalloc; :func:`keep_freed_memory` gets the same
 effect from glibc itself for the duration of a run, with no preloaded library.
+
+Also what a run asks of this machine's surroundings: the CPU's description, the memory it has,
+and whether a server (the Hugging Face hub, an MLflow tracking server) answers from here.
 """
 
 from __future__ import annotations
@@ -94,3 +97,28 @@ def cpu_description() -> str:
     flags = set(fields.get("flags", "").split())
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "avx_vnni") if f in flags]
     return f"{fields.get('model name', platform.machine())}; {' '.join(isa) or 'no avx2'}"
+
+
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether the server of ``url`` answers a TCP connection within ``timeout`` seconds, name lookup
+    included (which has no timeout of its own, hence the thread): a client library that retries an
+    unreachable server for minutes is asked only after this says yes."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    address = (parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+    reached = threading.Event()
+
+    def connect() -> None:
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            reached.set()
+        except OSError:
+            pass
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout + 0.5)
+    return reached.is_set()

@@ -13,6 +13,7 @@ opts into with ``MLFLOW_ALLOW_FILE_STORE``); any tracking URI MLflow takes works
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from collections.abc import Iterator
@@ -20,7 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from features.errors import UsageError
+from features.errors import TapsError, UsageError
+from features.runtime import reachable
 
 from .results import RunResult
 
@@ -41,7 +43,14 @@ class Tracking:
         kind, _, uri = text.partition(":")
         if kind != "mlflow":
             raise UsageError(f"--track takes mlflow or mlflow:URI (e.g. mlflow:file:./mlruns), not {text!r}")
-        return cls(uri or DEFAULT_URI)
+        # found out before the fit, not after it (MLflow retries an unreachable server for minutes)
+        if importlib.util.find_spec("mlflow") is None:
+            raise UsageError("--track mlflow needs MLflow: pip install -e '.[track]' (mlflow-skinny)")
+        uri = uri or DEFAULT_URI
+        if uri.startswith(("http://", "https://")) and not reachable(uri):
+            raise TapsError(f"the MLflow tracking server {uri} cannot be reached from here; start it, or pass "
+                            f"--track mlflow for a local store (./mlruns)")
+        return cls(uri)
 
     def client(self):
         try:

@@ -276,4 +276,8 @@ def test_track_mlflow_logs_each_fit_and_a_compare_as_a_parent_with_one_run_per_r
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 2 and {r.data.params["tap"] for r in children} == {"layer4", "avgpool"}
     assert "compare.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert main([*fit[:-1], "bogus:x"]) == 2
+    capsys.readouterr()
+    for bad, code in (("bogus:x", 2), ("mlflow:http://127.0.0.1:9", 1)):  # refused before the fit, not after it
+        assert main([*fit[:-3], str(tmp_path / "runs3"), "--track", bad]) == code
+        assert not (tmp_path / "runs3").exists()
+    assert "the MLflow tracking server http://127.0.0.1:9 cannot be reached from here" in capsys.readouterr().err

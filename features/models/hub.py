@@ -8,34 +8,16 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from ..errors import TapsError, UsageError
+from ..runtime import reachable
 
 T = TypeVar("T")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub (or the mirror HF_ENDPOINT names) answers a TCP connection within
-    ``timeout`` seconds, name lookup included (which has no timeout of its own, hence the thread)."""
-    import socket
-    import threading
-    from urllib.parse import urlsplit
-
+    """Whether the Hugging Face hub (or the mirror HF_ENDPOINT names) answers within ``timeout`` seconds."""
     from huggingface_hub import constants
 
-    url = urlsplit(constants.ENDPOINT)
-    address = (url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
-    reached = threading.Event()
-
-    def connect() -> None:
-        try:
-            socket.create_connection(address, timeout=timeout).close()
-            reached.set()
-        except OSError:
-            pass
-
-    probe = threading.Thread(target=connect, daemon=True)
-    probe.start()
-    probe.join(timeout + 0.5)
-    return reached.is_set()
+    return reachable(constants.ENDPOINT, timeout)
 
 
 @contextlib.contextmanager

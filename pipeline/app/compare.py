@@ -51,7 +51,7 @@ def run(args) -> None:
     clfs = csv_list(args.clf)
     if len(clfs) > 1 and args.grid:
         raise UsageError("--grid is one classifier's grid; with several --clf values leave it out (each uses its own)")
-    fits = _fits(args, clfs)
+    fits, track = _fits(args, clfs), tracking(args)
     from ..compare import compare_taps, rank_agreement  # torch and scikit-learn: once the arguments are found good
     from ..report import format_gains, format_table
 
@@ -73,7 +73,7 @@ def run(args) -> None:
 
     for note in result_notes(load_results(Path(rows[0]["run"])), args.seeds):
         print(note)
-    if track := tracking(args):
+    if track:
         from ..tracking import log_compare
 
         print(f"tracked as MLflow run {log_compare(track, out, rows, load_results)} (one nested run per row) in "

@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> None:
     from ..protocols import parse_protocol
 
-    request, options = feature_request(args), fit_options(args)
+    request, options, track = feature_request(args), fit_options(args), tracking(args)
     features, tap = request.open_for_fit(args.tap)
     protocol = parse_protocol(args.protocol, args.test_per_class, has_split=features.split or False)
     from ..evaluate import fit_run  # scikit-learn: once the arguments and the file are found good
@@ -66,7 +66,7 @@ def run(args) -> None:
         + f"  {chosen:<13}{results.fit_seconds['mean']:>7.1f}")
     for note in result_notes(results, args.seeds):
         print(note)
-    if track := tracking(args):
+    if track:
         from ..tracking import log_fit
 
         print(f"tracked as MLflow run {log_fit(track, run_dir, results)} in {track.uri}")
