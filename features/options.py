@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .decoders import DECODER_REGISTRY, SIMPLEJPEG, TORCHVISION, get_decoder
-from .errors import UsageError, choose
+from .errors import TapsError, UsageError, choose
 from .loaders import AUTO, ENGINES, LOADERS, LOCAL, default_workers, resolve_loader
 from .pooling import DEFAULT_POOLING, POOLINGS
 from .precisions import FP32, INT8, PRECISIONS, auto_precision, get_precision
+from .runtime import reachable
 from .runtime_records import RUNTIME_REGISTRY, TORCH, exported_runtimes
 
 if TYPE_CHECKING:  # imported where a device is resolved: the CLI's parser and `taps --help` never need torch
@@ -93,6 +94,7 @@ class ExtractOptions:
             raise UsageError(f"--precision {INT8} runs a post-training quantised export on the CPU, locally: use "
                              f"--runtime {quantizing} (or {AUTO}), without --engine {' or '.join(e for e in ENGINES if e != LOCAL)} or --shard")
         _check_decoder_engine(self.decode, self.engine)
+        _check_ray_address(self.ray_address)
 
     def resolve(self, n_images: int) -> RunConfig:
         """The settings this machine will use for ``n_images`` images, every ``auto`` decided."""
@@ -167,6 +169,19 @@ def resolve_decode(decode: str, device: torch.device, engine: str) -> str:
     if decode != AUTO:
         return decode
     return TORCHVISION if device.type == "cuda" and engine == LOCAL else SIMPLEJPEG
+
+
+def _check_ray_address(address: str | None) -> None:
+    """A named Ray cluster that does not answer is refused at once: ``ray.init`` waits for it for minutes.
+    ``auto`` (RAY_ADDRESS, or a cluster started on this machine) is left to Ray."""
+    if not address or address == AUTO:
+        return
+    url = address if "://" in address else f"tcp://{address}"
+    port = 10001 if url.startswith("ray://") else 6379  # Ray Client's port; the cluster's (GCS) port
+    host = url.split("://", 1)[1].split("/", 1)[0]
+    if not reachable(url if ":" in host else url.replace(host, f"{host}:{port}", 1)):
+        raise TapsError(f"--ray-address {address}: no Ray cluster answers there; start one (`ray start --head`) or "
+                        f"leave --ray-address out for a local Ray")
 
 
 def _check_decoder_engine(decode: str, engine: str) -> None:

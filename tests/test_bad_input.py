@@ -53,6 +53,8 @@ def cases(w: dict) -> list[tuple[list[str], int, str]]:
         (["fit", "--features", str(next(w["fs"].rglob("*.h5"))), "--runs-root", "/proc/taps/runs"],
          *((1, "cannot use /proc/taps (") if os.geteuid() == 0 else (2, "--runs-root /proc/taps/runs is not writable"))),
         (["list", "taps"], 2, "`taps list taps` needs a backbone name"),
+        (["extract", *data, *TINY, "--engine", "ray", "--ray-address", "127.0.0.1:9", "--features-root",
+          str(root / "cmpfs")], 1, "--ray-address 127.0.0.1:9: no Ray cluster answers there; start one"),
         (["merge", str(root / "missing.shard0of2.h5")], 2, "shard file"),
         (["compare", *data, "--protocol", "per-class:40", "--features-root", str(root / "cmpfs")], 2,
          "per-class:40 needs more than 40 images in every class"),
