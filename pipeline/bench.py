@@ -36,6 +36,7 @@ from features.catalog import feature_path
 from features.datasets import FileImageSet, folder_dataset
 from features.decoders import PIL, TORCHVISION
 from features.engines.replicas import ReplicaEngine
+from features.errors import UsageError
 from features.extract import dataset_calibration, extract
 from features.loaders import (
     AUTO,
@@ -74,9 +75,12 @@ def synthetic_jpegs(folder: Path, n: int, size: tuple[int, int] = (500, 375), se
     return folder
 
 
+CALTECH_FOLDER = "caltech101/101_ObjectCategories"
+
+
 def bench_images(n: int, data_root: str | None, work: Path) -> tuple[FileImageSet, str]:
-    caltech = Path(data_root or "") / "caltech101" / "101_ObjectCategories"
-    if data_root and caltech.is_dir():
+    caltech = Path(data_root or "") / CALTECH_FOLDER
+    if data_root:
         paths = sorted(p for p in caltech.glob("*/*.jpg") if p.parent.name != "BACKGROUND_Google")
         paths = paths[:: max(1, len(paths) // n)][:n]  # spread over the classes
         classes = sorted({p.parent.name for p in paths})
@@ -313,6 +317,16 @@ class BenchSettings:
     runtimes: tuple[str, ...] | None = None  # exported runtimes to measure beside torch (None: every installed one)
     startup_repeats: int = 3           # start-up commands: each timed this many times (the median is kept)
     quick: bool = False                # every row at toy size, in about a minute: a check, not a measurement
+
+    def __post_init__(self) -> None:
+        for name in ("images", "batch_size", "rounds", "startup_repeats"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if min(self.rss_sizes) < 1:
+            raise UsageError(f"--rss-sizes must be at least 1 image each, not {' '.join(map(str, self.rss_sizes))}")
+        if self.data_root and not (Path(self.data_root) / CALTECH_FOLDER).is_dir():  # not synthetic ones instead
+            raise UsageError(f"--data-root {self.data_root} has no {CALTECH_FOLDER}; pass the folder that holds "
+                             f"caltech101/, or leave --data-root out to time synthetic JPEGs")
 
 
 # --quick: every row measured once on a few images, torch only, one process; the figures are not

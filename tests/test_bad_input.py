@@ -53,6 +53,9 @@ def cases(w: dict) -> list[tuple[list[str], int, str]]:
         (["fit", "--features", str(next(w["fs"].rglob("*.h5"))), "--runs-root", "/proc/taps/runs"],
          *((1, "cannot use /proc/taps (") if os.geteuid() == 0 else (2, "--runs-root /proc/taps/runs is not writable"))),
         (["list", "taps"], 2, "`taps list taps` needs a backbone name"),
+        (["bench", "--rounds", "0", "--out", str(root / "bench")], 2, "--rounds must be at least 1, not 0"),
+        (["bench", "--data-root", str(root / "nothing"), "--out", str(root / "bench")], 2,
+         "has no caltech101/101_ObjectCategories; pass the folder that holds caltech101/, or leave --data-root out"),
         (["extract", *data, *TINY, "--engine", "ray", "--ray-address", "127.0.0.1:9", "--features-root",
           str(root / "cmpfs")], 1, "--ray-address 127.0.0.1:9: no Ray cluster answers there; start one"),
         (["merge", str(root / "missing.shard0of2.h5")], 2, "shard file"),
@@ -100,7 +103,7 @@ def test_every_bad_input_is_one_line_with_the_right_exit_code(world, capsys):
             got = exc.code
         out, err = capsys.readouterr()
         assert (got, err.count("\n")) == (code, 1) and message in err and "Traceback" not in err, (args, err)
-    assert not (world["root"] / "cmpfs").exists() and not (world["root"] / "runs2").exists()  # nothing started
+    assert not any((world["root"] / d).exists() for d in ("cmpfs", "runs2", "bench"))  # nothing started
     assert not list(world["root"].glob("csvfs/**/*.h5"))  # refused CSVs wrote no feature file
 
 
