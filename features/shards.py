@@ -93,6 +93,18 @@ def merge_shards(paths: list[Path], out: Path | None = None, force: bool = False
     return out
 
 
+def whole_feature_file(path: Path | str) -> FeatureFile:
+    """A feature file to read as a dataset; a shard file (one slice of the samples) is refused, naming the
+    merge that makes the whole file."""
+    features = FeatureFile(path)
+    shard = features.attrs.get("shard")
+    if shard is not None:
+        raise UsageError(f"{path} is shard {shard} of an extraction ({features.attrs.get('n_samples')} of its "
+                         f"{features.attrs.get('full_n_samples')} samples); merge the shards first: "
+                         f"`taps merge SHARD_FILES --out FILE`")
+    return features
+
+
 def _check_same_extraction(paths: list[Path], files: list[FeatureFile]) -> None:
     """Every file is a complete shard of one extraction: same settings, same taps."""
     first = files[0].attrs

@@ -25,6 +25,7 @@ from features.errors import TapsError, UsageError, choose
 from features.files import check_output_folder
 from features.joined import JoinedFeatures
 from features.pooling import DEFAULT_POOLING
+from features.shards import whole_feature_file
 from features.store import FeatureFile
 
 from .fusion import tap_set
@@ -52,7 +53,7 @@ def open_features(paths: str | Path | Sequence[str | Path]):
         return paths
     if isinstance(paths, (str, Path)):
         paths = [p for p in str(paths).split(",") if p]
-    files = [FeatureFile(p) for p in paths]
+    files = [whole_feature_file(p) for p in paths]
     return files[0] if len(files) == 1 else JoinedFeatures(files)
 
 

@@ -96,10 +96,10 @@ class FeatureRequest:
         several are joined (:class:`features.joined.JoinedFeatures`). ``taps``: for the command a
         missing or stale file names."""
         from features.joined import JoinedFeatures
-        from features.store import FeatureFile
+        from features.shards import whole_feature_file
 
         if self.files:
-            files = [FeatureFile(path) for path in self.files]
+            files = [whole_feature_file(path) for path in self.files]
             for features in files if self.image_size else []:
                 features.check_made_from({"transform": self.backbone(features.attrs["backbone"]).transform_spec()},
                                          "drop --image-size, or pass the file extracted with it")

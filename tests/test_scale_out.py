@@ -5,10 +5,12 @@ import pytest
 
 from features.backbones import Backbone
 from features.datasets import load_dataset
-from features.errors import TapsError
+from features.errors import TapsError, UsageError
 from features.extract import extract
 from features.shards import merge_shards
 from features.store import FeatureFile
+from pipeline.api import load_features
+from pipeline.cli import main
 
 TAPS = ["layer2", "avgpool"]
 
@@ -39,6 +41,11 @@ def test_three_shards_merged_equal_a_single_run(tiny_folder, tmp_path, cpu_run):
         merge_shards([shards[0], shards[2]])
     with pytest.raises(TapsError, match="duplicated"):
         merge_shards([shards[0], shards[0], shards[1], shards[2]])
+    # a shard is a slice of the samples: fitting on it, or exporting it, is refused until it is merged
+    with pytest.raises(UsageError, match=r"is shard 1/3 of an extraction \(\d+ of its \d+ samples\); merge the shards"):
+        load_features(shards[1], "avgpool")
+    assert main(["fit", "--features", str(shards[1]), "--runs-root", str(tmp_path / "runs")]) == 2
+    assert not (tmp_path / "runs").exists()
     merged = merge_shards(list(reversed(shards)))
     assert merged.name == single.path.name
     assert_same_file(single.path, merged)
