@@ -109,6 +109,7 @@ class RunResult:
     split_seeds: list[int]
     seeds_vary: str = ""
     duplicates: dict = field(default_factory=dict)
+    undecodable: int = 0        # images the extraction could not decode: in no split
     per_seed: list[SeedResult]
     chosen: dict[str, list]     # the selected parameter's value per seed
     grid: dict[str, list]

@@ -1,6 +1,7 @@
 """Faults: bad images, interruption, corrupt or busy files, bad arguments, untrusted inputs."""
 
 import errno
+import json
 import os
 import resource
 import signal
@@ -22,6 +23,7 @@ from features.errors import TapsError, UsageError
 from features.extract import extract
 from features.options import resolve_device
 from features.store import FeatureFile, FeatureWriter
+from pipeline.cli import main
 
 
 def tiny_resnet():
@@ -44,6 +46,31 @@ def test_bad_images_are_skipped_with_reasons_and_odd_ones_converted(messy, tmp_p
     assert f.valid.sum() == 14 and f.errors == report.skipped and f.attrs["complete"]
     odd = [i for i, sid in enumerate(f.ids) if sid.startswith("odd/")]
     assert np.abs(f.read("avgpool")[odd]).sum(axis=1).min() > 0
+
+
+def test_a_fit_says_how_many_images_were_undecodable_and_info_names_them(image_folder, tmp_path, capsys):
+    """They are in no split: the scores are over the rest, and the reader is told so."""
+    root = tmp_path / "photos"
+    image_folder(root, classes=("a", "b"), per_class=5)
+    whole = (root / "a" / "img_000.jpg").read_bytes()
+    (root / "a" / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    (root / "b" / "notes.jpg").write_text("this is not an image")
+    data = ["--dataset", f"folder:{root}", "--backbone", "resnet18", "--weights", "none", "--image-size", "32",
+            "--features-root", str(tmp_path / "fs")]
+    assert main(["extract", *data, "--no-progress", "--workers", "0"]) == 0
+    path = capsys.readouterr().out.strip().splitlines()[-1]
+    skipped = FeatureFile(path).errors
+    assert sorted(skipped) == ["a/truncated.jpg", "b/notes.jpg"]
+    assert main(["fit", *data, "--clf", "logreg", "--protocol", "fraction:0.5", "--device", "cpu",
+                 "--runs-root", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert f"note: {len(skipped)} image(s) could not be decoded at extraction and are in no split" in out
+    results = json.loads((Path(out.strip().splitlines()[-1]) / "results.json").read_text())
+    assert results["undecodable"] == len(skipped)
+    assert sum(results["per_seed"][0][k] for k in ("n_train", "n_test")) == len(FeatureFile(path).ids) - len(skipped)
+    assert main(["info", path]) == 0
+    info = capsys.readouterr().out
+    assert "skipped images: 2" in info and f"  a/truncated.jpg: {skipped['a/truncated.jpg']}" in info
 
 
 def test_on_error_fail_stops_with_the_file_name(messy, tmp_path, cpu_run):

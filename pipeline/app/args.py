@@ -247,8 +247,12 @@ def tracking(args):
 
 
 def result_notes(results, seeds: int) -> list[str]:
-    """What a reader of a fit's numbers must know: what the ± varies over, calibration, duplicate images."""
+    """What a reader of a fit's numbers must know: what the ± varies over, calibration, duplicate and
+    undecodable images."""
     notes = []
+    if results.undecodable:
+        notes.append(f"note: {results.undecodable} image(s) could not be decoded at extraction and are in no split "
+                     f"(`taps info` on the feature file lists them)")
     if seeds > 1 and results.seeds_vary.startswith("the CV folds only"):
         notes.append(f"note: ± over {seeds} seeds varies {results.seeds_vary}")
     ece = results.metrics.get("expected_calibration_error")

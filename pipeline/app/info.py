@@ -30,6 +30,8 @@ def run(args) -> None:
               f"combine the shards with `taps merge`")
     print(f"classes: {len(f.classes)}; splits: {sorted(set(f.split)) if f.split else 'none'}; "
           f"skipped images: {len(f.errors)}")
+    for sample, reason in sorted(f.errors.items()):  # undecodable: in no split of any fit
+        print(f"  {sample}: {reason}")
     for key, t in f.taps.items():
         print(f"tap {key}: node={t.node} pooling={t.pooling} dim={t.dim} precision={t.precision} "
               f"decode={t.decode} runtime={t.runtime} rows={t.rows_done}/{len(f.labels)} "
