@@ -157,6 +157,8 @@ def prepare_rows(images: ImageSet, backbones: list[Backbone], taps: list[str] | 
         for member in ([] if spec == AUTO else tap_set(spec)):
             name, tap = split_key(member)
             planned[name][2].append(next(b for b in backbones if b.name == name).resolve_taps([tap])[0].name)
+    for bb in backbones:  # every checkpoint found before the first extraction, as every name is
+        bb.check_weights()
     groups: list[list[PlannedRow]] = []
     made_from: list[dict] = []  # per backbone: what its features were made from
     files: dict[str, FeatureFile] = {}

@@ -148,3 +148,15 @@ def test_compare_fuse_with_one_tap_per_backbone_fuses_across_them_only(two_backb
     rows = json.loads(next(tmp_path.rglob("compare.json")).read_text())["rows"]
     assert [(r["backbone"], r["tap"]) for r in rows] == [("resnet18", "avgpool"), ("mobilenet_v2", "pooled"),
                                                          ("resnet18+mobilenet_v2", "auto")]
+
+
+def test_compare_finds_every_checkpoint_before_reading_the_dataset_or_extracting(tiny_flat, tmp_path, capsys):
+    """The second backbone's weights are not cached (no internet here): refused before the first backbone
+    extracts anything, and before the dataset is read."""
+    args = ["compare", "--dataset", f"folder:{tiny_flat}", "--backbone", "resnet18,openclip:ViT-B-32/openai",
+            "--weights", "none,auto", "--image-size", "64", "--taps", "resnet18/avgpool", "--no-progress",
+            "--features-root", str(tmp_path / "fs"), "--runs-root", str(tmp_path / "runs")]
+    assert main(args) == 1
+    out, err = capsys.readouterr()
+    assert "openclip:ViT-B-32/openai are not cached and could not be downloaded" in err and "read " not in out
+    assert not (tmp_path / "fs").exists() and not (tmp_path / "runs").exists()

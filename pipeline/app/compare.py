@@ -44,14 +44,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> None:
     from ..protocols import parse_protocol
 
-    images = dataset_request(args).load()
-    print(f"read {images.name}: {images.class_counts()}")
     nets = backbones(args)
-    protocol = parse_protocol(args.protocol, args.test_per_class, has_split=images.splits or False)
+    for bb in nets:  # a missing checkpoint is the cheaper thing to find out, before the dataset is read
+        bb.check_weights()
     clfs = csv_list(args.clf)
     if len(clfs) > 1 and args.grid:
         raise UsageError("--grid is one classifier's grid; with several --clf values leave it out (each uses its own)")
     fits, track = _fits(args, clfs), tracking(args)
+    images = dataset_request(args).load()
+    print(f"read {images.name}: {images.class_counts()}")
+    protocol = parse_protocol(args.protocol, args.test_per_class, has_split=images.splits or False)
     from ..compare import compare_taps, rank_agreement  # torch and scikit-learn: once the arguments are found good
     from ..report import format_gains, format_table
 
