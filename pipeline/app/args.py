@@ -239,13 +239,6 @@ def fit_options(args, clf: str | None = None, *, prompts: bool = True):
                       prompts=args.prompts if prompts else None)
 
 
-def tracking(args):
-    """--track, parsed (None when not asked)."""
-    from ..tracking import Tracking
-
-    return Tracking.parse(args.track)
-
-
 def result_notes(results, seeds: int) -> list[str]:
     """What a reader of a fit's numbers must know: what the ± varies over, calibration, duplicate and
     undecodable images."""

@@ -19,7 +19,6 @@ from .args import (
     extract_options,
     fit_options,
     result_notes,
-    tracking,
 )
 
 HELP = "fit the same classifier on many taps (and backbones) with the same splits"
@@ -50,7 +49,9 @@ def run(args) -> None:
     clfs = csv_list(args.clf)
     if len(clfs) > 1 and args.grid:
         raise UsageError("--grid is one classifier's grid; with several --clf values leave it out (each uses its own)")
-    fits, track = _fits(args, clfs), tracking(args)
+    from ..tracking import Tracking, log_compare
+
+    fits, track = _fits(args, clfs), Tracking.parse(args.track)
     images = dataset_request(args).load()
     print(f"read {images.name}: {images.class_counts()}")
     protocol = parse_protocol(args.protocol, args.test_per_class, has_split=images.splits or False)
@@ -76,8 +77,6 @@ def run(args) -> None:
     for note in result_notes(load_results(Path(rows[0]["run"])), args.seeds):
         print(note)
     if track:
-        from ..tracking import log_compare
-
         print(f"tracked as MLflow run {log_compare(track, out, rows, load_results)} (one nested run per row) in "
               f"{track.uri}")
     print(out)

@@ -14,7 +14,6 @@ from .args import (
     feature_request,
     fit_options,
     result_notes,
-    tracking,
 )
 
 HELP = "fit a classifier on one cached tap and score it"
@@ -40,8 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> None:
     from ..protocols import parse_protocol
+    from ..tracking import Tracking, log_fit
 
-    request, options, track = feature_request(args), fit_options(args), tracking(args)
+    request, options, track = feature_request(args), fit_options(args), Tracking.parse(args.track)
     features, tap = request.open_for_fit(args.tap)
     protocol = parse_protocol(args.protocol, args.test_per_class, has_split=features.split or False)
     from ..evaluate import fit_run  # scikit-learn: once the arguments and the file are found good
@@ -67,7 +67,5 @@ def run(args) -> None:
     for note in result_notes(results, args.seeds):
         print(note)
     if track:
-        from ..tracking import log_fit
-
         print(f"tracked as MLflow run {log_fit(track, run_dir, results)} in {track.uri}")
     print(run_dir)
