@@ -176,10 +176,10 @@ def _check_ray_address(address: str | None) -> None:
     ``auto`` (RAY_ADDRESS, or a cluster started on this machine) is left to Ray."""
     if not address or address == AUTO:
         return
-    url = address if "://" in address else f"tcp://{address}"
-    port = 10001 if url.startswith("ray://") else 6379  # Ray Client's port; the cluster's (GCS) port
-    host = url.split("://", 1)[1].split("/", 1)[0]
-    if not reachable(url if ":" in host else url.replace(host, f"{host}:{port}", 1)):
+    scheme, _, rest = address.rpartition("://")
+    host = rest.split("/", 1)[0]
+    port = 10001 if scheme == "ray" else 6379  # Ray Client's port; the cluster's (GCS) port
+    if not reachable(f"{scheme or 'tcp'}://{host if ':' in host else f'{host}:{port}'}"):
         raise TapsError(f"--ray-address {address}: no Ray cluster answers there; start one (`ray start --head`) or "
                         f"leave --ray-address out for a local Ray")
 
