@@ -191,7 +191,20 @@ class SoftmaxRegression(_LBFGSLinear):
         return self.classes_[index]
 
 
-class TorchLinearHead(ClassifierMixin, BaseEstimator):
+class _ScoredClassifier(ClassifierMixin):
+    """``decision_function`` and ``predict`` from ``_class_scores(X)``, one column per class: for two
+    classes the positive one's margin, as scikit-learn expects, and the best-scoring class."""
+
+    def decision_function(self, X) -> np.ndarray:
+        scores = self._class_scores(X)
+        return scores[:, 1] - scores[:, 0] if scores.shape[1] == 2 else scores
+
+    def predict(self, X) -> np.ndarray:
+        best = self._class_scores(X).argmax(axis=1)  # first: an unfitted estimator says so there
+        return self.classes_[best]
+
+
+class TorchLinearHead(_ScoredClassifier, BaseEstimator):
     """A linear (or one-hidden-layer) softmax head trained with AdamW and early stopping."""
 
     _parameter_constraints: dict = {
@@ -361,16 +374,11 @@ class TorchLinearHead(ClassifierMixin, BaseEstimator):
         p = np.exp(logits - logits.max(axis=1, keepdims=True))
         return p / p.sum(axis=1, keepdims=True)
 
-    def decision_function(self, X) -> np.ndarray:
-        logits = self._logits(X)
-        return logits[:, 1] - logits[:, 0] if logits.shape[1] == 2 else logits
-
-    def predict(self, X) -> np.ndarray:
-        index = self._logits(X).argmax(axis=1)
-        return self.classes_[index]
+    def _class_scores(self, X) -> np.ndarray:
+        return self._logits(X)
 
 
-class KNNProbe(ClassifierMixin, BaseEstimator):
+class KNNProbe(_ScoredClassifier, BaseEstimator):
     """A weighted k-nearest-neighbour probe, as in DINO's evaluation: embeddings are L2-normalised,
     each query's ``n_neighbors`` most cosine-similar training rows vote with weight
     ``exp(similarity / temperature)``, and the votes (normalised) are its class probabilities.
@@ -422,14 +430,8 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
             out[lo:lo + step] = (votes / votes.sum(1, keepdim=True)).cpu().numpy()
         return out
 
-    def decision_function(self, X) -> np.ndarray:
-        """The class probabilities; for two classes the positive one's margin, as scikit-learn expects."""
-        p = self.predict_proba(X)
-        return p[:, 1] - p[:, 0] if p.shape[1] == 2 else p
-
-    def predict(self, X) -> np.ndarray:
-        best = self.predict_proba(X).argmax(axis=1)
-        return self.classes_[best]
+    def _class_scores(self, X) -> np.ndarray:
+        return self.predict_proba(X)
 
 
 def _l2_rows(X: np.ndarray) -> np.ndarray:
