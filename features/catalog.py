@@ -8,6 +8,7 @@ command that rebuilds it. The CLI only says what that command is.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from .backbones import Backbone
@@ -25,17 +26,30 @@ def feature_path(out: Path | str, dataset_name: str, backbone: Backbone) -> Path
 
 def check_dataset_matches(features: FeatureFile, images: ImageSet, fix: str, verify_content: bool = False,
                           digests: list[str] | None = None) -> None:
-    """Refuse a feature file made from other contents of ``images`` than it has now, in one line with
-    ``fix``. The fingerprint is computed the way the file's was (its recorded version), so files
-    from before a fingerprint version keep working; ``verify_content`` compares each sample's bytes
-    with the digests the file recorded and names the first that changed. ``digests``: the dataset's
-    content digests when the caller has read them already (each sample's bytes are read once)."""
+    """Refuse a feature file made from other contents of ``images`` than it has now, in one line that
+    says what changed (images added, removed, relabelled, moved between splits or edited) and ``fix``.
+
+    The fingerprint is computed the way the file's was (its recorded version), so files from before
+    a fingerprint version keep working. When only the files' sizes or times can explain a changed
+    fingerprint, each sample's bytes are compared with the digests the file recorded: a copy of the
+    dataset that did not keep modification times is the same data, and is used with a warning.
+    ``verify_content`` always compares the bytes; ``digests``: the dataset's content digests when
+    the caller has read them already (each sample's bytes are read once)."""
     if digests is None and (verify_content or features.fingerprint_version == CONTENT_FINGERPRINT):
         digests = images.content_digests()
-    expected = {"dataset_fingerprint": images.fingerprint(features.fingerprint_version, digests),
-                "n_samples": len(images)}
-    features.check_made_from(expected, fix)
-    if not verify_content:
+    fingerprint = images.fingerprint(features.fingerprint_version, digests)
+    if fingerprint != features.identity.dataset_fingerprint:
+        changes = sample_changes(features, images)
+        if changes:
+            count = len(features.ids) != len(images)
+            raise TapsError(f"{features.path} was made from " + (f"{len(features.ids)} samples, the dataset now has "
+                            f"{len(images)}" if count else "other contents of the dataset") + f": {'; '.join(changes)}; {fix}")
+        digests = images.content_digests() if digests is None else digests
+        if digests is None or features.content is None:
+            raise TapsError(f"{features.path} was made from other contents of the dataset: the same images, labels "
+                            f"and splits, but their content changed (fingerprint {features.identity.dataset_fingerprint}"
+                            f", now {fingerprint}); {fix}")
+    elif not verify_content:
         return
     if features.content is None:
         raise UsageError(f"--verify-content compares each image's bytes with the digests in {features.path}, but "
@@ -47,6 +61,38 @@ def check_dataset_matches(features: FeatureFile, images: ImageSet, fix: str, ver
     if changed:
         raise TapsError(f"{features.path} was made from other contents of the dataset: {len(changed)} image(s) changed "
                         f"since (first: {images.ids[changed[0]]}); {fix}")
+    if fingerprint != features.identity.dataset_fingerprint:
+        warnings.warn(f"{features.path}: the dataset's files have other modification times than when it was "
+                      f"extracted, but the same bytes (all {len(digests)} compared); using it, and comparing "
+                      f"them again on each run until the file is rebuilt", stacklevel=2)
+
+
+def sample_changes(features: FeatureFile, images: ImageSet) -> list[str]:
+    """How the samples ``features`` was made from differ from ``images``: ids added or removed,
+    labels or splits changed, the class list or the order changed; each a clause naming the first
+    such image. Empty when only the images' content can differ."""
+    old = {sample: i for i, sample in enumerate(features.ids)}
+    new = {sample: j for j, sample in enumerate(images.ids)}
+    added, removed = [s for s in images.ids if s not in old], [s for s in features.ids if s not in new]
+    common = [s for s in images.ids if s in old]
+    old_split = features.split or [None] * len(features.ids)
+    new_split = images.splits or [None] * len(images.ids)
+    relabelled = [(s, features.classes[features.labels[old[s]]], images.classes[images.labels[new[s]]])
+                  for s in common if features.classes[features.labels[old[s]]] != images.classes[images.labels[new[s]]]]
+    moved = [(s, old_split[old[s]], new_split[new[s]]) for s in common if old_split[old[s]] != new_split[new[s]]]
+    changes = [f"another dataset ({features.identity.dataset}, now {images.name})"] \
+        if features.identity.dataset != images.name else []
+    changes += [f"{len(names)} image(s) {verb} (first: {names[0]})"
+                for names, verb in ((added, "added"), (removed, "removed")) if names]
+    changes += [f"{len(pairs)} image(s) {what} (first: {pairs[0][0]}, {pairs[0][1]} -> {pairs[0][2]})"
+                for pairs, what in ((relabelled, "relabelled"), (moved, "in another split")) if pairs]
+    if not changes and list(features.classes) != list(images.classes):
+        changes.append(f"the class list changed ({len(features.classes)} classes: {', '.join(features.classes[:5])}"
+                       f"{', ...' if len(features.classes) > 5 else ''}; now {len(images.classes)}: "
+                       f"{', '.join(images.classes[:5])}{', ...' if len(images.classes) > 5 else ''})")
+    if not changes and list(features.ids) != list(images.ids):
+        changes.append("the same images in another order (rows reordered)")
+    return changes
 
 
 def find_feature_file(images: ImageSet, backbone: Backbone, root: Path | str, extract_command: str, *,

@@ -137,8 +137,10 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
     digests = (images.content_digests() if existing is None or version == CONTENT_FINGERPRINT
                or options.verify_content else None)
     header = {**feature_header(images, backbone, options.batch_size, version, digests), **shard_attrs}
-    if existing and options.verify_content:
-        check_dataset_matches(existing, images, "pass --force to rebuild it", verify_content=True, digests=digests)
+    if existing:  # says what changed; a copy of the same bytes with new file times is the same dataset
+        check_dataset_matches(existing, images, "pass --force to rebuild it", verify_content=options.verify_content,
+                              digests=digests)
+        header["dataset_fingerprint"] = existing.identity.dataset_fingerprint
     cfg = _adopt_recorded(options.resolve(len(images)), options, existing)
     check_batch_fits(backbone.input_size, cfg.batch_size, cfg.device)
     if cfg.runtime != TORCH:  # exported and checked once (cached); auto also timed against torch

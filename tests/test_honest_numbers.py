@@ -181,6 +181,42 @@ def test_an_edit_that_keeps_the_size_is_detected(tiny_flat, tmp_path, capsys):
     assert code == 1 and "1 image(s) changed since (first: square/img_001.jpg)" in err
 
 
+def test_a_stale_file_names_what_changed_and_new_file_times_alone_keep_it(tmp_path, image_folder, capsys):
+    image_folder(tmp_path / "images", classes=("a", "b"), per_class=6)
+    table = tmp_path / "labels.csv"
+    rows = [f"{c}/img_{i:03d}.jpg,{c}" for c in "ab" for i in range(6)]
+    table.write_text("path,label\n" + "\n".join(rows) + "\n")
+    common = ["--dataset", f"csv:{table}", *TINY, "--features-root", tmp_path / "fs"]
+    fit = ["fit", *common, *FIT, "--protocol", "per-class:3", "--runs-root", tmp_path / "runs"]
+    assert cli(capsys, "extract", *common, *QUIET)[0] == 0
+    assert cli(capsys, *fit)[0] == 0
+
+    def refused(edited_rows) -> str:
+        table.write_text("path,label\n" + "\n".join(edited_rows) + "\n")
+        code, _, err = cli(capsys, *fit)
+        assert code == 1 and err.count("\n") == 1, err
+        return err
+
+    assert "other contents of the dataset: 1 image(s) relabelled (first: images/a/img_002.jpg, a -> b);" in \
+        refused([r.replace("2.jpg,a", "2.jpg,b") for r in rows])
+    assert "made from 12 samples, the dataset now has 11: 1 image(s) removed (first: images/b/img_005.jpg);" in \
+        refused(rows[:-1])
+    assert "the same images in another order" in refused(rows[::-1])
+    table.write_text("path,label\n" + "\n".join(rows) + "\n")
+    # A copy that did not keep the files' times is the same data: the bytes are compared, and it is used.
+    for image in (tmp_path / "images").rglob("*.jpg"):
+        os.utime(image, ns=(10**18, 10**18))
+    with pytest.warns(UserWarning, match=r"other modification times .* but the same bytes \(all 12 compared\)"):
+        code, out, _ = cli(capsys, *fit)
+    assert code == 0 and out.startswith("reused logreg")  # the same file, so the same run
+    with pytest.warns(UserWarning, match="the same bytes"):
+        assert cli(capsys, "extract", *common, *QUIET, "--taps", "layer1")[0] == 0  # and extended
+    target = tmp_path / "images" / "b" / "img_003.jpg"
+    target.write_bytes(target.read_bytes()[:-2] + b"\0\0")
+    code, _, err = cli(capsys, *fit)
+    assert code == 1 and "1 image(s) changed since (first: images/b/img_003.jpg)" in err
+
+
 def test_files_with_an_older_fingerprint_version_keep_working(tiny_flat, tmp_path, capsys):
     import h5py
 
