@@ -332,7 +332,7 @@ def _significance(rows: list[dict], runs: list[RunResult], seeds: int) -> list[d
                     and r["backbone"] in row["backbone"].split("+") and r["clf"] == row["clf"]]
             if mine:
                 single = max(mine, key=lambda j: observed[j])
-                row["gain_over_best_single"] = {"tap": rows[single]["tap"],
+                row["gain_over_best_single"] = {"tap": rows[single]["tap"], "backbone": rows[single]["backbone"],
                                                 **paired_difference(stats, observed, correct, i, single).as_dict()}
     return [{"a": f"{rows[a]['backbone']} {rows[a]['clf']} {rows[a]['tap']}",
              "b": f"{rows[b]['backbone']} {rows[b]['clf']} {rows[b]['tap']}",

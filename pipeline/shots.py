@@ -261,7 +261,8 @@ def shot_curves(images: ImageSet, backbones: list, taps: list[str] | None, optio
     rows, meta = [], []
     for planned in prepared.rows:
         for fit in options:
-            label = " ".join([planned.backbone] * several["backbone"] + [planned.spec] + [fit.clf] * several["clf"])
+            named = several["backbone"] and "/" not in planned.spec  # a set across backbones names them itself
+            label = " ".join([planned.backbone] * named + [planned.spec] + [fit.clf] * several["clf"])
             rows.append(_curve_row(planned, fit, extract_options.pooling, label))
             meta.append({"backbone": planned.backbone, "clf": fit.clf, "tap": planned.spec})
     features: Features = prepared.rows[0].features

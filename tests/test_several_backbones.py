@@ -102,7 +102,9 @@ def test_compare_puts_cross_backbone_sets_and_auto_beside_each_backbones_rows(tw
     assert [r["tap"] for r in across] == ["resnet18/avgpool+mobilenet_v2/pooled", "auto"]
     assert {r["tap"] for r in rows if r["depth"] is not None} == {"layer2", "avgpool", "block3", "pooled"}
     for r in across:  # each against the best single tap of either backbone, on the same test samples
-        assert r["gain_over_best_single"]["tap"] in {"layer2", "avgpool", "block3", "pooled"}
+        best = r["gain_over_best_single"]
+        assert f"{best['backbone']}/{best['tap']}" in singles
+        assert f"{r['backbone']} logreg {r['tap']}" in out and f" against {best['backbone']}/{best['tap']}: " in out
         members = r["taps"].split(";")[0].split("+")
         assert sum(r["shares"][m] for m in members) == pytest.approx(1, abs=1e-3)
         assert sum(v for k, v in r["shares"].items() if "/" not in k) == pytest.approx(1, abs=1e-3)
@@ -160,3 +162,15 @@ def test_compare_finds_every_checkpoint_before_reading_the_dataset_or_extracting
     out, err = capsys.readouterr()
     assert "openclip:ViT-B-32/openai are not cached and could not be downloaded" in err and "read " not in out
     assert not (tmp_path / "fs").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_shot_curve_names_each_backbones_rows_and_a_set_across_them_once(two_backbones, tmp_path, capsys):
+    data, _ = two_backbones
+    assert main(["compare", *data, *TWO_BACKBONES, *FIT, "--no-progress", "--workers", "0", "--shots", "1,all",
+                 "--tries", "2", "--taps", "mobilenet_v2/pooled,resnet18/avgpool+mobilenet_v2/pooled",
+                 "--runs-root", str(tmp_path)]) == 0
+    points = json.loads(next(tmp_path.rglob("shots.json")).read_text())["points"]
+    assert {(p["row"], p["backbone"]) for p in points} == {  # the set's members are rows too
+        ("mobilenet_v2 pooled", "mobilenet_v2"), ("resnet18 avgpool", "resnet18"),
+        ("resnet18/avgpool+mobilenet_v2/pooled", "resnet18+mobilenet_v2")}
+    assert capsys.readouterr().out.count("resnet18+mobilenet_v2 resnet18/avgpool") == 0
