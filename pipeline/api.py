@@ -1,11 +1,12 @@
 """Cached features for scripts and notebooks: :func:`load_features` (a scikit-learn ``X, y``),
-:func:`features_frame` (a pandas DataFrame) and :func:`export_features` (``taps export``: npz,
-parquet or csv), all through the store, so every block is checked against its checksum on the
-way out.
+:func:`features_frame` (a pandas DataFrame), :func:`splits` (the train and test rows ``taps fit``
+uses) and :func:`export_features` (``taps export``: npz, parquet or csv), all through the store, so
+every block is checked against its checksum on the way out.
 
 ```python
-from pipeline.api import load_features
+from pipeline.api import load_features, splits
 X, y, meta = load_features("feature_store/digits/mobilenet_v2__IMAGENET1K_V1__112px-….h5", "block14+pooled")
+train, test = splits("feature_store/digits/….h5", "fraction:0.5")[0]  # the split `taps fit` seed 0 uses
 ```
 
 A tap spec is one tap, several comma-separated (each its own column block), or a fused set
@@ -44,6 +45,8 @@ class FeaturesMeta:
     columns: dict[str, tuple[int, int]]  # each tap key -> its [start, stop) columns in X
     backbone: str
     path: str
+    rows: np.ndarray             # the file's row of each row returned
+    groups: np.ndarray | None    # per row returned, the file row of its first byte-identical image (None: unchecked)
 
 
 def open_features(paths: str | Path | Sequence[str | Path]):
@@ -79,10 +82,35 @@ def load_features(paths, taps: str | Sequence[str] = "pooled", *, pooling: str =
     edges = np.cumsum([0] + [features.taps[k].dim for k in keys])
     columns = {k: (int(a), int(b)) for k, a, b in zip(keys, edges, edges[1:], strict=False)}
     split = None if features.split is None else [s for s, r in zip(features.split, rows, strict=True) if r]
+    groups = features.duplicate_groups()
     meta = FeaturesMeta([i for i, r in zip(features.ids, rows, strict=True) if r], list(features.classes), split,
                         np.asarray(features.valid, bool)[rows], columns, str(features.attrs["backbone"]),
-                        str(features.path))
+                        str(features.path), np.flatnonzero(rows), None if groups is None else groups[rows])
     return X, np.asarray(features.labels)[rows], meta
+
+
+def splits(paths, protocol: str = "auto", *, seeds: int = 1, test_per_class: int | None = None,
+           include_invalid: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each seed's (train, test) rows as ``taps fit --protocol PROTOCOL --seeds SEEDS`` draws them on
+    these files (byte-identical images kept on one side), as indices into :func:`load_features`'s
+    rows with the same ``include_invalid``, so that ``X[train]`` is what the fit trained on:
+
+    ```python
+    X, y, meta = load_features(path, "block14")
+    for train, test in splits(path, "per-class:30", seeds=3, test_per_class=50):
+        model.fit(X[train], y[train]).score(X[test], y[test])
+    ```
+    """
+    from .protocols import parse_protocol, plan_splits
+
+    features = open_features(paths)
+    drawn = plan_splits(parse_protocol(protocol, test_per_class, has_split=features.split or False),
+                        np.asarray(features.labels), classes=list(features.classes), split=features.split,
+                        usable=np.asarray(features.valid, bool), groups=features.duplicate_groups(), seeds=seeds)
+    if include_invalid:
+        return drawn
+    valid = np.flatnonzero(np.asarray(features.valid, bool))  # undecodable images are in no split
+    return [(np.searchsorted(valid, train), np.searchsorted(valid, test)) for train, test in drawn]
 
 
 def features_frame(paths, taps: str | Sequence[str] = "pooled", *, pooling: str = DEFAULT_POOLING,

@@ -8,8 +8,11 @@ import pandas as pd
 import pytest
 
 from features.errors import TapsError
-from pipeline.api import export_features, features_frame, load_features
+from features.store import FeatureFile
+from pipeline.api import export_features, features_frame, load_features, splits
 from pipeline.cli import main
+from pipeline.protocols import split_digest
+from pipeline.runs import load_results
 
 
 def test_load_features_gives_the_taps_side_by_side_with_labels_and_what_each_column_is(tiny_features):
@@ -24,6 +27,27 @@ def test_load_features_gives_the_taps_side_by_side_with_labels_and_what_each_col
     assert list(frame.columns[:5]) == ["id", "label", "class", "split", "valid"]
     assert frame.shape == (len(f.labels), 5 + sum(dims)) and frame["class"][0] == f.classes[f.labels[0]]
     np.testing.assert_array_equal(frame[[f"avgpool_{j}" for j in range(dims[1])]].to_numpy(), f.read("avgpool"))
+
+
+def test_splits_are_the_rows_taps_fit_trained_and_tested_on(copies, tmp_path, capsys):
+    (copies / "c" / "broken.jpg").write_bytes(b"not a jpeg")  # in no split
+    data = ["--dataset", f"folder:{copies}", "--backbone", "resnet18", "--weights", "none", "--image-size", "32",
+            "--features-root", str(tmp_path / "fs")]
+    assert main(["extract", *data, "--taps", "avgpool", "--no-progress", "--workers", "0"]) == 0
+    assert main(["fit", *data, "--tap", "avgpool", "--clf", "logreg", "--grid", "1", "--protocol", "fraction:0.5",
+                 "--seeds", "2", "--runs-root", str(tmp_path / "runs")]) == 0
+    results = load_results(capsys.readouterr().out.strip().splitlines()[-1])
+    path = next((tmp_path / "fs").rglob("*.h5"))
+    X, y, meta = load_features(path, "avgpool")
+    broken = FeatureFile(path).ids.index("c/broken.jpg")
+    assert len(X) == len(meta.rows) == 26 and broken not in meta.rows and meta.rows[-1] == 26  # left out
+    drawn = splits(path, "fraction:0.5", seeds=2)
+    for (train, test), seed in zip(drawn, results.per_seed, strict=True):
+        assert split_digest(meta.ids, train) == seed.train_digest and split_digest(meta.ids, test) == seed.test_digest
+        assert not set(meta.groups[train]) & set(meta.groups[test])  # copies on one side
+    assert len(set(meta.groups)) == 24  # two copies: 26 images, 24 distinct
+    every = splits(path, "fraction:0.5", seeds=2, include_invalid=True)  # the file's rows
+    assert all((meta.rows[train] == rows).all() for (train, _), (rows, _) in zip(drawn, every, strict=True))
 
 
 @pytest.mark.parametrize("fmt", ["npz", "csv", "parquet"])
