@@ -174,3 +174,17 @@ def test_a_shot_curve_names_each_backbones_rows_and_a_set_across_them_once(two_b
         ("mobilenet_v2 pooled", "mobilenet_v2"), ("resnet18 avgpool", "resnet18"),
         ("resnet18/avgpool+mobilenet_v2/pooled", "resnet18+mobilenet_v2")}
     assert capsys.readouterr().out.count("resnet18+mobilenet_v2 resnet18/avgpool") == 0
+
+
+def test_fit_table_columns_line_up_for_a_set_named_across_backbones(two_backbones, tmp_path, capsys):
+    data, _ = two_backbones
+    assert main(["fit", *data, *TWO_BACKBONES, *FIT, "--seeds", "2", "--grid", "0.000123",
+                 "--tap", "mobilenet_v2/block3+resnet18/avgpool", "--runs-root", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("tap "))
+    head, row = lines[header], lines[header + 1]
+    assert row.startswith("mobilenet_v2/block3+resnet18/avgpool ") and " 0.000123, 0.000123 " in row  # one C a seed
+    assert len(head) == len(row)
+    for name in ("dim", "mean/class", "top-5", "fit s"):  # each header ends where its value does
+        end = head.index(name) + len(name)
+        assert row[end - 1] != " " and (end == len(row) or row[end] == " "), (name, head, row)

@@ -59,11 +59,12 @@ def run(args) -> None:
         print(f"--tap auto ({options.select}) chose: " + "; ".join(
             f"seed {s.seed} {'+'.join(s.taps)} ({s.tap_selection['seconds']:.1f} s)" for s in results.per_seed))
     wide = max(14, len(used.tap) + 2)  # a fused set across backbones names every member
+    values = max(13, len(chosen) + 1)  # one chosen value per seed
     print(f"{'tap':<{wide}}{'dim':>6}  {'clf':<7}{'accuracy':>12}{'mean/class':>12}{'macro F1':>12}{'top-5':>12}  "
-          f"{options.param:<13}{'fit s':>7}")
+          f"{options.param:<{values}}{'fit s':>7}")
     print(f"{used.tap:<{wide}}{used.dim:>6}  {options.clf:<7}" + "".join(
         f"{fmt(m.get(k), args.seeds):>12}" for k in ("accuracy", "mean_per_class_accuracy", "macro_f1", "top5_accuracy"))
-        + f"  {chosen:<13}{results.fit_seconds['mean']:>7.1f}")
+        + f"  {chosen:<{values}}{results.fit_seconds['mean']:>7.1f}")
     for note in result_notes(results, args.seeds):
         print(note)
     if track:
