@@ -465,8 +465,10 @@ class FeatureFile:
         close = difflib.get_close_matches(tap, names, n=2, cutoff=0.75)
         if close and tap not in names:  # a misspelt tap: a usage error, not a missing extraction
             raise UsageError(f"tap {tap!r} is not in {self.path}; did you mean {' or '.join(close)}? (it has: {have})")
+        pooled_otherwise = sorted({r.pooling for r in self.taps.values() if r.tap == tap})
+        other = f", or pass --pool {' or '.join(pooled_otherwise)} to fit the one it has" if pooled_otherwise else ""
         raise TapsError(f"tap {tap!r} (pooling {pooling}) is not in {self.path} (it has: {have}); "
-                        f"run `taps extract ... --taps {tap} --pool {pooling}` first")
+                        f"run `taps extract ... --taps {tap} --pool {pooling}` first{other}")
 
     def read(self, tap: str, pooling: str = DEFAULT_POOLING) -> np.ndarray:
         """The (N, D) float32 matrix of one tap; refuses a tap that is not completely written."""

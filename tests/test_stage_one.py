@@ -90,6 +90,8 @@ def test_one_pass_writes_every_tap_with_listed_dims(tiny_folder, tmp_path, cpu_r
     assert sorted(f.taps) == ["avgpool", "layer2@avgmax", "logits", "stem@avgmax"]
     assert f.read("layer2", "avgmax").shape == (27, bb.dim("layer2", "avgmax")) == (27, 256)
     assert f.read("avgpool").shape == (27, 512)
+    with pytest.raises(TapsError, match=r"--taps layer2 --pool avg` first, or pass --pool avgmax to fit the one"):
+        f.read("layer2")  # the default pooling: the one there is named
     assert set(f.split) == {"train", "val"} and f.split.count("val") == 9
     assert f.classes == ["circle", "square", "stripes"] and f.ids[0] == "train/circle/img_000.jpg"
     assert np.bincount(f.labels).tolist() == [9, 9, 9]
