@@ -232,9 +232,11 @@ def _runtime_note(cfg: RunConfig) -> str:
 
 
 def _tap_int8(quantization: str, tap: str) -> str:
-    """A tap's int8 attribute: the calibration and this tap's agreement with fp32 (JSON)."""
+    """A tap's int8 attribute: the calibration, the int8 model's SHA-256 and this tap's agreement with
+    fp32 (JSON)."""
     record = json.loads(quantization)
-    return json.dumps({"calibration": record["calibration"], "agreement": record["agreement"][tap]})
+    return json.dumps({"calibration": record["calibration"], "sha256": record["sha256"],
+                       "agreement": record["agreement"][tap]})
 
 
 def _fill(writer: FeatureWriter, job: _Job, report: ExtractionReport) -> None:

@@ -142,15 +142,11 @@ def prepare_int8(runtime, source: Path, names: list[str], calibration: Calibrati
     if runtime.quantizer is None:
         raise UsageError(f"--precision int8 is not available for --runtime {runtime.name}; "
                          "`taps extract --help` lists the runtimes that run it")
-    # the CPU too: its kernels (VNNI, bf16 around the int8 ops) are what the agreement measures
-    key = digest({"export": file_sha256(source), "calibration": calibration.record(), "runtime": runtime.name,
-                  "version": runtime.version(), "quantizer": _quantizer_version(), "cpu": cpu_description()})
-    target = source.with_name(f"{source.stem}.int8-{key}{runtime.int8_files[0]}")
+    target = int8_path(runtime, source, calibration.record())
     weights, record_path = target.with_suffix(runtime.int8_files[-1]), target.with_suffix(".json")
-    if record_path.is_file() and weights.is_file():
-        record = json.loads(record_path.read_text())
-        if record.get("sha256") == file_sha256(weights):
-            return target, {**record, "reused": True}
+    record = cached_int8_record(runtime, target)
+    if record is not None:
+        return target, {**record, "reused": True}
     t0 = time.perf_counter()
     batches = [b for i in calibration.calibration if len(b := calibration.pixels(np.array([i])))]  # bad images: none
     partial = target.with_name(f"{target.stem}.{os.getpid()}.partial{runtime.int8_files[0]}")
@@ -168,6 +164,26 @@ def prepare_int8(runtime, source: Path, names: list[str], calibration: Calibrati
               "agreement": checked, "quantize_seconds": round(quantize_seconds, 2)}
     record_path.write_text(json.dumps(record, indent=2))
     return target, {**record, "reused": False}
+
+
+def int8_path(runtime, source: Path, calibration: dict) -> Path:
+    """Where the int8 model of the fp32 export ``source``, calibrated on the samples ``calibration``
+    records (:meth:`CalibrationSet.record`), is cached on this machine. The CPU is part of its key:
+    its kernels (VNNI, bf16 around the int8 ops) are what the agreement measures."""
+    key = digest({"export": file_sha256(source), "calibration": calibration, "runtime": runtime.name,
+                  "version": runtime.version(), "quantizer": _quantizer_version(), "cpu": cpu_description()})
+    return source.with_name(f"{source.stem}.int8-{key}{runtime.int8_files[0]}")
+
+
+def cached_int8_record(runtime, target: Path) -> dict | None:
+    """The record of the int8 model cached at ``target`` (:func:`int8_path`), or None when it is not
+    there whole (its weights' SHA-256 is checked against the record)."""
+    weights, record_path = target.with_suffix(runtime.int8_files[-1]), target.with_suffix(".json")
+    if record_path.is_file() and weights.is_file():
+        record = json.loads(record_path.read_text())
+        if record.get("sha256") == file_sha256(weights):
+            return record
+    return None
 
 
 def _quantizer_version() -> str | None:

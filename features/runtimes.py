@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .backbones import Backbone, Tap
-from .errors import UsageError
+from .errors import TapsError, UsageError
 from .export import (
     cache_dir,
     calibration_batch,
@@ -39,7 +39,7 @@ from .export import (
 )
 from .files import digest, file_sha256, write_atomically
 from .precisions import BF16, FP32, INT8
-from .quantize import MIN_COSINE, CalibrationSet, low_agreement, prepare_int8
+from .quantize import MIN_COSINE, CalibrationSet, cached_int8_record, low_agreement, prepare_int8
 from .runtime import cpu_description
 from .runtime_records import AUTO, ONNXRUNTIME, OPENVINO, TORCH, exported_runtimes
 
@@ -214,6 +214,25 @@ def with_int8(cfg, names: list[str], calibration: Callable[[], CalibrationSet] |
         warnings.warn(f"--precision int8: taps {', '.join(low)} agree with fp32 at a cosine under {MIN_COSINE} on "
                       f"held-out images; a probe on them may move (use --precision fp32 to be sure)", stacklevel=3)
     return with_(cfg, onnx_path=str(path), quantization=json.dumps({k: v for k, v in record.items() if k != "reused"}))
+
+
+def recorded_int8(runtime: str, recorded: dict) -> Path:
+    """The int8 model a feature file's taps came from (``recorded``: their ``int8`` attribute, which
+    names the model by its SHA-256), found in this machine's cache; refused in one line when it is
+    not there (quantised elsewhere, or a cleared cache): another quantisation gives other features,
+    which a probe trained on these would score without a word."""
+    rt = RUNTIMES[runtime]
+    wanted = recorded.get("sha256")
+    for record_path in sorted(cache_dir().glob("*.int8-*.json")) if wanted else []:
+        target = record_path.with_suffix(rt.int8_files[0])
+        if target.is_file() and json.loads(record_path.read_text()).get("sha256") == wanted and \
+                cached_int8_record(rt, target) is not None:
+            return target
+    calibration = recorded["calibration"]
+    raise TapsError(f"these features came from {runtime}'s int8 model, quantised on {calibration['images']} images "
+                    f"of their dataset (seed {calibration['seed']}), which is not in this machine's cache "
+                    f"({cache_dir()})" + ("" if wanted else " or not recorded by their file (an older taps)") +
+                    "; rerun the same `taps extract ... --precision int8 --force` here, and refit on its features")
 
 
 def _rate(forward, pixels: torch.Tensor, repeats: int = 3) -> float:

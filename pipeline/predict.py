@@ -28,6 +28,7 @@ from features.joined import owner
 from features.loaders import AUTO, INLINE
 from features.options import TORCH, RunConfig, resolve_device, resolve_precision
 from features.pooling import DEFAULT_POOLING, UNPOOLED
+from features.precisions import INT8
 from features.store import FeatureFile
 
 from .results import FeaturesUsed, TapUsed
@@ -111,16 +112,34 @@ def _tap(bb: Backbone, record: TapUsed) -> Tap:
     return Tap(record.tap, tap.node, tap.shape, tap.depth, tap.layout, tap.prefix)
 
 
-def _forward(bb: Backbone, taps: list[Tap], cfg: RunConfig):
-    """The forward the extraction built, by the same function: the runtime's checked export, or torch."""
+def _forward(bb: Backbone, taps: list[Tap], cfg: RunConfig, int8: dict | None = None):
+    """The forward the extraction built, by the same function: the runtime's checked export (int8:
+    the very model ``int8`` records), or torch."""
     if cfg.runtime != TORCH:
-        from features.runtimes import prepare_export
+        from features.runtimes import prepare_export, recorded_int8
 
-        path, why, _ = prepare_export(bb, taps, cfg.pooling, cfg.runtime)
-        if path is None:
-            raise TapsError(f"this run's features came from {cfg.runtime}, which cannot be rebuilt here: {why}")
+        if cfg.precision == INT8:  # the very model quantised at extraction; its outputs include these taps
+            if int8 is None:
+                raise TapsError("this run's int8 features do not record their quantised model (the run and its "
+                                "feature file are from an older taps, or the file is gone); rerun `taps extract "
+                                "... --precision int8 --force` and refit on its features")
+            path = recorded_int8(cfg.runtime, int8)
+        else:
+            path, why, _ = prepare_export(bb, taps, cfg.pooling, cfg.runtime)
+            if path is None:
+                raise TapsError(f"this run's features came from {cfg.runtime}, which cannot be rebuilt here: {why}")
         cfg = dataclasses.replace(cfg, onnx_path=str(path))
     return prepare_forward(bb, taps, cfg, 0)
+
+
+def _int8_record(f: FeaturesUsed, records: list[TapUsed]) -> dict | None:
+    """What the run (or, for runs made before it recorded it, its feature file) says of the int8
+    model its taps came from; one model gives every tap of a pass."""
+    recorded = next((r.int8 for r in records if r.int8), None)
+    if recorded is None and f.path and Path(f.path).is_file():
+        file_taps = FeatureFile(f.path).taps
+        recorded = next((file_taps[r.tap].extra.get("int8") for r in records if r.tap in file_taps), None)
+    return json.loads(recorded) if recorded else None
 
 
 def per_backbone(f: FeaturesUsed) -> list[tuple[FeaturesUsed, list[TapUsed]]]:
@@ -170,7 +189,8 @@ class _Pass:
                         decode=f.decode or LEGACY_DECODER,  # runs from before the decoder was recorded
                         runtime=runtime)
         # every tap of this backbone in one pass, by the runtime that made them
-        return cls(bb, taps, records, cfg, _forward(bb, taps, cfg))
+        int8 = _int8_record(f, records) if cfg.precision == INT8 else None
+        return cls(bb, taps, records, cfg, _forward(bb, taps, cfg, int8))
 
     def embed(self, files: FileImageSet, batch_size: int) -> tuple[dict[str, np.ndarray], dict[int, str]]:
         """Every tap this backbone gives the model (rows of unreadable images are zero), and the errors

@@ -40,6 +40,10 @@ class TapUsed:
     precision: str
     decode: str
     runtime: str
+    int8: str | None = None  # int8 taps: the file's record of their quantised model (JSON)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None or k != "int8"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,7 +130,8 @@ class RunResult:
 
     def to_json(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
-        return {**data, "features": asdict(self.features), "per_seed": [s.to_json() for s in self.per_seed],
+        features = {**asdict(self.features), "taps": [t.to_json() for t in self.features.taps]}
+        return {**data, "features": features, "per_seed": [s.to_json() for s in self.per_seed],
                 "model": self.model.to_json(), "predictions": self.predictions and self.predictions.to_json()}
 
     @classmethod

@@ -261,6 +261,18 @@ def test_int8_is_calibrated_on_the_dataset_checked_against_fp32_recorded_and_cac
     stamp = cached[0].stat().st_mtime_ns
     extract(images, bb, taps, out=tmp_path / "again", runtime=runtime, precision="int8", **RUN)
     assert [p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.int8-*.json")] == [stamp]
+    # predict runs the very int8 model (quantised with layer2 as an output too) for the one tap it needs
+    run_dir, results, _ = fit_run(int8, "avgpool", "avg", FitOptions(clf="logreg", grid=[1.0], device="cpu"),
+                                  parse_protocol("per-class:5"), runs_root=tmp_path / "runs")
+    paths = [str(tiny_flat / i) for i in images.ids]
+    expected = load_model(run_dir, results).predict_proba(int8.read("avgpool")).max(axis=1)
+    np.testing.assert_allclose([p.confidence for p in predict_images(run_dir, paths, device="cpu")], expected,
+                               rtol=0, atol=1e-5)
+    monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "elsewhere"))  # another machine: refused, not approximated
+    with pytest.raises(TapsError, match=f"came from {runtime}'s int8 model, quantised on 22 images .* not in this "
+                                        f"machine's cache"):
+        predict_images(run_dir, paths[:1], device="cpu")
+    monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
     # a file of int8 taps is not finished or extended in fp32 silently
     with pytest.raises(TapsError, match="precision int8"):
         extract(images, bb, ["avgpool"], out=tmp_path / "int8", runtime=runtime, precision="fp32", force=False,
