@@ -246,7 +246,10 @@ def _fill(writer: FeatureWriter, job: _Job, report: ExtractionReport) -> None:
     attrs = {t.name: {"tap": t.name, "node": t.node, "pooling": recorded_pooling(t.shape, cfg.pooling),
                       "precision": cfg.precision, "decode": cfg.decode, "runtime": cfg.runtime,
                       **({"runtime_rates": cfg.runtime_rates} if cfg.runtime_rates else {}),
-                      **({"int8": _tap_int8(cfg.quantization, t.name)} if cfg.quantization else {})} for t in job.taps}
+                      **({"int8": _tap_int8(cfg.quantization, t.name)} if cfg.quantization else {}),
+                      # the export's outputs: its graph (which other taps it computes) moves bf16 and int8 values
+                      **({"export": ",".join(x.name for x in job.taps)} if cfg.runtime != TORCH else {})}
+             for t in job.taps}
     writer.ensure_taps({keys[t.name]: (dims[t.name], attrs[t.name]) for t in job.taps})
     for key, rows in writer.recovered.items():
         warnings.warn(f"{rows} rows of tap {key} in {writer.path} were not on disk intact (a full disk or a crash "

@@ -122,11 +122,13 @@ class ExportedForward:
         return dict(zip(self.names, (np.asarray(o, np.float32) for o in self.session(x)), strict=True))
 
 
-def load_exported(runtime: str, path: Path | str, names: list[str], precision: str = FP32) -> ExportedForward:
+def load_exported(runtime: str, path: Path | str, names: list[str], precision: str = FP32,
+                  outputs: list[str] | None = None) -> ExportedForward:
     """``runtime``'s session on the export at ``path``, with as many threads as torch is given here
-    (the cores this engine gives the model: all of them inline, one per replica)."""
-    return ExportedForward(RUNTIMES[runtime].open()(Path(path), names, precision, torch.get_num_threads()), names,
-                           runtime, precision)
+    (the cores this engine gives the model: all of them inline, one per replica); it returns the
+    model's ``outputs`` (default: ``names``) under ``names``."""
+    session = RUNTIMES[runtime].open()(Path(path), outputs or names, precision, torch.get_num_threads())
+    return ExportedForward(session, names, runtime, precision)
 
 
 def prepare_export(backbone: Backbone, taps: list[Tap], pooling: str, runtime: str) -> tuple[Path | None, str, dict]:

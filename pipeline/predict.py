@@ -24,7 +24,7 @@ from features.datasets import IMAGE_EXTENSIONS, FileImageSet
 from features.decoders import LEGACY_DECODER
 from features.errors import TapsError, UsageError
 from features.files import file_sha256
-from features.joined import owner
+from features.joined import BACKBONE_SEPARATOR, owner
 from features.loaders import AUTO, INLINE
 from features.options import TORCH, RunConfig, resolve_device, resolve_precision
 from features.pooling import DEFAULT_POOLING, UNPOOLED
@@ -112,24 +112,30 @@ def _tap(bb: Backbone, record: TapUsed) -> Tap:
     return Tap(record.tap, tap.node, tap.shape, tap.depth, tap.layout, tap.prefix)
 
 
-def _forward(bb: Backbone, taps: list[Tap], cfg: RunConfig, int8: dict | None = None):
-    """The forward the extraction built, by the same function: the runtime's checked export (int8:
-    the very model ``int8`` records), or torch."""
-    if cfg.runtime != TORCH:
-        from features.runtimes import prepare_export, recorded_int8
+def _forward(bb: Backbone, taps: list[Tap], records: list[TapUsed], cfg: RunConfig, int8: dict | None = None):
+    """The forward the extraction built, by the same function: torch's, or the runtime's checked
+    export of the very graph the taps came from (the taps extracted with them, as their file
+    records: other outputs move bf16 and int8 values), and for int8 the very model ``int8`` records."""
+    if cfg.runtime == TORCH:
+        return prepare_forward(bb, taps, cfg, 0)
+    from features.runtimes import load_exported, prepare_export, recorded_int8
 
-        if cfg.precision == INT8:  # the very model quantised at extraction; its outputs include these taps
-            if int8 is None:
-                raise TapsError("this run's int8 features do not record their quantised model (the run and its "
-                                "feature file are from an older taps, or the file is gone); rerun `taps extract "
-                                "... --precision int8 --force` and refit on its features")
-            path = recorded_int8(cfg.runtime, int8)
-        else:
-            path, why, _ = prepare_export(bb, taps, cfg.pooling, cfg.runtime)
-            if path is None:
-                raise TapsError(f"this run's features came from {cfg.runtime}, which cannot be rebuilt here: {why}")
-        cfg = dataclasses.replace(cfg, onnx_path=str(path))
-    return prepare_forward(bb, taps, cfg, 0)
+    # what the extraction's graph named each tap: its name in the file, without backbone or pooling
+    outputs = [r.tap.rpartition(BACKBONE_SEPARATOR)[2].partition("@")[0] for r in records]
+    together = {r.export for r in records}
+    if cfg.precision == INT8:
+        if int8 is None:
+            raise TapsError("this run's int8 features do not record their quantised model (the run and its feature "
+                            "file are from an older taps, or the file is gone); rerun `taps extract ... --precision "
+                            "int8 --force` and refit on its features")
+        path = recorded_int8(cfg.runtime, int8)
+    else:  # runs from before the graph was recorded (or of taps from two extractions): an export of these taps
+        graph = bb.resolve_taps(together.pop().split(",")) if len(together) == 1 and None not in together else None
+        path, why, _ = prepare_export(bb, graph or taps, cfg.pooling, cfg.runtime)
+        if path is None:
+            raise TapsError(f"this run's features came from {cfg.runtime}, which cannot be rebuilt here: {why}")
+        outputs = outputs if graph else None
+    return load_exported(cfg.runtime, path, [t.name for t in taps], cfg.precision, outputs)
 
 
 def _int8_record(f: FeaturesUsed, records: list[TapUsed]) -> dict | None:
@@ -190,7 +196,7 @@ class _Pass:
                         runtime=runtime)
         # every tap of this backbone in one pass, by the runtime that made them
         int8 = _int8_record(f, records) if cfg.precision == INT8 else None
-        return cls(bb, taps, records, cfg, _forward(bb, taps, cfg, int8))
+        return cls(bb, taps, records, cfg, _forward(bb, taps, records, cfg, int8))
 
     def embed(self, files: FileImageSet, batch_size: int) -> tuple[dict[str, np.ndarray], dict[int, str]]:
         """Every tap this backbone gives the model (rows of unreadable images are zero), and the errors

@@ -40,10 +40,11 @@ class TapUsed:
     precision: str
     decode: str
     runtime: str
-    int8: str | None = None  # int8 taps: the file's record of their quantised model (JSON)
+    int8: str | None = None    # int8 taps: the file's record of their quantised model (JSON)
+    export: str | None = None  # exported runtimes: the taps the export computed together (comma-separated)
 
     def to_json(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None or k != "int8"}
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in ("int8", "export")}
 
 
 @dataclass(frozen=True, kw_only=True)
