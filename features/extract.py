@@ -28,6 +28,7 @@ from .datasets import CONTENT_FINGERPRINT, FINGERPRINT_VERSION, ImageSet
 from .decoders import SIMPLEJPEG, get_decoder
 from .errors import TapsError, UsageError
 from .files import check_output_folder, exclusive_lock
+from .forward import resolve_compile
 from .identity import FileIdentity
 from .loaders import LOCAL, get_loader
 from .options import CHOICES, EXPORTED_RUNTIME_PRECISIONS, TORCH, ExtractOptions, RunConfig
@@ -243,12 +244,17 @@ def _fill(writer: FeatureWriter, job: _Job, report: ExtractionReport) -> None:
     """Create or check the job's taps in the file, then write every block they still miss."""
     cfg, keys = job.cfg, job.keys
     dims = {t.name: pooled_dim(t.shape, cfg.pooling) for t in job.taps}
+    # Inductor's kernels (for batches padded to this size) round bf16 otherwise than eager ones: predict
+    # compiles the same graph where the tap was compiled
+    compiles = cfg.runtime == TORCH and resolve_compile(cfg.compile, cfg.device, len(job.images), warn=False)
+    compiled = cfg.batch_size if compiles else 0
     attrs = {t.name: {"tap": t.name, "node": t.node, "pooling": recorded_pooling(t.shape, cfg.pooling),
                       "precision": cfg.precision, "decode": cfg.decode, "runtime": cfg.runtime,
                       **({"runtime_rates": cfg.runtime_rates} if cfg.runtime_rates else {}),
                       **({"int8": _tap_int8(cfg.quantization, t.name)} if cfg.quantization else {}),
                       # the export's outputs: its graph (which other taps it computes) moves bf16 and int8 values
-                      **({"export": ",".join(x.name for x in job.taps)} if cfg.runtime != TORCH else {})}
+                      **({"export": ",".join(x.name for x in job.taps)} if cfg.runtime != TORCH else {}),
+                      **({"compiled": compiled} if compiled else {})}
              for t in job.taps}
     writer.ensure_taps({keys[t.name]: (dims[t.name], attrs[t.name]) for t in job.taps})
     for key, rows in writer.recovered.items():

@@ -108,12 +108,12 @@ def can_compile(device: torch.device) -> str:
     return ""
 
 
-def resolve_compile(choice: str, device: torch.device, n_images: int) -> bool:
+def resolve_compile(choice: str, device: torch.device, n_images: int, *, warn: bool = True) -> bool:
     choose("--compile", choice, COMPILE)
     if choice == "off":
         return False
     reason = can_compile(device)
-    if choice == "on" and reason:
+    if choice == "on" and reason and warn:
         warnings.warn(f"--compile on ignored: {reason}", stacklevel=2)
     return not reason and (choice == "on" or n_images >= COMPILE_MIN_IMAGES)
 

@@ -45,7 +45,8 @@ def features_record(features: Features, keys: list[str]) -> FeaturesUsed:
     """The file's settings and the taps the saved model reads (joined by ``+`` when fused; ``taps`` lists each)."""
     records = [features.taps[k] for k in keys]
     taps = tuple(TapUsed(tap=k, node=r.node, pooling=r.pooling, dim=r.dim, precision=r.precision,
-                         decode=r.decode, runtime=r.runtime, int8=r.extra.get("int8"), export=r.extra.get("export"))
+                         decode=r.decode, runtime=r.runtime, int8=r.extra.get("int8"), export=r.extra.get("export"),
+                         compiled=int(r.extra.get("compiled", 0)))
                  for k, r in zip(keys, records, strict=True))
     joined = {name: "+".join(dict.fromkeys(str(getattr(t, name)) for t in taps))
               for name in ("pooling", "precision", "decode", "runtime")}

@@ -22,7 +22,7 @@ from features.backbones import Backbone, Tap
 from features.blocks import BlockSource, prepare_forward
 from features.datasets import IMAGE_EXTENSIONS, FileImageSet
 from features.decoders import LEGACY_DECODER
-from features.errors import TapsError, UsageError
+from features.errors import TapsError, UsageError, choose
 from features.files import file_sha256
 from features.joined import BACKBONE_SEPARATOR, owner
 from features.loaders import AUTO, INLINE
@@ -179,7 +179,8 @@ class _Pass:
     forward: object
 
     @classmethod
-    def build(cls, f: FeaturesUsed, records: list[TapUsed], device: str, weights: str | None) -> _Pass:
+    def build(cls, f: FeaturesUsed, records: list[TapUsed], device: str, weights: str | None,
+              compile: str = AUTO) -> _Pass:
         bb = backbone_for(f, weights)
         taps = [_tap(bb, r) for r in records]
         spatial = {r.pooling for r in records} - {UNPOOLED}
@@ -189,9 +190,12 @@ class _Pass:
                             f"runtimes ({f.decode}, {f.precision}, {runtime}), which one pass "
                             f"cannot reproduce; re-extract them together with `taps extract --force` and refit")
         dev = resolve_device(device)
+        # compiled as the taps were (Inductor rounds bf16 otherwise than eager), unless asked not to
+        padded = max((r.compiled for r in records), default=0) if compile == AUTO else 0
         cfg = RunConfig(pooling=spatial.pop() if spatial else DEFAULT_POOLING, device=dev,
                         precision=f.precision or resolve_precision(AUTO, dev), workers=0, channels_last=True,
-                        on_error="skip", draft=True, loader=INLINE, compile="off",
+                        on_error="skip", draft=True, loader=INLINE, compile="on" if padded else "off",
+                        batch_size=padded or RunConfig.batch_size,
                         decode=f.decode or LEGACY_DECODER,  # runs from before the decoder was recorded
                         runtime=runtime)
         # every tap of this backbone in one pass, by the runtime that made them
@@ -222,7 +226,7 @@ class Predictor:
     backbone, comma-separated."""
 
     def __init__(self, run_dir: Path | str, device: str = "auto", batch_size: int = 32, weights: str | None = None,
-                 top_k: int = 1):
+                 top_k: int = 1, compile: str = AUTO):
         if top_k < 1:
             raise UsageError(f"--top-k must be at least 1, not {top_k}")
         results = load_results(Path(run_dir))
@@ -234,7 +238,9 @@ class Predictor:
         if len(given) != len(parts):
             raise UsageError(f"--weights has {len(given)} values for this run's {len(parts)} backbones; pass one per "
                              f"backbone in the run's order ({results.features.backbone.replace('+', ', ')})")
-        self.passes = [_Pass.build(f, records, device, w or None) for (f, records), w in zip(parts, given, strict=True)]
+        choose("--compile", compile, (AUTO, "off"))
+        self.passes = [_Pass.build(f, records, device, w or None, compile)
+                       for (f, records), w in zip(parts, given, strict=True)]
         self.order = [r.tap for r in results.features.taps] or [t.name for p in self.passes for t in p.taps]
 
     def predict(self, images: list[str]) -> list[Prediction]:

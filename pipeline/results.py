@@ -42,9 +42,11 @@ class TapUsed:
     runtime: str
     int8: str | None = None    # int8 taps: the file's record of their quantised model (JSON)
     export: str | None = None  # exported runtimes: the taps the export computed together (comma-separated)
+    compiled: int = 0          # torch: made by a torch.compile'd forward, for batches padded to this size
 
     def to_json(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None or k not in ("int8", "export")}
+        optional = {"int8": None, "export": None, "compiled": 0}  # written when set: older runs read the same
+        return {k: v for k, v in asdict(self).items() if k not in optional or v != optional[k]}
 
 
 @dataclass(frozen=True, kw_only=True)

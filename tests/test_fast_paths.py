@@ -21,6 +21,11 @@ from features.forward import build_extractor, forward_taps, resolve_compile
 from features.loaders import REPLICAS_MIN_IMAGES, resolve_loader
 from features.pooling import pool
 from features.store import FeatureFile
+from pipeline.evaluate import fit_run
+from pipeline.options import FitOptions
+from pipeline.predict import predict_images
+from pipeline.protocols import parse_protocol
+from pipeline.runs import load_model
 
 
 @pytest.mark.parametrize("size", [(300, 240), (240, 300), (500, 375), (256, 256), (180, 90), (1023, 257), (224, 600)])
@@ -159,6 +164,18 @@ def test_compiled_extraction_matches_eager_and_reports_its_compile_time(tiny_fla
     for tap in ("layer2", "avgpool"):
         np.testing.assert_allclose(FeatureFile(fast.path).read(tap), FeatureFile(eager.path).read(tap),
                                    rtol=1e-3, atol=1e-4)
+    # the file says so, and predict compiles the same graph: at the CPU's precision (bf16 where it has it)
+    # Inductor's kernels round otherwise than eager ones
+    assert "compiled" not in FeatureFile(eager.path).taps["avgpool"].extra
+    compiled = FeatureFile(extract(images, bb, ["layer2", "avgpool"], out=tmp_path / "auto", compile="on",
+                                   **{**RUN, "precision": "auto"}).path)
+    assert compiled.taps["avgpool"].extra["compiled"] == RUN["batch_size"]
+    run_dir, results, _ = fit_run(compiled, "avgpool", "avg", FitOptions(clf="logreg", grid=[1.0], device="cpu"),
+                                  parse_protocol("per-class:5"), runs_root=tmp_path / "runs")
+    assert results.features.taps[0].compiled == RUN["batch_size"]
+    expected = load_model(run_dir, results).predict_proba(compiled.read("avgpool")).max(axis=1)
+    preds = predict_images(run_dir, [str(tiny_flat / i) for i in images.ids], device="cpu")
+    np.testing.assert_allclose([p.confidence for p in preds], expected, rtol=0, atol=1e-6)
 
 
 def test_a_failing_compile_falls_back_to_eager_with_a_warning(tiny_flat, tmp_path, monkeypatch, cpu_run):

@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="no progress bar (there is none unless stderr is a terminal)")
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", help="override the recorded weights (needed for runs on a local .pth)")
+    p.add_argument("--compile", default="auto", choices=("auto", "off"),
+                   help="auto: torch.compile where the run's taps were compiled, so that the features are the "
+                        "training ones to the bit (seconds of start-up); off: eager, within bf16 rounding of them")
 
 
 def run(args) -> None:
@@ -32,7 +35,7 @@ def run(args) -> None:
 
     from ..predict import Predictor, image_files, prediction_writer
 
-    predictor = Predictor(args.run, device=args.device, weights=args.weights, top_k=args.top_k)
+    predictor = Predictor(args.run, device=args.device, weights=args.weights, top_k=args.top_k, compile=args.compile)
     header, write = prediction_writer(args.format, args.top_k)
     if header:
         print(header)
