@@ -8,6 +8,7 @@ command that rebuilds it. The CLI only says what that command is.
 
 from __future__ import annotations
 
+import glob
 import warnings
 from pathlib import Path
 
@@ -101,9 +102,25 @@ def find_feature_file(images: ImageSet, backbone: Backbone, root: Path | str, ex
     checking that it was made with these weights and preprocessing from the dataset as it is now."""
     path = feature_path(root, images.name, backbone)
     if not path.is_file():
-        raise TapsError(f"no feature file {path}; run `{extract_command}` first")
+        raise TapsError(f"no feature file {path}; run `{extract_command}` first{_made_otherwise(root, images.name)}")
     features = FeatureFile(path)
     fix = f"rebuild it with `{extract_command} --force`"
     features.check_made_from({"weights": backbone.weights.spec, "transform": backbone.transform_spec()}, fix)
     check_dataset_matches(features, images, fix, verify_content=verify_content)
     return features
+
+
+def _made_otherwise(root: Path | str, dataset_name: str, shown: int = 3) -> str:
+    """The feature files of this dataset (or a --subset of it) that other settings made under ``root``,
+    as a clause for the "no feature file" message: a fit asked with other flags than the extraction's
+    (another --image-size, --weights or --subset) finds them here."""
+    root = Path(root)
+    # a --subset's folder is the dataset's name with the subset appended; shards are not whole files
+    found = sorted(str(p.relative_to(root)) for p in root.glob(f"{glob.escape(dataset_name)}*/*.h5")
+                   if (p.parent.name == dataset_name or p.parent.name.startswith(f"{dataset_name}-"))
+                   and ".shard" not in p.name)
+    if not found:
+        return ""
+    listed = ", ".join(found[:shown]) + (f" and {len(found) - shown} more" if len(found) > shown else "")
+    return (f" (under {root} other settings made {listed}: pass the flags they were made with, or "
+            f"--features FILE)")

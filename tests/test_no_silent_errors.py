@@ -79,6 +79,8 @@ def test_every_preprocessing_has_its_own_file_and_messages_keep_whole_values(tin
     code, _, err = cli(capsys, "fit", "--dataset", f"folder:{tiny_flat}", "--backbone", "resnet18", "--weights",
                        "none", "--image-size", "40", "--features-root", str(tmp_path), *FIT)
     assert code == 1 and "--image-size 40" in one_error_line(err) and "no feature file" in err
+    # the file the other settings made is named, so that the flags to fit it by are easy to find
+    assert f"other settings made {report.path.relative_to(tmp_path)}: pass the flags they were made with" in err
     code, _, err = cli(capsys, "fit", "--features", str(report.path), "--image-size", "40", *FIT,
                        "--runs-root", str(tmp_path / "runs"))
     assert code == 1 and "was made with transform resize=32 crop=32" in one_error_line(err)
