@@ -347,12 +347,19 @@ def _fashion_mnist(data_root: Path, download: bool) -> ImageSet:
 
 
 def _caltech101(data_root: Path, download: bool) -> ImageSet:
-    from torchvision.datasets import Caltech101
-
     folder = data_root / "caltech101" / "101_ObjectCategories"
-    ds = _torchvision_call(Caltech101, "caltech101", data_root, download and not folder.is_dir())
-    paths = [folder / ds.categories[y] / f"image_{i:04d}.jpg" for i, y in zip(ds.index, ds.y, strict=True)]
-    return FileImageSet("caltech101", folder, paths, ds.categories, ds.y)
+    if folder.is_dir():  # listed as torchvision's Caltech101 lists it, without importing torchvision
+        categories = sorted(c for c in os.listdir(folder) if c != "BACKGROUND_Google")  # not a real class
+        counts = [len(os.listdir(folder / c)) for c in categories]  # every entry, as torchvision counts them
+        index = [i for n in counts for i in range(1, n + 1)]
+        labels = [y for y, n in enumerate(counts) for _ in range(n)]
+    else:  # not there: torchvision downloads it
+        from torchvision.datasets import Caltech101
+
+        ds = _torchvision_call(Caltech101, "caltech101", data_root, download)
+        categories, index, labels = ds.categories, ds.index, ds.y
+    paths = [folder / categories[y] / f"image_{i:04d}.jpg" for i, y in zip(index, labels, strict=True)]
+    return FileImageSet("caltech101", folder, paths, categories, labels)
 
 
 def _torchvision_call(cls, name: str, data_root: Path, download: bool, **kwargs):

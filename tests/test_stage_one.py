@@ -221,6 +221,30 @@ def test_class_folders_are_listed_in_torchvisions_imagefolder_order(tmp_path, im
     assert len(class_files(root / "a")) == 3 + 3 + 3  # its own, z_sub's three images, and b's through the link
 
 
+def test_caltech101_is_listed_as_torchvision_lists_it_without_importing_it(tmp_path, image_folder):
+    """Its categories (sorted, BACKGROUND_Google left out), each counted by every entry of its folder
+    and named image_0001.jpg…: the same ids and labels, so files made through torchvision stay valid."""
+    from torchvision.datasets import Caltech101
+
+    folder = tmp_path / "caltech101" / "101_ObjectCategories"
+    for category, n in (("airplanes", 3), ("Faces_easy", 2), ("BACKGROUND_Google", 2), ("ant", 1)):
+        for i in range(1, n + 1):
+            image_folder(tmp_path / "scratch", classes=("x",), per_class=1)
+            (folder / category).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "scratch" / "x" / "img_000.jpg").rename(folder / category / f"image_{i:04d}.jpg")
+    reference = Caltech101(str(tmp_path))
+    images = load_dataset("caltech101", data_root=tmp_path)
+    assert images.classes == reference.categories == ["Faces_easy", "airplanes", "ant"]
+    assert images.ids == [f"{reference.categories[y]}/image_{i:04d}.jpg" for i, y in zip(reference.index, reference.y,
+                                                                                        strict=True)]
+    assert images.labels.tolist() == reference.y
+    probe = (f"import sys; from features.datasets import load_dataset; "
+             f"n = len(load_dataset('caltech101', data_root={str(tmp_path)!r})); "
+             f"print(n, 'torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["6", "False"]
+
+
 @pytest.mark.parametrize("name,tap,first_tap,libraries", [
     ("resnet18", "layer3", ["stem", "maxpool", [64, 12, 12]], ["torch", "torchvision"]),
     ("timm:resnet18", "stage4", ["stage1", "act1", [64, 24, 24]], ["timm", "torch", "torchvision"])])
