@@ -252,8 +252,8 @@ def _fill(writer: FeatureWriter, job: _Job, report: ExtractionReport) -> None:
                       "precision": cfg.precision, "decode": cfg.decode, "runtime": cfg.runtime,
                       **({"runtime_rates": cfg.runtime_rates} if cfg.runtime_rates else {}),
                       **({"int8": _tap_int8(cfg.quantization, t.name)} if cfg.quantization else {}),
-                      # the export's outputs: its graph (which other taps it computes) moves bf16 and int8 values
-                      **({"export": ",".join(x.name for x in job.taps)} if cfg.runtime != TORCH else {}),
+                      # the export's outputs (their keys: names and pooling): its graph moves bf16 and int8 values
+                      **({"export": ",".join(keys[x.name] for x in job.taps)} if cfg.runtime != TORCH else {}),
                       **({"compiled": compiled} if compiled else {})}
              for t in job.taps}
     writer.ensure_taps({keys[t.name]: (dims[t.name], attrs[t.name]) for t in job.taps})

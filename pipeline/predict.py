@@ -130,11 +130,13 @@ def _forward(bb: Backbone, taps: list[Tap], records: list[TapUsed], cfg: RunConf
                             "int8 --force` and refit on its features")
         path = recorded_int8(cfg.runtime, int8)
     else:  # runs from before the graph was recorded (or of taps from two extractions): an export of these taps
-        graph = bb.resolve_taps(together.pop().split(",")) if len(together) == 1 and None not in together else None
-        path, why, _ = prepare_export(bb, graph or taps, cfg.pooling, cfg.runtime)
+        keys = together.pop().split(",") if len(together) == 1 and None not in together else None
+        graph = bb.resolve_taps([k.partition("@")[0] for k in keys]) if keys else taps
+        pooling = next((k.partition("@")[2] for k in keys if "@" in k), DEFAULT_POOLING) if keys else cfg.pooling
+        path, why, _ = prepare_export(bb, graph, pooling, cfg.runtime)
         if path is None:
             raise TapsError(f"this run's features came from {cfg.runtime}, which cannot be rebuilt here: {why}")
-        outputs = outputs if graph else None
+        outputs = outputs if keys else None
     return load_exported(cfg.runtime, path, [t.name for t in taps], cfg.precision, outputs)
 
 

@@ -41,7 +41,7 @@ class TapUsed:
     decode: str
     runtime: str
     int8: str | None = None    # int8 taps: the file's record of their quantised model (JSON)
-    export: str | None = None  # exported runtimes: the taps the export computed together (comma-separated)
+    export: str | None = None  # exported runtimes: the keys of the taps the export computed together
     compiled: int = 0          # torch: made by a torch.compile'd forward, for batches padded to this size
 
     def to_json(self) -> dict:

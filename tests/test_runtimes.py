@@ -125,7 +125,7 @@ def test_extract_records_the_runtime_refuses_to_resume_with_another_and_predict_
     # runs the export the tap came from (layer2 and avgpool), under its name in the file (layer2@gem)
     both = FeatureFile(extract(images, bb, ["layer2", "avgpool"], out=tmp_path / "both", runtime=runtime,
                                pooling="gem", **RUN).path)
-    assert both.taps["layer2@gem"].extra["export"] == "layer2,avgpool"
+    assert both.taps["layer2@gem"].extra["export"] == "layer2@gem,avgpool"  # the export's outputs, as keys
     for tap in ("avgpool", "layer2"):
         run_dir, results, _ = fit_run(both, tap, "gem", FitOptions(clf="logreg", grid=[1.0], device="cpu"),
                                       parse_protocol("per-class:5"), runs_root=tmp_path / "runs")
