@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import gzip
 import os
+import re
 import shutil
 import unicodedata
 import warnings
@@ -561,16 +562,20 @@ def csv_dataset(csv_path: Path, *, image_column: str | None = None, label_column
             raise UsageError(f"CSV file {csv_path} line {number} has fewer cells than the header "
                              f"({len([v for v in r.values() if v is not None])} of {len(columns)}); fix that row")
     root = csv_path.parent
-    base = root / "images" if (root / "images").is_dir() and not (root / rows[0][image_column]).exists() else root
+    values = [_as_posix(r[image_column], root, root / "images") for r in rows]
+    base = root / "images" if (root / "images").is_dir() and not (root / values[0]).exists() else root
     paths = []
-    for r in rows:
-        p = (base / r[image_column]).resolve()
+    for r, value in zip(rows, values, strict=True):
+        p = (base / value).resolve()
         if not allow_outside and not p.is_relative_to(root):
             raise UsageError(f"CSV row {r[image_column]!r} points outside {root}; pass --allow-outside-root to permit it")
         paths.append(p)
     if not any(p.is_file() for p in paths):
+        first = rows[0][image_column]
+        fix = ("write the paths relative to the CSV's folder: this is a Windows drive path"
+               if re.match(r"[A-Za-z]:[\\/]", first) else "set --image-column to the column of image paths")
         raise UsageError(f"no value of column {image_column!r} in {csv_path} is an existing file (first: "
-                         f"{rows[0][image_column]!r}); set --image-column to the column of image paths")
+                         f"{first!r}); {fix}")
     labels = _labels(rows, label_column, csv_path)
     keep = _unique_files(paths, [f"line {n}" for n in range(2, len(rows) + 2)],
                          f"CSV file {csv_path}", "lists", duplicates)
@@ -580,6 +585,14 @@ def csv_dataset(csv_path: Path, *, image_column: str | None = None, label_column
     index = {c: i for i, c in enumerate(classes)}
     return FileImageSet(f"csv-{csv_path.stem}", root, paths, classes, [index[label] for label in labels],
                         max_pixels=max_pixels)
+
+
+def _as_posix(value: str, *folders: Path) -> str:
+    """A path a Windows tool wrote (``images\\ants\\a1.jpg``) with this system's separator, where the file
+    is found only that way (a backslash is a legal character of a file name here)."""
+    if "\\" not in value or any((folder / value).exists() for folder in folders):
+        return value
+    return value.replace("\\", "/")
 
 
 def load_dataset(spec: str, data_root: Path | str = "data", download: bool = True, subset_spec: str | None = None,

@@ -71,6 +71,19 @@ def test_csv_labels_are_stripped_and_ambiguous_ones_refused(csv_world):
         load_dataset(f"csv:{_csv(root / 'empty.csv', empty)}")
 
 
+def test_a_csv_a_windows_tool_wrote_reads_its_backslashed_paths(csv_world):
+    root, rows = csv_world  # rows: a/img_000.jpg,a ... under root/images
+    windows = root / "windows.csv"
+    windows.write_bytes(("path,label\r\n" + "\r\n".join(r.replace("/", "\\") for r in rows) + "\r\n").encode())
+    images = load_dataset(f"csv:{windows}")
+    assert images.ids == load_dataset(f"csv:{_csv(root / 'plain.csv', rows)}").ids == \
+        [f"images/{r.split(',')[0]}" for r in rows]
+    drive = _csv(root / "drive.csv", [r"C:\photos\a.jpg,a", r"C:\photos\b.jpg,b"])
+    with pytest.raises(UsageError, match=r"\(first: 'C:\\\\photos\\\\a.jpg'\); write the paths relative to the "
+                                         r"CSV's folder: this is a Windows drive path"):
+        load_dataset(f"csv:{drive}")
+
+
 def test_classes_spelt_two_ways_are_kept_apart_with_a_warning(csv_world, image_folder, tmp_path):
     """``A`` and ``a``, ``golden_retriever`` and ``golden retriever``: separate classes as written (EMNIST's
     letters are), but named in a warning, since more often they are one class spelt twice."""
