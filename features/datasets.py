@@ -37,6 +37,7 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 FINGERPRINT_VERSIONS = (1, 2, 3)
 FINGERPRINT_VERSION = 2
 CONTENT_FINGERPRINT = 3
+CSV_DELIMITERS = (",", ";", "\t", "|")  # what a CSV's header may be split by (spreadsheets write all four)
 DUPLICATES = ("error", "first")  # what a CSV or folder listing one image file twice gets
 
 
@@ -480,10 +481,15 @@ def _unique_files(paths: list[Path], where: list[str], source: str, what: str, d
 
 
 def _read_csv(csv_path: Path, encoding: str) -> tuple[list[dict], list[str]]:
-    """The rows and columns of a CSV file, or one line naming the encoding problem and where it is."""
+    """The rows and columns of a CSV file, or one line naming the encoding problem and where it is. The
+    delimiter is the one the header uses most among ``,``, ``;`` (Excel's where the comma is the decimal
+    mark), tab and ``|``; a comma where none is used."""
     try:
         with open(csv_path, newline="", encoding=encoding) as fh:
-            reader = csv.DictReader(fh)
+            header = fh.readline()
+            delimiter = max(CSV_DELIMITERS, key=header.count)  # the first, a comma, on a tie
+            fh.seek(0)
+            reader = csv.DictReader(fh, delimiter=delimiter)
             return list(reader), list(reader.fieldnames or [])
     except LookupError:
         raise UsageError(f"unknown --encoding {encoding!r}; use a Python codec name such as utf-8, cp1252 or "

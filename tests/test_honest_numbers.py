@@ -84,6 +84,14 @@ def test_a_csv_a_windows_tool_wrote_reads_its_backslashed_paths(csv_world):
         load_dataset(f"csv:{drive}")
 
 
+@pytest.mark.parametrize("delimiter", [";", "\t", "|"])
+def test_a_csv_split_by_semicolons_tabs_or_bars_reads_as_a_comma_one(csv_world, delimiter):
+    root, rows = csv_world  # spreadsheets where the comma is the decimal mark write ';'
+    table = _csv(root / "other.csv", [r.replace(",", delimiter) for r in rows], header=f"path{delimiter}label")
+    images, plain = load_dataset(f"csv:{table}"), load_dataset(f"csv:{_csv(root / 'plain.csv', rows)}")
+    assert (images.ids, images.labels.tolist(), images.classes) == (plain.ids, plain.labels.tolist(), plain.classes)
+
+
 def test_classes_spelt_two_ways_are_kept_apart_with_a_warning(csv_world, image_folder, tmp_path):
     """``A`` and ``a``, ``golden_retriever`` and ``golden retriever``: separate classes as written (EMNIST's
     letters are), but named in a warning, since more often they are one class spelt twice."""
