@@ -37,6 +37,7 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 FINGERPRINT_VERSIONS = (1, 2, 3)
 FINGERPRINT_VERSION = 2
 CONTENT_FINGERPRINT = 3
+SPLIT_FOLDERS = ("train", "val", "test")  # a folder dataset's official split, in this order
 CSV_DELIMITERS = (",", ";", "\t", "|")  # what a CSV's header may be split by (spreadsheets write all four)
 DUPLICATES = ("error", "first")  # what a CSV or folder listing one image file twice gets
 
@@ -413,6 +414,24 @@ def class_files(folder: Path) -> list[Path]:
             for name in sorted(names) if name.lower().endswith(IMAGE_EXTENSIONS)]
 
 
+def _split_parts(root: Path) -> list[tuple[str | None, Path]]:
+    """(split, folder) of each part of a folder dataset: ``train/`` with ``val/`` or ``test/`` are the
+    official split; a split folder is never a class (``train/`` alone holds the classes, ``val/`` or
+    ``test/`` without ``train/`` are refused)."""
+    split_dirs = [d for d in SPLIT_FOLDERS if (root / d).is_dir()]
+    top = {c.name for c in root.iterdir() if c.is_dir() and not c.name.startswith(".")}
+    if "train" in split_dirs and len(split_dirs) > 1:
+        return [(s, root / s) for s in split_dirs]
+    if top == {"train"}:
+        warnings.warn(f"dataset folder {root} has only train/: its class folders are the classes, with no "
+                      f"official split", stacklevel=4)
+        return [(None, root / "train")]
+    if top and top <= set(SPLIT_FOLDERS):
+        raise UsageError(f"dataset folder {root} has {', '.join(f'{d}/' for d in split_dirs)} but no train/; add "
+                         f"train/ beside them, or pass folder:{root / split_dirs[0]} to read one as the dataset")
+    return [(None, root)]
+
+
 def folder_dataset(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS, allow_outside: bool = False,
                    duplicates: str = "error") -> FileImageSet:
     """An ImageFolder tree; ``train/`` with ``val/`` or ``test/`` below it become the official split."""
@@ -423,11 +442,7 @@ def folder_dataset(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS, allow_outsi
                          + (f" or csv:{root}" if kind == "a CSV file" else ""))
     if not root.is_dir():
         raise UsageError(f"dataset folder {root} does not exist; pass folder:PATH to an ImageFolder tree")
-    split_dirs = [d for d in ("train", "val", "test") if (root / d).is_dir()]
-    if "train" in split_dirs and len(split_dirs) > 1:
-        parts = [(s, root / s) for s in split_dirs]
-    else:
-        parts = [(None, root)]
+    parts = _split_parts(root)
     classes = sorted({c.name for _, d in parts for c in d.iterdir() if c.is_dir() and not c.name.startswith(".")})
     if not classes:
         raise UsageError(f"dataset folder {root} has no class subfolders; expected {root}/<class>/<image>")
@@ -445,7 +460,11 @@ def folder_dataset(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS, allow_outsi
     keep = _unique_files(resolved, [str(p.relative_to(root)) for _, _, p in found],
                          f"dataset folder {root}", "links", duplicates)
     found = [found[i] for i in keep]
-    classes = sorted({c for _, c, _ in found})  # a class folder without images is not a class
+    empty = [c for c in classes if c not in {c for _, c, _ in found}]
+    if empty:  # a class folder without images is not a class: most often its images were not copied yet
+        warnings.warn(f"dataset folder {root}: class folder(s) {', '.join(empty[:5])}"
+                      f"{' and more' if len(empty) > 5 else ''} hold no images and are left out", stacklevel=3)
+    classes = sorted({c for _, c, _ in found})
     warn_near_duplicate_classes(classes, f"folder {root}")
     index = {c: i for i, c in enumerate(classes)}
     paths = [p for _, _, p in found]

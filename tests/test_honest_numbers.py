@@ -92,6 +92,22 @@ def test_a_csv_split_by_semicolons_tabs_or_bars_reads_as_a_comma_one(csv_world, 
     assert (images.ids, images.labels.tolist(), images.classes) == (plain.ids, plain.labels.tolist(), plain.classes)
 
 
+def test_a_split_folder_is_never_a_class_and_an_empty_class_folder_is_named(tmp_path, image_folder):
+    image_folder(tmp_path / "only" / "train", classes=("a", "b"), per_class=2)
+    with pytest.warns(UserWarning, match="has only train/: its class folders are the classes, with no official split"):
+        images = load_dataset(f"folder:{tmp_path / 'only'}")
+    assert images.classes == ["a", "b"] and images.splits is None and images.ids[0] == "train/a/img_000.jpg"
+    image_folder(tmp_path / "held" / "val", classes=("a", "b"), per_class=2)
+    image_folder(tmp_path / "held" / "test", classes=("a", "b"), per_class=2)
+    with pytest.raises(UsageError, match=r"has val/, test/ but no train/; add train/ beside them, or pass "
+                                         r"folder:.*held/val to read one as the dataset"):
+        load_dataset(f"folder:{tmp_path / 'held'}")
+    image_folder(tmp_path / "gap", classes=("a", "b"), per_class=2)
+    (tmp_path / "gap" / "c").mkdir()
+    with pytest.warns(UserWarning, match=r"class folder\(s\) c hold no images and are left out"):
+        assert load_dataset(f"folder:{tmp_path / 'gap'}").classes == ["a", "b"]
+
+
 def test_classes_spelt_two_ways_are_kept_apart_with_a_warning(csv_world, image_folder, tmp_path):
     """``A`` and ``a``, ``golden_retriever`` and ``golden retriever``: separate classes as written (EMNIST's
     letters are), but named in a warning, since more often they are one class spelt twice."""
