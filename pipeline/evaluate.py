@@ -103,11 +103,13 @@ def _write_run(run_dir: Path, features: Features, settings: dict, ev: TapEvaluat
     """Write a run's model, predictions, per-class table, confusion matrix and results.json; -> the results."""
     varies = ("the train/test split and the CV folds" if protocol.record.random
               else f"the CV folds only: the {protocol} split is the same for every seed")
+    tested = [set(features.labels[ev.predictions[f"test_{s}"]].tolist()) for s in range(len(ev.per_seed))]
+    untested = [c for i, c in enumerate(features.classes) if any(i not in seen for seen in tested)]
     results = RunResult(
         settings=settings, features=features_record(features, ev.taps), classes=features.classes,
         split_seeds=[s.seed for s in ev.per_seed], seeds_vary=varies,
         duplicates=duplicate_summary(features.duplicate_groups()), undecodable=int((~features.valid).sum()),
-        per_seed=ev.per_seed,
+        untested_classes=untested, per_seed=ev.per_seed,
         chosen={options.param: [s.chosen for s in ev.per_seed]}, grid={options.param: options.grid},
         fit_seconds={"mean": float(np.mean(ev.fit_seconds)), "total": float(np.sum(ev.fit_seconds))},
         metrics=ev.metrics, model=save_model(run_dir, ev.model), predictions=save_predictions(run_dir, ev.predictions),

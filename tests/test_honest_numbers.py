@@ -108,6 +108,18 @@ def test_a_split_folder_is_never_a_class_and_an_empty_class_folder_is_named(tmp_
         assert load_dataset(f"folder:{tmp_path / 'gap'}").classes == ["a", "b"]
 
 
+def test_classes_without_a_test_image_are_named_beside_the_metrics_they_are_left_out_of(tmp_path, image_folder,
+                                                                                         capsys):
+    image_folder(tmp_path / "data" / "train", classes=("a", "b", "c"), per_class=6)
+    image_folder(tmp_path / "data" / "val", classes=("a", "b"), per_class=3, seed=1)  # no c to test
+    common = ["--dataset", f"folder:{tmp_path / 'data'}", *TINY, "--features-root", tmp_path / "fs"]
+    assert cli(capsys, "extract", *common, *QUIET)[0] == 0
+    code, out, _ = cli(capsys, "fit", *common, *FIT, "--runs-root", tmp_path / "runs")
+    assert code == 0 and "note: 1 of 3 classes have no test image (in some seed's split): c; mean per-class " \
+        "accuracy averages the classes that have" in out
+    assert json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())["untested_classes"] == ["c"]
+
+
 def test_classes_spelt_two_ways_are_kept_apart_with_a_warning(csv_world, image_folder, tmp_path):
     """``A`` and ``a``, ``golden_retriever`` and ``golden retriever``: separate classes as written (EMNIST's
     letters are), but named in a warning, since more often they are one class spelt twice."""

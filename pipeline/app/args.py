@@ -243,6 +243,12 @@ def result_notes(results, seeds: int) -> list[str]:
     """What a reader of a fit's numbers must know: what the ± varies over, calibration, duplicate and
     undecodable images."""
     notes = []
+    missing = results.untested_classes
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        notes.append(f"note: {len(missing)} of {len(results.classes)} classes have no test image (in some seed's split): "
+                     f"{shown}; mean per-class accuracy averages the classes that have, and macro F1 counts each "
+                     f"such class predicted as 0")
     if results.undecodable:
         notes.append(f"note: {results.undecodable} image(s) could not be decoded at extraction and are in no split "
                      f"(`taps info` on the feature file lists them)")
