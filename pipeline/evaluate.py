@@ -14,9 +14,9 @@ import os
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.metrics import classification_report, confusion_matrix
 
 from features.errors import TapsError, UsageError
 from features.joined import Features
@@ -27,7 +27,9 @@ from .protocols import Protocol, duplicate_summary, plan_splits
 from .report import plot_confusion, write_per_class
 from .results import RUNS_ROOT, FeaturesUsed, RunResult, TapUsed
 from .runs import find_run, run_settings, save_model, save_predictions
-from .training import TapEvaluation, fit_seeds
+
+if TYPE_CHECKING:
+    from .training import TapEvaluation
 
 
 def evaluate_tap(features: Features, tap: str, pooling: str, options: FitOptions, protocol: Protocol,
@@ -35,6 +37,8 @@ def evaluate_tap(features: Features, tap: str, pooling: str, options: FitOptions
     """Fit and score one tap, a fused set (``a+b``) or ``auto`` (the set chosen on each training split
     from ``candidates``, default every tap in the file) over ``seeds`` seeded splits (seed s uses split
     seed s), without a run folder."""
+    from .training import fit_seeds  # scikit-learn: only where a fit runs (a reused run answers without it)
+
     data = read_fit_data(features, tap, pooling, options, candidates)
     splits = plan_splits(protocol, features.labels, classes=features.classes, split=features.split,
                          usable=features.valid, groups=data.same_bytes, seeds=seeds)
@@ -68,6 +72,8 @@ def fit_run(features: Features, tap: str, pooling: str, options: FitOptions, pro
     run_dir, results = find_run(runs_root, features, settings, force=force)
     if results is not None:
         return run_dir, results, True
+    from .training import fit_seeds  # scikit-learn: only now, a reused run answers without it
+
     splits = plan_splits(protocol, features.labels, classes=features.classes, split=features.split,
                          usable=features.valid, groups=data.same_bytes, seeds=seeds)
     ev = fit_seeds(data, splits, options, tap)
@@ -114,6 +120,8 @@ def _write_run(run_dir: Path, features: Features, settings: dict, ev: TapEvaluat
         fit_seconds={"mean": float(np.mean(ev.fit_seconds)), "total": float(np.sum(ev.fit_seconds))},
         metrics=ev.metrics, model=save_model(run_dir, ev.model), predictions=save_predictions(run_dir, ev.predictions),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    from sklearn.metrics import classification_report, confusion_matrix
+
     y_true, y_pred = features.labels[ev.predictions["test_0"]], ev.predictions["pred_0"]
     labels = np.arange(len(features.classes))
     write_per_class(run_dir / "per_class.csv", classification_report(

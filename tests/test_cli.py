@@ -178,7 +178,8 @@ def test_backbone_names_are_kept_so_listing_them_or_a_misspelt_one_imports_no_li
 def test_a_fit_imports_torch_only_for_a_head_that_computes_with_it(clf, by, torch_expected, tiny_flat, tiny_features,
                                                                    tmp_path):
     """scikit-learn's solver fits without torch (over a second of start-up saved), also when the feature
-    file is found from the dataset and backbone (named by the backbone's card); the kNN probe uses it."""
+    file is found from the dataset and backbone (named by the backbone's card); the kNN probe uses it. A
+    reused run imports neither."""
     _, features, root = tiny_features
     found = ["--features", str(features.path)] if by == "file" else [
         "--dataset", f"folder:{tiny_flat}", "--backbone", "resnet18", "--weights", "none", "--image-size", "32",
@@ -188,6 +189,8 @@ def test_a_fit_imports_torch_only_for_a_head_that_computes_with_it(clf, by, torc
     proc = subprocess.run([sys.executable, "-c", LIGHT, *argv], capture_output=True, text=True)
     imported = proc.stdout.strip().splitlines()[-1]
     assert "'sklearn'" in imported and ("'torch'" in imported) == torch_expected, proc.stdout + proc.stderr
+    again = subprocess.run([sys.executable, "-c", LIGHT, *argv], capture_output=True, text=True).stdout
+    assert again.startswith(f"reused {clf}") and again.strip().splitlines()[-1] == "[]", again  # neither, reused
 
 
 def test_the_help_of_each_family_is_written_by_its_records(capsys):
