@@ -12,7 +12,6 @@ import csv
 import gzip
 import os
 import re
-import shutil
 import unicodedata
 import warnings
 from collections.abc import Callable, Sequence
@@ -330,23 +329,53 @@ def _digits(data_root: Path, download: bool) -> ImageSet:
     return ArrayImageSet("digits", pixels, [str(c) for c in bunch.target_names], bunch.target, ids)
 
 
-def _fashion_mnist(data_root: Path, download: bool) -> ImageSet:
-    from torchvision.datasets import FashionMNIST
+# torchvision's FashionMNIST.classes, in label order
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
+
+def _fashion_mnist(data_root: Path, download: bool) -> ImageSet:
+    """The idx files torchvision keeps under ``<data-root>/FashionMNIST/raw``, or Debian's gzipped ones,
+    read without importing torchvision; otherwise torchvision downloads them."""
     raw = data_root / "FashionMNIST" / "raw"
-    if DEBIAN_FASHION_MNIST.is_dir() and not (raw / "t10k-labels-idx1-ubyte").exists():
-        # Debian ships the four gzipped idx files; torchvision reads them unpacked.
-        raw.mkdir(parents=True, exist_ok=True)
-        for gz in DEBIAN_FASHION_MNIST.glob("*-ubyte.gz"):
-            with gzip.open(gz, "rb") as src, open(raw / gz.name[:-3], "wb") as dst:
-                shutil.copyfileobj(src, dst)
-    parts = [(split, _torchvision_call(FashionMNIST, "fashion_mnist", data_root, download, train=split == "train"))
-             for split in ("train", "test")]
-    pixels = np.concatenate([ds.data.numpy() for _, ds in parts])
-    labels = np.concatenate([ds.targets.numpy() for _, ds in parts])
-    splits = [s for s, ds in parts for _ in range(len(ds))]
-    ids = [f"{s}/{i:05d}" for s, ds in parts for i in range(len(ds))]
-    return ArrayImageSet("fashion_mnist", pixels, parts[0][1].classes, labels, ids, splits)
+    found = {split: [_idx_file(name, raw) for name in names] for split, names in IDX_FILES.items()}
+    if any(path is None for paths in found.values() for path in paths):
+        from torchvision.datasets import FashionMNIST
+
+        for split in IDX_FILES:
+            _torchvision_call(FashionMNIST, "fashion_mnist", data_root, download, train=split == "train")
+        found = {split: [_idx_file(name, raw) for name in names] for split, names in IDX_FILES.items()}
+    parts = [(split, read_idx(images), read_idx(labels)) for split, (images, labels) in found.items()]
+    pixels = np.concatenate([p for _, p, _ in parts])
+    labels = np.concatenate([y for _, _, y in parts]).astype(np.int64)
+    splits = [s for s, p, _ in parts for _ in range(len(p))]
+    ids = [f"{s}/{i:05d}" for s, p, _ in parts for i in range(len(p))]
+    return ArrayImageSet("fashion_mnist", pixels, list(FASHION_MNIST_CLASSES), labels, ids, splits)
+
+
+def _idx_file(name: str, raw: Path) -> Path | None:
+    """An idx file as torchvision keeps it (unpacked), else Debian's gzipped copy."""
+    for path in (raw / name, DEBIAN_FASHION_MNIST / f"{name}.gz"):
+        if path.is_file():
+            return path
+    return None
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """The array of an idx file (MNIST's format: a magic number naming the type and rank, the
+    dimensions, then the values big-endian), gzipped or not; uint8 only, as MNIST-like sets use."""
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if len(data) < 4 or data[0] or data[1] or data[2] != 0x08:
+        raise TapsError(f"{path} is not an idx file of bytes; delete it so that it is downloaded again")
+    rank = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(rank))
+    values = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank)
+    if values.size != int(np.prod(shape)):
+        raise TapsError(f"{path} holds {values.size} values, not the {int(np.prod(shape))} its header says; delete "
+                        f"it so that it is downloaded again")
+    return values.reshape(shape)
 
 
 def _caltech101(data_root: Path, download: bool) -> ImageSet:

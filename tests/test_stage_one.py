@@ -245,6 +245,32 @@ def test_caltech101_is_listed_as_torchvision_lists_it_without_importing_it(tmp_p
     assert out == ["6", "False"]
 
 
+def test_fashion_mnist_idx_files_read_as_torchvision_reads_them_without_importing_it(tmp_path):
+    from torchvision.datasets import FashionMNIST
+
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 7), ("t10k", 3)):  # the idx layout: magic, dimensions big-endian, bytes
+        images, labels = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.uint8)
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3]) + b"".join(
+            d.to_bytes(4, "big") for d in images.shape) + images.tobytes())
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + n.to_bytes(4, "big") + labels.tobytes())
+    images = load_dataset("fashion_mnist", data_root=tmp_path, download=False)
+    train, test = FashionMNIST(str(tmp_path), train=True), FashionMNIST(str(tmp_path), train=False)
+    np.testing.assert_array_equal(images.pixels, np.concatenate([train.data.numpy(), test.data.numpy()]))
+    assert images.labels.tolist() == train.targets.tolist() + test.targets.tolist()
+    assert images.classes == train.classes and images.splits == ["train"] * 7 + ["test"] * 3
+    probe = (f"import sys; from features.datasets import load_dataset; "
+             f"n = len(load_dataset('fashion_mnist', data_root={str(tmp_path)!r}, download=False)); "
+             f"print(n, 'torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["10", "False"]
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + (5).to_bytes(4, "big") + b"\0\0")
+    with pytest.raises(TapsError, match=r"holds 2 values, not the 5 its header says; delete it"):
+        load_dataset("fashion_mnist", data_root=tmp_path, download=False)
+
+
 @pytest.mark.parametrize("name,tap,first_tap,libraries", [
     ("resnet18", "layer3", ["stem", "maxpool", [64, 12, 12]], ["torch", "torchvision"]),
     ("timm:resnet18", "stage4", ["stage1", "act1", [64, 24, 24]], ["timm", "torch", "torchvision"])])
