@@ -21,6 +21,7 @@ from features.forward import build_extractor, forward_taps, resolve_compile
 from features.loaders import REPLICAS_MIN_IMAGES, resolve_loader
 from features.pooling import pool
 from features.store import FeatureFile
+from pipeline.cli import main
 from pipeline.evaluate import fit_run
 from pipeline.options import FitOptions
 from pipeline.predict import predict_images
@@ -152,7 +153,7 @@ def test_a_dataset_replicas_cannot_receive_is_a_usage_error(tiny_flat, tmp_path,
 
 
 @pytest.mark.slow
-def test_compiled_extraction_matches_eager_and_reports_its_compile_time(tiny_flat, tmp_path, cpu_run):
+def test_compiled_extraction_matches_eager_and_reports_its_compile_time(tiny_flat, tmp_path, cpu_run, capsys):
     RUN = cpu_run(workers=None)
     if forward.can_compile(torch.device("cpu")):
         pytest.fail(f"this machine should be able to compile: {forward.can_compile(torch.device('cpu'))}")
@@ -170,6 +171,7 @@ def test_compiled_extraction_matches_eager_and_reports_its_compile_time(tiny_fla
     compiled = FeatureFile(extract(images, bb, ["layer2", "avgpool"], out=tmp_path / "auto", compile="on",
                                    **{**RUN, "precision": "auto"}).path)
     assert compiled.taps["avgpool"].extra["compiled"] == RUN["batch_size"]
+    assert main(["info", str(compiled.path)]) == 0 and "complete=True; compiled (batches of 4)" in capsys.readouterr().out
     run_dir, results, _ = fit_run(compiled, "avgpool", "avg", FitOptions(clf="logreg", grid=[1.0], device="cpu"),
                                   parse_protocol("per-class:5"), runs_root=tmp_path / "runs")
     assert results.features.taps[0].compiled == RUN["batch_size"]

@@ -20,6 +20,7 @@ from features.forward import build_extractor
 from features.options import ExtractOptions, resolve_precision
 from features.runtimes import TOLERANCE, load_exported, local_export, prepare_export, runtime_precision
 from features.store import FeatureFile
+from pipeline.cli import main
 from pipeline.evaluate import fit_run
 from pipeline.options import FitOptions
 from pipeline.predict import predict_images
@@ -244,7 +245,7 @@ def test_a_failed_quantisation_leaves_no_partial_model_in_the_cache(tiny_flat, t
 
 @pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
 def test_int8_is_calibrated_on_the_dataset_checked_against_fp32_recorded_and_cached(runtime, tiny_flat, tmp_path,
-                                                                                   monkeypatch, cpu_run):
+                                                                                   monkeypatch, cpu_run, capsys):
     RUN = cpu_run(batch_size=8, precision=None)
     monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
     images = load_dataset(f"folder:{tiny_flat}")
@@ -266,6 +267,9 @@ def test_int8_is_calibrated_on_the_dataset_checked_against_fp32_recorded_and_cac
         assert 0.98 < made["agreement"]["cosine"] <= 1 and abs(cosine - made["agreement"]["cosine"]) < 0.01
         assert 0 < made["agreement"]["relative_error"] < 0.2  # quantised: close, yet not the fp32 forward
     assert "int8 calibrated on 22 images" in report.runtime_note
+    assert main(["info", str(report.path)]) == 0  # and `taps info` says it per tap
+    assert re.search(r"tap avgpool: .*precision=int8 .*; int8: cosine with fp32 0\.9\d+ \(min 0\.\d+\), error 0\.\d+, "
+                     r"calibrated on 22 images \(seed 0\)", capsys.readouterr().out)
     # quantised once per calibration set: another folder of the same images reuses the cached model
     cached = list((tmp_path / "cache").rglob("*.int8-*.json"))  # the record of each quantised model
     assert len(cached) == 1

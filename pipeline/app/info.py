@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 HELP = "describe a feature file"
 SHOWN = ("backbone", "weights", "transform", "dataset", "dataset_fingerprint", "n_samples", "complete", "created")
@@ -35,5 +36,19 @@ def run(args) -> None:
     for key, t in f.taps.items():
         print(f"tap {key}: node={t.node} pooling={t.pooling} dim={t.dim} precision={t.precision} "
               f"decode={t.decode} runtime={t.runtime} rows={t.rows_done}/{len(f.labels)} "
-              f"complete={t.complete}")
+              f"complete={t.complete}{_how(t.extra)}")
     print(f.path)
+
+
+def _how(extra: dict) -> str:
+    """What else made a tap what it is: int8's agreement with fp32, a compiled forward."""
+    parts = []
+    if "int8" in extra:
+        record = json.loads(extra["int8"])
+        agreement, calibration = record["agreement"], record["calibration"]
+        parts.append(f"int8: cosine with fp32 {agreement['cosine']:.4f} (min {agreement['cosine_min']:.4f}), error "
+                     f"{agreement['relative_error']:.3f}, calibrated on {calibration['images']} images "
+                     f"(seed {calibration['seed']})")
+    if extra.get("compiled"):
+        parts.append(f"compiled (batches of {extra['compiled']})")
+    return "".join(f"; {p}" for p in parts)
