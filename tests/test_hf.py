@@ -36,3 +36,37 @@ def test_hf_extracts_and_fits_end_to_end_and_refuses_a_repo_it_cannot_get(tiny_h
     assert main(["list", "taps", "hf:no-such-owner/no-such-model"]) == 1  # not cached, no internet here
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "of hf:no-such-owner/no-such-model are not cached and could not be downloaded" in err[0]
+
+
+@pytest.mark.slow
+def test_a_local_folder_keeps_a_card_until_it_is_saved_again(tiny_hf_vit, tmp_path):
+    """`hf:FOLDER` answers its taps from a card (no transformers import, a fraction of a second), keyed
+    by the folder it names from here and stamped by its files: a folder saved again is resolved again."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_hf_vit, folder)
+    probe = ("import sys; from pipeline.cli import main; main(['list', 'taps', sys.argv[1]]); "
+             "print('transformers' in sys.modules)")
+    env = {**os.environ, "TAPS_CACHE": str(tmp_path / "cache")}
+
+    def listing(name: str, cwd=None) -> list[str]:
+        proc = subprocess.run([sys.executable, "-c", probe, name], capture_output=True, text=True, env=env, cwd=cwd,
+                              check=True)
+        return proc.stdout.strip().splitlines()
+
+    first, second = listing(f"hf:{folder}"), listing(f"hf:{folder}")
+    assert first[-1] == "True" and second[-1] == "False" and first[:-1] == second[:-1]
+    assert any(line.startswith("block2 ") for line in second)
+    (folder / "config.json").write_text((folder / "config.json").read_text().replace('"num_hidden_layers": 3',
+                                                                                      '"num_hidden_layers": 2'))
+    again = listing(f"hf:{folder}")  # saved again: another model, resolved afresh
+    assert again[-1] == "True" and not any(line.startswith("block2 ") for line in again)
+    elsewhere = tmp_path / "elsewhere" / "model"
+    shutil.copytree(tiny_hf_vit, elsewhere)
+    assert listing("hf:model", cwd=elsewhere.parent)[-1] == "True"  # the same name from another folder
+    shallower = listing("hf:model", cwd=folder.parent)  # the same name, another folder (2 blocks): not that card
+    assert shallower[-1] == "True" and not any(line.startswith("block2 ") for line in shallower)

@@ -12,10 +12,12 @@ input size, torch's and the source library's versions, torch's hub folder, Huggi
 the code of :mod:`features.models` and the registered tap schemes (a scheme registered at run
 time turns cards off). It also lists the checkpoint files whose presence the weights' resolution read
 (``auto`` takes the checkpoint that is on disk) and is ignored when any of them has come or
-gone since. Local weights files (and timm's seeded ones) are never carded: their digest is read
-on every run anyway. torchvision, timm and open_clip sources keep cards (hub weights once their
-checkpoint is in the Hugging Face cache); ``hf:`` sources read their repo's config and
-processor, which a repo or a local folder may change, on every run and keep none.
+gone since, or (files that may be written again in place) changed size or time. Local weights
+files (and timm's seeded ones) are never carded: their digest is read on every run anyway.
+torchvision, timm and open_clip sources keep cards (hub weights once their checkpoint is in the
+Hugging Face cache); ``hf:`` sources keep one for a local ``save_pretrained`` folder, stamped by
+its files, while a hub repo's config and processor, which may change under the same name, are
+read on every run.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ class BackboneCard:
         taps = {t["name"]: Tap(**{**t, "shape": tuple(t["shape"])}) for t in d["taps"]}
         return cls(d["name"], WeightsChoice(None, None, d["weights"]["spec"], hub=d["weights"]["hub"]),
                    d["weights_arg"], d["image_size"], preprocess, taps, d["standard"],
-                   CardFiles(d["files"]["seen"], tuple(d["files"]["needed"])), tuple(d["nodes"]))
+                   CardFiles(d["files"]["seen"], tuple(d["files"]["needed"]), d["files"].get("stamps", {})),
+                   tuple(d["nodes"]))
 
 
 @cache
@@ -110,7 +113,9 @@ def card_path(name: str, weights: str, image_size: int | None) -> Path | None:
     prefix = split_name(name)[0]
     if Path(weights).exists() or prefix not in SOURCE_PACKAGES or not built_in_schemes_only():
         return None
+    where = Path(split_name(name)[1])  # a folder (hf:./model) is the folder it names from here
     key = digest({"card": CARD_VERSION, "name": name, "weights": weights, "image_size": image_size,
+                  "folder": str(where.resolve()) if where.is_dir() else None,
                   "versions": [package_version(p) for p in ("torch", "torchvision", SOURCE_PACKAGES[prefix])],
                   "hub": hub_dir(), "hf": hf_cache_dir(), "code": code_digest()}, length=KEY_DIGITS)
     return cache_root() / "backbones" / f"{path_safe(name)}-{key}.json"

@@ -25,7 +25,7 @@ from torchvision.transforms._presets import ImageClassification
 from ..errors import UsageError
 from .hub import from_hub
 from .schemes import TapScheme
-from .source import ModelSource, WeightsChoice, register_source
+from .source import CardFiles, ModelSource, WeightsChoice, file_stamp, register_source
 
 PREFIX = "hf"
 # PIL's resampling numbers, as image processors record them
@@ -119,6 +119,15 @@ class HfSource(ModelSource):
     def check_weights(self) -> None:
         if self.weights.hub is not None:
             self.build()
+
+    def card_files(self) -> CardFiles | None:
+        """A local folder's files, stamped (a folder saved again is another model); a hub repo: none."""
+        folder = Path(self.repo)
+        if not folder.is_dir():
+            return None
+        files = sorted(str(p.resolve()) for p in folder.iterdir() if p.is_file())
+        return CardFiles({p: True for p in files}, tuple(files) if self.weights.hub else (),
+                         {p: file_stamp(Path(p)) for p in files})
 
     def load_file(self, model: nn.Module, path: Path) -> None:
         raise UsageError("hf: backbones take their weights from the repo (or a local save_pretrained folder)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import pickle
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -53,12 +53,23 @@ class CardFiles:
 
     seen: dict[str, bool]
     needed: tuple[str, ...] = ()
+    stamps: dict[str, list[int]] = field(default_factory=dict)  # files that may change in place: size, mtime
 
     def unchanged(self) -> bool:
-        return all(Path(p).is_file() == there for p, there in self.seen.items())
+        return all(Path(p).is_file() == there for p, there in self.seen.items()) and \
+            all(file_stamp(Path(p)) == stamp for p, stamp in self.stamps.items())
 
     def ready(self) -> bool:
         return all(Path(p).is_file() for p in self.needed)
+
+
+def file_stamp(path: Path) -> list[int] | None:
+    """A file's size and modification time (ns): what changes when it is written again."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
 
 
 # Sources by the prefix of their names ("timm:resnet18"; torchvision's names have none): the module
