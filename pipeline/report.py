@@ -147,7 +147,8 @@ def format_gains(rows: list[dict]) -> list[str]:
             lines.append(f"{r['backbone']} {r['clf']} {_set(r)}: share of the seed-0 model's squared weights: {shares}")
         g = r.get("gain_over_best_single")
         if g:
-            best = f"{g['backbone']}/{g['tap']}" if "+" in r["backbone"] else g["tap"]  # which backbone's, when several
+            several = "+" in r["backbone"] and g.get("backbone")  # which backbone's single tap, when several
+            best = f"{g['backbone']}/{g['tap']}" if several else g["tap"]
             lines.append(f"{r['backbone']} {r['clf']} {_set(r)} against {best}: "
                          f"{signed(g['difference'], 2)} points mean per-class accuracy, 95% interval "
                          f"[{signed(g['low'], 2)}, {signed(g['high'], 2)}], McNemar p per seed "

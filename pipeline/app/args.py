@@ -240,8 +240,8 @@ def fit_options(args, clf: str | None = None, *, prompts: bool = True):
 
 
 def result_notes(results, seeds: int) -> list[str]:
-    """What a reader of a fit's numbers must know: what the ± varies over, calibration, duplicate and
-    undecodable images."""
+    """What a reader of a fit's numbers must know: classes without a test image, what the ± varies over,
+    calibration, duplicate and undecodable images."""
     notes = []
     missing = results.untested_classes
     if missing:
