@@ -26,7 +26,7 @@ def feature_path(out: Path | str, dataset_name: str, backbone: Backbone) -> Path
 
 
 def check_dataset_matches(features: FeatureFile, images: ImageSet, fix: str, verify_content: bool = False,
-                          digests: list[str] | None = None) -> None:
+                          digests: list[str] | None = None, fingerprint: str | None = None) -> None:
     """Refuse a feature file made from other contents of ``images`` than it has now, in one line that
     says what changed (images added, removed, relabelled, moved between splits or edited) and ``fix``.
 
@@ -34,12 +34,14 @@ def check_dataset_matches(features: FeatureFile, images: ImageSet, fix: str, ver
     a fingerprint version keep working. When only the files' sizes or times can explain a changed
     fingerprint, each sample's bytes are compared with the digests the file recorded: a copy of the
     dataset that did not keep modification times is the same data, and is used with a warning.
-    ``verify_content`` always compares the bytes; ``digests``: the dataset's content digests when
-    the caller has read them already (each sample's bytes are read once)."""
+    ``verify_content`` always compares the bytes; ``digests`` and ``fingerprint``: the dataset's content
+    digests and its fingerprint (at the file's version) when the caller has computed them already
+    (each sample's bytes and sizes are read once)."""
     if digests is None and (verify_content or features.fingerprint_version == CONTENT_FINGERPRINT):
         digests = images.content_digests()
-    fingerprint = images.fingerprint(features.fingerprint_version, digests)
-    if fingerprint != features.identity.dataset_fingerprint:
+    fingerprint = fingerprint or images.fingerprint(features.fingerprint_version, digests)
+    stale = fingerprint != features.identity.dataset_fingerprint
+    if stale:
         changes = sample_changes(features, images)
         if changes:
             count = len(features.ids) != len(images)
@@ -62,7 +64,7 @@ def check_dataset_matches(features: FeatureFile, images: ImageSet, fix: str, ver
     if changed:
         raise TapsError(f"{features.path} was made from other contents of the dataset: {len(changed)} image(s) changed "
                         f"since (first: {images.ids[changed[0]]}); {fix}")
-    if fingerprint != features.identity.dataset_fingerprint:
+    if stale:
         warnings.warn(f"{features.path}: the dataset's files have other modification times than when it was "
                       f"extracted, but the same bytes (all {len(digests)} compared); using it, and comparing "
                       f"them again on each run until the file is rebuilt", stacklevel=2)

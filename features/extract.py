@@ -140,7 +140,7 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
     header = {**feature_header(images, backbone, options.batch_size, version, digests), **shard_attrs}
     if existing:  # says what changed; a copy of the same bytes with new file times is the same dataset
         check_dataset_matches(existing, images, "pass --force to rebuild it", verify_content=options.verify_content,
-                              digests=digests)
+                              digests=digests, fingerprint=header["dataset_fingerprint"])
         header["dataset_fingerprint"] = existing.identity.dataset_fingerprint
     cfg = _adopt_recorded(options.resolve(len(images)), options, existing)
     check_batch_fits(backbone.input_size, cfg.batch_size, cfg.device)
