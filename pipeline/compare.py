@@ -310,15 +310,16 @@ def _significance(rows: list[dict], runs: list[RunResult], seeds: int) -> list[d
     rows[best]["best"] = True
     if len({tuple(r["split_digests"]) for r in rows}) > 1:  # not the same test samples: no paired test
         return []
-    correct, weights, labels = [], [], {}
+    correct, weights, samples, labels = [], [], [], {}
     for row, results in zip(rows, runs, strict=True):
         by_seed = load_predictions(Path(row["run"]), results)
         path = results.features.path  # one feature file serves every row of its backbone
         y = labels[path] if path in labels else labels.setdefault(path, FeatureFile(path).labels)
         correct.append([y[by_seed[s][0]] == by_seed[s][1] for s in range(seeds)])
-        if not weights:
-            weights = [sample_weights(y[by_seed[s][0]], METRIC) for s in range(seeds)]
-    stats = bootstrap(correct, weights)
+        if not weights:  # every row tests the same samples (the same split digests)
+            samples = [by_seed[s][0] for s in range(seeds)]
+            weights = [sample_weights(y[test], METRIC) for test in samples]
+    stats = bootstrap(correct, weights, samples=samples)
     observed = np.array([r[f"{METRIC}_mean"] for r in rows])
     for i, row in enumerate(rows):
         row["interval_low"], row["interval_high"] = (round(v, 5) for v in interval(stats[i]))

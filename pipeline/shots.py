@@ -50,6 +50,7 @@ from .significance import bootstrap, interval, paired_difference, sample_weights
 from .tapselect import select_taps
 
 ALL = "all"
+NO_FOLD = "(1 image of a class leaves no fold to choose by)"
 CSV_COLUMNS = ("row", "backbone", "clf", "tap", "shots", "k", "tries", "mean", "std", "low", "high", "best", "tied",
                "vs_best", "vs_best_low", "vs_best_high", "short_classes", "selection")
 
@@ -125,7 +126,7 @@ def fit_point(row: CurveRow, y: np.ndarray, train: np.ndarray, test: np.ndarray,
     model = selector(options, random_state=seed, groups=groups).fit(X[train], y[train])
     selection = model.selection_
     if len(row.options.grid) > 1 and len(options.grid) == 1:
-        selection = f"fixed {options.param}={options.grid[0]:g} (1 image of a class leaves no fold to choose by)"
+        selection = f"fixed {options.param}={model.chosen_:g} {NO_FOLD}"
     return {"pred": model.predict(X[test]), "chosen": float(model.chosen_), "selection": selection, "taps": taps,
             "seconds": round(time.perf_counter() - t0, 3)}
 
@@ -152,15 +153,15 @@ def curve_points(rows: Sequence[CurveRow], y: np.ndarray, pool: np.ndarray, test
         effective = float(np.mean([np.bincount(y[d])[np.unique(y[d])].mean() for d in draws]))
         about = {"shots": shot_name(k), "k": round(effective, 2), "short_classes": "; ".join(short),
                  "draws": [digest(d.tolist()) for d in draws]}
-        points += _shot_points(rows, fitted, correct, weights, about)
+        points += _shot_points(rows, fitted, correct, weights, test, about)
     return points
 
 
-def _shot_points(rows, fitted, correct, weights, about: dict) -> list[dict]:
+def _shot_points(rows, fitted, correct, weights, test, about: dict) -> list[dict]:
     """One shot count's points (``about`` says which): mean, spread over tries, bootstrap interval, best
     and ties."""
     per_try = [[float(np.sum(weights * c) / np.sum(weights)) for c in by_try] for by_try in correct]
-    stats = bootstrap(correct, [weights] * len(correct[0]))
+    stats = bootstrap(correct, [weights] * len(correct[0]), samples=[test] * len(correct[0]))  # one test set
     observed = np.array([np.mean(p) for p in per_try])
     best = int(np.argmax(observed))
     out = []
@@ -342,6 +343,14 @@ def format_curves(points: list[dict]) -> str:
     notes = {p["shots"]: p["short_classes"] for p in points if p["short_classes"]}
     lines += [f"at {s} shots {n.count('(')} classes have fewer images and keep all they have: {n}"
               for s, n in notes.items()]
-    selections = {p["shots"]: p["selection"] for p in points}
-    lines.append("regularisation: " + "; ".join(f"{_shots(s)}: {t}" for s, t in selections.items()))
+    selections: dict[str, dict[str, None]] = {}  # per shot count, each distinct way a row chose (one per classifier)
+    for p in points:
+        selections.setdefault(p["shots"], {})[p["selection"]] = None
+    lines.append("regularisation: " + "; ".join(f"{_shots(s)}: {_ways(list(t))}" for s, t in selections.items()))
     return "\n".join(lines)
+
+
+def _ways(selections: list[str]) -> str:
+    """One shot count's ways of choosing, the reason for a fixed value said once."""
+    fixed = [t.removesuffix(f" {NO_FOLD}") for t in selections]
+    return ", ".join(fixed) + (f" {NO_FOLD}" if fixed != selections else "")

@@ -16,7 +16,7 @@ from pipeline.options import FitOptions
 from pipeline.predict import predict_images
 from pipeline.protocols import make_split, parse_protocol
 from pipeline.runs import load_model, load_results
-from pipeline.significance import bootstrap, mcnemar, paired_difference
+from pipeline.significance import bootstrap, interval, mcnemar, paired_difference
 from pipeline.tapselect import group_lasso_ranking, select_taps
 from pipeline.transfer import logme, logme_parameters
 
@@ -130,6 +130,23 @@ def test_the_paired_bootstrap_interval_covers_a_known_difference_at_about_the_no
         d = paired_difference(stats, np.array([a.mean(), b.mean()]), [[a], [b]], 0, 1)
         covered += d.low <= true_difference <= d.high
     assert 0.90 <= covered / trials <= 0.99
+
+
+def test_seeds_that_share_their_test_images_share_their_resamples():
+    # an official split scored with 3 seeds (or a shot curve's 3 tries): one test set, so its sampling noise is
+    # one draw's; the interval must be as wide as one seed's, not narrowed as if each seed had its own images
+    rng = np.random.default_rng(4)
+    a, b = rng.random(300) < 0.8, rng.random(300) < 0.7
+    test = rng.permutation(1000)[:300]
+
+    def width(samples, seeds):
+        stats = bootstrap([[a] * seeds, [b] * seeds], [np.ones(300)] * seeds, samples=samples, resamples=2000)
+        low, high = interval(stats[0] - stats[1])
+        return high - low
+
+    one = width([test], 1)
+    assert width([test] * 3, 3) == pytest.approx(one, rel=0.08)
+    assert width(None, 3) == pytest.approx(one * np.sqrt(5 / 9), rel=0.08)  # distinct images: averaged down
 
 
 def test_mean_per_class_bootstrap_is_centred_on_the_metric_and_pairs_rows():
