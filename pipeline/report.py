@@ -89,7 +89,8 @@ def plot_comparison(rows: list[dict], path: Path, title: str) -> None:
     if best is not None and best["depth"] is not None:
         mine = [r for r in singles if (r["backbone"], r["clf"]) == (best["backbone"], best["clf"])]
         x = mine.index(best) if one_axis else best["depth"]
-        ax.annotate(f"best: {best['tap']} {100 * best['mean_per_class_accuracy_mean']:.1f}%",
+        name = best["tap"] if one_axis else f"{best['backbone']}/{best['tap']}"  # across backbones: whose tap
+        ax.annotate(f"best: {name} {100 * best['mean_per_class_accuracy_mean']:.1f}%",
                     (x, 100 * best["mean_per_class_accuracy_mean"]), textcoords="offset points", xytext=(0, 8),
                     ha="center", fontsize=8)
     ax.set_xlabel("tap (shallow to deep)" if one_axis else "relative depth of tap (0 = first, 1 = last)")

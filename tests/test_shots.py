@@ -9,7 +9,7 @@ from conftest import QUIET, TINY
 from pipeline.cli import main
 from pipeline.options import FitOptions
 from pipeline.protocols import make_split, parse_protocol
-from pipeline.shots import CurveRow, curve_points, draw_shots, leaders, parse_shots
+from pipeline.shots import CurveRow, curve_points, draw_shots, format_curves, leaders, parse_shots
 
 
 def test_draws_come_from_training_only_are_reproducible_nested_and_keep_small_classes_whole():
@@ -49,6 +49,19 @@ def test_a_curve_finds_the_set_that_wins_with_few_labels_and_the_one_that_wins_w
     assert at[("few", "1")]["low"] <= at[("few", "1")]["mean"] <= at[("few", "1")]["high"]
     assert at[("few", "1")]["selection"].startswith("fixed C=")  # one image per class: no fold
     assert leaders(points).startswith("few leads up to 5 shots, many from all images")
+
+
+def test_a_one_shot_point_names_the_value_it_used_and_the_table_says_why_once():
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(3), 20)
+    X = rng.normal(size=(3, 8))[y] + rng.normal(size=(len(y), 8))
+    pool, test = np.arange(0, 60, 2), np.arange(1, 60, 2)
+    rows = [CurveRow("knn", X, FitOptions(clf="knn")), CurveRow("logreg", X, FitOptions(clf="logreg"))]
+    points = curve_points(rows, y, pool, test, [1], 2, log=lambda _: None)
+    # k-NN's grid middle (20) is capped at the 3 training images: the point says the k that voted
+    assert points[0]["selection"] == "fixed n_neighbors=3 (1 image of a class leaves no fold to choose by)"
+    assert format_curves(points).splitlines()[-1] == (
+        "regularisation: 1 shot: fixed n_neighbors=3, fixed C=0.1 (1 image of a class leaves no fold to choose by)")
 
 
 def test_compare_shots_writes_the_curve_and_a_rerun_fits_only_new_points(tiny_flat, tmp_path, capsys):
