@@ -114,7 +114,8 @@ def _write_run(run_dir: Path, features: Features, settings: dict, ev: TapEvaluat
     results = RunResult(
         settings=settings, features=features_record(features, ev.taps), classes=features.classes,
         split_seeds=[s.seed for s in ev.per_seed], seeds_vary=varies,
-        duplicates=duplicate_summary(features.duplicate_groups()), undecodable=int((~features.valid).sum()),
+        duplicates=duplicate_summary(features.duplicate_groups(), protocol, features.labels, features.split,
+                                     features.valid), undecodable=int((~features.valid).sum()),
         untested_classes=untested, per_seed=ev.per_seed,
         chosen={options.param: [s.chosen for s in ev.per_seed]}, grid={options.param: options.grid},
         fit_seconds={"mean": float(np.mean(ev.fit_seconds)), "total": float(np.sum(ev.fit_seconds))},

@@ -4,8 +4,8 @@ Both tests are paired: every row was scored on the same test samples of the same
 splits, so what varies between rows is only the classifier's features or kind.
 
 * :func:`bootstrap` resamples seeds, then test samples (the same resamples for every row, and
-  for every seed that tests on a sample), and recomputes the metric: accuracy, or mean per-class accuracy as the
-  ratio estimator ``sum(w * correct) / sum(w)`` with ``w = 1 / (test images of the class)``,
+  for every seed that tests on a sample), and recomputes the metric: accuracy, or mean
+  per-class accuracy as the ratio estimator ``sum(w * correct) / sum(w)`` with ``w = 1 / (test images of the class)``,
   which equals the metric on the original sample. Percentiles of the paired differences give
   the confidence interval (:func:`paired_difference`).
 * :func:`mcnemar` is McNemar's exact test on one seed: of the samples exactly one row gets
@@ -43,8 +43,8 @@ def bootstrap(correct: np.ndarray | list, weights: list[np.ndarray], *, samples:
     shot curve, the overlapping test sides of seeded fractions) share their resampled counts. The test
     images are one draw from the population whichever split picked them; resampling them per seed
     would average that draw's noise down as if each seed had images of its own (three seeds on one
-    test set: an interval sqrt(5/9), about 0.75, times as wide as one seed's). Without ``samples`` the seeds' test
-    samples are taken as distinct."""
+    test set: an interval sqrt(5/9), about 0.75, times as wide as one seed's). Without ``samples``
+    the seeds' test samples are taken as distinct."""
     rng = np.random.default_rng(seed)
     n_seeds = len(weights)
     if samples is None:

@@ -184,6 +184,11 @@ def test_official_split_drops_test_images_whose_bytes_are_in_training(tmp_path, 
     train, test = make_split(parse_protocol("official"), features.labels, features.split, 0,
                              groups=features.duplicate_groups())
     assert len(train) == 12 and len(test) == 6 and "val/a/leak.jpg" not in [features.ids[i] for i in test]
+    code, out, _ = cli(capsys, "fit", "--dataset", f"folder:{root}", *TINY, *FIT, "--features-root", fs,
+                       "--runs-root", tmp_path / "runs")  # the fit says how many test images it left out
+    assert code == 0 and "1 test image(s) left out: their bytes are also in training" in out
+    results = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
+    assert results["duplicates"] == {"checked": True, "groups": 1, "images": 2, "test_copies_dropped": 1}
 
 
 def test_a_rerun_with_other_settings_is_refused_and_auto_keeps_the_files_settings(tiny_flat, tmp_path, capsys):

@@ -264,8 +264,10 @@ def result_notes(results, seeds: int) -> list[str]:
                                                    " (the uncalibrated scores were not probabilities)"))
     dup = results.duplicates
     if dup.get("groups"):
+        dropped = dup.get("test_copies_dropped")
         notes.append(f"note: {dup['groups']} group(s) of byte-identical images ({dup['images']} images) in the file, "
-                     f"each kept on one side of every split")
+                     + ("each kept on one side of every split" if dropped is None else
+                        f"{dropped} test image(s) left out: their bytes are also in training"))
     elif dup and not dup.get("checked"):
         notes.append("note: duplicate images were not checked (the file has no content digests: a file from "
                      "before they were recorded, which `extract --force` rebuilds, or a dataset without a pixel array)")
