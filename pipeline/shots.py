@@ -270,7 +270,8 @@ def shot_curves(images: ImageSet, backbones: list, taps: list[str] | None, optio
     features: Features = prepared.rows[0].features
     pool, test = make_split(protocol, features.labels, features.split, 0, features.valid, features.duplicate_groups())
     first = features.duplicate_groups()
-    pool = pool if first is None else pool[first[pool] == pool]  # distinct images only
+    if first is not None:  # distinct images only: one training image per group, whichever side its first copy is on
+        pool = np.sort(pool[np.unique(first[pool], return_index=True)[1]])
     settings = {"dataset": images.name, "dataset_fingerprint": images.fingerprint(), "features": prepared.made_from,
                 "backbones": [b.name for b in backbones], "taps": taps, "fuse": fuse,
                 "pooling": extract_options.pooling, "protocol": str(protocol), "fits": [f.settings for f in options]}

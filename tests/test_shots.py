@@ -1,6 +1,7 @@
 """Few-shot curves (compare --shots): the draws, the statistics, and the CLI's reruns."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -82,3 +83,15 @@ def test_compare_shots_writes_the_curve_and_a_rerun_fits_only_new_points(tiny_fl
     assert "drop 1 from --shots" in capsys.readouterr().err
     assert main([*args, "--shots", "1,all", "--seeds", "3"]) == 2
     assert main([*args, "--shots", "0,2"]) == 2
+
+
+def test_a_shot_pool_keeps_one_copy_of_an_image_in_both_splits_and_tests_without_it(tmp_path, image_folder, capsys):
+    root = tmp_path / "split"
+    image_folder(root / "train", classes=("a", "b"), per_class=4, seed=1)
+    image_folder(root / "test", classes=("a", "b"), per_class=3, seed=2)
+    shutil.copy(root / "test" / "a" / "img_000.jpg", root / "train" / "a" / "copy.jpg")
+    assert main(["compare", "--dataset", f"folder:{root}", *TINY, *QUIET, "--taps", "avgpool", "--shots", "all",
+                 "--tries", "1", "--features-root", str(tmp_path / "fs"), "--runs-root", str(tmp_path / "runs")]) == 0
+    settings = json.loads(next((tmp_path / "runs").rglob("shots.json")).read_text())["settings"]
+    # the copy trains (its test twin is dropped from the test side, as in every official split)
+    assert (settings["training_pool"], settings["test_images"]) == (9, 5)
