@@ -464,7 +464,8 @@ class FeatureFile:
         names = sorted({r.tap for r in self.taps.values()})
         close = difflib.get_close_matches(tap, names, n=2, cutoff=0.75)
         if close and tap not in names:  # a misspelt tap: a usage error, not a missing extraction
-            raise UsageError(f"tap {tap!r} is not in {self.path}; did you mean {' or '.join(close)}? (it has: {have})")
+            raise UsageError(f"tap {tap!r} is not in {self.path}; did you mean {' or '.join(close)}? (it has: {have}; "
+                             f"if {tap} is a tap of its backbone, `taps extract ... --taps {tap}` adds it)")
         pooled_otherwise = sorted({r.pooling for r in self.taps.values() if r.tap == tap})
         other = f", or pass --pool {' or '.join(pooled_otherwise)} to fit the one it has" if pooled_otherwise else ""
         raise TapsError(f"tap {tap!r} (pooling {pooling}) is not in {self.path} (it has: {have}); "

@@ -62,7 +62,7 @@ def cases(w: dict) -> list[tuple[list[str], int, str]]:
         (["compare", *data, "--protocol", "per-class:40", "--features-root", str(root / "cmpfs")], 2,
          "per-class:40 needs more than 40 images in every class"),
         (["fit", "--features", str(next(w["fs"].rglob("*.h5"))), "--tap", "avgpol", "--runs-root", str(root / "runs2")], 2,
-         "did you mean avgpool? (it has: avgpool)"),
+         "did you mean avgpool? (it has: avgpool; if avgpol is a tap of its backbone, `taps extract ... --taps avgpol` adds it)"),
         ([*fit, "--tap", "avgpool+avgpool"], 2, "tap set 'avgpool+avgpool' names a tap twice; name each tap once"),
         ([*fit, "--tap", "auto+avgpool"], 2, "'auto' chooses the whole set; pass --tap auto alone"),
         ([*fit, "--tap", "layer1+"], 2, "bad tap set 'layer1+': write taps joined by '+'"),
