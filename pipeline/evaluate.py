@@ -111,12 +111,17 @@ def _write_run(run_dir: Path, features: Features, settings: dict, ev: TapEvaluat
               else f"the CV folds only: the {protocol} split is the same for every seed")
     tested = [set(features.labels[ev.predictions[f"test_{s}"]].tolist()) for s in range(len(ev.per_seed))]
     untested = [c for i, c in enumerate(features.classes) if any(i not in seen for seen in tested)]
+    counts = np.bincount(features.labels[ev.predictions["test_0"]], minlength=len(features.classes))
+    fewest = int(np.argmin(np.where(counts > 0, counts, counts.max() + 1)))
+    # mean/class weighs each class alike, so one test image of this class is 1 / (its count x classes) of it
+    fewest_test = {"class": features.classes[fewest], "images": int(counts[fewest]),
+                   "classes_tested": int((counts > 0).sum())}
     results = RunResult(
         settings=settings, features=features_record(features, ev.taps), classes=features.classes,
         split_seeds=[s.seed for s in ev.per_seed], seeds_vary=varies,
         duplicates=duplicate_summary(features.duplicate_groups(), protocol, features.labels, features.split,
                                      features.valid), undecodable=int((~features.valid).sum()),
-        untested_classes=untested, per_seed=ev.per_seed,
+        untested_classes=untested, fewest_test_images=fewest_test, per_seed=ev.per_seed,
         chosen={options.param: [s.chosen for s in ev.per_seed]}, grid={options.param: options.grid},
         fit_seconds={"mean": float(np.mean(ev.fit_seconds)), "total": float(np.sum(ev.fit_seconds))},
         metrics=ev.metrics, model=save_model(run_dir, ev.model), predictions=save_predictions(run_dir, ev.predictions),

@@ -117,7 +117,11 @@ def test_classes_without_a_test_image_are_named_beside_the_metrics_they_are_left
     code, out, _ = cli(capsys, "fit", *common, *FIT, "--runs-root", tmp_path / "runs")
     assert code == 0 and "note: 1 of 3 classes have no test image (in some seed's split): c; mean per-class " \
         "accuracy averages the classes that have" in out
-    assert json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())["untested_classes"] == ["c"]
+    results = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
+    assert results["untested_classes"] == ["c"]
+    # 3 test images in each of the 2 tested classes: one image is 1/6 of the metric, and the note says so
+    assert results["fewest_test_images"] == {"class": "a", "images": 3, "classes_tested": 2}
+    assert "note: class 'a' has 3 test image(s) (seed 0); each moves mean per-class accuracy by 16.67 points" in out
 
 
 def test_classes_spelt_two_ways_are_kept_apart_with_a_warning(csv_world, image_folder, tmp_path):

@@ -239,9 +239,12 @@ def fit_options(args, clf: str | None = None, *, prompts: bool = True):
                       prompts=args.prompts if prompts else None)
 
 
+FEW_TEST_IMAGES = 10  # below this, one test image of a class is over a tenth of its accuracy: say so
+
+
 def result_notes(results, seeds: int) -> list[str]:
-    """What a reader of a fit's numbers must know: classes without a test image, what the ± varies over,
-    calibration, duplicate and undecodable images."""
+    """What a reader of a fit's numbers must know: classes without a test image or with few, what the ±
+    varies over, calibration, duplicate and undecodable images."""
     notes = []
     missing = results.untested_classes
     if missing:
@@ -249,6 +252,11 @@ def result_notes(results, seeds: int) -> list[str]:
         notes.append(f"note: {len(missing)} of {len(results.classes)} classes have no test image (in some seed's split): "
                      f"{shown}; mean per-class accuracy averages the classes that have, and macro F1 counts each "
                      f"such class predicted as 0")
+    fewest = results.fewest_test_images
+    if fewest and fewest["images"] < FEW_TEST_IMAGES:
+        weight = 100 / (fewest["images"] * fewest["classes_tested"])
+        notes.append(f"note: class {fewest['class']!r} has {fewest['images']} test image(s) (seed 0); each moves mean "
+                     f"per-class accuracy by {weight:.2f} points, so differences of that size can be one image")
     if results.undecodable:
         notes.append(f"note: {results.undecodable} image(s) could not be decoded at extraction and are in no split "
                      f"(`taps info` on the feature file lists them)")
