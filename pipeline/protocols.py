@@ -227,13 +227,17 @@ def make_split(protocol: Protocol, labels: np.ndarray, split: list[str] | None, 
 
 def duplicate_summary(groups: np.ndarray | None, protocol: Protocol | None = None, labels: np.ndarray | None = None,
                       split: list[str] | None = None, usable: np.ndarray | None = None) -> dict:
-    """How many groups of byte-identical images a file has, and how many images are in them; with a fixed
+    """How many groups of byte-identical images a file has, how many images are in them and how many
+    groups are filed under more than one class (``mixed_labels``, with ``labels``); with a fixed
     ``protocol`` (official), also how many of its test images were left out because their bytes are in
     its training side (``test_copies_dropped``; drawn splits keep each group on one side instead)."""
     if groups is None:
         return {"checked": False, "groups": 0, "images": 0}
     sizes = np.bincount(groups, minlength=len(groups))
     summary = {"checked": True, "groups": int((sizes > 1).sum()), "images": int(sizes[sizes > 1].sum())}
+    if labels is not None and summary["groups"]:  # copies filed under two classes: a label is wrong somewhere
+        labelled = np.unique(np.stack([groups, np.asarray(labels)]), axis=1)[0]
+        summary["mixed_labels"] = int((np.bincount(labelled, minlength=len(groups)) > 1).sum())
     if protocol is not None and not protocol.record.random and summary["groups"]:
         usable = np.ones(len(groups), bool) if usable is None else usable
         train, test = protocol.record.split(protocol, labels, split, usable, np.random.default_rng(0), 0)

@@ -164,9 +164,10 @@ def test_byte_identical_images_stay_on_one_side_of_every_split(copies, tmp_path,
             assert len(train) + len(test) == len(groups)
     code, out, _ = cli(capsys, "fit", *data, *FIT, "--protocol", "per-class:4", "--seeds", "2",
                        "--runs-root", tmp_path / "runs")
-    assert code == 0 and "2 group(s) of byte-identical images (4 images) in the file" in out
+    assert code == 0 and "2 group(s) of byte-identical images (4 images) in the file, 1 of them under two or more " \
+        "classes (a wrong label or overlapping classes)" in out  # a/img_001.jpg is also b/copy_of_a001.jpg
     results = json.loads((tmp_path / "runs").rglob("results.json").__next__().read_text())
-    assert results["duplicates"] == {"checked": True, "groups": 2, "images": 4}
+    assert results["duplicates"] == {"checked": True, "groups": 2, "images": 4, "mixed_labels": 1}
 
 
 def test_without_duplicates_the_splits_are_unchanged():
@@ -192,7 +193,8 @@ def test_official_split_drops_test_images_whose_bytes_are_in_training(tmp_path, 
                        "--runs-root", tmp_path / "runs")  # the fit says how many test images it left out
     assert code == 0 and "1 test image(s) left out: their bytes are also in training" in out
     results = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
-    assert results["duplicates"] == {"checked": True, "groups": 1, "images": 2, "test_copies_dropped": 1}
+    assert results["duplicates"] == {"checked": True, "groups": 1, "images": 2, "mixed_labels": 0,
+                                     "test_copies_dropped": 1}
 
 
 def test_a_rerun_with_other_settings_is_refused_and_auto_keeps_the_files_settings(tiny_flat, tmp_path, capsys):

@@ -273,8 +273,10 @@ def result_notes(results, seeds: int) -> list[str]:
     dup = results.duplicates
     if dup.get("groups"):
         dropped = dup.get("test_copies_dropped")
+        mixed = f"{dup['mixed_labels']} of them under two or more classes (a wrong label or overlapping classes), " \
+            if dup.get("mixed_labels") else ""
         notes.append(f"note: {dup['groups']} group(s) of byte-identical images ({dup['images']} images) in the file, "
-                     + ("each kept on one side of every split" if dropped is None else
+                     + mixed + ("each kept on one side of every split" if dropped is None else
                         f"{dropped} test image(s) left out: their bytes are also in training"))
     elif dup and not dup.get("checked"):
         notes.append("note: duplicate images were not checked (the file has no content digests: a file from "
