@@ -13,9 +13,9 @@ with its regularisation chosen by CV inside the draw, and scored on the same tes
   class out, so the grid's middle value is used, and the table says so.
 * ``all`` is the whole training side: one draw, so its interval comes from the test images only.
 * Each point's interval and the paired tests resample tries, then test images (the same
-  resamples for every row and every try, which share one test set), as :mod:`pipeline.significance`
-  does over seeds; the spread over
-  tries alone (``std``) says how much of it the draw causes.
+  resamples for every row and every try, which share one test set), as
+  :mod:`pipeline.significance` does over seeds; the spread over tries alone (``std``) says how
+  much of it the draw causes.
 * Every point's predictions are kept (``RUNS/DATASET/shot-points``, keyed by the feature file's
   fingerprint, the taps, the fit settings and the draw), so a rerun with more shot counts, tries
   or rows fits only the new points.

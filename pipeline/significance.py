@@ -5,8 +5,8 @@ splits, so what varies between rows is only the classifier's features or kind.
 
 * :func:`bootstrap` resamples seeds, then test samples (the same resamples for every row, and
   for every seed that tests on a sample), and recomputes the metric: accuracy, or mean
-  per-class accuracy as the ratio estimator ``sum(w * correct) / sum(w)`` with ``w = 1 / (test images of the class)``,
-  which equals the metric on the original sample. Percentiles of the paired differences give
+  per-class accuracy as the ratio estimator ``sum(w * correct) / sum(w)`` with
+  ``w = 1 / (test images of the class)``, which equals the metric on the original sample. Percentiles of the paired differences give
   the confidence interval (:func:`paired_difference`).
 * :func:`mcnemar` is McNemar's exact test on one seed: of the samples exactly one row gets
   right, is the split further from 50/50 than chance allows (a two-sided binomial test)?
