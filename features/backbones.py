@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 
 from .errors import UsageError
 from .models.cards import BackboneCard, load_card, save_card
-from .models.names import check_known, source_listings
+from .models.names import check_known, check_weights_known, keep_weights, source_listings
 from .models.preprocess import Preprocess, UInt8Crop
 from .models.schemes import TAP_SCHEMES, Tap, TapScheme, node_depth, register_tap_scheme
-from .models.source import ModelSource, WeightsChoice, get_source
+from .models.source import ModelSource, UnknownWeights, WeightsChoice, get_source
 from .pooling import DEFAULT_POOLING, get_pooling, poolable, pooled_dim
 
 if TYPE_CHECKING:
@@ -64,8 +64,17 @@ class Backbone:
 
     @cached_property
     def source(self) -> ModelSource:
-        check_known(self._args[0])  # from the names kept per machine: a misspelt one imports no library
-        return get_source(*self._args)
+        name, weights, _ = self._args
+        check_known(name)  # from the names kept per machine: a misspelt one imports no library
+        check_weights_known(name, weights)  # the same for weights, where this model's are kept
+        try:
+            source = get_source(*self._args)
+        except UnknownWeights as refused:
+            listing = refused.listing
+            keep_weights(name, lambda: listing)
+            raise
+        keep_weights(name, source.weights_listing)
+        return source
 
     @cached_property
     def resolver(self) -> TapResolver:

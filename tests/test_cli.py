@@ -173,6 +173,18 @@ def test_backbone_names_are_kept_so_listing_them_or_a_misspelt_one_imports_no_li
         assert want in run.stderr and run.stdout.strip() == "[]", run.stdout + run.stderr
 
 
+def test_a_misspelt_weights_name_of_a_model_used_before_imports_no_library(tmp_path):
+    """The first resolution of a model keeps its weights' names; a later misspelt --weights for it is
+    refused from them, with the source's own line, in a fraction of a second."""
+    env = {**os.environ, "TAPS_CACHE": str(tmp_path)}
+    argv = ["extract", "--dataset", "digits", "--backbone", "resnet18", "--weights", "IMAGENET1K_V9"]
+    first, second = (subprocess.run([sys.executable, "-c", LIGHT, *argv], capture_output=True, text=True, env=env)
+                     for _ in range(2))
+    want = "unknown weights 'IMAGENET1K_V9' for resnet18; valid: auto, DEFAULT, none, FILE.pth, IMAGENET1K_V1"
+    assert want in first.stderr and "'torchvision'" in first.stdout, first.stdout + first.stderr
+    assert want in second.stderr and second.stdout.strip() == "[]", second.stdout + second.stderr
+
+
 @pytest.mark.parametrize("clf,by,torch_expected", [("logreg", "file", False), ("logreg", "dataset", False),
                                                     ("knn", "file", True)])
 def test_a_fit_imports_torch_only_for_a_head_that_computes_with_it(clf, by, torch_expected, tiny_flat, tiny_features,

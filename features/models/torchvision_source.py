@@ -16,7 +16,9 @@ from .source import (
     DEFAULT_IMAGE_SIZE,
     CardFiles,
     ModelSource,
+    UnknownWeights,
     WeightsChoice,
+    WeightsListing,
     load_state_file,
     local_weights,
     register_source,
@@ -58,9 +60,12 @@ class TorchvisionSource(ModelSource):
         try:
             member = enum_cls.DEFAULT if spec.upper() == "DEFAULT" else enum_cls[spec.split(".")[-1]]
         except KeyError:
-            valid = ", ".join(["auto", "DEFAULT", "none", "FILE.pth"] + [m.name for m in enum_cls])
-            raise UsageError(f"unknown weights {spec!r} for {self.name}; valid: {valid}") from None
+            raise UnknownWeights(spec, self.name, self.weights_listing()) from None
         return WeightsChoice(member, None, str(member))
+
+    def weights_listing(self) -> WeightsListing:
+        names = [m.name for m in models.get_model_weights(self.name)]
+        return WeightsListing(tuple(names), ", ".join(["auto", "DEFAULT", "none", "FILE.pth", *names]))
 
     def weights_arg(self) -> str:
         w = self.weights
