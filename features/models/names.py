@@ -90,7 +90,7 @@ def keep_weights(name: str, listing: Callable[[], WeightsListing | None]) -> Non
     if path.is_file():
         return
     found = listing()
-    if found is not None:
+    if found is not None and found.names:  # a model without pretrained weights: its source says so itself
         try:
             write_atomically(path, json.dumps({"names": list(found.names), "valid": found.valid}))
         except OSError:
