@@ -78,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     one_line = lambda message, category, *_, **__: f"taps {args.command}: warning: {message}\n"  # noqa: E731
     previous, warnings.formatwarning = warnings.formatwarning, one_line
     try:
-        args.func(args)
+        with warnings.catch_warnings():
+            # targets are class indices here: scikit-learn's guess that as many classes as samples "could
+            # represent a regression problem" (every 1-shot fit of a shot curve) is a false alarm
+            warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")
+            args.func(args)
     except TapsError as exc:
         print(f"taps {args.command}: error: {exc}", file=sys.stderr)
         return exc.code

@@ -95,3 +95,13 @@ def test_a_shot_pool_keeps_one_copy_of_an_image_in_both_splits_and_tests_without
     settings = json.loads(next((tmp_path / "runs").rglob("shots.json")).read_text())["settings"]
     # the copy trains (its test twin is dropped from the test side, as in every official split)
     assert (settings["training_pool"], settings["test_images"]) == (9, 5)
+
+
+def test_a_one_shot_curve_over_many_classes_passes_on_no_regression_warning(tmp_path, image_folder, recwarn):
+    # 22 classes, one image each: scikit-learn guesses from as many classes as samples (over 20) that the
+    # target "could represent a regression problem", a false alarm the CLI does not pass on
+    image_folder(tmp_path / "many", classes=tuple(f"c{i:02d}" for i in range(22)), per_class=3)
+    assert main(["compare", "--dataset", f"folder:{tmp_path / 'many'}", *TINY, *QUIET, "--taps", "avgpool",
+                 "--protocol", "per-class:2", "--shots", "1", "--tries", "1", "--features-root", str(tmp_path / "fs"),
+                 "--runs-root", str(tmp_path / "runs")]) == 0
+    assert not [w for w in recwarn if "regression problem" in str(w.message)]
