@@ -54,6 +54,8 @@ def bootstrap(correct: np.ndarray | list, weights: list[np.ndarray], *, samples:
     positions = np.split(where, np.cumsum([len(s) for s in samples])[:-1])  # each seed's samples in universe
     picks = rng.integers(0, n_seeds, size=(resamples, n_seeds))  # seeds drawn with replacement
     observed = [np.stack([np.asarray(c[s], dtype=np.float64) for c in correct]) for s in range(n_seeds)]
+    # a seed whose samples all go undrawn in a resample (only likely with a handful of test images) keeps its metric
+    unresampled = [(o @ w / w.sum())[:, None] for o, w in zip(observed, weights, strict=True)]
     stats = np.zeros((len(correct), resamples))
     step = max(1, 20_000_000 // len(universe))  # resample counts in chunks: memory stays bounded
     for lo in range(0, resamples, step):
@@ -63,9 +65,7 @@ def bootstrap(correct: np.ndarray | list, weights: list[np.ndarray], *, samples:
             times = (picks[lo:hi] == s).sum(1) / n_seeds  # how much seed s weighs in each resample
             counts = drawn[:, positions[s]] * w  # (chunk, n)
             total = counts.sum(1)
-            # a seed whose samples all went undrawn (only likely with a handful of test images) keeps its metric
-            metric = np.where(total > 0, (observed[s] @ counts.T) / np.where(total > 0, total, 1),
-                              (observed[s] @ w / w.sum())[:, None])
+            metric = np.where(total > 0, (observed[s] @ counts.T) / np.where(total > 0, total, 1), unresampled[s])
             stats[:, lo:hi] += metric * times
     return stats
 

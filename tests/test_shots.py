@@ -85,7 +85,7 @@ def test_compare_shots_writes_the_curve_and_a_rerun_fits_only_new_points(tiny_fl
     assert main([*args, "--shots", "0,2"]) == 2
 
 
-def test_a_shot_pool_keeps_one_copy_of_an_image_in_both_splits_and_tests_without_it(tmp_path, image_folder, capsys):
+def test_a_shot_pool_keeps_one_copy_of_an_image_in_both_splits_and_tests_without_it(tmp_path, image_folder):
     root = tmp_path / "split"
     image_folder(root / "train", classes=("a", "b"), per_class=4, seed=1)
     image_folder(root / "test", classes=("a", "b"), per_class=3, seed=2)
