@@ -15,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 from sklearn.base import clone
 from sklearn.calibration import CalibratedClassifierCV
-from sklearn.model_selection import StratifiedKFold
 
 from .classifiers import get_classifier
+from .folds import training_folds
 
 BINS = 15
 
@@ -27,11 +27,12 @@ def calibration_method(clf: str) -> str:
     return "temperature" if get_classifier(clf).probabilities else "sigmoid"
 
 
-def calibrate(model, X: np.ndarray, y: np.ndarray, *, method: str, folds: int = 3, random_state: int = 0):
+def calibrate(model, X: np.ndarray, y: np.ndarray, *, method: str, folds: int = 3, random_state: int = 0,
+              copies: np.ndarray | None = None):
     """``model`` (unfitted or fitted: it is cloned) refit on ``X, y`` with a calibration map fitted on
-    its out-of-fold scores over ``folds`` stratified folds (fewer when a class is smaller)."""
-    smallest = int(np.bincount(np.unique(y, return_inverse=True)[1]).min())
-    cv = StratifiedKFold(min(folds, smallest), shuffle=True, random_state=random_state)
+    its out-of-fold scores over ``folds`` stratified folds (fewer when a class is smaller; ``copies``:
+    an image's byte-identical copies in one fold, else its out-of-fold score is a memorised one)."""
+    cv = training_folds(y, folds, random_state=random_state, copies=copies)
     return CalibratedClassifierCV(clone(model), method=method, cv=cv, ensemble=False).fit(X, y)
 
 

@@ -8,51 +8,57 @@ from numbers import Integral
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.metrics import accuracy_score
-from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.utils._param_validation import HasMethods, Interval
 from sklearn.utils.validation import check_is_fitted
 
 from .classifiers import make_classifier
+from .folds import fewest_distinct, has_copies, training_folds
 from .fusion import Groups, fusion_transformer
 from .options import FitOptions
 
 
-def cv_folds(y: np.ndarray, folds: int, n_grid: int) -> int:
+def cv_folds(y: np.ndarray, folds: int, n_grid: int, copies: np.ndarray | None = None) -> int:
     """The folds selection really uses on training labels ``y``: ``folds``, or fewer when the smallest
-    class has fewer training images; 1 when the grid has one value (nothing to select).
+    class has fewer distinct training images (``copies``: per row, its group of byte-identical
+    images, which count once); 1 when the grid has one value (nothing to select).
 
-    Raises ``ValueError`` when a class has fewer than 2 training images: selection is impossible,
-    and silently falling back to a grid value nobody chose would claim CV that did not happen.
+    Raises ``ValueError`` when a class has fewer than 2 distinct training images: selection is
+    impossible, and silently falling back to a grid value nobody chose would claim CV that did not happen.
     """
     if n_grid == 1:
         return 1
-    smallest = int(np.bincount(np.unique(y, return_inverse=True)[1]).min())
+    smallest = fewest_distinct(y, copies)
     if smallest < 2:
-        raise ValueError(f"cross-validation needs at least 2 training images in every class, but the smallest "
-                         f"class has {smallest}")
+        distinct = "distinct " if has_copies(copies) else ""
+        raise ValueError(f"cross-validation needs at least 2 {distinct}training images in every class, but the "
+                         f"smallest class has {smallest}")
     return min(folds, smallest)
 
 
-def check_folds(train_labels: list[np.ndarray], folds: int, n_grid: int) -> None:
-    """Raise ``ValueError`` (see :func:`cv_folds`) unless every training split can be cross-validated."""
-    for y in train_labels:
-        cv_folds(y, folds, n_grid)
+def check_folds(trains: list[tuple[np.ndarray, np.ndarray | None]], folds: int, n_grid: int) -> None:
+    """Raise ``ValueError`` (see :func:`cv_folds`) unless every training split (its labels and
+    copies) can be cross-validated."""
+    for y, copies in trains:
+        cv_folds(y, folds, n_grid, copies)
 
 
-def describe_selection(param: str, grid: list[float], folds: int, asked: int) -> str:
-    """How the regularisation was chosen, as results.json records and the CLI prints it."""
+def describe_selection(param: str, grid: list[float], folds: int, asked: int, copies: bool = False) -> str:
+    """How the regularisation was chosen, as results.json records and the CLI prints it (``copies``:
+    byte-identical training images were kept in one fold)."""
     if folds == 1:
         return f"fixed {param}={grid[0]:g} (one grid value, no selection)"
-    if folds < asked:
-        return f"{folds}-fold CV (asked for {asked}; the smallest class has {folds} training images)"
-    return f"{folds}-fold CV"
+    notes = [f"asked for {asked}; the smallest class has {folds} {'distinct ' if copies else ''}training images"
+             ] if folds < asked else []
+    notes += ["copies of an image in one fold"] if copies else []
+    return f"{folds}-fold CV" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 class SelectedClassifier(ClassifierMixin, BaseEstimator):
     """An estimator whose ``param`` (C or weight decay) is chosen from ``grid`` by stratified k-fold
-    CV on the data given to :meth:`fit` only, then refit on all of it (the shape of scikit-learn's
-    ``LogisticRegressionCV``, for any of taps' heads).
+    CV (:mod:`pipeline.folds`: an image's byte-identical copies in one fold) on the data given to
+    :meth:`fit` only, then refit on all of it (the shape of scikit-learn's ``LogisticRegressionCV``,
+    for any of taps' heads).
 
     ``estimator`` is the unfitted model: a Pipeline of preprocessing and a head (in memory; the
     preprocessing is fitted once per fold and the head warm-started along the grid), or the
@@ -78,14 +84,18 @@ class SelectedClassifier(ClassifierMixin, BaseEstimator):
         self.folds = folds
         self.random_state = random_state
 
-    def fit(self, X, y):
+    def fit(self, X, y, copies=None):
+        """Choose ``param`` by CV on ``X, y`` and refit. ``copies`` (per row, its group of
+        byte-identical images) keeps an image's copies in one fold."""
         self._validate_params()
         grid = sorted(float(v) for v in self.grid)
         y = np.asarray(y)
-        self.cv_folds_ = cv_folds(y, self.folds, len(grid))
-        self.cv_scores_ = self._cv_scores(X, y, grid) if self.cv_folds_ > 1 else None
+        copies = None if copies is None else np.asarray(copies)
+        self.cv_folds_ = cv_folds(y, self.folds, len(grid), copies)
+        self.cv_scores_ = self._cv_scores(X, y, grid, copies) if self.cv_folds_ > 1 else None
         self.chosen_ = grid[int(np.argmax(self.cv_scores_))] if self.cv_scores_ is not None else grid[0]
-        self.selection_ = describe_selection(self.param, grid, self.cv_folds_, self.folds)
+        self.selection_ = describe_selection(self.param, grid, self.cv_folds_, self.folds,
+                                             has_copies(copies) and self.cv_folds_ > 1)
         self.model_ = _with(clone(self.estimator), self.param, self.chosen_).fit(X, y)
         # A head that caps its parameter on the data it saw (k-NN's k at the training rows) records
         # the value it used; that is the value chosen.
@@ -96,9 +106,9 @@ class SelectedClassifier(ClassifierMixin, BaseEstimator):
         self.classes_ = self.model_.classes_
         return self
 
-    def _cv_scores(self, X, y: np.ndarray, grid: list[float]) -> np.ndarray:
+    def _cv_scores(self, X, y: np.ndarray, grid: list[float], copies: np.ndarray | None) -> np.ndarray:
         scores = np.zeros(len(grid))
-        for tr, va in StratifiedKFold(self.cv_folds_, shuffle=True, random_state=self.random_state).split(X, y):
+        for tr, va in training_folds(y, self.cv_folds_, random_state=self.random_state, copies=copies):
             model, Xtr, Xva = clone(self.estimator), X[tr], X[va]
             head = model
             if isinstance(model, Pipeline):  # preprocessing fitted once per fold, the head tuned

@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn.decomposition import PCA
-from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
 from .classifiers import load
+from .folds import training_folds
 from .fusion import Groups
 from .tapselectors import DEFAULT_SELECTOR, get_selector
 
@@ -76,16 +76,16 @@ def proxy_features(X: np.ndarray, groups: Groups, max_dim: int = PROXY_DIM) -> t
 class RidgeCVScore:
     """k-fold CV accuracy of a ridge classifier on any subset of tap groups, from per-fold Gram matrices."""
 
-    def __init__(self, Z: np.ndarray, y: np.ndarray, groups: Groups, *, folds: int, random_state: int):
+    def __init__(self, Z: np.ndarray, y: np.ndarray, groups: Groups, *, folds: int, random_state: int,
+                 copies: np.ndarray | None = None):
         import torch
 
         self.groups = groups
         classes, y_index = np.unique(y, return_inverse=True)
         Y = torch.as_tensor(np.eye(len(classes))[y_index], dtype=torch.float32)
         Zt = torch.as_tensor(Z, dtype=torch.float32)
-        smallest = int(np.bincount(y_index).min())
         self.folds = []
-        for tr, va in StratifiedKFold(min(folds, smallest), shuffle=True, random_state=random_state).split(Z, y):
+        for tr, va in training_folds(y, folds, random_state=random_state, copies=copies):
             tr, va = torch.as_tensor(tr), torch.as_tensor(va)
             mean_z, mean_y = Zt[tr].mean(0), Y[tr].mean(0)
             Zc = Zt[tr] - mean_z
@@ -178,13 +178,14 @@ def group_lasso_selection(score: RidgeCVScore, Z: np.ndarray, y: np.ndarray, gro
 
 def select_taps(X: np.ndarray, y: np.ndarray, groups: Groups, *, method: str = DEFAULT_SELECTOR, folds: int = 3,
                 threshold: float = 0.002, max_taps: int = 4, candidates: int = 8,
-                random_state: int = 0) -> TapSelection:
+                random_state: int = 0, copies: np.ndarray | None = None) -> TapSelection:
     """Choose the taps to fuse from training rows ``X`` (the taps' matrices side by side, ``groups``
-    naming each tap's columns) and labels ``y``; nothing else is looked at."""
+    naming each tap's columns) and labels ``y`` (``copies``: per row, its group of byte-identical
+    images, kept in one CV fold); nothing else is looked at."""
     rank = load(get_selector(method).choose)
     t0 = time.perf_counter()
     Z, zgroups = proxy_features(X, groups)
-    score = RidgeCVScore(Z, y, zgroups, folds=folds, random_state=random_state)
+    score = RidgeCVScore(Z, y, zgroups, folds=folds, random_state=random_state, copies=copies)
     chosen, path = rank(score, Z, y, zgroups, threshold=threshold, max_taps=max_taps, candidates=candidates)
     order = list(groups)
     return TapSelection(sorted(chosen, key=order.index), method, path, round(time.perf_counter() - t0, 3))

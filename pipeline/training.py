@@ -52,7 +52,7 @@ def fit_seeds(data: FitData, splits: list[Split], options: FitOptions, tap: str)
         if len(np.unique(data.features.labels[train])) < 2:
             raise TapsError(f"the training split of tap {tap} has one class ({len(train)} samples); "
                             f"use a protocol with more classes in training")
-    every_train = [data.features.labels[train] for train, _ in splits]
+    every_train = [(data.features.labels[train], _copies(data, train)) for train, _ in splits]
     per_seed, model0, taps0, predictions = [], None, data.keys, {}
     for seed, (train, test) in enumerate(splits):
         result, model, pred = _fit_seed(data, options, tap, seed, train, test, check=every_train if seed == 0 else None)
@@ -63,16 +63,22 @@ def fit_seeds(data: FitData, splits: list[Split], options: FitOptions, tap: str)
     return TapEvaluation(per_seed, summarize([s.metrics for s in per_seed]), model0, taps0, predictions)
 
 
+def _copies(data: FitData, rows: np.ndarray) -> np.ndarray | None:
+    """Per row of ``rows``, its group of byte-identical images (None: the file has no digests)."""
+    return None if data.same_bytes is None else data.same_bytes[rows]
+
+
 def _fit_seed(data: FitData, options: FitOptions, tap: str, seed: int, train: np.ndarray, test: np.ndarray, *,
-              check: list[np.ndarray] | None = None) -> tuple[SeedResult, object, np.ndarray]:
+              check: list[tuple[np.ndarray, np.ndarray | None]] | None = None) -> tuple[SeedResult, object, np.ndarray]:
     """One seed: (its record, the model a run keeps, its predictions on the test rows). ``check``:
-    every seed's training labels, checked for cross-validation before this (the first) fit, so a
-    protocol that cannot be cross-validated fails before any fit, not after some."""
-    t0, y = time.perf_counter(), data.features.labels
+    every seed's training labels and copies, checked for cross-validation before this (the first)
+    fit, so a protocol that cannot be cross-validated fails before any fit, not after some. Every CV
+    inside the training rows keeps an image's byte-identical copies in one fold."""
+    t0, y, copies = time.perf_counter(), data.features.labels, _copies(data, train)
     record, chosen, X, fused = None, data.keys, data.X, data.groups
     if tap == AUTO:  # chosen from this seed's training rows only
         picked = select_taps(X[train], y[train], fused, method=options.select, folds=options.folds,
-                             threshold=options.select_threshold, random_state=seed)
+                             threshold=options.select_threshold, random_state=seed, copies=copies)
         chosen = picked.taps
         X, fused = _columns(X, fused, chosen) if len(chosen) > 1 else (X[:, np.arange(*fused[chosen[0]])], None)
         record = {"method": picked.method, "seconds": picked.seconds, "path": picked.path}
@@ -84,9 +90,9 @@ def _fit_seed(data: FitData, options: FitOptions, tap: str, seed: int, train: np
     except ValueError as exc:
         raise TapsError(f"choosing {options.param} by {exc}; use a protocol with more training images per "
                         f"class, or pass a single --grid value to fit without selection") from None
-    selected.fit(Xtr, y[train])
+    selected.fit(Xtr, y[train], copies=copies)
     model = (calibrate(selected.model_, Xtr, y[train], method=calibration_method(options.clf),
-                       folds=options.folds, random_state=seed) if options.calibrate else selected)
+                       folds=options.folds, random_state=seed, copies=copies) if options.calibrate else selected)
     seconds, t0 = time.perf_counter() - t0, time.perf_counter()
     pred = model.predict(Xte)  # once: streaming, each pass over the test rows reads the file
     predict_seconds = time.perf_counter() - t0

@@ -12,13 +12,17 @@ import warnings
 
 import numpy as np
 import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
 
 from features.datasets import load_dataset
 from features.errors import TapsError, UsageError
 from features.store import FeatureFile
 from pipeline.cli import main
+from pipeline.folds import training_folds
 from pipeline.protocols import make_split, parse_protocol
 from pipeline.report import format_table
+from pipeline.selection import SelectedClassifier
 
 TINY = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32"]
 QUIET = ["--no-progress", "--workers", "0", "--device", "cpu"]
@@ -176,6 +180,43 @@ def test_without_duplicates_the_splits_are_unchanged():
         plain = make_split(parse_protocol(protocol), labels, None, 3)
         grouped = make_split(parse_protocol(protocol), labels, None, 3, groups=np.arange(40))
         assert all((a == b).all() for a, b in zip(plain, grouped, strict=True))
+
+
+def test_cross_validation_keeps_an_images_copies_in_one_fold():
+    """Copies split across CV folds let a memorising head score well on labels it cannot learn, so
+    the CV picked the weakest regularisation (on ants/bees with half the training photos filed
+    twice: C=100 for block7, 6 points below the clean folder's 81.7)."""
+    rng = np.random.default_rng(0)
+    X0, y0 = rng.normal(size=(60, 40)), rng.integers(0, 2, 60)  # labels no feature explains
+    X, y, copies = np.vstack([X0, X0]), np.concatenate([y0, y0]), np.tile(np.arange(60), 2)
+    for fold_train, fold_val in training_folds(y, 3, random_state=0, copies=copies):
+        assert not set(copies[fold_train]) & set(copies[fold_val])
+    head = LogisticRegression(max_iter=2000)
+    leaky = SelectedClassifier(head, grid=[1e-4, 1e4]).fit(X, y)
+    kept = SelectedClassifier(head, grid=[1e-4, 1e4]).fit(X, y, copies=copies)
+    assert leaky.cv_scores_[1] > 0.75 and leaky.chosen_ == 1e4  # the copies recognised, not classified
+    assert kept.cv_scores_.max() < 0.7 and kept.selection_ == "3-fold CV (copies of an image in one fold)"
+    # without copies (or with none repeated) the folds are StratifiedKFold's, as before
+    plain = SelectedClassifier(head, grid=[1e-4, 1e4]).fit(X0, y0, copies=np.arange(60))
+    assert plain.selection_ == "3-fold CV"
+    assert np.allclose(plain.cv_scores_, SelectedClassifier(head, grid=[1e-4, 1e4]).fit(X0, y0).cv_scores_)
+    assert all((a == b).all() for fa, fb in zip(training_folds(y0, 3, random_state=1, copies=np.arange(60)),
+                                                 StratifiedKFold(3, shuffle=True, random_state=1).split(X0, y0),
+                                                 strict=True) for a, b in zip(fa, fb, strict=True))
+
+
+def test_a_fit_over_copies_says_its_folds_kept_them_together(copies, tmp_path, capsys):
+    data = ["--dataset", f"folder:{copies}", *TINY, "--features-root", tmp_path / "fs"]
+    assert cli(capsys, "extract", *data, *QUIET, "--taps", "layer3,layer4,avgpool")[0] == 0
+    fit = ["fit", *data, "--clf", "logreg", "--device", "cpu", "--protocol", "fraction:0.5", "--tap", "auto",
+           "--calibrate", "--runs-root", tmp_path / "runs"]
+    code, out, err = cli(capsys, *fit)
+    assert code == 0, err
+    results = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
+    assert results["settings"]["cv_copies"] == "one fold"  # a run from before the folds kept them is not reused
+    assert results["per_seed"][0]["selection"].endswith("(copies of an image in one fold)")
+    code, out, _ = cli(capsys, *fit)
+    assert code == 0 and "reused" in out
 
 
 def test_official_split_drops_test_images_whose_bytes_are_in_training(tmp_path, image_folder, capsys):
