@@ -119,6 +119,7 @@ class RunResult:
     undecodable: int = 0        # images the extraction could not decode: in no split
     untested_classes: list[str] = field(default_factory=list)  # classes with no test image in some seed's split
     fewest_test_images: dict = field(default_factory=dict)  # seed 0's tested class with the fewest test images
+    near_copies: dict = field(default_factory=dict)  # seed 0's test images with a near-copy in training
     per_seed: list[SeedResult]
     chosen: dict[str, list]     # the selected parameter's value per seed
     grid: dict[str, list]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from sklearn.calibration import CalibratedClassifierCV
+from sklearn.metrics import balanced_accuracy_score
 
 from features.errors import TapsError, UsageError
 from features.joined import BACKBONE_SEPARATOR
@@ -22,6 +23,7 @@ from .classifiers import get_classifier, parse_preprocess, read_prompts
 from .fitdata import FitData
 from .fusion import AUTO, Groups, column_groups
 from .metrics import score_predictions, summarize
+from .nearcopies import RATIO, near_copies
 from .options import FitOptions
 from .protocols import split_digest
 from .results import SeedResult
@@ -39,6 +41,7 @@ class TapEvaluation:
     model: object  # the seed-0 model
     taps: list[str]  # the file keys the seed-0 model reads, side by side
     predictions: dict[str, np.ndarray]  # per seed: test rows (test_S) and their predictions (pred_S)
+    near_copies: dict  # seed 0's test images with a near-copy in training (see near_copy_report)
 
     @property
     def fit_seconds(self) -> list[float]:
@@ -60,7 +63,34 @@ def fit_seeds(data: FitData, splits: list[Split], options: FitOptions, tap: str)
         per_seed.append(result)
         if seed == 0:
             model0, taps0 = model, result.taps
-    return TapEvaluation(per_seed, summarize([s.metrics for s in per_seed]), model0, taps0, predictions)
+    near = near_copy_report(data, splits[0], taps0, predictions["pred_0"], options)
+    return TapEvaluation(per_seed, summarize([s.metrics for s in per_seed]), model0, taps0, predictions, near)
+
+
+def near_copy_report(data: FitData, split: Split, taps: list[str], pred: np.ndarray, options: FitOptions) -> dict:
+    """Seed 0's test images with a near-copy among its training images in the taps the model read
+    (:mod:`pipeline.nearcopies`), a few of them by id, and the seed's mean per-class accuracy
+    without them. Not checked where the fit streams (no matrix in memory) or trains nothing (zero-shot)."""
+    if data.streaming or get_classifier(options.clf).text:
+        return {"checked": False}
+    (train, test), y, ids = split, data.features.labels, data.features.ids
+    X, fused = _chosen_matrix(data, taps)
+    rows, partners = near_copies(X, train, test, groups=fused)
+    report = {"checked": True, "ratio": RATIO, "test_images": int(len(rows)),
+              "across_classes": int((y[rows] != y[partners]).sum()),
+              "examples": [[ids[r], ids[p]] for r, p in zip(rows[:3].tolist(), partners[:3].tolist(), strict=True)]}
+    keep = ~np.isin(test, rows)
+    if len(rows) and keep.any():
+        report["mean_per_class_accuracy"] = float(balanced_accuracy_score(y[test], pred))
+        report["mean_per_class_accuracy_without"] = float(balanced_accuracy_score(y[test][keep], pred[keep]))
+    return report
+
+
+def _chosen_matrix(data: FitData, taps: list[str]) -> tuple[np.ndarray, Groups | None]:
+    """The in-memory matrix of ``taps`` (all of the fit's keys, or those ``auto`` chose) and their columns."""
+    if taps == data.keys:
+        return data.X, data.groups
+    return _columns(data.X, data.groups, taps) if len(taps) > 1 else (data.X[:, np.arange(*data.groups[taps[0]])], None)
 
 
 def _copies(data: FitData, rows: np.ndarray) -> np.ndarray | None:
@@ -80,7 +110,7 @@ def _fit_seed(data: FitData, options: FitOptions, tap: str, seed: int, train: np
         picked = select_taps(X[train], y[train], fused, method=options.select, folds=options.folds,
                              threshold=options.select_threshold, random_state=seed, copies=copies)
         chosen = picked.taps
-        X, fused = _columns(X, fused, chosen) if len(chosen) > 1 else (X[:, np.arange(*fused[chosen[0]])], None)
+        X, fused = _chosen_matrix(data, chosen)
         record = {"method": picked.method, "seconds": picked.seconds, "path": picked.path}
     # In memory the estimator sees the rows; streaming, the rows' indices in the file.
     Xtr, Xte = (train[:, None], test[:, None]) if data.streaming else (X[train], X[test])

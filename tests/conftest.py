@@ -81,6 +81,25 @@ def _make_images(root: Path, classes=("circle", "square", "stripes"), per_class=
 
 
 @pytest.fixture(scope="session")
+def scene_folder():
+    """``scene_folder(root, classes=..., per_class=8, size=64, seed=0)`` writes an ImageFolder tree of
+    JPEGs that differ as photos do (each its own random layout of colour blobs, tinted by its class),
+    unlike ``image_folder``'s one pattern per class, and returns the paths."""
+    def make(root: Path, classes=("red", "green", "blue"), per_class=8, size=64, seed=0):
+        rng, paths = np.random.default_rng(seed), []
+        for c, name in enumerate(classes):
+            (root / name).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                layout = rng.uniform(0, 200, (4, 4, 3))
+                layout[..., c % 3] += 55
+                path = root / name / f"img_{i:03d}.jpg"
+                Image.fromarray(layout.astype(np.uint8)).resize((size, size), Image.BICUBIC).save(path)
+                paths.append(path)
+        return paths
+    return make
+
+
+@pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory) -> Path:
     """folder: dataset with an official split (train/ and val/), 3 classes."""
     root = tmp_path_factory.mktemp("tiny")

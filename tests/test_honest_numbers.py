@@ -12,6 +12,7 @@ import warnings
 
 import numpy as np
 import pytest
+from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
@@ -20,6 +21,7 @@ from features.errors import TapsError, UsageError
 from features.store import FeatureFile
 from pipeline.cli import main
 from pipeline.folds import training_folds
+from pipeline.nearcopies import near_copies
 from pipeline.protocols import make_split, parse_protocol
 from pipeline.report import format_table
 from pipeline.selection import SelectedClassifier
@@ -217,6 +219,50 @@ def test_a_fit_over_copies_says_its_folds_kept_them_together(copies, tmp_path, c
     assert results["per_seed"][0]["selection"].endswith("(copies of an image in one fold)")
     code, out, _ = cli(capsys, *fit)
     assert code == 0 and "reused" in out
+
+
+def test_near_copies_are_found_whatever_the_scale_and_only_they():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 64)).astype(np.float32)
+    train, test = np.arange(200), np.arange(200, 300)
+    X[[210, 250]] = X[[3, 120]] + rng.normal(0, 0.01, (2, 64))  # two test images all but training ones
+    for scaled in (X, 1000 * X + 50):  # scale-free: the tap's own nearest-neighbour distances are the yardstick
+        rows, partners = near_copies(scaled, train, test)
+        assert rows.tolist() == [210, 250] and partners.tolist() == [3, 120]
+    groups = {"a": (0, 32), "b": (32, 64)}
+    fused = np.hstack([X[:, :32], 1e6 * rng.normal(size=(300, 32)).astype(np.float32)])  # a loud tap of noise
+    assert near_copies(fused, train, test, groups=groups)[0].size == 0  # each tap weighs alike: not a copy
+    fused[:, 32:][[210, 250]] = fused[:, 32:][[3, 120]]
+    assert near_copies(fused, train, test, groups=groups)[0].tolist() == [210, 250]
+
+
+def test_a_fit_names_test_images_with_a_near_copy_in_training(tmp_path, scene_folder, capsys):
+    """A copy with other bytes (re-encoded, or filed under another class too) escapes the digests;
+    the fit names it and its accuracy without it."""
+    root = tmp_path / "split"
+    scene_folder(root / "train", per_class=8, seed=1)
+    scene_folder(root / "val", per_class=4, seed=2)
+    Image.open(root / "train" / "red" / "img_000.jpg").save(root / "val" / "red" / "resaved.png")
+    Image.open(root / "train" / "green" / "img_001.jpg").save(root / "val" / "blue" / "mislabelled.jpg", quality=70)
+    data = ["--dataset", f"folder:{root}", *TINY, "--features-root", tmp_path / "fs"]
+    assert cli(capsys, "extract", *data, *QUIET, "--taps", "layer3,avgpool")[0] == 0
+    for tap in ("avgpool", "layer3+avgpool"):
+        code, out, _ = cli(capsys, "fit", *data, *FIT, "--tap", tap, "--runs-root", tmp_path / "runs")
+        assert code == 0 and "2 test image(s) (seed 0) have a near-copy in training" in out
+        assert "1 of them filed under another class" in out and "without them" in out
+        near = json.loads(next((tmp_path / "runs").rglob(f"*__{tap}__*/results.json")).read_text())["near_copies"]
+        assert near["test_images"] == 2 and near["across_classes"] == 1
+        assert sorted(near["examples"]) == [["val/blue/mislabelled.jpg", "train/green/img_001.jpg"],
+                                            ["val/red/resaved.png", "train/red/img_000.jpg"]]
+
+
+def test_a_split_without_copies_has_no_near_copies(tiny_folder, tmp_path, capsys):
+    data = ["--dataset", f"folder:{tiny_folder}", *TINY, "--features-root", tmp_path / "fs"]
+    assert cli(capsys, "extract", *data, *QUIET)[0] == 0
+    code, out, _ = cli(capsys, "fit", *data, *FIT, "--runs-root", tmp_path / "runs")
+    assert code == 0 and "near-copy" not in out
+    near = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())["near_copies"]
+    assert near == {"checked": True, "ratio": 0.1, "test_images": 0, "across_classes": 0, "examples": []}
 
 
 def test_official_split_drops_test_images_whose_bytes_are_in_training(tmp_path, image_folder, capsys):
