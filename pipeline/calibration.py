@@ -17,7 +17,7 @@ from sklearn.base import clone
 from sklearn.calibration import CalibratedClassifierCV
 
 from .classifiers import get_classifier
-from .folds import training_folds
+from .selection import training_folds
 
 BINS = 15
 

@@ -68,7 +68,8 @@ def fit_run(features: Features, tap: str, pooling: str, options: FitOptions, pro
         raise UsageError(f"--seeds must be at least 1, not {seeds}")
     data = read_fit_data(features, tap, pooling, options, candidates)
     settings = run_settings(features, tap=tap, keys=data.keys, fingerprint=data.fingerprint, pooling=pooling,
-                            fit=options.settings, protocol=protocol.text, seeds=seeds, same_bytes=data.same_bytes)
+                            fit=options.settings, protocol=protocol.text, seeds=seeds,
+                            copies=data.same_bytes is not None)
     run_dir, results = find_run(runs_root, features, settings, force=force)
     if results is not None:
         return run_dir, results, True

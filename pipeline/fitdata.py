@@ -28,7 +28,8 @@ FIT_COPIES = 3  # an in-memory fit holds the float32 matrix, its standardized co
 class FitData:
     """A fit's input: ``keys`` (the file keys it reads, side by side), ``X`` (their matrix; None when
     the fit streams from the file), ``groups`` (each key's columns when there are several),
-    ``same_bytes`` (per sample, its duplicate group; None when the file has no digests) and the
+    ``same_bytes`` (per sample, its group of byte-identical images; None when the file has no digests
+    or no two samples share their bytes, so splits and CV folds are drawn as without digests) and the
     file's ``fingerprint``."""
 
     features: Features
@@ -61,7 +62,10 @@ def read_fit_data(features: Features, tap: str, pooling: str, options: FitOption
         X, groups = features.matrix(keys[0], finite=True), None
     else:
         X, groups = np.hstack([features.matrix(k, finite=True) for k in keys]), column_groups(dims)
-    return FitData(features, keys, X, groups, streaming, features.duplicate_groups(), features.fingerprint())
+    same_bytes = features.duplicate_groups()  # per sample, the row of its first copy (its own row: none)
+    if same_bytes is not None and (same_bytes == np.arange(len(same_bytes))).all():
+        same_bytes = None
+    return FitData(features, keys, X, groups, streaming, same_bytes, features.fingerprint())
 
 
 def tap_keys(features: Features, tap: str, pooling: str, candidates: list[str] | None = None) -> list[str]:

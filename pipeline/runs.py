@@ -18,7 +18,6 @@ from features.errors import TapsError
 from features.files import NAME_DIGITS, check_output_folder, digest, file_sha256, path_safe
 from features.store import FeatureFile
 
-from .folds import has_copies
 from .fusion import AUTO, SEPARATOR
 from .results import RESULTS, Artifact, RunResult
 
@@ -27,15 +26,15 @@ PREDICTIONS = "predictions.npz"
 
 
 def run_settings(features: FeatureFile, *, tap: str, keys: list[str], fingerprint: str, pooling: str, fit: dict,
-                 protocol: str, seeds: int, same_bytes: np.ndarray | None = None) -> dict:
+                 protocol: str, seeds: int, copies: bool = False) -> dict:
     """Everything that defines a run's result: the file (its path and ``fingerprint``), the tap spec
     (``keys``: the file keys it reads; for ``auto``, its candidates), ``fit`` (``FitOptions.settings``).
-    A file with byte-identical images (``same_bytes``, per sample its group) records that CV keeps
-    an image's copies in one fold, so a run made before it did is not reused."""
+    A file with byte-identical images (``copies``) records that CV keeps an image's copies in one
+    fold, so a run made before it did is not reused."""
     return {"features": str(features.path.resolve()), "features_fingerprint": fingerprint,
             "tap": tap if tap == AUTO else SEPARATOR.join(keys), "pooling": pooling, "protocol": protocol,
             "seeds": seeds, **fit, **({"candidates": keys} if tap == AUTO else {}),
-            **({"cv_copies": "one fold"} if has_copies(same_bytes) else {})}
+            **({"cv_copies": "one fold"} if copies else {})}
 
 
 def settings_digest(settings: dict) -> str:

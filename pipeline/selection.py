@@ -1,5 +1,14 @@
 """Choosing the regularisation by cross-validation, as one estimator that records its scores
-(the shape of scikit-learn's ``LogisticRegressionCV``): :class:`SelectedClassifier`."""
+(the shape of scikit-learn's ``LogisticRegressionCV``): :class:`SelectedClassifier`; and the folds
+of every CV inside a fit's training rows (:func:`training_folds`: choosing C, weight decay or k,
+calibrating, choosing taps for ``auto``).
+
+Byte-identical images (one photo filed twice, a dataset merged from two scrapes) stay in one fold,
+as the protocol keeps them on one side of the train/test split: a validation image whose copy was
+trained on is recognised, not classified, so the CV rewards memorising and picks the weakest
+regularisation on offer. Without copies the folds are scikit-learn's ``StratifiedKFold``, exactly
+as before copies were looked at.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +17,41 @@ from numbers import Integral
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.metrics import accuracy_score
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.utils._param_validation import HasMethods, Interval
 from sklearn.utils.validation import check_is_fitted
 
 from .classifiers import make_classifier
-from .folds import fewest_distinct, has_copies, training_folds
 from .fusion import Groups, fusion_transformer
 from .options import FitOptions
+
+Fold = tuple[np.ndarray, np.ndarray]
+
+
+def has_copies(copies: np.ndarray | None) -> bool:
+    """Whether ``copies`` (per row, its group of byte-identical images) puts two rows in one group."""
+    return copies is not None and len(np.unique(copies)) < len(copies)
+
+
+def fewest_distinct(y: np.ndarray, copies: np.ndarray | None = None) -> int:
+    """The fewest distinct images of any class in ``y`` (the copies of one image count once)."""
+    _, label = np.unique(y, return_inverse=True)
+    if not has_copies(copies):
+        return int(np.bincount(label).min())
+    _, group = np.unique(copies, return_inverse=True)
+    pairs = np.unique(np.stack([label, group]), axis=1)
+    return int(np.bincount(pairs[0]).min())
+
+
+def training_folds(y: np.ndarray, folds: int, *, random_state: int, copies: np.ndarray | None = None) -> list[Fold]:
+    """``folds`` stratified, shuffled folds of labels ``y`` (fewer when a class has fewer distinct images;
+    at least 2 distinct images per class needed), the copies of an image in one fold."""
+    n = min(folds, fewest_distinct(y, copies))
+    rows = np.zeros(len(y))
+    if has_copies(copies):
+        return list(StratifiedGroupKFold(n, shuffle=True, random_state=random_state).split(rows, y, copies))
+    return list(StratifiedKFold(n, shuffle=True, random_state=random_state).split(rows, y))
 
 
 def cv_folds(y: np.ndarray, folds: int, n_grid: int, copies: np.ndarray | None = None) -> int:

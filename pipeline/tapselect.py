@@ -35,8 +35,8 @@ from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 
 from .classifiers import load
-from .folds import training_folds
 from .fusion import Groups
+from .selection import training_folds
 from .tapselectors import DEFAULT_SELECTOR, get_selector
 
 # torch is imported by the scores that compute with it: a fit without --tap auto never imports it.

@@ -55,7 +55,8 @@ def fit_seeds(data: FitData, splits: list[Split], options: FitOptions, tap: str)
         if len(np.unique(data.features.labels[train])) < 2:
             raise TapsError(f"the training split of tap {tap} has one class ({len(train)} samples); "
                             f"use a protocol with more classes in training")
-    every_train = [(data.features.labels[train], _copies(data, train)) for train, _ in splits]
+    copies = data.same_bytes  # each image's copies stay in one CV fold
+    every_train = [(data.features.labels[train], None if copies is None else copies[train]) for train, _ in splits]
     per_seed, model0, taps0, predictions = [], None, data.keys, {}
     for seed, (train, test) in enumerate(splits):
         result, model, pred = _fit_seed(data, options, tap, seed, train, test, check=every_train if seed == 0 else None)
@@ -93,18 +94,14 @@ def _chosen_matrix(data: FitData, taps: list[str]) -> tuple[np.ndarray, Groups |
     return _columns(data.X, data.groups, taps) if len(taps) > 1 else (data.X[:, np.arange(*data.groups[taps[0]])], None)
 
 
-def _copies(data: FitData, rows: np.ndarray) -> np.ndarray | None:
-    """Per row of ``rows``, its group of byte-identical images (None: the file has no digests)."""
-    return None if data.same_bytes is None else data.same_bytes[rows]
-
-
 def _fit_seed(data: FitData, options: FitOptions, tap: str, seed: int, train: np.ndarray, test: np.ndarray, *,
               check: list[tuple[np.ndarray, np.ndarray | None]] | None = None) -> tuple[SeedResult, object, np.ndarray]:
     """One seed: (its record, the model a run keeps, its predictions on the test rows). ``check``:
     every seed's training labels and copies, checked for cross-validation before this (the first)
     fit, so a protocol that cannot be cross-validated fails before any fit, not after some. Every CV
     inside the training rows keeps an image's byte-identical copies in one fold."""
-    t0, y, copies = time.perf_counter(), data.features.labels, _copies(data, train)
+    t0, y = time.perf_counter(), data.features.labels
+    copies = None if data.same_bytes is None else data.same_bytes[train]
     record, chosen, X, fused = None, data.keys, data.X, data.groups
     if tap == AUTO:  # chosen from this seed's training rows only
         picked = select_taps(X[train], y[train], fused, method=options.select, folds=options.folds,

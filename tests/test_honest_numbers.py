@@ -20,11 +20,10 @@ from features.datasets import load_dataset
 from features.errors import TapsError, UsageError
 from features.store import FeatureFile
 from pipeline.cli import main
-from pipeline.folds import training_folds
 from pipeline.nearcopies import near_copies
 from pipeline.protocols import make_split, parse_protocol
 from pipeline.report import format_table
-from pipeline.selection import SelectedClassifier
+from pipeline.selection import SelectedClassifier, training_folds
 
 TINY = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32"]
 QUIET = ["--no-progress", "--workers", "0", "--device", "cpu"]
