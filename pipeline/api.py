@@ -1,7 +1,8 @@
 """Cached features for scripts and notebooks: :func:`load_features` (a scikit-learn ``X, y``),
 :func:`features_frame` (a pandas DataFrame), :func:`splits` (the train and test rows ``taps fit``
-uses) and :func:`export_features` (``taps export``: npz, parquet or csv), all through the store, so
-every block is checked against its checksum on the way out.
+uses), :func:`copies` (the dataset's byte-identical images and near-copies) and
+:func:`export_features` (``taps export``: npz, parquet or csv), all through the store, so every
+block is checked against its checksum on the way out.
 
 ```python
 from pipeline.api import load_features, splits
@@ -30,6 +31,7 @@ from features.shards import whole_feature_file
 from features.store import FeatureFile
 
 from .fusion import tap_set
+from .nearcopies import RATIO, near_copy_pairs
 
 FORMATS = ("npz", "parquet", "csv")
 
@@ -111,6 +113,32 @@ def splits(paths, protocol: str = "auto", *, seeds: int = 1, test_per_class: int
         return drawn
     valid = np.flatnonzero(np.asarray(features.valid, bool))  # undecodable images are in no split
     return [(np.searchsorted(valid, train), np.searchsorted(valid, test)) for train, test in drawn]
+
+
+def copies(paths, tap: str | None = None, *, pooling: str = DEFAULT_POOLING, ratio: float = RATIO) -> list[dict]:
+    """A dataset's copies, to clean it: each group of byte-identical images (``kind`` ``"bytes"``) and,
+    with ``tap``, each pair of near-copies by that tap (``"near"``: resized, re-encoded, mirrored;
+    ``distance`` in units of the tap's typical nearest-neighbour distance, see
+    :mod:`pipeline.nearcopies`). Every entry: ``kind``, ``ids``, ``classes``, ``distance``; copies
+    under two classes mean a wrong label or overlapping classes."""
+    features = open_features(paths)
+    groups, ids, labels = features.duplicate_groups(), features.ids, np.asarray(features.labels)
+    if groups is None:
+        raise UsageError(f"{features.path} records no image digests (an older file); extract it again to list copies")
+    found = []
+    for first in np.flatnonzero(np.bincount(groups, minlength=len(groups)) > 1):
+        rows = np.flatnonzero(groups == first)
+        found.append({"kind": "bytes", "ids": [ids[r] for r in rows], "distance": 0.0,
+                      "classes": sorted({features.classes[labels[r]] for r in rows})})
+    if tap is not None:
+        X, _, meta = load_features(features, tap, pooling=pooling)
+        for a, b, distance in near_copy_pairs(X, np.arange(len(X)), ratio=ratio,
+                                              groups=meta.columns if len(meta.columns) > 1 else None):
+            a, b = meta.rows[a], meta.rows[b]
+            if groups[a] != groups[b]:  # byte-identical pairs are listed above
+                found.append({"kind": "near", "ids": [ids[a], ids[b]], "distance": round(distance, 4),
+                              "classes": sorted({features.classes[labels[a]], features.classes[labels[b]]})})
+    return found
 
 
 def features_frame(paths, taps: str | Sequence[str] = "pooled", *, pooling: str = DEFAULT_POOLING,

@@ -50,6 +50,12 @@ def _nearest(Z: np.ndarray, queries: np.ndarray, pool: np.ndarray, *, within: bo
     return distance, nearest
 
 
+def _typical(Z: np.ndarray, pool: np.ndarray) -> float:
+    """The median distance from an image of ``pool`` (a seeded sample of it) to its nearest other one."""
+    sample = np.random.default_rng(0).choice(pool, min(SAMPLE, len(pool)), replace=False)
+    return float(np.median(_nearest(Z, sample, pool, within=True)[0]))
+
+
 def near_copies(X: np.ndarray, train: np.ndarray, test: np.ndarray, *, groups: Groups | None = None,
                 ratio: float = RATIO) -> tuple[np.ndarray, np.ndarray]:
     """The test rows with a near-copy among the ``train`` rows of ``X`` (a tap's matrix; ``groups``:
@@ -57,8 +63,23 @@ def near_copies(X: np.ndarray, train: np.ndarray, test: np.ndarray, *, groups: G
     if len(train) < 2 or len(test) == 0:
         return np.empty(0, int), np.empty(0, int)
     Z = _embedding(np.asarray(X, np.float32), train, groups)
-    sample = np.random.default_rng(0).choice(train, min(SAMPLE, len(train)), replace=False)
-    typical = float(np.median(_nearest(Z, sample, train, within=True)[0]))
     distance, nearest = _nearest(Z, test, train, within=False)
-    close = distance <= ratio * typical
+    close = distance <= ratio * _typical(Z, train)
     return test[close], nearest[close]
+
+
+def near_copy_pairs(X: np.ndarray, rows: np.ndarray, *, groups: Groups | None = None,
+                    ratio: float = RATIO) -> list[tuple[int, int, float]]:
+    """Pairs of ``rows`` of ``X`` that are near-copies (either is the other's nearest image, within
+    ``ratio`` x the typical distance), each once as ``(row, row, distance / typical distance)``,
+    closest first: a dataset's copies, whichever side of any split they are on."""
+    if len(rows) < 2:
+        return []
+    Z = _embedding(np.asarray(X, np.float32), rows, groups)
+    typical = _typical(Z, rows)
+    distance, nearest = _nearest(Z, rows, rows, within=True)
+    pairs: dict[tuple[int, int], float] = {}
+    for a, b, d in zip(rows.tolist(), nearest.tolist(), distance.tolist(), strict=True):
+        if d <= ratio * typical:
+            pairs.setdefault((min(a, b), max(a, b)), d / max(typical, 1e-12))
+    return sorted(((a, b, r) for (a, b), r in pairs.items()), key=lambda pair: (pair[2], pair[0]))

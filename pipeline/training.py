@@ -77,6 +77,8 @@ def near_copy_report(data: FitData, split: Split, taps: list[str], pred: np.ndar
     (train, test), y, ids = split, data.features.labels, data.features.ids
     X, fused = _chosen_matrix(data, taps)
     rows, partners = near_copies(X, train, test, groups=fused)
+    first = np.argsort(y[rows] == y[partners], kind="stable")  # copies under another class: the examples to show
+    rows, partners = rows[first], partners[first]
     report = {"checked": True, "ratio": RATIO, "test_images": int(len(rows)),
               "across_classes": int((y[rows] != y[partners]).sum()),
               "examples": [[ids[r], ids[p]] for r, p in zip(rows[:3].tolist(), partners[:3].tolist(), strict=True)]}

@@ -19,6 +19,7 @@ from sklearn.model_selection import StratifiedKFold
 from features.datasets import load_dataset
 from features.errors import TapsError, UsageError
 from features.store import FeatureFile
+from pipeline.api import copies as api_copies
 from pipeline.cli import main
 from pipeline.nearcopies import near_copies
 from pipeline.protocols import make_split, parse_protocol
@@ -248,11 +249,28 @@ def test_a_fit_names_test_images_with_a_near_copy_in_training(tmp_path, scene_fo
     for tap in ("avgpool", "layer3+avgpool"):
         code, out, _ = cli(capsys, "fit", *data, *FIT, "--tap", tap, "--runs-root", tmp_path / "runs")
         assert code == 0 and "2 test image(s) (seed 0) have a near-copy in training" in out
-        assert "1 of them filed under another class" in out and "without them" in out
+        assert "1 of them filed under another class, e.g. val/blue/mislabelled.jpg ~ train/green/img_001.jpg" in out
+        assert "without them" in out
         near = json.loads(next((tmp_path / "runs").rglob(f"*__{tap}__*/results.json")).read_text())["near_copies"]
         assert near["test_images"] == 2 and near["across_classes"] == 1
         assert sorted(near["examples"]) == [["val/blue/mislabelled.jpg", "train/green/img_001.jpg"],
                                             ["val/red/resaved.png", "train/red/img_000.jpg"]]
+    h5 = next((tmp_path / "fs").rglob("*.h5"))
+    code, out, _ = cli(capsys, "info", h5, "--copies", "avgpool")  # the whole dataset's, to clean it
+    assert code == 0 and "0 group(s) of byte-identical images, 2 pair(s) of near-copies by avgpool" in out
+    assert re.search(r"train/green/img_001\.jpg ~ \(0\.\d{3}\) val/blue/mislabelled\.jpg  \[classes blue, green\]", out)
+    assert re.search(r"train/red/img_000\.jpg ~ \(0\.\d{3}\) val/red/resaved\.png\n", out)
+
+
+def test_info_lists_byte_identical_images_and_their_classes(copies, tmp_path, capsys):
+    fs = tmp_path / "fs"
+    assert cli(capsys, "extract", "--dataset", f"folder:{copies}", *TINY, *QUIET, "--features-root", fs)[0] == 0
+    h5 = next(fs.rglob("*.h5"))
+    assert sorted(map(tuple, (c["ids"] for c in api_copies(h5)))) == [("a/copy_of_000.jpg", "a/img_000.jpg"),
+                                                                     ("a/img_001.jpg", "b/copy_of_a001.jpg")]
+    code, out, _ = cli(capsys, "info", h5, "--copies")
+    assert code == 0 and "copies: 2 group(s) of byte-identical images, 1 under two or more classes" in out
+    assert "  a/copy_of_000.jpg = a/img_000.jpg\n" in out and "a/img_001.jpg = b/copy_of_a001.jpg  [classes a, b]" in out
 
 
 def test_a_split_without_copies_has_no_near_copies(tiny_folder, tmp_path, capsys):

@@ -11,6 +11,9 @@ SHOWN = ("backbone", "weights", "transform", "dataset", "dataset_fingerprint", "
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file")
+    p.add_argument("--copies", nargs="?", const="", metavar="TAP",
+                   help="list the byte-identical images; with TAP (one tap or a+b) also the near-copies by it "
+                        "(resized, re-encoded, mirrored), to clean the dataset")
 
 
 def run(args) -> None:
@@ -37,7 +40,25 @@ def run(args) -> None:
         print(f"tap {key}: node={t.node} pooling={t.pooling} dim={t.dim} precision={t.precision} "
               f"decode={t.decode} runtime={t.runtime} rows={t.rows_done}/{len(f.labels)} "
               f"complete={t.complete}{_how(t.extra)}")
+    if args.copies is not None:
+        _print_copies(f, args.copies or None)
     print(f.path)
+
+
+def _print_copies(f, tap: str | None) -> None:
+    """Each group of copies, one line: its images, and its classes where there are two or more."""
+    from ..api import copies
+    from ..nearcopies import RATIO
+
+    found = copies(f, tap)
+    near = [c for c in found if c["kind"] == "near"]
+    print(f"copies: {len(found) - len(near)} group(s) of byte-identical images" + ("" if tap is None else
+          f", {len(near)} pair(s) of near-copies by {tap} (within {RATIO:g}x its typical nearest-neighbour "
+          f"distance)") + f", {sum(len(c['classes']) > 1 for c in found)} under two or more classes")
+    for c in found:
+        how = "=" if c["kind"] == "bytes" else f"~ ({c['distance']:.3f})"
+        classes = f"  [classes {', '.join(c['classes'])}]" if len(c["classes"]) > 1 else ""
+        print(f"  {f' {how} '.join(c['ids'])}{classes}")
 
 
 def _how(extra: dict) -> str:
