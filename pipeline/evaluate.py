@@ -121,7 +121,7 @@ def _write_run(run_dir: Path, features: Features, settings: dict, ev: TapEvaluat
         settings=settings, features=features_record(features, ev.taps), classes=features.classes,
         split_seeds=[s.seed for s in ev.per_seed], seeds_vary=varies,
         duplicates=duplicate_summary(features.duplicate_groups(), protocol, features.labels, features.split,
-                                     features.valid), undecodable=int((~features.valid).sum()),
+                                     features.valid, ev.predictions["test_0"]), undecodable=int((~features.valid).sum()),
         untested_classes=untested, fewest_test_images=fewest_test, near_copies=ev.near_copies, per_seed=ev.per_seed,
         chosen={options.param: [s.chosen for s in ev.per_seed]}, grid={options.param: options.grid},
         fit_seconds={"mean": float(np.mean(ev.fit_seconds)), "total": float(np.sum(ev.fit_seconds))},

@@ -204,7 +204,8 @@ def check_protocol(protocol: Protocol, labels: np.ndarray, classes: list[str], s
 def make_split(protocol: Protocol, labels: np.ndarray, split: list[str] | None, seed: int,
                usable: np.ndarray | None = None, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Sorted, disjoint (train, test) sample indices for ``seed``; ``usable`` masks out skipped images;
-    ``groups`` (per sample, the first sample with identical bytes) keeps identical images on one side."""
+    ``groups`` (per sample, the first sample with identical bytes) keeps identical images on one side,
+    and tests each image once per class it is filed under."""
     usable = np.ones(len(labels), bool) if usable is None else usable
     rng = np.random.default_rng(seed)
     first = None if groups is None or (groups == np.arange(len(labels))).all() else groups
@@ -219,6 +220,8 @@ def make_split(protocol: Protocol, labels: np.ndarray, split: list[str] | None, 
         if first is not None:  # every copy follows its group's first member
             train = np.flatnonzero(np.isin(first, train) & usable)
             test = np.flatnonzero(np.isin(first, test) & usable)
+    if first is not None:  # one image filed twice under its class is one test image: scored once, not twice
+        test = test[np.sort(np.unique(np.stack([first[test], labels[test]]), axis=1, return_index=True)[1])]
     if protocol.test_per_class:
         test = np.concatenate([rng.permutation(test[labels[test] == c])[:protocol.test_per_class]
                                for c in np.unique(labels[test])])
@@ -226,11 +229,14 @@ def make_split(protocol: Protocol, labels: np.ndarray, split: list[str] | None, 
 
 
 def duplicate_summary(groups: np.ndarray | None, protocol: Protocol | None = None, labels: np.ndarray | None = None,
-                      split: list[str] | None = None, usable: np.ndarray | None = None) -> dict:
+                      split: list[str] | None = None, usable: np.ndarray | None = None,
+                      test: np.ndarray | None = None) -> dict:
     """How many groups of byte-identical images a file has, how many images are in them and how many
     groups are filed under more than one class (``mixed_labels``, with ``labels``); with a fixed
     ``protocol`` (official), also how many of its test images were left out because their bytes are in
-    its training side (``test_copies_dropped``; drawn splits keep each group on one side instead)."""
+    its training side (``test_copies_dropped``; drawn splits keep each group on one side instead); with
+    ``test`` (seed 0's test rows), how many copies of them under the same class were scored once with
+    them (``test_copies_once``)."""
     if groups is None:
         return {"checked": False, "groups": 0, "images": 0}
     sizes = np.bincount(groups, minlength=len(groups))
@@ -240,8 +246,12 @@ def duplicate_summary(groups: np.ndarray | None, protocol: Protocol | None = Non
         summary["mixed_labels"] = int((np.bincount(labelled, minlength=len(groups)) > 1).sum())
     if protocol is not None and not protocol.record.random and summary["groups"]:
         usable = np.ones(len(groups), bool) if usable is None else usable
-        train, test = protocol.record.split(protocol, labels, split, usable, np.random.default_rng(0), 0)
-        summary["test_copies_dropped"] = int(np.isin(groups[test], groups[train]).sum())
+        fixed_train, fixed_test = protocol.record.split(protocol, labels, split, usable, np.random.default_rng(0), 0)
+        summary["test_copies_dropped"] = int(np.isin(groups[fixed_test], groups[fixed_train]).sum())
+    if test is not None and labels is not None and summary["groups"]:
+        pair = groups * (int(np.max(labels)) + 1) + np.asarray(labels)  # an image under one class
+        others = np.setdiff1d(np.flatnonzero(usable if usable is not None else np.ones(len(groups), bool)), test)
+        summary["test_copies_once"] = int(np.isin(pair[others], pair[test]).sum())
     return summary
 
 

@@ -163,17 +163,25 @@ def test_byte_identical_images_stay_on_one_side_of_every_split(copies, tmp_path,
     features = FeatureFile(next(fs.rglob("*.h5")))
     groups = features.duplicate_groups()
     assert (groups != np.arange(len(groups))).sum() == 2  # two copies, each grouped with its original
+    labels = np.asarray(features.labels)
+    tested_twice = 0  # a/img_000.jpg and a/copy_of_000.jpg both on the test side: one test image
     for protocol in ("per-class:4", "fraction:0.5"):
         for seed in range(5):
-            train, test = make_split(parse_protocol(protocol), features.labels, None, seed, groups=groups)
+            train, test = make_split(parse_protocol(protocol), labels, None, seed, groups=groups)
             assert not set(groups[train]) & set(groups[test]), (protocol, seed)
-            assert len(train) + len(test) == len(groups)
+            once = len(set(zip(groups[test].tolist(), labels[test].tolist(), strict=True)))
+            assert once == len(test)  # each image once per class it is filed under
+            copy_tested = groups[0] in groups[test]
+            assert len(train) + len(test) == len(groups) - copy_tested
+            tested_twice += copy_tested
+    assert tested_twice  # the seeds drew it on the test side at least once
     code, out, _ = cli(capsys, "fit", *data, *FIT, "--protocol", "per-class:4", "--seeds", "2",
                        "--runs-root", tmp_path / "runs")
     assert code == 0 and "2 group(s) of byte-identical images (4 images) in the file, 1 of them under two or more " \
         "classes (a wrong label or overlapping classes)" in out  # a/img_001.jpg is also b/copy_of_a001.jpg
     results = json.loads((tmp_path / "runs").rglob("results.json").__next__().read_text())
-    assert results["duplicates"] == {"checked": True, "groups": 2, "images": 4, "mixed_labels": 1}
+    assert results["duplicates"] == {"checked": True, "groups": 2, "images": 4, "mixed_labels": 1, "test_copies_once": 1}
+    assert "1 test image(s) repeating another under its class, scored once (seed 0)" in out
 
 
 def test_without_duplicates_the_splits_are_unchanged():
@@ -287,18 +295,20 @@ def test_official_split_drops_test_images_whose_bytes_are_in_training(tmp_path, 
     image_folder(root / "train", classes=("a", "b"), per_class=6, seed=1)
     image_folder(root / "val", classes=("a", "b"), per_class=3, seed=2)
     shutil.copy(root / "train" / "a" / "img_000.jpg", root / "val" / "a" / "leak.jpg")
+    shutil.copy(root / "val" / "b" / "img_000.jpg", root / "val" / "b" / "again.jpg")  # tested once, not twice
     fs = tmp_path / "fs"
     assert cli(capsys, "extract", "--dataset", f"folder:{root}", *TINY, *QUIET, "--features-root", fs)[0] == 0
     features = FeatureFile(next(fs.rglob("*.h5")))
     train, test = make_split(parse_protocol("official"), features.labels, features.split, 0,
                              groups=features.duplicate_groups())
     assert len(train) == 12 and len(test) == 6 and "val/a/leak.jpg" not in [features.ids[i] for i in test]
+    assert sum(features.ids[i] in ("val/b/again.jpg", "val/b/img_000.jpg") for i in test) == 1
     code, out, _ = cli(capsys, "fit", "--dataset", f"folder:{root}", *TINY, *FIT, "--features-root", fs,
                        "--runs-root", tmp_path / "runs")  # the fit says how many test images it left out
     assert code == 0 and "1 test image(s) left out: their bytes are also in training" in out
     results = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
-    assert results["duplicates"] == {"checked": True, "groups": 1, "images": 2, "mixed_labels": 0,
-                                     "test_copies_dropped": 1}
+    assert results["duplicates"] == {"checked": True, "groups": 2, "images": 4, "mixed_labels": 0,
+                                     "test_copies_dropped": 1, "test_copies_once": 1}
 
 
 def test_a_rerun_with_other_settings_is_refused_and_auto_keeps_the_files_settings(tiny_flat, tmp_path, capsys):

@@ -289,9 +289,11 @@ def result_notes(results, seeds: int) -> list[str]:
         dropped = dup.get("test_copies_dropped")
         mixed = f"{dup['mixed_labels']} of them under two or more classes (a wrong label or overlapping classes), " \
             if dup.get("mixed_labels") else ""
+        once = (f"; {dup['test_copies_once']} test image(s) repeating another under its class, scored once (seed 0)"
+                if dup.get("test_copies_once") else "")
         notes.append(f"note: {dup['groups']} group(s) of byte-identical images ({dup['images']} images) in the file, "
                      + mixed + ("each kept on one side of every split" if dropped is None else
-                        f"{dropped} test image(s) left out: their bytes are also in training"))
+                        f"{dropped} test image(s) left out: their bytes are also in training") + once)
     elif dup and not dup.get("checked"):
         notes.append("note: duplicate images were not checked (the file has no content digests: a file from "
                      "before they were recorded, which `extract --force` rebuilds, or a dataset without a pixel array)")
