@@ -47,7 +47,7 @@ from .zeroshot import TEXT_TAP
 COLUMNS = ("backbone", "clf", "tap", "taps", "depth", "node", "dim", "pooling", "accuracy_mean", "accuracy_std",
            "mean_per_class_accuracy_mean", "mean_per_class_accuracy_std", "macro_f1_mean", "macro_f1_std",
            "top5_accuracy_mean", "top5_accuracy_std", "interval_low", "interval_high", "logme", "fit_seconds", "predict_seconds",
-           "best", "tied", "vs_best", "vs_best_low", "vs_best_high", "run")
+           "best", "tied", "vs_best", "vs_best_low", "vs_best_high", "cv_accuracy", "cv_pick", "run")
 METRIC = "mean_per_class_accuracy"  # what ranks the rows and what the paired tests compare
 METRIC_NAMES = ("accuracy", "mean_per_class_accuracy", "macro_f1", "top5_accuracy")
 
@@ -226,6 +226,7 @@ def compare_taps(images: ImageSet, backbones: list[Backbone], taps: list[str] | 
                 rows.append({**row, "backbone": planned.backbone, **extra})
                 runs.append(results)
     pairs = _significance(rows, runs, seeds)
+    mark_cv_pick(rows)
     # Every setting that changes a result is in the folder's digest: the dataset's contents, each
     # backbone's weights and preprocessing and the feature files themselves, then the fit settings.
     settings = {"dataset": images.name, "dataset_fingerprint": images.fingerprint(),
@@ -253,8 +254,24 @@ def _fit_row(features: FeatureFile, tap: str, fit: FitOptions, *, pooling: str, 
             **{f"{k}_{s}": round(m[k][s], 5) for k in METRIC_NAMES if k in m for s in ("mean", "std")},
             "fit_seconds": round(results.fit_seconds["mean"], 2),
             "predict_seconds": round(float(np.mean([s.predict_seconds for s in results.per_seed])), 3),
-            "best": False, "tied": False, "run": str(run_dir),
+            "best": False, "tied": False, "cv_accuracy": _cv_accuracy(results), "cv_pick": False, "run": str(run_dir),
             "split_digests": [s.test_digest for s in results.per_seed]}, results
+
+
+def _cv_accuracy(results: RunResult) -> float | None:
+    """The row's accuracy on held-out training folds at the value its CV chose, over seeds (None
+    where nothing was chosen by CV): what a user who never looks at the test rows can rank rows by."""
+    scores = [s.cv_accuracy for s in results.per_seed]
+    return None if any(s is None for s in scores) else round(float(np.mean([max(s) for s in scores])), 5)
+
+
+def mark_cv_pick(rows: list[dict]) -> None:
+    """Mark the row with the highest CV accuracy: the pick made on the training splits alone, free of
+    the optimism of picking the best of many rows by their test scores. ``auto`` rows stand aside:
+    their taps were chosen on those very folds, so their CV accuracy is not a held-out estimate."""
+    ranked = [r for r in rows if r["cv_accuracy"] is not None and r["tap"] != AUTO]
+    if ranked:
+        max(ranked, key=lambda r: r["cv_accuracy"])["cv_pick"] = True
 
 
 def _logme_scores(features: FeatureFile, taps: list[Tap], pooling: str, protocol: Protocol) -> dict[str, float]:

@@ -105,9 +105,9 @@ def plot_comparison(rows: list[dict], path: Path, title: str) -> None:
 
 
 def _mark(row: dict) -> str:
-    if row["best"]:
-        return "  <- best"
-    return "  tied" if row.get("tied") else ""
+    marks = ["<- best"] if row["best"] else ["tied"] if row.get("tied") else []
+    marks += ["CV's pick"] if row.get("cv_pick") else []
+    return "".join(f"  {m}" for m in marks)
 
 
 def format_table(rows: list[dict], seeds: int) -> str:
@@ -136,6 +136,22 @@ def _set(row: dict) -> str:
     """A fused row's name, with the set seed 0 chose when it is ``auto``."""
     chosen = row["taps"].split(";")[0]
     return row["tap"] if chosen == row["tap"] else f"{row['tap']} ({chosen})"
+
+
+def format_cv_pick(rows: list[dict]) -> list[str]:
+    """The row picked on the training splits alone (highest CV accuracy), and how it fares on the test rows."""
+    pick = next((r for r in rows if r.get("cv_pick")), None)
+    if pick is None or len(rows) < 2:
+        return []
+    fares = f"on the test rows {100 * pick['mean_per_class_accuracy_mean']:.1f}"
+    if pick["best"]:
+        fares = "the best row on the test rows too"
+    elif pick.get("vs_best") is not None:
+        fares += (f", {signed(pick['vs_best'])} [{signed(pick['vs_best_low'])}, {signed(pick['vs_best_high'])}] "
+                  f"against the best ({'tied' if pick['tied'] else 'significantly worse'}; the best is the highest of "
+                  f"{len(rows)} test scores, so optimistic)")
+    return [f"picked on the training splits alone (highest CV accuracy, {100 * pick['cv_accuracy']:.1f}; `auto` rows "
+            f"aside): {pick['backbone']} {pick['clf']} {pick['tap']}, {fares}"]
 
 
 def format_gains(rows: list[dict]) -> list[str]:

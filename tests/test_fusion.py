@@ -207,7 +207,17 @@ def test_compare_fuse_marks_best_and_ties_and_writes_every_pair(tiny_folder, tmp
     chosen = [r for r in rows if r["tap"] == "auto"]
     assert all(r["pooling"] == json.loads((Path(r["run"]) / "results.json").read_text())["features"]["pooling"]
                for r in chosen)
-    assert out.count(" against ") == 4 and "95% interval" in out
+    assert sum("95% interval" in line for line in out.splitlines()) == 4  # one gain per fused row
+    # the pick made without the test rows: the highest CV accuracy (over seeds, at the C chosen), auto aside
+    for r in rows:
+        per_seed = json.loads((Path(r["run"]) / "results.json").read_text())["per_seed"]
+        assert r["cv_accuracy"] == pytest.approx(np.mean([max(s["cv_accuracy"]) for s in per_seed]), abs=1e-5)
+    pick = [r for r in rows if r["cv_pick"]]
+    assert len(pick) == 1 and pick[0]["tap"] != "auto"
+    assert pick[0]["cv_accuracy"] == max(r["cv_accuracy"] for r in rows if r["tap"] != "auto")
+    line = next(x for x in out.splitlines() if x.startswith("picked on the training splits alone"))
+    assert f": resnet18 {pick[0]['clf']} {pick[0]['tap']}, " in line
+    assert "CV's pick" in next(x for x in out.splitlines() if x.split()[1:3] == [pick[0]["clf"], pick[0]["tap"]])
     assert [a["taps"] for a in data["rank_agreement"]] == [3, 3]
     assert all(r["logme"] is not None for r in rows if r["depth"] is not None)
     assert (folder / "compare.png").stat().st_size > 1000

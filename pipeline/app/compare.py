@@ -56,7 +56,7 @@ def run(args) -> None:
     print(f"read {images.name}: {images.class_counts()}")
     protocol = parse_protocol(args.protocol, args.test_per_class, has_split=images.splits or False)
     from ..compare import compare_taps, rank_agreement  # torch and scikit-learn: once the arguments are found good
-    from ..report import format_gains, format_table
+    from ..report import format_cv_pick, format_gains, format_table
 
     if args.shots:
         return _shot_curves(args, images, nets, fits, protocol)
@@ -66,7 +66,7 @@ def run(args) -> None:
                              seeds=args.seeds, extract_options=extract_options(args), runs_root=args.runs_root,
                              force=args.force, fuse=args.fuse)
     print(format_table(rows, args.seeds))
-    for line in format_gains(rows):
+    for line in format_gains(rows) + format_cv_pick(rows):
         print(line)
     for a in rank_agreement(rows):
         if a["kendall_tau"] is not None:
