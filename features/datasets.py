@@ -14,7 +14,7 @@ import os
 import re
 import unicodedata
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -493,6 +493,8 @@ def folder_dataset(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS, allow_outsi
     if empty:  # a class folder without images is not a class: most often its images were not copied yet
         warnings.warn(f"dataset folder {root}: class folder(s) {', '.join(empty[:5])}"
                       f"{' and more' if len(empty) > 5 else ''} hold no images and are left out", stacklevel=3)
+    merged = merge_unicode_forms({c for _, c, _ in found}, f"dataset folder {root}")
+    found = [(split, merged[c], p) for split, c, p in found]
     classes = sorted({c for _, c, _ in found})
     warn_near_duplicate_classes(classes, f"folder {root}")
     index = {c: i for i, c in enumerate(classes)}
@@ -551,9 +553,11 @@ def _read_csv(csv_path: Path, encoding: str) -> tuple[list[dict], list[str]]:
 
 
 def _labels(rows: list[dict], column: str, csv_path: Path) -> list[str]:
-    """The label of each row with surrounding whitespace stripped; an empty label or one class written
-    two ways as a number (``1`` and ``1.0``) is refused, naming the lines."""
-    labels = [r[column].strip() for r in rows]
+    """The label of each row with surrounding whitespace stripped (one class per Unicode form); an empty
+    label or one class written two ways as a number (``1`` and ``1.0``) is refused, naming the lines."""
+    written = [r[column].strip() for r in rows]
+    merged = merge_unicode_forms(written, f"CSV file {csv_path}")
+    labels = [merged[label] for label in written]
     for number, label in enumerate(labels, start=2):
         if not label:
             raise UsageError(f"CSV file {csv_path} line {number} has an empty label in column {column!r}; "
@@ -571,6 +575,23 @@ def _labels(rows: list[dict], column: str, csv_path: Path) -> list[str]:
             raise UsageError(f"CSV file {csv_path} writes one number as {len(ways)} labels: {shown}; write each "
                              f"class one way, or they become separate classes")
     return labels
+
+
+def merge_unicode_forms(written: Iterable[str], where: str) -> dict[str, str]:
+    """Each class name as written -> its class. ``café`` typed on one system and ``cafe`` + combining
+    accent written by another (macOS file names) are one text to Unicode: a name that arrives in both
+    forms is one class, in the composed form (NFC), with a warning; a name written one way stays as
+    written, so a dataset's names and its feature files do not change."""
+    forms: dict[str, set[str]] = {}
+    for name in written:
+        forms.setdefault(unicodedata.normalize("NFC", name), set()).add(name)
+    twice = [name for name, spellings in forms.items() if len(spellings) > 1]
+    if twice:
+        warnings.warn(f"{where}: class {', '.join(repr(n) for n in twice[:5])} is written in two Unicode forms "
+                      f"(composed and decomposed accents, as macOS writes file names); read as one class",
+                      stacklevel=3)
+    return {name: composed if len(spellings) > 1 else name for composed, spellings in forms.items()
+            for name in spellings}
 
 
 def warn_near_duplicate_classes(classes: Sequence[str], where: str) -> None:

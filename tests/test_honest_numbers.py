@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import unicodedata
 import warnings
 
 import numpy as np
@@ -144,6 +145,26 @@ def test_classes_spelt_two_ways_are_kept_apart_with_a_warning(csv_world, image_f
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # one spelling per class: no warning
         load_dataset(f"csv:{_csv(root / 'plain.csv', rows)}")
+
+
+def test_a_class_written_in_two_unicode_forms_is_one_class(csv_world, image_folder, tmp_path):
+    """``café`` composed and decomposed (macOS writes file names decomposed) are one text to Unicode:
+    read as one class, with a warning; they were two classes that looked the same. A name written one
+    way keeps its spelling, so its dataset's feature files stay valid."""
+    composed, decomposed = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    assert composed != decomposed
+    root, rows = csv_world
+    mixed = [r.replace(",a", f",{decomposed if i % 2 else composed}") for i, r in enumerate(rows)]
+    with pytest.warns(UserWarning, match="class 'café' is written in two Unicode forms"):
+        images = load_dataset(f"csv:{_csv(root / 'forms.csv', mixed)}")
+    assert images.classes == ["b", composed] and np.bincount(images.labels).tolist() == [
+        sum(r.endswith(",b") for r in rows), sum(r.endswith(",a") for r in rows)]
+    image_folder(tmp_path / "cafes", classes=(composed, decomposed, "tea"), per_class=2)
+    with pytest.warns(UserWarning, match="read as one class"):
+        folder = load_dataset(f"folder:{tmp_path / 'cafes'}")
+    assert folder.classes == [composed, "tea"] and np.bincount(folder.labels).tolist() == [4, 2]
+    image_folder(tmp_path / "one_way", classes=(decomposed, "tea"), per_class=2)  # as macOS wrote it, alone
+    assert load_dataset(f"folder:{tmp_path / 'one_way'}").classes == [decomposed, "tea"]  # names kept: files too
 
 
 def test_a_csv_in_another_encoding_names_the_line_and_reads_with_encoding(csv_world, tmp_path):
