@@ -92,7 +92,7 @@ def describe_selection(param: str, grid: list[float], folds: int, asked: int, co
 
 class SelectedClassifier(ClassifierMixin, BaseEstimator):
     """An estimator whose ``param`` (C or weight decay) is chosen from ``grid`` by stratified k-fold
-    CV (:mod:`pipeline.folds`: an image's byte-identical copies in one fold) on the data given to
+    CV (:func:`training_folds`: an image's byte-identical copies in one fold) on the data given to
     :meth:`fit` only, then refit on all of it (the shape of scikit-learn's ``LogisticRegressionCV``,
     for any of taps' heads).
 
