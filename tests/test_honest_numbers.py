@@ -277,13 +277,19 @@ def test_a_fit_names_test_images_with_a_near_copy_in_training(tmp_path, scene_fo
     assert cli(capsys, "extract", *data, *QUIET, "--taps", "layer3,avgpool")[0] == 0
     for tap in ("avgpool", "layer3+avgpool"):
         code, out, _ = cli(capsys, "fit", *data, *FIT, "--tap", tap, "--runs-root", tmp_path / "runs")
-        assert code == 0 and "2 test image(s) (seed 0) have a near-copy in training" in out
+        assert code == 0 and f"2 test image(s) (seed 0) have a near-copy in training by {tap} (" in out
         assert "1 of them filed under another class, e.g. val/blue/mislabelled.jpg ~ train/green/img_001.jpg" in out
         assert "without them" in out
         near = json.loads(next((tmp_path / "runs").rglob(f"*__{tap}__*/results.json")).read_text())["near_copies"]
         assert near["test_images"] == 2 and near["across_classes"] == 1
         assert sorted(near["examples"]) == [["val/blue/mislabelled.jpg", "train/green/img_001.jpg"],
                                             ["val/red/resaved.png", "train/red/img_000.jpg"]]
+    code, out, _ = cli(capsys, "compare", *data, *QUIET, "--taps", "layer3,avgpool", "--clf", "knn,logreg",
+                       "--runs-root", tmp_path / "runs")  # the notes of the best row, whose tap it names
+    best = next(r for r in json.loads(next((tmp_path / "runs").rglob("compare.json")).read_text())["rows"]
+                if r["best"])
+    assert code == 0 and f"have a near-copy in training by {best['tap']} (" in out
+    assert f"(with: {100 * best['metrics']['mean_per_class_accuracy']['mean']:.1f})" in out  # its score, 1 seed
     h5 = next((tmp_path / "fs").rglob("*.h5"))
     code, out, _ = cli(capsys, "info", h5, "--copies", "avgpool")  # the whole dataset's, to clean it
     assert code == 0 and "0 group(s) of byte-identical images, 2 pair(s) of near-copies by avgpool" in out

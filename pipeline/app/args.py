@@ -242,14 +242,14 @@ def fit_options(args, clf: str | None = None, *, prompts: bool = True):
 FEW_TEST_IMAGES = 10  # below this, one test image of a class is over a tenth of its accuracy: say so
 
 
-def _near_copy_note(near: dict) -> list[str]:
+def _near_copy_note(near: dict, tap: str) -> list[str]:
     if not near.get("test_images"):
         return []
     test, train = near["examples"][0]
     across = f", {near['across_classes']} of them filed under another class" if near["across_classes"] else ""
     without = near.get("mean_per_class_accuracy_without")
-    return [f"note: {near['test_images']} test image(s) (seed 0) have a near-copy in training (resized, re-encoded or "
-            f"mirrored: within {near['ratio']:g}x the tap's typical nearest-neighbour distance){across}, e.g. "
+    return [f"note: {near['test_images']} test image(s) (seed 0) have a near-copy in training by {tap} (resized, "
+            f"re-encoded or mirrored: within {near['ratio']:g}x its typical nearest-neighbour distance){across}, e.g. "
             f"{test} ~ {train}" + ("" if without is None else
                                    f"; seed 0's mean per-class accuracy without them: {100 * without:.1f} "
                                    f"(with: {100 * near['mean_per_class_accuracy']:.1f})")]
@@ -270,7 +270,7 @@ def result_notes(results, seeds: int) -> list[str]:
         weight = 100 / (fewest["images"] * fewest["classes_tested"])
         notes.append(f"note: class {fewest['class']!r} has {fewest['images']} test image(s) (seed 0); each moves mean "
                      f"per-class accuracy by {weight:.2f} points, so differences of that size can be one image")
-    notes += _near_copy_note(results.near_copies)
+    notes += _near_copy_note(results.near_copies, results.features.tap)
     if results.undecodable:
         notes.append(f"note: {results.undecodable} image(s) could not be decoded at extraction and are in no split "
                      f"(`taps info` on the feature file lists them)")

@@ -74,7 +74,8 @@ def run(args) -> None:
                   f"Kendall tau {a['kendall_tau']:.2f}")
     from ..runs import load_results
 
-    for note in result_notes(load_results(Path(rows[0]["run"])), args.seeds):
+    best = next(r for r in rows if r["best"])  # the notes hold for every row (one split), near-copies for this one
+    for note in result_notes(load_results(Path(best["run"])), args.seeds):
         print(note)
     if track:
         print(f"tracked as MLflow run {log_compare(track, out, rows, load_results)} (one nested run per row) in "
