@@ -126,8 +126,10 @@ def copies(paths, tap: str | None = None, *, pooling: str = DEFAULT_POOLING, rat
     if groups is None:
         raise UsageError(f"{features.path} records no image digests (an older file); extract it again to list copies")
     found = []
-    for first in np.flatnonzero(np.bincount(groups, minlength=len(groups)) > 1):
-        rows = np.flatnonzero(groups == first)
+    order = np.argsort(groups, kind="stable")  # each group's rows together, in file order
+    for rows in np.split(order, np.flatnonzero(np.diff(groups[order])) + 1):
+        if len(rows) < 2:
+            continue
         found.append({"kind": "bytes", "ids": [ids[r] for r in rows], "distance": 0.0,
                       "classes": sorted({features.classes[labels[r]] for r in rows})})
     if tap is not None:

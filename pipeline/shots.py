@@ -268,8 +268,8 @@ def shot_curves(images: ImageSet, backbones: list, taps: list[str] | None, optio
             rows.append(_curve_row(planned, fit, extract_options.pooling, label))
             meta.append({"backbone": planned.backbone, "clf": fit.clf, "tap": planned.spec})
     features: Features = prepared.rows[0].features
-    pool, test = make_split(protocol, features.labels, features.split, 0, features.valid, features.duplicate_groups())
     first = features.duplicate_groups()
+    pool, test = make_split(protocol, features.labels, features.split, 0, features.valid, first)
     if first is not None:  # distinct images only: one training image per group, whichever side its first copy is on
         pool = np.sort(pool[np.unique(first[pool], return_index=True)[1]])
     settings = {"dataset": images.name, "dataset_fingerprint": images.fingerprint(), "features": prepared.made_from,

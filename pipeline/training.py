@@ -64,14 +64,17 @@ def fit_seeds(data: FitData, splits: list[Split], options: FitOptions, tap: str)
         per_seed.append(result)
         if seed == 0:
             model0, taps0 = model, result.taps
-    near = near_copy_report(data, splits[0], taps0, predictions["pred_0"], options)
+    near = near_copy_report(data, splits[0], taps0, predictions["pred_0"], options,
+                            per_seed[0].metrics["mean_per_class_accuracy"])
     return TapEvaluation(per_seed, summarize([s.metrics for s in per_seed]), model0, taps0, predictions, near)
 
 
-def near_copy_report(data: FitData, split: Split, taps: list[str], pred: np.ndarray, options: FitOptions) -> dict:
+def near_copy_report(data: FitData, split: Split, taps: list[str], pred: np.ndarray, options: FitOptions,
+                     scored: float) -> dict:
     """Seed 0's test images with a near-copy among its training images in the taps the model read
     (:mod:`pipeline.nearcopies`), a few of them by id, and the seed's mean per-class accuracy
-    without them. Not checked where the fit streams (no matrix in memory) or trains nothing (zero-shot)."""
+    without them beside ``scored``, the one with them. Not checked where the fit streams (no
+    matrix in memory) or trains nothing (zero-shot)."""
     if data.streaming or get_classifier(options.clf).text:
         return {"checked": False}
     (train, test), y, ids = split, data.features.labels, data.features.ids
@@ -84,7 +87,7 @@ def near_copy_report(data: FitData, split: Split, taps: list[str], pred: np.ndar
               "examples": [[ids[r], ids[p]] for r, p in zip(rows[:3].tolist(), partners[:3].tolist(), strict=True)]}
     keep = ~np.isin(test, rows)
     if len(rows) and keep.any():
-        report["mean_per_class_accuracy"] = float(balanced_accuracy_score(y[test], pred))
+        report["mean_per_class_accuracy"] = scored
         report["mean_per_class_accuracy_without"] = float(balanced_accuracy_score(y[test][keep], pred[keep]))
     return report
 
