@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import TapsError, UsageError, choose
 from .files import content_digest, digest, file_content_digest, short_digest
@@ -52,6 +52,19 @@ class BadImage(Exception):
     """An image that cannot be decoded; the message is the reason recorded in the file."""
 
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how a viewer turns the stored pixels (1: as stored, 2-8)
+
+
+def exif_orientation(path: Path | str) -> int:
+    """The EXIF orientation (1-8) of an image file: 1 when it has none, or an invalid one, or cannot be read."""
+    try:
+        with Image.open(path) as img:
+            value = img.getexif().get(EXIF_ORIENTATION, 1)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return 1
+    return value if value in range(1, 9) else 1
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB (grey, palette, CMYK, alpha, 16-bit, float)."""
     if img.mode == "RGB":
@@ -74,7 +87,8 @@ def open_image(path: Path | str, min_side: int | None = None, max_pixels: int = 
 
     ``min_side``: JPEGs are decoded at a reduced DCT scale (PIL's draft mode)
     whose shorter side still is at least this many pixels; the later resize
-    then has less to do and the decode is several times cheaper.
+    then has less to do and the decode is several times cheaper. The image is turned as its EXIF
+    orientation says (a phone's portrait photo is stored sideways), as viewers show it.
     """
     try:
         with Image.open(path) as img:
@@ -84,6 +98,7 @@ def open_image(path: Path | str, min_side: int | None = None, max_pixels: int = 
             if min_side and img.format == "JPEG" and min(w, h) > 2 * min_side:
                 img.draft("RGB", (min_side * w // min(w, h), min_side * h // min(w, h)))
             img.load()
+            ImageOps.exif_transpose(img, in_place=True)
             return to_rgb(img)
     except BadImage:
         raise
@@ -121,6 +136,10 @@ class ImageSet:
     def source_file(self, index: int) -> Path | None:
         """The file sample ``index`` decodes from, for decoders that read files themselves."""
         return None
+
+    def turned(self) -> list[int]:
+        """The samples whose file carries an EXIF orientation other than as stored (decoders turn them)."""
+        return [i for i in range(len(self)) if (path := self.source_file(i)) is not None and exif_orientation(path) != 1]
 
     def _content_key(self, version: int = FINGERPRINT_VERSION) -> bytes:
         """Bytes that change when the pixels may have changed (file sizes and times, array hash)."""

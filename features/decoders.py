@@ -31,3 +31,8 @@ PIL = register_decoder(Decoder("pil", "PIL's decoder and resize (files made befo
 TORCHVISION = register_decoder(Decoder(
     "torchvision", "torchvision.io.decode_jpeg on the model's device (nvJPEG on CUDA)", on_device=True)).name
 LEGACY_DECODER = PIL  # what taps made before the decoder was recorded were decoded with
+
+# Every decoder turns an image as its EXIF orientation says (as viewers show it), recorded on each tap
+# as ``orientation``; taps made before that was recorded hold the pixels as stored in the file.
+EXIF_TURNED = "exif"
+AS_STORED = "stored"

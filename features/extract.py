@@ -25,7 +25,7 @@ from .backbones import Backbone, Tap
 from .blocks import Block, prepare_forward
 from .catalog import check_dataset_matches, feature_path
 from .datasets import CONTENT_FINGERPRINT, FINGERPRINT_VERSION, ImageSet
-from .decoders import SIMPLEJPEG, get_decoder
+from .decoders import EXIF_TURNED, SIMPLEJPEG, get_decoder
 from .errors import TapsError, UsageError
 from .files import check_output_folder, exclusive_lock
 from .forward import resolve_compile
@@ -142,6 +142,7 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
         check_dataset_matches(existing, images, "pass --force to rebuild it", verify_content=options.verify_content,
                               digests=digests, fingerprint=header["dataset_fingerprint"])
         header["dataset_fingerprint"] = existing.identity.dataset_fingerprint
+        _check_orientation(existing, images)
     cfg = _adopt_recorded(options.resolve(len(images)), options, existing)
     check_batch_fits(backbone.input_size, cfg.batch_size, cfg.device)
     if cfg.runtime != TORCH:  # exported and checked once (cached); auto also timed against torch
@@ -174,6 +175,17 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
                             f"(finished blocks are kept, the rest is recomputed)") from None
         raise
     return report
+
+
+def _check_orientation(existing: FeatureFile, images: ImageSet) -> None:
+    """Refuse to reuse, resume or add to a file whose taps were decoded before taps turned images by their
+    EXIF orientation when some of ``images`` carry one: those rows hold the photos sideways or mirrored,
+    and rows added now would not be (a file of only unturned images is the same either way)."""
+    stored = sorted(key for key, tap in existing.taps.items() if tap.orientation != EXIF_TURNED)
+    if stored and (turned := images.turned()):
+        raise TapsError(f"{existing.path.name} was made before taps turned images by their EXIF orientation, and "
+                        f"{len(turned)} of these images carry one (e.g. {images.ids[turned[0]]}): its taps "
+                        f"{', '.join(stored)} hold them as stored; pass --force to rebuild the file")
 
 
 # Bytes per input pixel of one image in a forward pass, roughly: the decoded uint8 RGB (3), its float
@@ -249,7 +261,7 @@ def _fill(writer: FeatureWriter, job: _Job, report: ExtractionReport) -> None:
     compiles = cfg.runtime == TORCH and resolve_compile(cfg.compile, cfg.device, len(job.images), warn=False)
     compiled = cfg.batch_size if compiles else 0
     attrs = {t.name: {"tap": t.name, "node": t.node, "pooling": recorded_pooling(t.shape, cfg.pooling),
-                      "precision": cfg.precision, "decode": cfg.decode, "runtime": cfg.runtime,
+                      "precision": cfg.precision, "decode": cfg.decode, "runtime": cfg.runtime, "orientation": EXIF_TURNED,
                       **({"runtime_rates": cfg.runtime_rates} if cfg.runtime_rates else {}),
                       **({"int8": _tap_int8(cfg.quantization, t.name)} if cfg.quantization else {}),
                       # the export's outputs (their keys: names and pooling): its graph moves bf16 and int8 values

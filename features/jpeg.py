@@ -30,7 +30,8 @@ def decode_jpeg(data, **kwargs):
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
-        return _decode_jpeg(data, mode=ImageReadMode.RGB, **kwargs)
+        # turned as the EXIF orientation says, as the CPU decoders turn them
+        return _decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=True, **kwargs)
 
 
 def supports(images: ImageSet) -> bool:

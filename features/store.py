@@ -50,7 +50,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .decoders import LEGACY_DECODER
+from .decoders import AS_STORED, LEGACY_DECODER
 from .errors import TapsError, UsageError
 from .files import check_free_space
 from .identity import FileIdentity
@@ -559,9 +559,10 @@ class TapRecord:
     rows_done: int
     complete: bool
     runtime: str = TORCH  # files from before runtimes were recorded ran torch
+    orientation: str = AS_STORED  # taps from before EXIF orientation was applied hold pixels as stored
     extra: dict = field(default_factory=dict)  # attributes this version does not know, kept by merge
 
-    KNOWN = ("tap", "node", "pooling", "dim", "precision", "decode", "rows_done", "complete", "runtime")
+    KNOWN = ("tap", "node", "pooling", "dim", "precision", "decode", "rows_done", "complete", "runtime", "orientation")
 
     @classmethod
     def read(cls, key: str, attrs: dict) -> TapRecord:
@@ -571,7 +572,8 @@ class TapRecord:
         return cls(key=key, tap=str(attrs["tap"]), node=str(attrs["node"]), pooling=str(attrs["pooling"]),
                    dim=int(attrs["dim"]), precision=str(attrs["precision"]), decode=str(attrs["decode"]),
                    rows_done=int(attrs["rows_done"]), complete=bool(attrs["complete"]),
-                   runtime=str(attrs.get("runtime", TORCH)), extra={k: v for k, v in attrs.items() if k not in cls.KNOWN})
+                   runtime=str(attrs.get("runtime", TORCH)), orientation=str(attrs.get("orientation", AS_STORED)),
+                   extra={k: v for k, v in attrs.items() if k not in cls.KNOWN})
 
     def made_like(self) -> tuple[str, str, str]:
         """(precision, decode, runtime): taps fused or compared together must agree on these."""
@@ -580,7 +582,7 @@ class TapRecord:
     def settings(self) -> dict:
         """The attributes that make the tap what it is (to create it elsewhere: merge)."""
         return {"tap": self.tap, "node": self.node, "pooling": self.pooling, "precision": self.precision,
-                "decode": self.decode, "runtime": self.runtime, **self.extra}
+                "decode": self.decode, "runtime": self.runtime, "orientation": self.orientation, **self.extra}
 
 
 def _plain(attrs) -> dict:

@@ -8,6 +8,8 @@ box resize per photo, and it scales over decode threads as PIL's decoder does
   (accurate) DCT and upsampling, so full-size pixels are identical. It reads the
   header first, so the pixel bound is checked before anything is decoded. Large
   JPEGs decode at PIL's draft scale (1/2, 1/4 or 1/8; identical to PIL's too).
+- The pixels are turned as the file's EXIF orientation says, with the transposes of PIL's
+  ``ImageOps.exif_transpose`` (the PIL path's), on the decoded array before the resize.
 - Resizing and cropping run torchvision's tensor ops on the HWC buffer viewed as
   channels-last CHW, which is torch's vectorised uint8 antialias kernel. These are the
   weights preset's own tensor ops, so values match its PIL path to a grey level or two.
@@ -19,16 +21,39 @@ reasons recorded for those that do not, stay the same.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import simplejpeg
 import torch
+from PIL import Image
 
-from .datasets import DEFAULT_MAX_PIXELS, ImageSet, open_image
+from .datasets import DEFAULT_MAX_PIXELS, EXIF_ORIENTATION, ImageSet, open_image
 from .decoders import SIMPLEJPEG
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+EXIF_HEADER = b"Exif\x00\x00"  # opens a JPEG's APP1 segment of EXIF data, within its first 64 KiB
+# EXIF orientation -> the HWC array as a viewer shows it (the transposes PIL's exif_transpose makes)
+TURNS = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+         5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1), 7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],
+         8: lambda a: np.rot90(a, 1)}
+
+
+def jpeg_orientation(data: bytes) -> int:
+    """The EXIF orientation of JPEG bytes (1 when they carry none: most files, found without parsing)."""
+    if data.find(EXIF_HEADER, 0, 65536) < 0:
+        return 1
+    try:
+        value = Image.open(io.BytesIO(data)).getexif().get(EXIF_ORIENTATION, 1)
+    except (OSError, SyntaxError, ValueError):
+        return 1
+    return value if value in range(1, 9) else 1
+
+
+def turned(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """HWC pixels turned as ``orientation`` says, laid out in memory like a decoded image."""
+    return np.ascontiguousarray(TURNS[orientation](pixels)) if orientation in TURNS else pixels
 
 
 def draft_scale(width: int, height: int, min_side: int | None) -> int:
@@ -58,7 +83,7 @@ def decode_crop(path: Path, transform, min_side: int | None, max_pixels: int | N
                                         min_height=-(-height // s))
     except ValueError:  # damaged or unsupported: PIL decides
         return None
-    return transform(torch.from_numpy(pixels).permute(2, 0, 1))
+    return transform(torch.from_numpy(turned(pixels, jpeg_orientation(data))).permute(2, 0, 1))
 
 
 def file_pixels(path: Path | str, transform, min_side: int | None, decode: str,

@@ -11,14 +11,17 @@ import sys
 import unicodedata
 import warnings
 
+import h5py
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
+from features.backbones import Backbone
 from features.datasets import load_dataset
 from features.errors import TapsError, UsageError
+from features.extract import extract
 from features.store import FeatureFile
 from pipeline.api import copies as api_copies
 from pipeline.cli import main
@@ -531,3 +534,60 @@ def test_a_folder_linking_one_file_twice_is_refused_or_kept_once(tmp_path, image
     with pytest.warns(UserWarning, match="kept the first of 2 occurrences"):
         images = load_dataset(f"folder:{root}", duplicates="first")
     assert len(images) == 6 and "b/same_as_a0.jpg" not in images.ids
+
+
+def _turned_photos(root, photo, image_folder):
+    """Class ``phone``: a photo stored sideways with EXIF orientation 6 as PNG and JPEG, the same pixels as
+    stored without the tag, and the picture a viewer shows (upright) without a tag; class ``other``: three
+    images. Returns the upright pixels."""
+    stored, tag = photo(56, 40, seed=7), Image.Exif()
+    tag[0x0112] = 6  # a viewer turns it 90 degrees clockwise: a phone held upright
+    (root / "phone").mkdir(parents=True)
+    stored.save(root / "phone" / "stored.png")
+    stored.save(root / "phone" / "turned.png", exif=tag)
+    stored.save(root / "phone" / "turned.jpg", exif=tag, quality=95)
+    upright = ImageOps.exif_transpose(Image.open(root / "phone" / "turned.png"))
+    assert upright.size == (40, 56)  # the reference turn is PIL's, not taps'
+    upright.save(root / "phone" / "upright.png")
+    image_folder(root, classes=("other",), per_class=3)
+    return np.asarray(upright)
+
+
+@pytest.mark.parametrize("decode", ["simplejpeg", "pil", "torchvision"])
+def test_photos_are_turned_as_their_exif_orientation_says(tmp_path, photo, image_folder, cpu_run, decode):
+    """Every decoder sees a phone's sideways-stored photo as its viewer shows it, not as stored."""
+    _turned_photos(tmp_path / "set", photo, image_folder)
+    images = load_dataset(f"folder:{tmp_path / 'set'}")
+    assert [images.ids[i] for i in images.turned()] == ["phone/turned.jpg", "phone/turned.png"]
+    done = extract(images, Backbone("resnet18", weights="none", image_size=32), ["avgpool"], out=tmp_path / "f",
+                   **cpu_run(decode=decode))
+    f = FeatureFile(done.path)
+    row = {i: f.read("avgpool")[f.ids.index(i)] for i in f.ids if i.startswith("phone/")}
+    assert f.taps["avgpool"].orientation == "exif"
+    assert np.array_equal(row["phone/turned.png"], row["phone/upright.png"])  # lossless: the same pixels
+    sideways = np.linalg.norm(row["phone/stored.png"] - row["phone/upright.png"])
+    assert np.linalg.norm(row["phone/turned.jpg"] - row["phone/upright.png"]) < 0.25 * sideways
+
+
+def test_a_file_made_before_orientation_was_applied_is_refused_only_where_it_matters(tmp_path, photo, image_folder,
+                                                                                      cpu_run):
+    """Taps that hold turned photos as stored are not reused or added to; a dataset without turned
+    photos reuses them as before."""
+    _turned_photos(tmp_path / "set", photo, image_folder)
+    image_folder(tmp_path / "plain", classes=("a", "b"), per_class=3)
+    net, run = Backbone("resnet18", weights="none", image_size=32), cpu_run()
+    for name in ("set", "plain"):
+        images = load_dataset(f"folder:{tmp_path / name}")
+        done = extract(images, net, ["avgpool"], out=tmp_path / "f", **run)
+        with h5py.File(done.path, "r+") as h5:  # as taps wrote it before it recorded the orientation
+            del h5["taps/avgpool"].attrs["orientation"]
+        assert FeatureFile(done.path).taps["avgpool"].orientation == "stored"
+        if name == "plain":
+            assert extract(images, net, ["avgpool"], out=tmp_path / "f", **run).reused == ["avgpool"]
+            continue
+        for taps in (["avgpool"], ["layer4"]):  # reused, or a tap added beside it
+            with pytest.raises(TapsError, match=r"before taps turned images by their EXIF orientation, and 2 of these "
+                                                r"images carry one .*pass --force"):
+                extract(images, net, taps, out=tmp_path / "f", **run)
+        rebuilt = extract(images, net, ["avgpool"], out=tmp_path / "f", force=True, **run)
+        assert FeatureFile(rebuilt.path).taps["avgpool"].orientation == "exif"

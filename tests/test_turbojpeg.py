@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import simplejpeg
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from features.backbones import Backbone
 from features.datasets import BadImage, FileImageSet, open_image
@@ -93,3 +93,21 @@ def test_tensor_resize_is_the_presets_tensor_path(photo):
     preset = bb.transform()
     reference = (preset(chw) * torch.tensor(preset.std)[:, None, None]) + torch.tensor(preset.mean)[:, None, None]
     assert (ours - reference).abs().max() < 1.5 / 255  # uint8 kernel against float: rounding only
+
+
+@pytest.mark.parametrize("size", [(300, 240), (1100, 700)])  # full size, and PIL's draft scale 1/2
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_turns_as_pils_exif_transpose(tmp_path, size, orientation, photo):
+    """Both CPU decoders turn (and mirror) the pixels as PIL's ``ImageOps.exif_transpose`` does."""
+    tag = Image.Exif()
+    tag[0x0112] = orientation
+    path = save(photo(*size, seed=orientation), tmp_path / "x.jpg", exif=tag, quality=92)
+    with Image.open(path) as img:
+        img.draft("RGB", (img.width // draft_scale(*size, MIN_SIDE), img.height // draft_scale(*size, MIN_SIDE)))
+        as_stored = img.convert("RGB")
+    reference = CROP(ImageOps.exif_transpose(as_stored.copy()) if orientation > 1 else as_stored)
+    assert np.array_equal(CROP(open_image(path, MIN_SIDE)), reference)
+    diff = np.abs(decode_crop(path, CROP, MIN_SIDE, None).astype(int) - reference.astype(int))
+    assert diff.max() <= 3 and diff.mean() < 0.5
+    if orientation > 1:  # the reference is not the stored picture itself
+        assert np.abs(CROP(as_stored).astype(int) - reference.astype(int)).mean() > 5

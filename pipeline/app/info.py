@@ -38,7 +38,7 @@ def run(args) -> None:
         print(f"  {sample}: {reason}")
     for key, t in f.taps.items():
         print(f"tap {key}: node={t.node} pooling={t.pooling} dim={t.dim} precision={t.precision} "
-              f"decode={t.decode} runtime={t.runtime} rows={t.rows_done}/{len(f.labels)} "
+              f"decode={t.decode} orientation={t.orientation} runtime={t.runtime} rows={t.rows_done}/{len(f.labels)} "
               f"complete={t.complete}{_how(t.extra)}")
     if args.copies is not None:
         _print_copies(f, args.copies or None)
