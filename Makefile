@@ -27,7 +27,7 @@ install: $(VENV)/.installed weights
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,ray,timm,onnx,openvino,export,track,openclip,hf]'
+	$(BIN)/pip install --quiet -e '.[dev,ray,timm,onnx,openvino,export,track,openclip,hf,heif]'
 	touch $@
 
 weights: $(VENV)/.installed

@@ -9,11 +9,13 @@ sample. Images are decoded lazily, one at a time, so memory stays flat.
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import os
 import re
 import unicodedata
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -24,7 +26,13 @@ from .errors import TapsError, UsageError, choose
 from .files import content_digest, digest, file_content_digest, short_digest
 
 # PIL's own list plus GIF: odd but decodable formats are converted, not skipped.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+# torchvision ImageFolder's, and what else photos are saved as: JPEG's other names (Windows saves a
+# browser's JPEG as .jfif), GIF, AVIF and phones' HEIC/HEIF (read through pillow-heif, the `heif` extra;
+# without it they are skipped with that reason), so that no photo in a class folder is left out unsaid.
+HEIF_EXTENSIONS = (".heic", ".heif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif",
+                    ".avif", *HEIF_EXTENSIONS)
+NOT_DATA = ("thumbs.db", "desktop.ini")  # what file managers leave in folders
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's decompression-bomb bound (about 9,459 x 9,459)
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 # open_image bounds every image's pixel count itself, before decoding. PIL's warning for
@@ -82,6 +90,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+@functools.cache
+def _heif_readable() -> bool:
+    """Whether PIL opens HEIC/HEIF files: pillow-heif registers its opener at the first one."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
 def open_image(path: Path | str, min_side: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode one image file to RGB, or raise :class:`BadImage` with the reason.
 
@@ -90,6 +109,8 @@ def open_image(path: Path | str, min_side: int | None = None, max_pixels: int = 
     then has less to do and the decode is several times cheaper. The image is turned as its EXIF
     orientation says (a phone's portrait photo is stored sideways), as viewers show it.
     """
+    if Path(path).suffix.lower() in HEIF_EXTENSIONS and not _heif_readable():
+        raise BadImage("a HEIC/HEIF image, which needs pillow-heif: pip install 'taps[heif]'")
     try:
         with Image.open(path) as img:
             w, h = img.size  # checked before decoding; PIL's own warning is silenced above
@@ -458,8 +479,20 @@ def class_files(folder: Path) -> list[Path]:
     """The image files under one class folder, in torchvision ``ImageFolder``'s order (its ``make_dataset``:
     links followed, folders walked in sorted order, names sorted within each, extensions matched in any
     case), without importing torchvision."""
-    return [Path(top) / name for top, _, names in sorted(os.walk(folder, followlinks=True))
-            for name in sorted(names) if name.lower().endswith(IMAGE_EXTENSIONS)]
+    return walk_class(folder)[0]
+
+
+def walk_class(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(:func:`class_files`, the other files under the folder: not images by their extension; hidden
+    files and file managers' own left out of both)."""
+    images, others = [], []
+    for top, _, names in sorted(os.walk(folder, followlinks=True)):
+        for name in sorted(names):
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                images.append(Path(top) / name)
+            elif not name.startswith(".") and name.lower() not in NOT_DATA:
+                others.append(Path(top) / name)
+    return images, others
 
 
 def _split_parts(root: Path) -> list[tuple[str | None, Path]]:
@@ -494,11 +527,15 @@ def folder_dataset(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS, allow_outsi
     classes = sorted({c.name for _, d in parts for c in d.iterdir() if c.is_dir() and not c.name.startswith(".")})
     if not classes:
         raise UsageError(f"dataset folder {root} has no class subfolders; expected {root}/<class>/<image>")
-    found = []  # (split, class, path): hidden files (".x.jpg", macOS "._x.jpg") are not images
+    found, others = [], []  # (split, class, path): hidden files (".x.jpg", macOS "._x.jpg") are not images
     for split, d in parts:
         for c in classes:
             if (d / c).is_dir():
-                found += [(split, c, p) for p in class_files(d / c) if not p.name.startswith(".")]
+                images, not_images = walk_class(d / c)
+                found += [(split, c, p) for p in images if not p.name.startswith(".")]
+                others += not_images
+    if others:
+        warn_left_out(others, f"dataset folder {root}")
     if not found:
         raise UsageError(f"dataset folder {root} has no images in its class folders")
     resolved = [p.resolve() for _, _, p in found]
@@ -522,6 +559,16 @@ def folder_dataset(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS, allow_outsi
     splits = [s for s, _, _ in found]
     return FileImageSet(f"folder-{root.name}", root, paths, classes, labels, splits=splits if parts[0][0] else None,
                         max_pixels=max_pixels)
+
+
+def warn_left_out(files: list[Path], source: str) -> None:
+    """Say how many files of a folder are not read as images, by extension (a format taps does not read,
+    or notes beside the images), so that none is left out without a word."""
+    by_suffix = Counter(p.suffix.lower() or "(no extension)" for p in files)
+    listed = ", ".join(f"{suffix} {n}" for suffix, n in by_suffix.most_common(5))
+    warnings.warn(f"{source}: {len(files)} file(s) in class folders are not images by their extension and are left "
+                  f"out ({listed}{', …' if len(by_suffix) > 5 else ''}, e.g. {files[0].name}); images taps reads: "
+                  f"{' '.join(IMAGE_EXTENSIONS)}", stacklevel=4)
 
 
 def _unique_files(paths: list[Path], where: list[str], source: str, what: str, duplicates: str) -> list[int]:

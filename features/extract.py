@@ -142,7 +142,7 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
         check_dataset_matches(existing, images, "pass --force to rebuild it", verify_content=options.verify_content,
                               digests=digests, fingerprint=header["dataset_fingerprint"])
         header["dataset_fingerprint"] = existing.identity.dataset_fingerprint
-        _check_orientation(existing, images)
+    unturned = _unturned_taps(existing, images)
     cfg = _adopt_recorded(options.resolve(len(images)), options, existing)
     check_batch_fits(backbone.input_size, cfg.batch_size, cfg.device)
     if cfg.runtime != TORCH:  # exported and checked once (cached); auto also timed against torch
@@ -163,6 +163,8 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
             try:
                 # Blocks are the file's: a resumed file keeps the batch size it was made with.
                 cfg = dataclasses.replace(cfg, batch_size=writer.batch_size)
+                for key in unturned:
+                    writer.record_tap(key, orientation=EXIF_TURNED)
                 _fill(writer, _Job(images, backbone, resolved, keys, cfg, options), report)
             finally:
                 report.skipped = {images.ids[i]: reason for i, reason in writer.skipped().items()}
@@ -177,15 +179,17 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
     return report
 
 
-def _check_orientation(existing: FeatureFile, images: ImageSet) -> None:
-    """Refuse to reuse, resume or add to a file whose taps were decoded before taps turned images by their
-    EXIF orientation when some of ``images`` carry one: those rows hold the photos sideways or mirrored,
-    and rows added now would not be (a file of only unturned images is the same either way)."""
-    stored = sorted(key for key, tap in existing.taps.items() if tap.orientation != EXIF_TURNED)
+def _unturned_taps(existing: FeatureFile | None, images: ImageSet) -> list[str]:
+    """The file's taps decoded before taps turned images by their EXIF orientation, when none of ``images``
+    carries one (they hold what turning gives: the writer records it, so later runs skip this scan).
+    Refuses to reuse, resume or add to such a file when some do: its rows hold those photos sideways or
+    mirrored, and rows added now would not."""
+    stored = sorted(key for key, tap in existing.taps.items() if tap.orientation != EXIF_TURNED) if existing else []
     if stored and (turned := images.turned()):
         raise TapsError(f"{existing.path.name} was made before taps turned images by their EXIF orientation, and "
                         f"{len(turned)} of these images carry one (e.g. {images.ids[turned[0]]}): its taps "
                         f"{', '.join(stored)} hold them as stored; pass --force to rebuild the file")
+    return stored
 
 
 # Bytes per input pixel of one image in a forward pass, roughly: the decoded uint8 RGB (3), its float

@@ -320,6 +320,11 @@ class FeatureWriter:
         ds.attrs.update({"rows_done": bad, "complete": False})
         self.h5.attrs["complete"] = False
 
+    def record_tap(self, key: str, **attrs) -> None:
+        """Add what a later check established about an existing tap to its attributes."""
+        self.h5["taps"][key].attrs.update(attrs)
+        self._flush()
+
     def tap_done(self, key: str) -> bool:
         return key in self.h5["taps"] and bool(self.h5["taps"][key].attrs["complete"])
 

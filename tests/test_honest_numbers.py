@@ -572,7 +572,7 @@ def test_photos_are_turned_as_their_exif_orientation_says(tmp_path, photo, image
 def test_a_file_made_before_orientation_was_applied_is_refused_only_where_it_matters(tmp_path, photo, image_folder,
                                                                                       cpu_run):
     """Taps that hold turned photos as stored are not reused or added to; a dataset without turned
-    photos reuses them as before."""
+    photos reuses them as before, and records that they hold what turning gives."""
     _turned_photos(tmp_path / "set", photo, image_folder)
     image_folder(tmp_path / "plain", classes=("a", "b"), per_class=3)
     net, run = Backbone("resnet18", weights="none", image_size=32), cpu_run()
@@ -582,8 +582,9 @@ def test_a_file_made_before_orientation_was_applied_is_refused_only_where_it_mat
         with h5py.File(done.path, "r+") as h5:  # as taps wrote it before it recorded the orientation
             del h5["taps/avgpool"].attrs["orientation"]
         assert FeatureFile(done.path).taps["avgpool"].orientation == "stored"
-        if name == "plain":
+        if name == "plain":  # reused; its rows are what turning gives, which the file now records
             assert extract(images, net, ["avgpool"], out=tmp_path / "f", **run).reused == ["avgpool"]
+            assert FeatureFile(done.path).taps["avgpool"].orientation == "exif"
             continue
         for taps in (["avgpool"], ["layer4"]):  # reused, or a tap added beside it
             with pytest.raises(TapsError, match=r"before taps turned images by their EXIF orientation, and 2 of these "
@@ -591,3 +592,30 @@ def test_a_file_made_before_orientation_was_applied_is_refused_only_where_it_mat
                 extract(images, net, taps, out=tmp_path / "f", **run)
         rebuilt = extract(images, net, ["avgpool"], out=tmp_path / "f", force=True, **run)
         assert FeatureFile(rebuilt.path).taps["avgpool"].orientation == "exif"
+
+
+def test_every_photo_in_a_class_folder_is_read_or_named(tmp_path, photo, image_folder, cpu_run):
+    """Photos saved as .jfif (a browser's JPEG on Windows), AVIF or a phone's HEIC are read; other files in
+    class folders are counted by extension in a warning instead of vanishing without a word."""
+    import pillow_heif
+
+    image_folder(tmp_path / "set", classes=("a", "b"), per_class=3)
+    photo(48, 40, seed=1).save(tmp_path / "set" / "a" / "web.jfif", format="JPEG")
+    pillow_heif.from_pillow(photo(48, 40, seed=2)).save(tmp_path / "set" / "a" / "phone.heic")
+    photo(48, 40, seed=3).save(tmp_path / "set" / "b" / "shot.avif")
+    for name in ("notes.txt", "scan.xyz", "Thumbs.db", ".hidden.txt"):
+        (tmp_path / "set" / "b" / name).write_text("not an image")
+    with pytest.warns(UserWarning, match=r"2 file\(s\) in class folders are not images by their extension and are "
+                                         r"left out \(\.txt 1, \.xyz 1, e\.g\. notes\.txt\)"):
+        images = load_dataset(f"folder:{tmp_path / 'set'}")
+    assert {"a/web.jfif", "a/phone.heic", "b/shot.avif"} <= set(images.ids) and len(images) == 9
+    done = extract(images, Backbone("resnet18", weights="none", image_size=32), ["avgpool"], out=tmp_path / "f",
+                   **cpu_run())
+    assert done.skipped == {}
+    # without pillow-heif, a HEIC photo is skipped with the reason and the fix, not dropped unsaid
+    code = ("import sys; sys.modules['pillow_heif'] = None\n"
+            "from features.datasets import BadImage, open_image\n"
+            f"try:\n    open_image({str(tmp_path / 'set' / 'a' / 'phone.heic')!r})\n"
+            "except BadImage as exc:\n    print(exc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "a HEIC/HEIF image, which needs pillow-heif: pip install 'taps[heif]'"
