@@ -703,7 +703,7 @@ def csv_dataset(csv_path: Path, *, image_column: str | None = None, label_column
             raise UsageError(f"CSV file {csv_path} line {number} has fewer cells than the header "
                              f"({len([v for v in r.values() if v is not None])} of {len(columns)}); fix that row")
     root = csv_path.parent
-    values = [_as_posix(r[image_column], root, root / "images") for r in rows]
+    values = [_as_found(r[image_column], root, root / "images") for r in rows]
     base = root / "images" if (root / "images").is_dir() and not (root / values[0]).exists() else root
     paths = []
     for r, value in zip(rows, values, strict=True):
@@ -728,12 +728,16 @@ def csv_dataset(csv_path: Path, *, image_column: str | None = None, label_column
                         max_pixels=max_pixels)
 
 
-def _as_posix(value: str, *folders: Path) -> str:
-    """A path a Windows tool wrote (``images\\ants\\a1.jpg``) with this system's separator, where the file
-    is found only that way (a backslash is a legal character of a file name here)."""
-    if "\\" not in value or any((folder / value).exists() for folder in folders):
+def _as_found(value: str, *folders: Path) -> str:
+    """A CSV's image path as the file system spells it, where the file is found only that way: a Windows
+    tool's ``images\\ants\\a1.jpg`` with this system's separator (a backslash is a legal character of a
+    file name here), and an accented name in the other Unicode form (macOS writes file names decomposed,
+    most other tools composed: one text, two byte strings)."""
+    if "\\" not in value and value.isascii():
         return value
-    return value.replace("\\", "/")
+    posix = value.replace("\\", "/")
+    spellings = dict.fromkeys((value, posix, *(unicodedata.normalize(form, posix) for form in ("NFC", "NFD"))))
+    return next((v for v in spellings if any((folder / v).exists() for folder in folders)), posix)
 
 
 def load_dataset(spec: str, data_root: Path | str = "data", download: bool = True, subset_spec: str | None = None,

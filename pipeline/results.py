@@ -118,6 +118,7 @@ class RunResult:
     duplicates: dict = field(default_factory=dict)
     undecodable: int = 0        # images the extraction could not decode: in no split
     untested_classes: list[str] = field(default_factory=list)  # classes with no test image in some seed's split
+    untrained_classes: list[str] = field(default_factory=list)  # classes tested but not trained on in some seed's split
     fewest_test_images: dict = field(default_factory=dict)  # seed 0's tested class with the fewest test images
     near_copies: dict = field(default_factory=dict)  # seed 0's test images with a near-copy in training
     per_seed: list[SeedResult]

@@ -9,7 +9,7 @@ fit, so a protocol that cannot be cross-validated fails at once, not after minut
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn.calibration import CalibratedClassifierCV
@@ -42,6 +42,7 @@ class TapEvaluation:
     taps: list[str]  # the file keys the seed-0 model reads, side by side
     predictions: dict[str, np.ndarray]  # per seed: test rows (test_S) and their predictions (pred_S)
     near_copies: dict  # seed 0's test images with a near-copy in training (see near_copy_report)
+    untrained: list[int] = field(default_factory=list)  # classes tested in some seed's split but not trained on
 
     @property
     def fit_seconds(self) -> list[float]:
@@ -66,7 +67,11 @@ def fit_seeds(data: FitData, splits: list[Split], options: FitOptions, tap: str)
             model0, taps0 = model, result.taps
     near = near_copy_report(data, splits[0], taps0, predictions["pred_0"], options,
                             per_seed[0].metrics["mean_per_class_accuracy"])
-    return TapEvaluation(per_seed, summarize([s.metrics for s in per_seed]), model0, taps0, predictions, near)
+    labels = data.features.labels  # a class with no training image can never be predicted (zero-shot aside)
+    untrained = [] if get_classifier(options.clf).text else \
+        sorted({int(c) for train, test in splits for c in np.setdiff1d(labels[test], labels[train])})
+    return TapEvaluation(per_seed, summarize([s.metrics for s in per_seed]), model0, taps0, predictions, near,
+                         untrained)
 
 
 def near_copy_report(data: FitData, split: Split, taps: list[str], pred: np.ndarray, options: FitOptions,

@@ -94,6 +94,18 @@ def test_a_csv_a_windows_tool_wrote_reads_its_backslashed_paths(csv_world):
         load_dataset(f"csv:{drive}")
 
 
+def test_a_csv_finds_accented_file_names_in_the_other_unicode_form(csv_world):
+    """A CSV spells ``café.jpg`` composed; the file came from a Mac, which names it decomposed: one name
+    to Unicode, two byte strings to the file system. Read (was: skipped as missing)."""
+    root, rows = csv_world
+    for i, form in enumerate(("NFD", "NFC")):  # a file named each way, each listed the other way
+        (root / "images" / "a" / f"img_00{i}.jpg").rename(root / "images" / "a" / unicodedata.normalize(form, f"café{i}.jpg"))
+    listed = [f"a/{unicodedata.normalize('NFC' if i == 0 else 'NFD', f'café{i}.jpg')},a" for i in range(2)] + rows[2:]
+    images = load_dataset(f"csv:{_csv(root / 'accents.csv', listed)}")
+    assert all(p.is_file() for p in images.paths) and len(images) == 6
+    assert images.ids[:2] == [f"images/a/{unicodedata.normalize(form, f'café{i}.jpg')}" for i, form in enumerate(("NFD", "NFC"))]
+
+
 @pytest.mark.parametrize("delimiter", [";", "\t", "|"])
 def test_a_csv_split_by_semicolons_tabs_or_bars_reads_as_a_comma_one(csv_world, delimiter):
     root, rows = csv_world  # spreadsheets where the comma is the decimal mark write ';'
@@ -132,6 +144,22 @@ def test_classes_without_a_test_image_are_named_beside_the_metrics_they_are_left
     # 3 test images in each of the 2 tested classes: one image is 1/6 of the metric, and the note says so
     assert results["fewest_test_images"] == {"class": "a", "images": 3, "classes_tested": 2}
     assert "note: class 'a' has 3 test image(s) (seed 0); each moves mean per-class accuracy by 16.67 points" in out
+
+
+def test_classes_with_test_images_but_none_to_train_on_are_named(tmp_path, image_folder, capsys):
+    """An official split whose val/ holds a class that train/ lacks: the classifier can never predict it,
+    so its test images are errors that no tap or classifier can mend, and the notes say so."""
+    image_folder(tmp_path / "data" / "train", classes=("a", "b"), per_class=6)
+    image_folder(tmp_path / "data" / "val", classes=("a", "b", "c"), per_class=3, seed=1)
+    common = ["--dataset", f"folder:{tmp_path / 'data'}", *TINY, "--features-root", tmp_path / "fs"]
+    assert cli(capsys, "extract", *common, *QUIET)[0] == 0
+    code, out, _ = cli(capsys, "fit", *common, *FIT, "--runs-root", tmp_path / "runs")
+    assert code == 0 and "note: 1 of 3 classes have test images but no training image (in some seed's split): c; " \
+        "the classifier cannot predict them" in out
+    results = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
+    assert results["untrained_classes"] == ["c"] and results["untested_classes"] == []
+    per_class = (next((tmp_path / "runs").rglob("per_class.csv")).read_text())
+    assert re.search(r"^c,0(\.0+)?,", per_class, re.M)  # scored as it is: recall 0, in the mean
 
 
 def test_classes_spelt_two_ways_are_kept_apart_with_a_warning(csv_world, image_folder, tmp_path):

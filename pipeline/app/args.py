@@ -265,6 +265,12 @@ def result_notes(results, seeds: int) -> list[str]:
         notes.append(f"note: {len(missing)} of {len(results.classes)} classes have no test image (in some seed's split): "
                      f"{shown}; mean per-class accuracy averages the classes that have, and macro F1 counts each "
                      f"such class predicted as 0")
+    if results.untrained_classes:
+        missing = results.untrained_classes
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        notes.append(f"note: {len(missing)} of {len(results.classes)} classes have test images but no training image (in "
+                     f"some seed's split): {shown}; the classifier cannot predict them, so each of their test images "
+                     f"is an error and mean per-class accuracy counts each such class as 0")
     fewest = results.fewest_test_images
     if fewest and fewest["images"] < FEW_TEST_IMAGES:
         weight = 100 / (fewest["images"] * fewest["classes_tested"])
