@@ -483,15 +483,24 @@ def class_files(folder: Path) -> list[Path]:
 
 
 def walk_class(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(:func:`class_files`, the other files under the folder: not images by their extension; hidden
-    files and file managers' own left out of both)."""
+    """(:func:`class_files`, the other files under the folder)."""
     images, others = [], []
     for top, _, names in sorted(os.walk(folder, followlinks=True)):
-        for name in sorted(names):
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                images.append(Path(top) / name)
-            elif not name.startswith(".") and name.lower() not in NOT_DATA:
-                others.append(Path(top) / name)
+        found = split_images(Path(top), names)
+        images += found[0]
+        others += found[1]
+    return images, others
+
+
+def split_images(folder: Path, names: Iterable[str]) -> tuple[list[Path], list[Path]]:
+    """The files ``names`` in ``folder``, sorted: (images by their extension, the other files, hidden
+    files and file managers' own left out)."""
+    images, others = [], []
+    for name in sorted(names):
+        if name.lower().endswith(IMAGE_EXTENSIONS):
+            images.append(folder / name)
+        elif not name.startswith(".") and name.lower() not in NOT_DATA:
+            others.append(folder / name)
     return images, others
 
 
@@ -535,7 +544,7 @@ def folder_dataset(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS, allow_outsi
                 found += [(split, c, p) for p in images if not p.name.startswith(".")]
                 others += not_images
     if others:
-        warn_left_out(others, f"dataset folder {root}")
+        warn_left_out(others, f"the class folders of {root}")
     if not found:
         raise UsageError(f"dataset folder {root} has no images in its class folders")
     resolved = [p.resolve() for _, _, p in found]
@@ -561,13 +570,13 @@ def folder_dataset(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS, allow_outsi
                         max_pixels=max_pixels)
 
 
-def warn_left_out(files: list[Path], source: str) -> None:
-    """Say how many files of a folder are not read as images, by extension (a format taps does not read,
-    or notes beside the images), so that none is left out without a word."""
+def warn_left_out(files: list[Path], where: str) -> None:
+    """Say how many files in folders of images are not read as images, by extension (a format taps does
+    not read, or notes beside the images), so that none is left out without a word."""
     by_suffix = Counter(p.suffix.lower() or "(no extension)" for p in files)
     listed = ", ".join(f"{suffix} {n}" for suffix, n in by_suffix.most_common(5))
-    warnings.warn(f"{source}: {len(files)} file(s) in class folders are not images by their extension and are left "
-                  f"out ({listed}{', …' if len(by_suffix) > 5 else ''}, e.g. {files[0].name}); images taps reads: "
+    warnings.warn(f"{len(files)} file(s) in {where} are not images by their extension and are left out ({listed}"
+                  f"{', …' if len(by_suffix) > 5 else ''}, e.g. {files[0].name}); images taps reads: "
                   f"{' '.join(IMAGE_EXTENSIONS)}", stacklevel=4)
 
 

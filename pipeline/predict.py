@@ -20,7 +20,7 @@ import numpy as np
 
 from features.backbones import Backbone, Tap
 from features.blocks import BlockSource, prepare_forward
-from features.datasets import IMAGE_EXTENSIONS, FileImageSet
+from features.datasets import FileImageSet, split_images
 from features.decoders import LEGACY_DECODER
 from features.errors import TapsError, UsageError, choose
 from features.files import file_sha256
@@ -265,9 +265,10 @@ def predict_images(run_dir: Path | str, images: list[str], device: str = "auto",
     return Predictor(run_dir, device, batch_size, weights).predict(images)
 
 
-def image_files(inputs: list[str]) -> Iterator[str]:
+def image_files(inputs: list[str], left_out: list[Path] | None = None) -> Iterator[str]:
     """The image files named by ``inputs``, in order: files as given, folders searched recursively for
-    the dataset's image types (hidden files and folders skipped, names sorted), one at a time."""
+    the dataset's image types (hidden files and folders skipped, names sorted), one at a time; the other
+    files found in the folders are appended to ``left_out``."""
     for item in inputs:
         path = Path(item)
         if not path.is_dir():
@@ -275,9 +276,10 @@ def image_files(inputs: list[str]) -> Iterator[str]:
             continue
         for folder, dirs, names in os.walk(path):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in sorted(names):
-                if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                    yield str(Path(folder) / name)
+            images, others = split_images(Path(folder), names)
+            yield from (str(p) for p in images if not p.name.startswith("."))
+            if left_out is not None:
+                left_out += others
 
 
 def _classify(model, classes: list[str], images: list[str], X: np.ndarray, errors: dict[int, str],

@@ -243,8 +243,10 @@ def test_predict_for_scripts_reads_folders_writes_one_record_per_image_and_says_
     folder = tmp_path / "mixed"
     shutil.copytree(tiny_flat / "circle", folder / "circle")
     (folder / "circle" / ".hidden.jpg").write_bytes(b"skipped: hidden")
-    (folder / "notes.txt").write_text("not an image type: skipped")
-    assert main(["predict", "--run", run, str(folder), "--format", "json", "--top-k", "2"]) == 0
+    (folder / "notes.txt").write_text("not an image type: skipped, and counted")
+    with pytest.warns(UserWarning, match=r"^1 file\(s\) in the folders given are not images by their extension and "
+                                         r"are left out \(\.txt 1, e\.g\. notes\.txt\)"):
+        assert main(["predict", "--run", run, str(folder), "--format", "json", "--top-k", "2"]) == 0
     out, err = capsys.readouterr()
     records = [json.loads(line) for line in out.splitlines()]  # stdout: records only, the run path on stderr
     assert [r["path"] for r in records] == sorted(str(p) for p in (folder / "circle").glob("img_*.jpg"))

@@ -31,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> None:
     """Results on stdout as they come, everything else on stderr; images stream through in chunks, so
     memory stays flat however many a folder holds."""
+    from features.datasets import warn_left_out
     from features.progress import Progress
 
     from ..predict import Predictor, image_files, prediction_writer
@@ -40,7 +41,8 @@ def run(args) -> None:
     if header:
         print(header)
     total = failed = 0
-    names = image_files(args.images)
+    left_out: list = []
+    names = image_files(args.images, left_out)
     bar = Progress(None, "predict", enabled=args.progress)
     while chunk := list(itertools.islice(names, CHUNK)):
         for p in predictor.predict(chunk):
@@ -50,6 +52,8 @@ def run(args) -> None:
         total += len(chunk)
         bar.update(len(chunk))
     bar.close()
+    if left_out:
+        warn_left_out(left_out, "the folders given")
     if total == 0:
         raise UsageError(f"no image files in {', '.join(args.images)}; pass image files or folders of them")
     if failed == total:
