@@ -482,6 +482,26 @@ def class_files(folder: Path) -> list[Path]:
     return walk_class(folder)[0]
 
 
+def _class_images(root: Path, parts: list[tuple[str | None, Path]], classes: list[str]) -> list[tuple]:
+    """(split, class, path) of every image in the class folders, saying what else lies there or beside
+    them (hidden files, ".x.jpg" and macOS "._x.jpg", are not images)."""
+    found, others = [], []
+    for split, d in parts:
+        for c in classes:
+            if (d / c).is_dir():
+                images, not_images = walk_class(d / c)
+                found += [(split, c, p) for p in images if not p.name.startswith(".")]
+                others += not_images
+    if others:
+        warn_left_out(others, f"the class folders of {root}")
+    loose = [p for folder in dict.fromkeys([root, *(d for _, d in parts)]) for p in
+             split_images(folder, [f.name for f in folder.iterdir() if f.is_file()])[0] if not p.name.startswith(".")]
+    if loose:  # an image beside the class folders has no class: it is not in the dataset
+        warnings.warn(f"dataset folder {root}: {len(loose)} image(s) lie outside every class folder and are left out "
+                      f"(e.g. {loose[0].relative_to(root)}); move each into its class's folder", stacklevel=4)
+    return found
+
+
 def walk_class(folder: Path) -> tuple[list[Path], list[Path]]:
     """(:func:`class_files`, the other files under the folder)."""
     images, others = [], []
@@ -536,15 +556,7 @@ def folder_dataset(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS, allow_outsi
     classes = sorted({c.name for _, d in parts for c in d.iterdir() if c.is_dir() and not c.name.startswith(".")})
     if not classes:
         raise UsageError(f"dataset folder {root} has no class subfolders; expected {root}/<class>/<image>")
-    found, others = [], []  # (split, class, path): hidden files (".x.jpg", macOS "._x.jpg") are not images
-    for split, d in parts:
-        for c in classes:
-            if (d / c).is_dir():
-                images, not_images = walk_class(d / c)
-                found += [(split, c, p) for p in images if not p.name.startswith(".")]
-                others += not_images
-    if others:
-        warn_left_out(others, f"the class folders of {root}")
+    found = _class_images(root, parts, classes)
     if not found:
         raise UsageError(f"dataset folder {root} has no images in its class folders")
     resolved = [p.resolve() for _, _, p in found]

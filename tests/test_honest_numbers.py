@@ -633,9 +633,15 @@ def test_every_photo_in_a_class_folder_is_read_or_named(tmp_path, photo, image_f
     photo(48, 40, seed=3).save(tmp_path / "set" / "b" / "shot.avif")
     for name in ("notes.txt", "scan.xyz", "Thumbs.db", ".hidden.txt"):
         (tmp_path / "set" / "b" / name).write_text("not an image")
-    with pytest.warns(UserWarning, match=r"2 file\(s\) in the class folders of .* are not images by their extension "
-                                         r"and are left out \(\.txt 1, \.xyz 1, e\.g\. notes\.txt\)"):
+    photo(48, 40, seed=4).save(tmp_path / "set" / "unsorted.jpg")  # beside the class folders: in no class
+    (tmp_path / "set" / "README.txt").write_text("a dataset's notes")
+    with pytest.warns(UserWarning) as caught:
         images = load_dataset(f"folder:{tmp_path / 'set'}")
+    said = [str(w.message) for w in caught]
+    assert any(re.match(r"2 file\(s\) in the class folders of .* are not images by their extension and are left out "
+                        r"\(\.txt 1, \.xyz 1, e\.g\. notes\.txt\)", m) for m in said), said
+    assert any(m.endswith(": 1 image(s) lie outside every class folder and are left out (e.g. unsorted.jpg); move "
+                          "each into its class's folder") for m in said), said
     assert {"a/web.jfif", "a/phone.heic", "b/shot.avif"} <= set(images.ids) and len(images) == 9
     done = extract(images, Backbone("resnet18", weights="none", image_size=32), ["avgpool"], out=tmp_path / "f",
                    **cpu_run())
