@@ -2,7 +2,9 @@
 
 Loaders only read file bytes; the main process decodes each batch in one
 ``decode_jpeg`` call on the device, then resizes and crops every image there with
-the tensor kernels of the weights' preset (bilinear, antialiased). Anything that is
+the tensor kernels of the weights' preset (bilinear, antialiased), after turning it as
+its EXIF orientation says (torchvision turns only its CPU decodes, so taps turns every
+decoded tensor itself, on the device). Anything that is
 not a JPEG, or that ``decode_jpeg`` rejects, goes through the PIL path instead, so
 the set of images that decode (and the reasons of those that do not) is the same.
 Pixels differ from the PIL path by a grey level or two (another resampling kernel).
@@ -21,7 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .datasets import BadImage, ImageSet
-from .turbojpeg import JPEG_MAGIC
+from .turbojpeg import JPEG_MAGIC, jpeg_orientation, turned_tensor
 
 
 def decode_jpeg(data, **kwargs):
@@ -30,8 +32,7 @@ def decode_jpeg(data, **kwargs):
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
-        # turned as the EXIF orientation says, as the CPU decoders turn them
-        return _decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=True, **kwargs)
+        return _decode_jpeg(data, mode=ImageReadMode.RGB, **kwargs)
 
 
 def supports(images: ImageSet) -> bool:
@@ -40,7 +41,7 @@ def supports(images: ImageSet) -> bool:
 
 
 class EncodedImages(Dataset):
-    """Sample index -> (("jpeg", bytes tensor) | ("pixels", HWC array) | None, index, error)."""
+    """Sample index -> (("jpeg", bytes tensor, EXIF orientation) | ("pixels", HWC array) | None, index, error)."""
 
     def __init__(self, images: ImageSet, transform, min_side: int | None):
         self.images, self.transform, self.min_side = images, transform, min_side
@@ -55,7 +56,7 @@ class EncodedImages(Dataset):
             if data[:3] == JPEG_MAGIC:
                 w, h = Image.open(io.BytesIO(data)).size  # header only: bound the decode before it happens
                 if self.max_pixels is None or w * h <= self.max_pixels:
-                    return ("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)), index, ""
+                    return ("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8), jpeg_orientation(data)), index, ""
             return ("pixels", self.pil(index)), index, ""
         except (BadImage, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             try:  # the PIL path words the reason the same way for every loader
@@ -75,6 +76,7 @@ def decode_batch(items, dataset: EncodedImages, device: torch.device) -> tuple[t
     """Decode, resize and crop one batch on ``device`` -> (NHWC uint8 batch of the good images, new errors)."""
     errors: dict[int, str] = {}
     jpegs = [(i, x[1]) for x, i, _ in items if x is not None and x[0] == "jpeg"]
+    orientation = {i: x[2] for x, i, _ in items if x is not None and x[0] == "jpeg"}
     decoded: dict[int, torch.Tensor] = {}
     if jpegs:
         try:
@@ -90,8 +92,8 @@ def decode_batch(items, dataset: EncodedImages, device: torch.device) -> tuple[t
     for x, i, _ in items:
         if x is None:
             continue
-        if i in decoded:
-            rows.append(dataset.transform.tensor(decoded[i]))
+        if i in decoded:  # turned as the EXIF orientation says (torchvision's own turning is CPU-only)
+            rows.append(dataset.transform.tensor(turned_tensor(decoded[i], orientation[i])))
             continue
         try:  # not a JPEG, or one decode_jpeg rejects
             pixels = x[1] if x[0] == "pixels" else dataset.pil(i)

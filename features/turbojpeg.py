@@ -34,10 +34,10 @@ from .decoders import SIMPLEJPEG
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 EXIF_HEADER = b"Exif\x00\x00"  # opens a JPEG's APP1 segment of EXIF data, within its first 64 KiB
-# EXIF orientation -> the HWC array as a viewer shows it (the transposes PIL's exif_transpose makes)
-TURNS = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
-         5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1), 7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],
-         8: lambda a: np.rot90(a, 1)}
+# EXIF orientation -> (swap rows and columns, then flip the rows, flip the columns): the transposes of
+# PIL's ImageOps.exif_transpose, which the PIL path runs
+TURNS = {2: (False, False, True), 3: (False, True, True), 4: (False, True, False), 5: (True, False, False),
+         6: (True, False, True), 7: (True, True, True), 8: (True, True, False)}
 
 
 def jpeg_orientation(data: bytes) -> int:
@@ -53,7 +53,21 @@ def jpeg_orientation(data: bytes) -> int:
 
 def turned(pixels: np.ndarray, orientation: int) -> np.ndarray:
     """HWC pixels turned as ``orientation`` says, laid out in memory like a decoded image."""
-    return np.ascontiguousarray(TURNS[orientation](pixels)) if orientation in TURNS else pixels
+    if orientation not in TURNS:
+        return pixels
+    swap, rows, cols = TURNS[orientation]
+    pixels = pixels.transpose(1, 0, 2) if swap else pixels
+    return np.ascontiguousarray(pixels[::-1 if rows else 1, ::-1 if cols else 1])
+
+
+def turned_tensor(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """A CHW image tensor (on any device) turned as ``orientation`` says."""
+    if orientation not in TURNS:
+        return image
+    swap, rows, cols = TURNS[orientation]
+    image = image.transpose(-2, -1) if swap else image
+    dims = [dim for dim, flip in ((-2, rows), (-1, cols)) if flip]
+    return image.flip(dims) if dims else image.contiguous()
 
 
 def draft_scale(width: int, height: int, min_side: int | None) -> int:

@@ -9,7 +9,7 @@ from PIL import Image, ImageOps
 
 from features.backbones import Backbone
 from features.datasets import BadImage, FileImageSet, open_image
-from features.turbojpeg import decode_crop, draft_scale, sample_pixels
+from features.turbojpeg import decode_crop, draft_scale, sample_pixels, turned_tensor
 
 CROP = Backbone("mobilenet_v2", weights="none").pixel_transform()
 MIN_SIDE = CROP.resize_size[0]
@@ -111,3 +111,16 @@ def test_every_exif_orientation_turns_as_pils_exif_transpose(tmp_path, size, ori
     assert diff.max() <= 3 and diff.mean() < 0.5
     if orientation > 1:  # the reference is not the stored picture itself
         assert np.abs(CROP(as_stored).astype(int) - reference.astype(int)).mean() > 5
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_decoded_tensors_turn_as_pils_exif_transpose(orientation, photo):
+    """The on-device decoder's turn (nvJPEG does not turn; torchvision's own turning is CPU-only) gives
+    PIL's pixels for every orientation, whatever the tensor's device."""
+    tag = Image.Exif()
+    tag[0x0112] = orientation
+    stored = photo(30, 20, seed=orientation)
+    stored.info["exif"] = tag.tobytes()
+    reference = np.asarray(ImageOps.exif_transpose(stored))
+    turned = turned_tensor(torch.from_numpy(np.array(stored)).permute(2, 0, 1), orientation)
+    assert np.array_equal(turned.permute(1, 2, 0).numpy(), reference)
