@@ -130,17 +130,23 @@ def test_a_split_folder_is_never_a_class_and_an_empty_class_folder_is_named(tmp_
         assert load_dataset(f"folder:{tmp_path / 'gap'}").classes == ["a", "b"]
 
 
-def test_classes_without_a_test_image_are_named_beside_the_metrics_they_are_left_out_of(tmp_path, image_folder,
-                                                                                         capsys):
-    image_folder(tmp_path / "data" / "train", classes=("a", "b", "c"), per_class=6)
-    image_folder(tmp_path / "data" / "val", classes=("a", "b"), per_class=3, seed=1)  # no c to test
+def _fit_official(tmp_path, image_folder, capsys, train: tuple, val: tuple) -> tuple[str, dict]:
+    """Extract and fit a folder whose train/ and val/ hold these classes -> (fit's output, results.json)."""
+    image_folder(tmp_path / "data" / "train", classes=train, per_class=6)
+    image_folder(tmp_path / "data" / "val", classes=val, per_class=3, seed=1)
     common = ["--dataset", f"folder:{tmp_path / 'data'}", *TINY, "--features-root", tmp_path / "fs"]
     assert cli(capsys, "extract", *common, *QUIET)[0] == 0
     code, out, _ = cli(capsys, "fit", *common, *FIT, "--runs-root", tmp_path / "runs")
-    assert code == 0 and "note: 1 of 3 classes have no test image (in some seed's split): c; mean per-class " \
+    assert code == 0
+    return out, json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
+
+
+def test_classes_without_a_test_image_are_named_beside_the_metrics_they_are_left_out_of(tmp_path, image_folder,
+                                                                                         capsys):
+    out, results = _fit_official(tmp_path, image_folder, capsys, ("a", "b", "c"), ("a", "b"))  # no c to test
+    assert "note: 1 of 3 classes have no test image (in some seed's split): c; mean per-class " \
         "accuracy averages the classes that have" in out
-    results = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
-    assert results["untested_classes"] == ["c"]
+    assert results["untested_classes"] == ["c"] and results["untrained_classes"] == []
     # 3 test images in each of the 2 tested classes: one image is 1/6 of the metric, and the note says so
     assert results["fewest_test_images"] == {"class": "a", "images": 3, "classes_tested": 2}
     assert "note: class 'a' has 3 test image(s) (seed 0); each moves mean per-class accuracy by 16.67 points" in out
@@ -149,14 +155,9 @@ def test_classes_without_a_test_image_are_named_beside_the_metrics_they_are_left
 def test_classes_with_test_images_but_none_to_train_on_are_named(tmp_path, image_folder, capsys):
     """An official split whose val/ holds a class that train/ lacks: the classifier can never predict it,
     so its test images are errors that no tap or classifier can mend, and the notes say so."""
-    image_folder(tmp_path / "data" / "train", classes=("a", "b"), per_class=6)
-    image_folder(tmp_path / "data" / "val", classes=("a", "b", "c"), per_class=3, seed=1)
-    common = ["--dataset", f"folder:{tmp_path / 'data'}", *TINY, "--features-root", tmp_path / "fs"]
-    assert cli(capsys, "extract", *common, *QUIET)[0] == 0
-    code, out, _ = cli(capsys, "fit", *common, *FIT, "--runs-root", tmp_path / "runs")
-    assert code == 0 and "note: 1 of 3 classes have test images but no training image (in some seed's split): c; " \
+    out, results = _fit_official(tmp_path, image_folder, capsys, ("a", "b"), ("a", "b", "c"))
+    assert "note: 1 of 3 classes have test images but no training image (in some seed's split): c; " \
         "the classifier cannot predict them" in out
-    results = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
     assert results["untrained_classes"] == ["c"] and results["untested_classes"] == []
     per_class = (next((tmp_path / "runs").rglob("per_class.csv")).read_text())
     assert re.search(r"^c,0(\.0+)?,", per_class, re.M)  # scored as it is: recall 0, in the mean
