@@ -18,7 +18,9 @@ from .datasets import ImageSet, SubsetImageSet
 from .errors import TapsError, UsageError
 from .files import exclusive_lock
 from .identity import COMPARED
-from .store import FeatureFile, FeatureWriter
+from .store import CHECKED_SETTINGS, FeatureFile, FeatureWriter
+
+MADE_WITH = ("node", *CHECKED_SETTINGS, "orientation")  # a tap's settings that shape its values
 
 SHARD_SUFFIX = re.compile(r"\.shard(\d+)of(\d+)$")
 
@@ -118,6 +120,13 @@ def _check_same_extraction(paths: list[Path], files: list[FeatureFile]) -> None:
                                 f"merge shards of one extraction only")
         if sorted(f.taps) != sorted(files[0].taps):
             raise TapsError(f"{p} has taps {sorted(f.taps)}, but {paths[0]} has {sorted(files[0].taps)}")
+        for key, tap in f.taps.items():  # a merged tap records one way of making it: every row must be made so
+            made, first_made = tap.settings(), files[0].taps[key].settings()
+            differ = [name for name in MADE_WITH if str(made[name]) != str(first_made[name])]
+            if differ:
+                raise TapsError(f"{p} made tap {key} with {', '.join(f'{n} {made[n]}' for n in differ)}, but "
+                                f"{paths[0]} with {', '.join(f'{n} {first_made[n]}' for n in differ)}; rerun the odd "
+                                f"shard's extract with the others' settings (or every shard with --force), then merge")
         incomplete = [k for k, t in f.taps.items() if not t.complete]
         if incomplete:
             raise TapsError(f"{p} is incomplete (taps {', '.join(incomplete)}); rerun its extract to finish it")

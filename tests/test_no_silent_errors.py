@@ -166,6 +166,11 @@ def test_merged_shards_keep_every_tap_attribute(tiny_folder, tmp_path, cpu_run):
     assert merged.taps == single.taps and merged.taps["avgpool"].decode == "pil"
     for tap in ("layer1", "avgpool"):  # shards batch differently: equal up to float rounding
         np.testing.assert_allclose(merged.read(tap), single.read(tap), rtol=1e-5, atol=1e-5)
+    # a shard made another way (here: decoded by simplejpeg) is refused, not merged under the first's settings
+    odd = extract(images, bb, ["layer1", "avgpool"], out=tmp_path / "odd", decode="simplejpeg", shard=(1, 2), **RUN)
+    with pytest.raises(TapsError, match=r"made tap avgpool with decode simplejpeg, but .*shard0of2.h5 with decode pil; "
+                                        r"rerun the odd shard's extract"):
+        merge_shards([shards[0], odd.path], tmp_path / "mixed.h5")
 
 
 def test_results_record_the_folds_really_used_and_impossible_cv_is_refused(tiny_flat, tmp_path, capsys):
