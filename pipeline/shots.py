@@ -53,7 +53,7 @@ from .tapselect import select_taps
 ALL = "all"
 NO_FOLD = "(1 image of a class leaves no fold to choose by)"
 CSV_COLUMNS = ("row", "backbone", "clf", "tap", "shots", "k", "tries", "mean", "std", "low", "high", "best", "tied",
-               "vs_best", "vs_best_low", "vs_best_high", "short_classes", "selection")
+               "vs_best", "vs_best_low", "vs_best_high", "short_classes", "untrained_classes", "selection")
 
 
 def parse_shots(text: str) -> list[int | None]:
@@ -141,6 +141,7 @@ def curve_points(rows: Sequence[CurveRow], y: np.ndarray, pool: np.ndarray, test
     check_shots(shots, tries, any(r.auto for r in rows))
     classes = classes or [str(c) for c in range(int(y.max()) + 1)]
     counts = np.bincount(y[pool], minlength=len(classes))
+    untrained = "; ".join(classes[c] for c in np.unique(y[test]) if counts[c] == 0)  # tested, never predictable
     weights = sample_weights(y[test], METRIC)
     points: list[dict] = []
     for k in shots:
@@ -153,6 +154,7 @@ def curve_points(rows: Sequence[CurveRow], y: np.ndarray, pool: np.ndarray, test
         short = [f"{classes[c]} ({int(counts[c])})" for c in np.flatnonzero(counts) if k is not None and counts[c] < k]
         effective = float(np.mean([np.bincount(y[d])[np.unique(y[d])].mean() for d in draws]))
         about = {"shots": shot_name(k), "k": round(effective, 2), "short_classes": "; ".join(short),
+                 "untrained_classes": untrained,
                  "draws": [digest(d.tolist()) for d in draws]}
         points += _shot_points(rows, fitted, correct, weights, test, about)
     return points
@@ -345,6 +347,10 @@ def format_curves(points: list[dict]) -> str:
     notes = {p["shots"]: p["short_classes"] for p in points if p["short_classes"]}
     lines += [f"at {s} shots {n.count('(')} classes have fewer images and keep all they have: {n}"
               for s, n in notes.items()]
+    untrained = points[0].get("untrained_classes") if points else ""
+    if untrained:
+        lines.append(f"note: {untrained.count(';') + 1} class(es) have test images but no training image: {untrained}; "
+                     f"no draw can predict them, so every point counts each such class as 0")
     selections: dict[str, dict[str, None]] = {}  # per shot count, each distinct way a row chose (one per classifier)
     for p in points:
         selections.setdefault(p["shots"], {})[p["selection"]] = None

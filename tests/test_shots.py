@@ -65,6 +65,21 @@ def test_a_one_shot_point_names_the_value_it_used_and_the_table_says_why_once():
         "regularisation: 1 shot: fixed n_neighbors=3, fixed C=0.1 (1 image of a class leaves no fold to choose by)")
 
 
+def test_a_class_tested_but_never_drawn_for_training_is_named_under_the_curves():
+    """A class the training side lacks (an official split whose test side has one more) cannot be
+    predicted at any shot count: every point says so, and the table's note names it."""
+    rng = np.random.default_rng(2)
+    y = np.repeat(np.arange(3), 20)
+    X = rng.normal(size=(3, 8))[y] + rng.normal(size=(len(y), 8))
+    pool, test = np.flatnonzero((np.arange(60) % 2 == 0) & (y < 2)), np.arange(1, 60, 2)
+    points = curve_points([CurveRow("logreg", X, FitOptions(clf="logreg"))], y, pool, test, [2, None], 2,
+                          classes=["a", "b", "c"], log=lambda _: None)
+    assert [p["untrained_classes"] for p in points] == ["c", "c"]
+    assert all(p["mean"] <= 2 / 3 + 1e-9 for p in points)  # c's test images are errors in every draw
+    assert "note: 1 class(es) have test images but no training image: c; no draw can predict them" in \
+        format_curves(points)
+
+
 def test_compare_shots_writes_the_curve_and_a_rerun_fits_only_new_points(tiny_flat, tmp_path, capsys):
     args = ["compare", "--dataset", f"folder:{tiny_flat}", *TINY, *QUIET, "--taps", "layer2,avgpool",
             "--features-root", str(tmp_path / "fs"), "--runs-root", str(tmp_path / "runs"), "--tries", "2"]
