@@ -25,10 +25,10 @@ from PIL import Image, ImageOps
 from .errors import TapsError, UsageError, choose
 from .files import content_digest, digest, file_content_digest, short_digest
 
-# PIL's own list plus GIF: odd but decodable formats are converted, not skipped.
 # torchvision ImageFolder's, and what else photos are saved as: JPEG's other names (Windows saves a
 # browser's JPEG as .jfif), GIF, AVIF and phones' HEIC/HEIF (read through pillow-heif, the `heif` extra;
 # without it they are skipped with that reason), so that no photo in a class folder is left out unsaid.
+# Odd but decodable formats are converted, not skipped.
 HEIF_EXTENSIONS = (".heic", ".heif")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif",
                     ".avif", *HEIF_EXTENSIONS)
