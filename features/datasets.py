@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from .decoders import AS_STORED, EXIF_TURNED
 from .errors import TapsError, UsageError, choose
 from .files import content_digest, digest, file_content_digest, short_digest
 
@@ -134,6 +135,7 @@ class ImageSet:
     """N labelled images with stable ids; subclasses say where pixels come from."""
 
     max_pixels: int | None = None  # the decode bound of file-backed sets
+    orientation: str = EXIF_TURNED  # taps' decoders turn its images as their EXIF orientation says
 
     def __init__(self, name: str, classes: Sequence[str], labels: Sequence[int], ids: Sequence[str],
                  splits: Sequence[str] | None = None):
@@ -250,6 +252,8 @@ class ArrayImageSet(ImageSet):
 class TorchvisionImageSet(ImageSet):
     """A torchvision dataset (one object per official split) read through its ``__getitem__``."""
 
+    orientation = AS_STORED  # as torchvision's loaders decode them (they do not turn by EXIF)
+
     def __init__(self, name: str, parts: Sequence[tuple[str | None, object]], classes):
         self.parts = list(parts)
         self.offsets = np.cumsum([0] + [len(ds) for _, ds in self.parts])
@@ -293,7 +297,7 @@ class SubsetImageSet(ImageSet):
 
     def __init__(self, base: ImageSet, indices: np.ndarray, name: str):
         self.base, self.indices = base, np.asarray(indices)
-        self.max_pixels = base.max_pixels
+        self.max_pixels, self.orientation = base.max_pixels, base.orientation
         super().__init__(name, base.classes, base.labels[self.indices], [base.ids[i] for i in self.indices],
                          None if base.splits is None else [base.splits[i] for i in self.indices])
 

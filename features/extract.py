@@ -25,7 +25,7 @@ from .backbones import Backbone, Tap
 from .blocks import Block, prepare_forward
 from .catalog import check_dataset_matches, feature_path
 from .datasets import CONTENT_FINGERPRINT, FINGERPRINT_VERSION, ImageSet
-from .decoders import EXIF_TURNED, SIMPLEJPEG, get_decoder
+from .decoders import SIMPLEJPEG, get_decoder
 from .errors import TapsError, UsageError
 from .files import check_output_folder, exclusive_lock
 from .forward import resolve_compile
@@ -164,7 +164,7 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
                 # Blocks are the file's: a resumed file keeps the batch size it was made with.
                 cfg = dataclasses.replace(cfg, batch_size=writer.batch_size)
                 for key in unturned:
-                    writer.record_tap(key, orientation=EXIF_TURNED)
+                    writer.record_tap(key, orientation=images.orientation)
                 _fill(writer, _Job(images, backbone, resolved, keys, cfg, options), report)
             finally:
                 report.skipped = {images.ids[i]: reason for i, reason in writer.skipped().items()}
@@ -180,11 +180,12 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
 
 
 def _unturned_taps(existing: FeatureFile | None, images: ImageSet) -> list[str]:
-    """The file's taps decoded before taps turned images by their EXIF orientation, when none of ``images``
-    carries one (they hold what turning gives: the writer records it, so later runs skip this scan).
-    Refuses to reuse, resume or add to such a file when some do: its rows hold those photos sideways or
-    mirrored, and rows added now would not."""
-    stored = sorted(key for key, tap in existing.taps.items() if tap.orientation != EXIF_TURNED) if existing else []
+    """The file's taps decoded before taps turned images by their EXIF orientation (recorded otherwise than
+    ``images`` are decoded now), when none of ``images`` carries one: they hold what turning gives, which
+    the writer records, so later runs skip this scan. Refuses to reuse, resume or add to such a file when
+    some do: its rows hold those photos sideways or mirrored, and rows added now would not."""
+    stored = sorted(key for key, tap in existing.taps.items() if tap.orientation != images.orientation) \
+        if existing else []
     if stored and (turned := images.turned()):
         raise TapsError(f"{existing.path.name} was made before taps turned images by their EXIF orientation, and "
                         f"{len(turned)} of these images carry one (e.g. {images.ids[turned[0]]}): its taps "
@@ -265,7 +266,8 @@ def _fill(writer: FeatureWriter, job: _Job, report: ExtractionReport) -> None:
     compiles = cfg.runtime == TORCH and resolve_compile(cfg.compile, cfg.device, len(job.images), warn=False)
     compiled = cfg.batch_size if compiles else 0
     attrs = {t.name: {"tap": t.name, "node": t.node, "pooling": recorded_pooling(t.shape, cfg.pooling),
-                      "precision": cfg.precision, "decode": cfg.decode, "runtime": cfg.runtime, "orientation": EXIF_TURNED,
+                      "precision": cfg.precision, "decode": cfg.decode, "runtime": cfg.runtime,
+                      "orientation": job.images.orientation,
                       **({"runtime_rates": cfg.runtime_rates} if cfg.runtime_rates else {}),
                       **({"int8": _tap_int8(cfg.quantization, t.name)} if cfg.quantization else {}),
                       # the export's outputs (their keys: names and pooling): its graph moves bf16 and int8 values

@@ -654,3 +654,18 @@ def test_every_photo_in_a_class_folder_is_read_or_named(tmp_path, photo, image_f
             "except BadImage as exc:\n    print(exc)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "a HEIC/HEIF image, which needs pillow-heif: pip install 'taps[heif]'"
+
+
+def test_torchvision_datasets_record_their_images_as_stored(tmp_path, cpu_run):
+    """torchvision's own loaders do not turn photos by their EXIF orientation, and taps reads those datasets
+    through them: their taps say so (not `exif`), and a rerun reuses them as they are."""
+    from torchvision.datasets import FakeData
+
+    from features.datasets import TorchvisionImageSet
+
+    images = TorchvisionImageSet("fake", [("train", FakeData(12, (3, 32, 32), 2, random_offset=0))], ["a", "b"])
+    net, run = Backbone("resnet18", weights="none", image_size=32), cpu_run()
+    done = extract(images, net, ["avgpool"], out=tmp_path, **run)
+    assert FeatureFile(done.path).taps["avgpool"].orientation == "stored"
+    assert extract(images, net, ["avgpool"], out=tmp_path, **run).reused == ["avgpool"]
+    assert FeatureFile(done.path).taps["avgpool"].orientation == "stored"
