@@ -102,13 +102,14 @@ def _heif_readable() -> bool:
     return True
 
 
-def open_image(path: Path | str, min_side: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def open_image(path: Path | str, min_side: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+               turn: bool = True) -> Image.Image:
     """Decode one image file to RGB, or raise :class:`BadImage` with the reason.
 
     ``min_side``: JPEGs are decoded at a reduced DCT scale (PIL's draft mode)
     whose shorter side still is at least this many pixels; the later resize
-    then has less to do and the decode is several times cheaper. The image is turned as its EXIF
-    orientation says (a phone's portrait photo is stored sideways), as viewers show it.
+    then has less to do and the decode is several times cheaper. ``turn``: the image is turned as its
+    EXIF orientation says (a phone's portrait photo is stored sideways), as viewers show it.
     """
     if Path(path).suffix.lower() in HEIF_EXTENSIONS and not _heif_readable():
         raise BadImage("a HEIC/HEIF image, which needs pillow-heif: pip install 'taps[heif]'")
@@ -120,7 +121,8 @@ def open_image(path: Path | str, min_side: int | None = None, max_pixels: int = 
             if min_side and img.format == "JPEG" and min(w, h) > 2 * min_side:
                 img.draft("RGB", (min_side * w // min(w, h), min_side * h // min(w, h)))
             img.load()
-            ImageOps.exif_transpose(img, in_place=True)
+            if turn:
+                ImageOps.exif_transpose(img, in_place=True)
             return to_rgb(img)
     except BadImage:
         raise
@@ -135,7 +137,8 @@ class ImageSet:
     """N labelled images with stable ids; subclasses say where pixels come from."""
 
     max_pixels: int | None = None  # the decode bound of file-backed sets
-    orientation: str = EXIF_TURNED  # taps' decoders turn its images as their EXIF orientation says
+    orientation: str = EXIF_TURNED  # taps' decoders turn its images as their EXIF orientation says (or not:
+    # AS_STORED, as torchvision's loaders, and predict for a run whose features were made so)
 
     def __init__(self, name: str, classes: Sequence[str], labels: Sequence[int], ids: Sequence[str],
                  splits: Sequence[str] | None = None):
@@ -214,7 +217,7 @@ class FileImageSet(ImageSet):
         super().__init__(name, classes, labels, ids, splits)
 
     def image(self, index: int, min_side: int | None = None) -> Image.Image:
-        return open_image(self.paths[index], min_side, self.max_pixels)
+        return open_image(self.paths[index], min_side, self.max_pixels, self.orientation == EXIF_TURNED)
 
     def source_file(self, index: int) -> Path:
         return self.paths[index]

@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .datasets import BadImage, ImageSet
+from .decoders import EXIF_TURNED
 from .turbojpeg import JPEG_MAGIC, jpeg_orientation, turned_tensor
 
 
@@ -56,7 +57,8 @@ class EncodedImages(Dataset):
             if data[:3] == JPEG_MAGIC:
                 w, h = Image.open(io.BytesIO(data)).size  # header only: bound the decode before it happens
                 if self.max_pixels is None or w * h <= self.max_pixels:
-                    return ("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8), jpeg_orientation(data)), index, ""
+                    turn = jpeg_orientation(data) if self.images.orientation == EXIF_TURNED else 1
+                    return ("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8), turn), index, ""
             return ("pixels", self.pil(index)), index, ""
         except (BadImage, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             try:  # the PIL path words the reason the same way for every loader

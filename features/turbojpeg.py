@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from .datasets import DEFAULT_MAX_PIXELS, EXIF_ORIENTATION, ImageSet, open_image
-from .decoders import SIMPLEJPEG
+from .decoders import EXIF_TURNED, SIMPLEJPEG
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 EXIF_HEADER = b"Exif\x00\x00"  # opens a JPEG's APP1 segment of EXIF data, within its first 64 KiB
@@ -80,7 +80,8 @@ def draft_scale(width: int, height: int, min_side: int | None) -> int:
     return next(s for s in (8, 4, 2, 1) if fit >= s)
 
 
-def decode_crop(path: Path, transform, min_side: int | None, max_pixels: int | None) -> np.ndarray | None:
+def decode_crop(path: Path, transform, min_side: int | None, max_pixels: int | None,
+                turn: bool = True) -> np.ndarray | None:
     """HWC uint8 pixels of a JPEG, resized and cropped by ``transform``, or None to use PIL instead."""
     try:
         data = path.read_bytes()
@@ -97,17 +98,18 @@ def decode_crop(path: Path, transform, min_side: int | None, max_pixels: int | N
                                         min_height=-(-height // s))
     except ValueError:  # damaged or unsupported: PIL decides
         return None
-    return transform(torch.from_numpy(turned(pixels, jpeg_orientation(data))).permute(2, 0, 1))
+    return transform(torch.from_numpy(turned(pixels, jpeg_orientation(data) if turn else 1)).permute(2, 0, 1))
 
 
 def file_pixels(path: Path | str, transform, min_side: int | None, decode: str,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """HWC uint8 pixels of an image file by the chosen CPU decoder (``simplejpeg`` or ``pil``).
+                max_pixels: int = DEFAULT_MAX_PIXELS, turn: bool = True) -> np.ndarray:
+    """HWC uint8 pixels of an image file by the chosen CPU decoder (``simplejpeg`` or ``pil``), turned as
+    its EXIF orientation says unless ``turn`` is False.
 
     Raises :class:`features.datasets.BadImage` when the image cannot be decoded.
     """
-    pixels = decode_crop(Path(path), transform, min_side, max_pixels) if decode == SIMPLEJPEG else None
-    return pixels if pixels is not None else transform(open_image(path, min_side, max_pixels))
+    pixels = decode_crop(Path(path), transform, min_side, max_pixels, turn) if decode == SIMPLEJPEG else None
+    return pixels if pixels is not None else transform(open_image(path, min_side, max_pixels, turn))
 
 
 def sample_pixels(images: ImageSet, index: int, transform, min_side: int | None, decode: str) -> np.ndarray:
@@ -115,4 +117,4 @@ def sample_pixels(images: ImageSet, index: int, transform, min_side: int | None,
     path = images.source_file(index)
     if path is None:
         return transform(images.image(index, min_side))
-    return file_pixels(path, transform, min_side, decode, images.max_pixels)
+    return file_pixels(path, transform, min_side, decode, images.max_pixels, images.orientation == EXIF_TURNED)

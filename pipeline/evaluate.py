@@ -50,7 +50,7 @@ def features_record(features: Features, keys: list[str]) -> FeaturesUsed:
     records = [features.taps[k] for k in keys]
     taps = tuple(TapUsed(tap=k, node=r.node, pooling=r.pooling, dim=r.dim, precision=r.precision,
                          decode=r.decode, runtime=r.runtime, int8=r.extra.get("int8"), export=r.extra.get("export"),
-                         compiled=int(r.extra.get("compiled", 0)))
+                         compiled=int(r.extra.get("compiled", 0)), orientation=r.orientation)
                  for k, r in zip(keys, records, strict=True))
     joined = {name: "+".join(dict.fromkeys(str(getattr(t, name)) for t in taps))
               for name in ("pooling", "precision", "decode", "runtime")}

@@ -21,7 +21,7 @@ import numpy as np
 from features.backbones import Backbone, Tap
 from features.blocks import BlockSource, prepare_forward
 from features.datasets import FileImageSet, split_images
-from features.decoders import LEGACY_DECODER
+from features.decoders import AS_STORED, EXIF_TURNED, LEGACY_DECODER
 from features.errors import TapsError, UsageError, choose
 from features.files import file_sha256
 from features.joined import BACKBONE_SEPARATOR, owner
@@ -180,6 +180,12 @@ class _Pass:
     cfg: RunConfig
     forward: object
 
+    @property
+    def orientation(self) -> str:
+        """How the run's training images were decoded: turned as their EXIF orientation says where every tap
+        records so, else as stored (runs from before taps turned them, torchvision's datasets)."""
+        return EXIF_TURNED if all(r.orientation == EXIF_TURNED for r in self.records) else AS_STORED
+
     @classmethod
     def build(cls, f: FeaturesUsed, records: list[TapUsed], device: str, weights: str | None,
               compile: str = AUTO) -> _Pass:
@@ -252,6 +258,7 @@ class Predictor:
         files = FileImageSet("predict", Path("/"), [Path(p).absolute() for p in images], ["?"], np.zeros(len(images)))
         columns, errors = {}, {}
         for part in self.passes:
+            files.orientation = part.orientation  # decoded as this backbone's training images were
             embedded, failed = part.embed(files, self.batch_size)
             columns.update(embedded)
             errors.update({i: e for i, e in failed.items() if i not in errors})

@@ -43,9 +43,10 @@ class TapUsed:
     int8: str | None = None    # int8 taps: the file's record of their quantised model (JSON)
     export: str | None = None  # exported runtimes: the keys of the taps the export computed together
     compiled: int = 0          # torch: made by a torch.compile'd forward, for batches padded to this size
+    orientation: str | None = None  # whether its images were turned by EXIF (None: runs from before, as stored)
 
     def to_json(self) -> dict:
-        optional = {"int8": None, "export": None, "compiled": 0}  # written when set: older runs read the same
+        optional = {"int8": None, "export": None, "compiled": 0, "orientation": None}  # written when set
         return {k: v for k, v in asdict(self).items() if k not in optional or v != optional[k]}
 
 

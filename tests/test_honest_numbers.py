@@ -669,3 +669,29 @@ def test_torchvision_datasets_record_their_images_as_stored(tmp_path, cpu_run):
     assert FeatureFile(done.path).taps["avgpool"].orientation == "stored"
     assert extract(images, net, ["avgpool"], out=tmp_path, **run).reused == ["avgpool"]
     assert FeatureFile(done.path).taps["avgpool"].orientation == "stored"
+
+
+def test_predict_decodes_photos_as_the_runs_training_images_were(tmp_path, photo, image_folder, capsys):
+    """A run made now turns a sideways-stored photo as its training images were turned; a run from before
+    taps turned them (its results.json records no orientation) sees it as stored, as its features did."""
+    from pipeline.predict import Predictor
+
+    _turned_photos(tmp_path / "set", photo, image_folder)
+    common = ["--dataset", f"folder:{tmp_path / 'set'}", *TINY, "--features-root", tmp_path / "fs"]
+    assert cli(capsys, "extract", *common, *QUIET)[0] == 0
+    assert cli(capsys, "fit", *common, *FIT, "--protocol", "fraction:0.5", "--runs-root", tmp_path / "runs")[0] == 0
+    run = next((tmp_path / "runs").rglob("results.json")).parent
+    phone = {name: str(tmp_path / "set" / "phone" / name) for name in ("turned.png", "upright.png", "stored.png")}
+
+    def probabilities(image: str) -> list:
+        (p,) = Predictor(run, device="cpu", top_k=2).predict([image])
+        return sorted(p.top)
+
+    assert probabilities(phone["turned.png"]) == probabilities(phone["upright.png"]) != \
+        probabilities(phone["stored.png"])
+    recorded = json.loads((run / "results.json").read_text())
+    assert [t["orientation"] for t in recorded["features"]["taps"]] == ["exif"]
+    for tap in recorded["features"]["taps"]:  # as a run from before wrote it
+        del tap["orientation"]
+    (run / "results.json").write_text(json.dumps(recorded))
+    assert probabilities(phone["turned.png"]) == probabilities(phone["stored.png"])
