@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from .datasets import BadImage, ImageSet
 from .decoders import EXIF_TURNED
-from .turbojpeg import JPEG_MAGIC, jpeg_orientation, turned_tensor
+from .turbojpeg import JPEG_MAGIC, jpeg_orientation
 
 
 def decode_jpeg(data, **kwargs):
@@ -95,7 +95,7 @@ def decode_batch(items, dataset: EncodedImages, device: torch.device) -> tuple[t
         if x is None:
             continue
         if i in decoded:  # turned as the EXIF orientation says (torchvision's own turning is CPU-only)
-            rows.append(dataset.transform.tensor(turned_tensor(decoded[i], orientation[i])))
+            rows.append(dataset.transform.tensor(decoded[i], orientation[i]))
             continue
         try:  # not a JPEG, or one decode_jpeg rejects
             pixels = x[1] if x[0] == "pixels" else dataset.pil(i)

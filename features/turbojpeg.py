@@ -9,7 +9,8 @@ box resize per photo, and it scales over decode threads as PIL's decoder does
   header first, so the pixel bound is checked before anything is decoded. Large
   JPEGs decode at PIL's draft scale (1/2, 1/4 or 1/8; identical to PIL's too).
 - The pixels are turned as the file's EXIF orientation says, with the transposes of PIL's
-  ``ImageOps.exif_transpose`` (the PIL path's), on the decoded array before the resize.
+  ``ImageOps.exif_transpose`` (the PIL path's): the preset's crop is taken where it lies in the
+  stored image and turned (:meth:`features.models.preprocess.UInt8Crop.tensor`).
 - Resizing and cropping run torchvision's tensor ops on the HWC buffer viewed as
   channels-last CHW, which is torch's vectorised uint8 antialias kernel. These are the
   weights preset's own tensor ops, so values match its PIL path to a grey level or two.
@@ -34,12 +35,6 @@ from .decoders import EXIF_TURNED, SIMPLEJPEG
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 EXIF_HEADER = b"Exif\x00\x00"  # opens a JPEG's APP1 segment of EXIF data, within its first 64 KiB
-# EXIF orientation -> (swap rows and columns, then flip the rows, flip the columns): the transposes of
-# PIL's ImageOps.exif_transpose, which the PIL path runs
-TURNS = {2: (False, False, True), 3: (False, True, True), 4: (False, True, False), 5: (True, False, False),
-         6: (True, False, True), 7: (True, True, True), 8: (True, True, False)}
-
-
 def jpeg_orientation(data: bytes) -> int:
     """The EXIF orientation of JPEG bytes (1 when they carry none: most files, found without parsing)."""
     if data.find(EXIF_HEADER, 0, 65536) < 0:
@@ -49,25 +44,6 @@ def jpeg_orientation(data: bytes) -> int:
     except (OSError, SyntaxError, ValueError):
         return 1
     return value if value in range(1, 9) else 1
-
-
-def turned(pixels: np.ndarray, orientation: int) -> np.ndarray:
-    """HWC pixels turned as ``orientation`` says, laid out in memory like a decoded image."""
-    if orientation not in TURNS:
-        return pixels
-    swap, rows, cols = TURNS[orientation]
-    pixels = pixels.transpose(1, 0, 2) if swap else pixels
-    return np.ascontiguousarray(pixels[::-1 if rows else 1, ::-1 if cols else 1])
-
-
-def turned_tensor(image: torch.Tensor, orientation: int) -> torch.Tensor:
-    """A CHW image tensor (on any device) turned as ``orientation`` says."""
-    if orientation not in TURNS:
-        return image
-    swap, rows, cols = TURNS[orientation]
-    image = image.transpose(-2, -1) if swap else image
-    dims = [dim for dim, flip in ((-2, rows), (-1, cols)) if flip]
-    return image.flip(dims) if dims else image.contiguous()
 
 
 def draft_scale(width: int, height: int, min_side: int | None) -> int:
@@ -98,7 +74,7 @@ def decode_crop(path: Path, transform, min_side: int | None, max_pixels: int | N
                                         min_height=-(-height // s))
     except ValueError:  # damaged or unsupported: PIL decides
         return None
-    return transform(torch.from_numpy(turned(pixels, jpeg_orientation(data) if turn else 1)).permute(2, 0, 1))
+    return transform(torch.from_numpy(pixels).permute(2, 0, 1), jpeg_orientation(data) if turn else 1)
 
 
 def file_pixels(path: Path | str, transform, min_side: int | None, decode: str,

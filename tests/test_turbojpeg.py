@@ -9,7 +9,8 @@ from PIL import Image, ImageOps
 
 from features.backbones import Backbone
 from features.datasets import BadImage, FileImageSet, open_image
-from features.turbojpeg import decode_crop, draft_scale, sample_pixels, turned_tensor
+from features.models.preprocess import turned_tensor
+from features.turbojpeg import decode_crop, draft_scale, sample_pixels
 
 CROP = Backbone("mobilenet_v2", weights="none").pixel_transform()
 MIN_SIDE = CROP.resize_size[0]

@@ -20,6 +20,20 @@ PIL_FILTERS = {"nearest": Image.Resampling.NEAREST, "nearest-exact": Image.Resam
                "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
                "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
                "lanczos": Image.Resampling.LANCZOS}
+# EXIF orientation -> (swap rows and columns, then flip the rows, flip the columns): the transposes of
+# PIL's ImageOps.exif_transpose, which the PIL path runs
+TURNS = {2: (False, False, True), 3: (False, True, True), 4: (False, True, False), 5: (True, False, False),
+         6: (True, False, True), 7: (True, True, True), 8: (True, True, False)}
+
+
+def turned_tensor(image, orientation: int):
+    """A CHW image tensor (on any device) turned as EXIF ``orientation`` says."""
+    if orientation not in TURNS:
+        return image
+    swap, rows, cols = TURNS[orientation]
+    image = image.transpose(-2, -1) if swap else image
+    dims = [dim for dim, flip in ((-2, rows), (-1, cols)) if flip]
+    return image.flip(dims) if dims else image.contiguous()
 
 
 @dataclass(frozen=True)
@@ -66,10 +80,10 @@ class UInt8Crop:
         self.interpolation, self.antialias = preprocess.interpolation, preprocess.antialias
         self.crop_hw = self.crop_size if len(self.crop_size) == 2 else self.crop_size * 2
 
-    def __call__(self, img) -> np.ndarray:
-        """PIL image or CHW uint8 tensor -> HWC uint8 array."""
+    def __call__(self, img, orientation: int = 1) -> np.ndarray:
+        """PIL image (turned already) or CHW uint8 tensor (turned as EXIF ``orientation`` says) -> HWC uint8 array."""
         if not isinstance(img, Image.Image):
-            return self.tensor(img).cpu().numpy()
+            return self.tensor(img, orientation).cpu().numpy()
         box = self._box(img.size)
         if box is not None:
             ch, cw = self.crop_hw
@@ -81,29 +95,38 @@ class UInt8Crop:
                                      antialias=self.antialias), self.crop_size)
         return F.pil_to_tensor(img).permute(1, 2, 0).numpy()
 
-    def tensor(self, img):
-        """CHW uint8 tensor (any device) -> HWC uint8 tensor, with the preset's tensor ops.
+    def tensor(self, img, orientation: int = 1):
+        """CHW uint8 tensor (any device) -> HWC uint8 tensor, with the preset's tensor ops, of the image
+        turned as EXIF ``orientation`` says.
 
         torchvision's v2 kernels resize uint8 natively on the CPU (vectorised, channels-last
         when the CHW tensor views HWC memory) where v1 converts to float and back.
         Bilinear antialiasing only widens the filter when shrinking: an enlarged image (most of
         Caltech-101) gets the same pixels without it, 1.5x faster. Bicubic's is another kernel
-        (PIL's a=-0.5 against -0.75) even when enlarging, so it stays.
+        (PIL's a=-0.5 against -0.75) even when enlarging, so it stays. A turned image is resized as
+        stored and only its crop is turned: turning the whole decoded image first is a transposing
+        copy that costs more than the resize.
         """
-        h, w = img.shape[-2:]
+        swap, rows, cols = TURNS.get(orientation, (False, False, False))
+        h, w = img.shape[-2:][::-1] if swap else img.shape[-2:]  # as displayed
         rs = self.resize_size
         shrinks = min(h, w) > rs[0] if len(rs) == 1 else (h > rs[0] or w > rs[1])
         antialias = bool(self.antialias and (shrinks or self.interpolation != "bilinear"))
         rw, rh = self._resized(w, h)
         offset = self._crop_offset(rw, rh)
         if offset is not None and _native_uint8(img, self.interpolation):
-            (top, left), (ch, cw) = offset, self.crop_hw
+            (ch, cw), (top, left) = self.crop_hw, offset
+            # the displayed crop's place in the stored image: undo the flips, then the swap
+            top, left = rh - top - ch if rows else top, rw - left - cw if cols else left
+            if swap:
+                (top, left), (ch, cw), (rh, rw) = (left, top), (cw, ch), (rw, rh)
             resized = _resize_uint8(img, rh, rw, self.interpolation, antialias)
-            return resized[:, top:top + ch, left:left + cw].permute(1, 2, 0)
+            return turned_tensor(resized[:, top:top + ch, left:left + cw], orientation).permute(1, 2, 0)
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms.v2 import functional as F2
 
-        img = F2.resize(img, rs, interpolation=InterpolationMode(self.interpolation), antialias=antialias)
+        img = F2.resize(turned_tensor(img, orientation), rs, interpolation=InterpolationMode(self.interpolation),
+                        antialias=antialias)
         return F2.center_crop(img, self.crop_size).permute(1, 2, 0)
 
     def _resized(self, w: int, h: int) -> tuple[int, int]:
