@@ -35,6 +35,8 @@ from .decoders import EXIF_TURNED, SIMPLEJPEG
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 EXIF_HEADER = b"Exif\x00\x00"  # opens a JPEG's APP1 segment of EXIF data, within its first 64 KiB
+
+
 def jpeg_orientation(data: bytes) -> int:
     """The EXIF orientation of JPEG bytes (1 when they carry none: most files, found without parsing)."""
     if data.find(EXIF_HEADER, 0, 65536) < 0:
