@@ -9,7 +9,7 @@ from PIL import Image, ImageOps
 
 from features.backbones import Backbone
 from features.datasets import BadImage, FileImageSet, open_image
-from features.models.preprocess import turned_tensor
+from features.models.preprocess import Preprocess, UInt8Crop, turned_tensor
 from features.turbojpeg import decode_crop, draft_scale, sample_pixels
 
 CROP = Backbone("mobilenet_v2", weights="none").pixel_transform()
@@ -125,3 +125,16 @@ def test_decoded_tensors_turn_as_pils_exif_transpose(orientation, photo):
     reference = np.asarray(ImageOps.exif_transpose(stored))
     turned = turned_tensor(torch.from_numpy(np.array(stored)).permute(2, 0, 1), orientation)
     assert np.array_equal(turned.permute(1, 2, 0).numpy(), reference)
+
+
+@pytest.mark.parametrize("interpolation,crop", [("bilinear", (224,)), ("bilinear", (200, 160)), ("bicubic", (224,))])
+def test_a_crop_turned_after_the_resize_is_the_crop_of_the_image_turned_first(interpolation, crop, photo):
+    """Decoders resize a turned photo as stored and turn only its crop: the same pixels for flips (and
+    for bicubic presets, which turn first), within one grey level for bilinear transposes."""
+    transform = UInt8Crop(Preprocess((256,), crop, interpolation, True, (0.5,) * 3, (0.5,) * 3))
+    for size in ((500, 333), (299, 301)):
+        stored = torch.from_numpy(np.array(photo(*size, seed=size[0]))).permute(2, 0, 1)  # CHW over HWC memory
+        for orientation in range(1, 9):
+            first = turned_tensor(stored, orientation).permute(1, 2, 0).contiguous().permute(2, 0, 1)
+            diff = (transform.tensor(stored, orientation).int() - transform.tensor(first).int()).abs()
+            assert diff.max() <= (1 if interpolation == "bilinear" and orientation >= 5 else 0), (size, orientation)

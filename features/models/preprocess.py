@@ -105,9 +105,15 @@ class UInt8Crop:
         Caltech-101) gets the same pixels without it, 1.5x faster. Bicubic's is another kernel
         (PIL's a=-0.5 against -0.75) even when enlarging, so it stays. A turned image is resized as
         stored and only its crop is turned: turning the whole decoded image first is a transposing
-        copy that costs more than the resize.
+        copy that costs more than the resize. Flipped, the pixels are the same; transposed, the
+        resize's two passes run in the other order, which moves a bilinear pixel by one grey level at
+        most, but a bicubic one (its kernel overshoots, and each pass clamps) by more: bicubic presets
+        turn the whole image first.
         """
         swap, rows, cols = TURNS.get(orientation, (False, False, False))
+        if swap and self.interpolation != "bilinear":  # turned first, laid out channels-last again
+            img, orientation, swap, rows, cols = (turned_tensor(img, orientation).permute(1, 2, 0).contiguous()
+                                                  .permute(2, 0, 1), 1, False, False, False)
         h, w = img.shape[-2:][::-1] if swap else img.shape[-2:]  # as displayed
         rs = self.resize_size
         shrinks = min(h, w) > rs[0] if len(rs) == 1 else (h > rs[0] or w > rs[1])
