@@ -109,7 +109,22 @@ def find_feature_file(images: ImageSet, backbone: Backbone, root: Path | str, ex
     fix = f"rebuild it with `{extract_command} --force`"
     features.check_made_from({"weights": backbone.weights.spec, "transform": backbone.transform_spec()}, fix)
     check_dataset_matches(features, images, fix, verify_content=verify_content)
+    unturned_taps(features, images, fix)
     return features
+
+
+def unturned_taps(features: FeatureFile, images: ImageSet, fix: str) -> list[str]:
+    """The file's taps decoded before taps turned images by their EXIF orientation (recorded otherwise than
+    ``images`` are decoded now), when none of ``images`` carries one: they hold what turning gives (the
+    extraction records it, so later runs skip this scan of the images' headers). Refused, naming ``fix``,
+    when some do: those rows hold the photos sideways or mirrored, which no fit should report as if turned
+    and no new row may join."""
+    stored = sorted(key for key, tap in features.taps.items() if tap.orientation != images.orientation)
+    if stored and (turned := images.turned()):
+        raise TapsError(f"{features.path.name} was made before taps turned images by their EXIF orientation, and "
+                        f"{len(turned)} of these images carry one (e.g. {images.ids[turned[0]]}): its taps "
+                        f"{', '.join(stored)} hold them as stored; {fix}")
+    return stored
 
 
 def _made_otherwise(root: Path | str, dataset_name: str, shown: int = 3) -> str:

@@ -23,7 +23,7 @@ import numpy as np
 
 from .backbones import Backbone, Tap
 from .blocks import Block, prepare_forward
-from .catalog import check_dataset_matches, feature_path
+from .catalog import check_dataset_matches, feature_path, unturned_taps
 from .datasets import CONTENT_FINGERPRINT, FINGERPRINT_VERSION, ImageSet
 from .decoders import SIMPLEJPEG, get_decoder
 from .errors import TapsError, UsageError
@@ -142,7 +142,7 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
         check_dataset_matches(existing, images, "pass --force to rebuild it", verify_content=options.verify_content,
                               digests=digests, fingerprint=header["dataset_fingerprint"])
         header["dataset_fingerprint"] = existing.identity.dataset_fingerprint
-    unturned = _unturned_taps(existing, images)
+    unturned = unturned_taps(existing, images, "pass --force to rebuild the file") if existing else []
     cfg = _adopt_recorded(options.resolve(len(images)), options, existing)
     check_batch_fits(backbone.input_size, cfg.batch_size, cfg.device)
     if cfg.runtime != TORCH:  # exported and checked once (cached); auto also timed against torch
@@ -177,20 +177,6 @@ def extract(images: ImageSet, backbone: Backbone, taps: list[str] | None = None,
                             f"(finished blocks are kept, the rest is recomputed)") from None
         raise
     return report
-
-
-def _unturned_taps(existing: FeatureFile | None, images: ImageSet) -> list[str]:
-    """The file's taps decoded before taps turned images by their EXIF orientation (recorded otherwise than
-    ``images`` are decoded now), when none of ``images`` carries one: they hold what turning gives, which
-    the writer records, so later runs skip this scan. Refuses to reuse, resume or add to such a file when
-    some do: its rows hold those photos sideways or mirrored, and rows added now would not."""
-    stored = sorted(key for key, tap in existing.taps.items() if tap.orientation != images.orientation) \
-        if existing else []
-    if stored and (turned := images.turned()):
-        raise TapsError(f"{existing.path.name} was made before taps turned images by their EXIF orientation, and "
-                        f"{len(turned)} of these images carry one (e.g. {images.ids[turned[0]]}): its taps "
-                        f"{', '.join(stored)} hold them as stored; pass --force to rebuild the file")
-    return stored
 
 
 # Bytes per input pixel of one image in a forward pass, roughly: the decoded uint8 RGB (3), its float

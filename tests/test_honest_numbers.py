@@ -599,9 +599,9 @@ def test_photos_are_turned_as_their_exif_orientation_says(tmp_path, photo, image
 
 
 def test_a_file_made_before_orientation_was_applied_is_refused_only_where_it_matters(tmp_path, photo, image_folder,
-                                                                                      cpu_run):
-    """Taps that hold turned photos as stored are not reused or added to; a dataset without turned
-    photos reuses them as before, and records that they hold what turning gives."""
+                                                                                      cpu_run, capsys):
+    """Taps that hold turned photos as stored are not reused, added to or fitted on as if turned; a dataset
+    without turned photos reuses them as before, and records that they hold what turning gives."""
     _turned_photos(tmp_path / "set", photo, image_folder)
     image_folder(tmp_path / "plain", classes=("a", "b"), per_class=3)
     net, run = Backbone("resnet18", weights="none", image_size=32), cpu_run()
@@ -619,6 +619,10 @@ def test_a_file_made_before_orientation_was_applied_is_refused_only_where_it_mat
             with pytest.raises(TapsError, match=r"before taps turned images by their EXIF orientation, and 2 of these "
                                                 r"images carry one .*pass --force"):
                 extract(images, net, taps, out=tmp_path / "f", **run)
+        code, _, err = cli(capsys, "fit", "--dataset", f"folder:{tmp_path / name}", *TINY, "--features-root",
+                           tmp_path / "f", *FIT, "--runs-root", tmp_path / "runs")
+        assert code == 1 and "2 of these images carry one (e.g. phone/turned.jpg)" in err and \
+            "rebuild it with `taps extract --dataset folder:" in err and not (tmp_path / "runs").exists()
         rebuilt = extract(images, net, ["avgpool"], out=tmp_path / "f", force=True, **run)
         assert FeatureFile(rebuilt.path).taps["avgpool"].orientation == "exif"
 
