@@ -18,6 +18,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -64,10 +65,11 @@ class BadImage(Exception):
 EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how a viewer turns the stored pixels (1: as stored, 2-8)
 
 
-def exif_orientation(path: Path | str) -> int:
-    """The EXIF orientation (1-8) of an image file: 1 when it has none, or an invalid one, or cannot be read."""
+def exif_orientation(source: Path | str | BinaryIO) -> int:
+    """The EXIF orientation (1-8) of an image file (a path or its bytes as a file object): 1 when it has
+    none, or an invalid one, or cannot be read."""
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             value = img.getexif().get(EXIF_ORIENTATION, 1)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return 1

@@ -28,9 +28,8 @@ from pathlib import Path
 import numpy as np
 import simplejpeg
 import torch
-from PIL import Image
 
-from .datasets import DEFAULT_MAX_PIXELS, EXIF_ORIENTATION, ImageSet, open_image
+from .datasets import DEFAULT_MAX_PIXELS, ImageSet, exif_orientation, open_image
 from .decoders import EXIF_TURNED, SIMPLEJPEG
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -39,13 +38,7 @@ EXIF_HEADER = b"Exif\x00\x00"  # opens a JPEG's APP1 segment of EXIF data, withi
 
 def jpeg_orientation(data: bytes) -> int:
     """The EXIF orientation of JPEG bytes (1 when they carry none: most files, found without parsing)."""
-    if data.find(EXIF_HEADER, 0, 65536) < 0:
-        return 1
-    try:
-        value = Image.open(io.BytesIO(data)).getexif().get(EXIF_ORIENTATION, 1)
-    except (OSError, SyntaxError, ValueError):
-        return 1
-    return value if value in range(1, 9) else 1
+    return exif_orientation(io.BytesIO(data)) if data.find(EXIF_HEADER, 0, 65536) >= 0 else 1
 
 
 def draft_scale(width: int, height: int, min_side: int | None) -> int:
